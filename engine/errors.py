@@ -1,0 +1,64 @@
+"""Errors of the market. Small classes with a useful `str`; the gateway maps `code` to HTTP.
+
+A lost race (a reserve that finds the capacity gone) is a normal outcome and is reported as a
+`CapacityTaken` result by the adapter, which callers may also raise to the HTTP layer.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CapacityTaken",
+    "Conflict",
+    "InvalidRequest",
+    "MarketError",
+    "NotFound",
+    "Unavailable",
+]
+
+
+class MarketError(Exception):
+    """Base class. `code` is machine-readable and stable; `field` names the offending input."""
+
+    code = "market_error"
+    status = 400
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.field})" if self.field else self.message
+
+
+class InvalidRequest(MarketError):
+    """The input breaks a rule (negative size, zero total, price cap <= 0, bad coordinate...)."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class NotFound(MarketError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(MarketError):
+    """The object is not in a state that allows this change (settled contract, filled bid...)."""
+
+    code = "conflict"
+    status = 409
+
+
+class CapacityTaken(MarketError):
+    """The node no longer has the capacity (or terms) asked for: someone else reserved it first."""
+
+    code = "capacity_taken"
+    status = 409
+
+
+class Unavailable(MarketError):
+    """The node is not taking new leases (offline, maintenance, deactivated, ask expired)."""
+
+    code = "node_unavailable"
+    status = 409

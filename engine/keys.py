@@ -1,0 +1,115 @@
+"""Every Redis key shape Mnemo uses, in one place.
+
+All keys of one region share the hash tag `{<region>}` so that one script call touches one slot
+and the same scripts run on Redis Cluster. `prefix` isolates deployments (and tests) sharing one
+server: every key starts with it.
+
+Per region `r` (`P` = prefix):
+    P{r}:node:<id>            hash   node state (fields of `engine.types.Node`)
+    P{r}:node:<id>:contracts  set    ids of the node's active contracts
+    P{r}:asks                 zset   node id -> price_pusd; only nodes with free capacity, active
+    P{r}:geo                  geo    node id -> (lng, lat); all registered, non-deactivated nodes
+    P{r}:hb                   zset   node id -> last heartbeat ms (offline detection)
+    P{r}:bids                 zset   "<seq:016d>:<bid id>" -> -max_price_pusd (price-time priority)
+    P{r}:bid:<id>             hash   bid state
+    P{r}:contract:<id>        hash   contract state
+    P{r}:ends                 zset   active contract id -> end_ms
+    P{r}:seq                  string last event sequence number of the region
+    P{r}:arrival              string last arrival sequence (nodes and bids)
+    P{r}:events               stream the region's change log; field `e` holds the event JSON
+    P{r}:fills                zset   "<contract id>" -> ts_ms of fills, last 24 h (quotes)
+Global:
+    P regions                 set    regions that have ever had a node or a bid
+    P dir                     hash   node/bid/contract id -> region (routing by id)
+    P rl:<bucket>             string rate-limit counters
+    P quotes:<r> / P trades:<r> / P market / P user:<id> / P node-ch:<id>   pub/sub channels
+"""
+
+from __future__ import annotations
+
+__all__ = ["Keys"]
+
+
+class Keys:
+    """Key builder bound to one prefix. Cheap; build one per process (or per test)."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "mnemo:") -> None:
+        self.prefix = prefix
+
+    def tag(self, region: str) -> str:
+        """The region's key prefix including its hash tag, e.g. `mnemo:{us-east-2}:`."""
+        return f"{self.prefix}{{{region}}}:"
+
+    def node(self, region: str, node_id: str) -> str:
+        return f"{self.tag(region)}node:{node_id}"
+
+    def node_contracts(self, region: str, node_id: str) -> str:
+        return f"{self.tag(region)}node:{node_id}:contracts"
+
+    def asks(self, region: str) -> str:
+        return f"{self.tag(region)}asks"
+
+    def geo(self, region: str) -> str:
+        return f"{self.tag(region)}geo"
+
+    def heartbeats(self, region: str) -> str:
+        return f"{self.tag(region)}hb"
+
+    def bids(self, region: str) -> str:
+        return f"{self.tag(region)}bids"
+
+    def bid(self, region: str, bid_id: str) -> str:
+        return f"{self.tag(region)}bid:{bid_id}"
+
+    def contract(self, region: str, contract_id: str) -> str:
+        return f"{self.tag(region)}contract:{contract_id}"
+
+    def ends(self, region: str) -> str:
+        return f"{self.tag(region)}ends"
+
+    def seq(self, region: str) -> str:
+        return f"{self.tag(region)}seq"
+
+    def arrival(self, region: str) -> str:
+        return f"{self.tag(region)}arrival"
+
+    def events(self, region: str) -> str:
+        return f"{self.tag(region)}events"
+
+    def fills(self, region: str) -> str:
+        return f"{self.tag(region)}fills"
+
+    @property
+    def regions(self) -> str:
+        return f"{self.prefix}regions"
+
+    @property
+    def directory(self) -> str:
+        return f"{self.prefix}dir"
+
+    def rate_limit(self, bucket: str) -> str:
+        return f"{self.prefix}rl:{bucket}"
+
+    def idempotency(self, scope: str) -> str:
+        return f"{self.prefix}idem:{scope}"
+
+    # pub/sub channels (not keys, but named here so there is one place for every name)
+    def quotes_channel(self, region: str) -> str:
+        return f"{self.prefix}quotes:{region}"
+
+    def trades_channel(self, region: str) -> str:
+        return f"{self.prefix}trades:{region}"
+
+    @property
+    def market_channel(self) -> str:
+        return f"{self.prefix}market"
+
+    def user_channel(self, user_id: str) -> str:
+        """Fills and bid updates for one user (the WebSocket `fills` and `bids` channels)."""
+        return f"{self.prefix}user:{user_id}"
+
+    def node_channel(self, node_id: str) -> str:
+        """Contract notices for a node's owner and agent."""
+        return f"{self.prefix}node-ch:{node_id}"
