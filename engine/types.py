@@ -170,6 +170,41 @@ class Contract(msgspec.Struct, kw_only=True):
     """Bumped by every change; settle/extend scripts compare it (optimistic concurrency)."""
 
 
+class Heartbeat(msgspec.Struct, kw_only=True):
+    """What a node reports every interval (the spec's heartbeat body, units in names).
+
+    `available_*_gb`: memory the node could lend to Mnemo right now, NOT counting what Mnemo
+    already leases from it (see the module docstring for how the engine derives `offered`).
+    """
+
+    node_id: str
+    available_ram_gb: int
+    available_vram_gb: int
+    cpu_usage_pct: float | None = None
+    gpu_usage_pct: float | None = None
+    temperature_c: int | None = None
+    bandwidth_mbps: int | None = None
+    lat: float | None = None
+    lng: float | None = None
+
+
+class NodeChanges(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A provider's update of its node's terms; `None` leaves a field as it is."""
+
+    name: str | None = None
+    price_pusd: int | None = None
+    egress_price_pusd: int | None = None
+    min_duration_s: int | None = None
+    max_duration_s: int | None = None
+    bandwidth_mbps: int | None = None
+    base_latency_ms: float | None = None
+    ask_expires_ms: int | None = None
+    status: Literal["active", "maintenance"] | None = None
+    lat: float | None = None
+    lng: float | None = None
+    metadata: dict[str, str] | None = None
+
+
 class Quote(msgspec.Struct, kw_only=True):
     """A region's top of book and recent trading, published at most 10 times a second."""
 
@@ -252,6 +287,9 @@ class ContractCreated(_Event, tag="contract_created"):
     """A reserve succeeded. With `bid_id`, the bid's fill state after this fill is given too."""
 
     contract: Contract
+    node_reserved_ram_gb: int = 0
+    node_reserved_vram_gb: int = 0
+    """The node's reserved capacity after this reserve."""
     bid_id: str | None = None
     bid_filled_ram_gb: int = 0
     bid_filled_vram_gb: int = 0
@@ -270,6 +308,9 @@ class ContractSettled(_Event, tag="contract_settled"):
 
     contract_id: str
     node_id: str
+    client_id: str
+    ram_gb: int
+    vram_gb: int
     status: ContractStatus
     used_s: int
     egress_mgb: int
@@ -277,6 +318,9 @@ class ContractSettled(_Event, tag="contract_settled"):
     settlement_hash: str
     completed_ms: int
     successor_id: str | None = None
+    node_reserved_ram_gb: int = 0
+    node_reserved_vram_gb: int = 0
+    """The node's reserved capacity after the capacity returned."""
 
 
 Event = (
