@@ -1,0 +1,137 @@
+"""What Mnemo leases from this node, and the capacity the agent reports in each heartbeat.
+
+The engine's accounting (engine/types.py, quoted): a heartbeat's `available_*_gb` is "memory I
+could lend to Mnemo right now, NOT counting what Mnemo already leases from me"; the engine stores
+`offered = min(total, available + reserved)` and `available = offered - reserved`.
+
+So the agent reports, per kind of memory (RAM, VRAM), outside the idle schedule 0, otherwise
+
+    available = max(0, min(free, limit) - leased)
+
+- `free`: what the machine has free now (psutil `available`, NVML free, floored to GiB);
+- `limit`: the owner's `max_*_gb`, the most Mnemo may hold in total (unset: no limit);
+- `leased`: the sum over the contracts on this node that the agent knows to be active.
+
+A lease is a reservation: Mnemo has no data plane that allocates the memory, so the OS still
+counts it as free and the agent must subtract it itself. If a renter's workload does occupy the
+memory, `free` has already dropped and the subtraction makes the figure conservative: the agent
+may under-offer, it never over-offers. With the engine's `reserved == leased` the node's total
+offer becomes `min(total, free, limit)` -- the owner's limit holds with leases included.
+
+`LeaseBook` keeps the record from the `node:<id>` notices and is resynchronised from the
+gateway's contract list whenever the agent (re)connects, since notices sent while it was
+away are lost. Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+__all__ = ["Lease", "LeaseBook", "NoticeKind", "available_gb"]
+
+NoticeKind = str
+"""One of contract_started, contract_extended, contract_ending, contract_ended,
+contract_failed_over (the engine's `node:<id>` notices)."""
+
+_ENDING_NOTICES = frozenset({"contract_ended", "contract_failed_over"})
+
+
+def available_gb(free_gb: int, limit_gb: int | None, leased_gb: int, *, idle: bool) -> int:
+    """The `available_*_gb` a heartbeat carries (see the module docstring for the formula)."""
+    if not idle:
+        return 0
+    cap = free_gb if limit_gb is None else min(free_gb, limit_gb)
+    return max(0, cap - leased_gb)
+
+
+class Lease(msgspec.Struct, kw_only=True):
+    """One active contract on this node, as the agent knows it."""
+
+    contract_id: str
+    ram_gb: int
+    vram_gb: int
+    end_ms: int = 0
+    client_id: str | None = None
+
+
+def _lease_from(contract: Mapping[str, Any]) -> Lease | None:
+    contract_id = contract.get("contract_id") or contract.get("id")
+    if not contract_id:
+        return None
+    return Lease(
+        contract_id=str(contract_id),
+        ram_gb=int(contract.get("ram_gb") or 0),
+        vram_gb=int(contract.get("vram_gb") or 0),
+        end_ms=int(contract.get("end_ms") or 0),
+        client_id=contract.get("client_id"),
+    )
+
+
+class LeaseBook:
+    """The active leases on one node, kept from notices and resynchronised from the gateway."""
+
+    __slots__ = ("_leases",)
+
+    def __init__(self) -> None:
+        self._leases: dict[str, Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def __contains__(self, contract_id: object) -> bool:
+        return contract_id in self._leases
+
+    @property
+    def leased_ram_gb(self) -> int:
+        return sum(lease.ram_gb for lease in self._leases.values())
+
+    @property
+    def leased_vram_gb(self) -> int:
+        return sum(lease.vram_gb for lease in self._leases.values())
+
+    def leases(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    def apply(self, notice: NoticeKind, contract: Mapping[str, Any]) -> Lease | None:
+        """Apply one notice; returns the lease it concerned (None if it named no contract).
+
+        Idempotent: a repeated start or end changes nothing. `contract_ending` is only a
+        warning: the lease holds until `contract_ended` (or `contract_failed_over`).
+        """
+        lease = _lease_from(contract)
+        if lease is None:
+            return None
+        status = contract.get("status")
+        if notice in _ENDING_NOTICES or status in ("completed", "failed", "failed_over"):
+            self._leases.pop(lease.contract_id, None)
+        elif notice in ("contract_started", "contract_extended", "contract_ending"):
+            self._leases[lease.contract_id] = lease
+        return lease
+
+    def replace(self, contracts: Iterable[Mapping[str, Any]]) -> None:
+        """Reset the record to the given contracts (those not active are ignored)."""
+        fresh: dict[str, Lease] = {}
+        for contract in contracts:
+            if contract.get("status", "active") != "active":
+                continue
+            lease = _lease_from(contract)
+            if lease is not None:
+                fresh[lease.contract_id] = lease
+        self._leases = fresh
+
+    def prune(self, now_ms: int, grace_ms: int) -> list[Lease]:
+        """Forget leases whose end passed more than `grace_ms` ago (their end notice was lost).
+
+        The engine settles a contract once its end passes; the grace covers its settle delay.
+        """
+        gone = [
+            lease
+            for lease in self._leases.values()
+            if lease.end_ms and lease.end_ms + grace_ms < now_ms
+        ]
+        for lease in gone:
+            del self._leases[lease.contract_id]
+        return gone
