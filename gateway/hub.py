@@ -1,0 +1,537 @@
+"""Fan-out of Redis pub/sub notifications to this process's WebSocket subscribers.
+
+One `Hub` per gateway process holds ONE Redis pub/sub connection. Local subscribers come and go;
+the hub keeps a refcount per Redis channel and SUBSCRIBEs a channel when its first local
+subscriber arrives and UNSUBSCRIBEs it when its last one leaves, so Redis sends each process
+only what someone in it wants.
+
+Rules:
+- Every payload on a Redis channel is `{"channel": <ws channel>, "data": {...}}` (see
+  `engine.notify`). Local subscriptions are (Redis channel, ws channel) pairs: a message reaches
+  the subscribers of its Redis channel that asked for its ws channel. That is how one user channel
+  carries `fills`, `bids` and `contracts` and each socket gets only the ones it asked for.
+- Encode once: the envelope is decoded once per message, the outgoing frame
+  `{"type": "event", "channel", "data"}` is encoded once (the `data` bytes are copied, never
+  re-parsed) and the same `str` goes to every subscriber.
+- Fan-out never waits: delivery is `put_nowait` into each subscriber's bounded queue. A subscriber
+  whose queue is full is dropped on the spot (its subscriptions released, `on_drop` called, a
+  warning logged); the others are not delayed by it. Its owner closes the socket (code 1013).
+- `subscribe()` returns once Redis has confirmed every channel: whatever is published after it
+  returns reaches the subscriber. Commands and confirmations on one connection are ordered, so
+  the hub counts SUBSCRIBEs sent and confirmations received per channel to know which
+  confirmation answers which command.
+- Redis pub/sub is at-most-once: what is published while the connection is down is lost. The
+  reader reconnects with capped exponential backoff and re-subscribes every channel still wanted.
+  Durable history is the event stream and the REST API, not this path.
+
+Cost: one dict lookup per message plus one `put_nowait` per receiving subscriber; subscribe and
+unsubscribe are O(channels of the call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+__all__ = ["Hub", "HubUnavailable", "Subscriber"]
+
+log = logging.getLogger("mnemo.gateway.hub")
+
+DropCallback = Callable[["Subscriber", str], None]
+
+
+class HubUnavailable(Exception):
+    """Redis did not confirm a subscription in time (the pub/sub connection is down)."""
+
+
+class Subscriber:
+    """One local consumer: a bounded queue of encoded frames (`str`) and the channels it holds.
+
+    The owner runs a writer task that drains `queue`. The hub never awaits it: when `queue` is
+    full the subscriber is dropped and `on_drop(subscriber, reason)` is called (synchronously,
+    from the hub's reader; it must not block).
+    """
+
+    __slots__ = ("channels", "dropped", "name", "on_drop", "queue")
+
+    def __init__(self, name: str, *, queue_size: int, on_drop: DropCallback | None = None) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.name = name
+        self.queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+        self.channels: dict[str, bytes] = {}
+        """ws channel -> Redis channel, for the subscriptions the hub has made live."""
+        self.dropped: str | None = None
+        """Why the hub dropped this subscriber (None while it is attached)."""
+        self.on_drop = on_drop
+
+    def __repr__(self) -> str:
+        return f"Subscriber({self.name!r}, channels={len(self.channels)})"
+
+
+class _Envelope(msgspec.Struct):
+    channel: str
+    data: msgspec.Raw
+
+
+class _EventFrame(msgspec.Struct, tag="event", tag_field="type"):
+    channel: str
+    data: msgspec.Raw
+
+
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _pubsub_client(client: aioredis.Redis, client_name: str) -> aioredis.Redis:
+    """A client of our own for the pub/sub connection, on the same server as `client`.
+
+    Retries are off so every connection error reaches the reader, which alone reconnects and
+    re-subscribes (the library's own retry would re-subscribe behind the hub's back and break
+    its count of confirmations). Internal pool plumbing is not copied.
+    """
+    pool = client.connection_pool
+    kwargs = {
+        k: v
+        for k, v in pool.connection_kwargs.items()
+        if not k.startswith(("maint_notifications", "orig_"))
+        and k not in ("himport_registry", "event_dispatcher", "retry", "decode_responses")
+    }
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    kwargs["decode_responses"] = False
+    kwargs["client_name"] = client_name
+    kwargs.setdefault("socket_keepalive", True)
+    new_pool = aioredis.ConnectionPool(
+        connection_class=pool.connection_class, max_connections=2, **kwargs
+    )
+    return aioredis.Redis(connection_pool=new_pool)
+
+
+class Hub:
+    """The process's fan-out hub. `await start()` once, `await stop()` at shutdown.
+
+    `queue_size` is the default for `attach()`. `subscribe_timeout_s` bounds how long
+    `subscribe()` waits for Redis to confirm. `idle_ping_s`: with no traffic for that long the
+    reader pings Redis, and reconnects when two intervals pass in silence (a dead TCP peer).
+    `client_name` names the connection in Redis's CLIENT LIST.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        queue_size: int = 1024,
+        subscribe_timeout_s: float = 5.0,
+        idle_ping_s: float = 15.0,
+        max_backoff_s: float = 5.0,
+        client_name: str = "mnemo-gateway-hub",
+    ) -> None:
+        self._source = redis
+        self.client_name = client_name
+        self.queue_size = queue_size
+        self.subscribe_timeout_s = subscribe_timeout_s
+        self.idle_ping_s = idle_ping_s
+        self.max_backoff_s = max_backoff_s
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None  # redis.asyncio.client.PubSub of the live connection, or None
+        # Redis channel -> ws channel -> subscribers (dicts as insertion-ordered sets)
+        self._index: dict[bytes, dict[str, dict[Subscriber, None]]] = {}
+        self._refs: dict[bytes, int] = {}  # live + pending local subscriptions per Redis channel
+        self._subscribed: set[bytes] = set()  # last command sent on this connection was SUBSCRIBE
+        self._sent: dict[bytes, int] = {}  # SUBSCRIBEs sent on this connection
+        self._acked: dict[bytes, int] = {}  # subscribe confirmations received on it
+        self._waiters: dict[bytes, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._dirty = asyncio.Event()  # channels may have lost their last subscriber
+        self._connected = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribers: dict[Subscriber, None] = {}
+        self.messages = 0
+        """Messages received from Redis."""
+        self.delivered = 0
+        """Frames handed to subscribers' queues."""
+        self.dropped = 0
+        """Subscribers dropped because their queue was full."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the reader and the unsubscriber. Returns at once; the connection comes up in
+        the background (`wait_connected()` waits for it)."""
+        if self._tasks:
+            raise RuntimeError("hub already started")
+        self._client = _pubsub_client(self._source, self.client_name)
+        self._tasks = [
+            asyncio.create_task(self._run_reader(), name="hub-reader"),
+            asyncio.create_task(self._run_unsubscriber(), name="hub-unsubscriber"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_log_task_end)
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Wait until the pub/sub connection is up."""
+        async with asyncio.timeout(timeout_s):
+            await self._connected.wait()
+
+    async def stop(self) -> None:
+        """Stop the background tasks, close the connection, drop every subscriber."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await asyncio.shield(self._close_pubsub())
+        if self._client is not None:
+            await asyncio.shield(self._client.aclose())
+            self._client = None
+        for sub in list(self._subscribers):
+            self._drop(sub, "shutdown", warn=False)
+        for waiters in self._waiters.values():
+            for _, fut in waiters:
+                if not fut.done():
+                    fut.set_exception(HubUnavailable("hub stopped"))
+        self._waiters.clear()
+
+    # -- subscribers --------------------------------------------------------------------------
+
+    def attach(
+        self, name: str, *, on_drop: DropCallback | None = None, queue_size: int | None = None
+    ) -> Subscriber:
+        """A new subscriber with a bounded queue (`queue_size` or the hub's default)."""
+        sub = Subscriber(name, queue_size=queue_size or self.queue_size, on_drop=on_drop)
+        self._subscribers[sub] = None
+        return sub
+
+    def detach(self, sub: Subscriber) -> None:
+        """Release every subscription of `sub` (idempotent; safe after a drop)."""
+        self._subscribers.pop(sub, None)
+        for ws_channel, redis_channel in list(sub.channels.items()):
+            self._unindex(sub, redis_channel, ws_channel)
+        sub.channels.clear()
+
+    def deliver(self, sub: Subscriber, frame: str) -> bool:
+        """Queue one frame for `sub` (a reply of its own, not fan-out). A full queue drops it."""
+        if sub.dropped is not None:
+            return False
+        try:
+            sub.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self._drop(sub, "slow")
+            return False
+        return True
+
+    def subscriber_count(self, redis_channel: str | bytes | None = None) -> int:
+        """Attached subscribers, or live local subscriptions to one Redis channel."""
+        if redis_channel is None:
+            return len(self._subscribers)
+        by_ws = self._index.get(_b(redis_channel), {})
+        return sum(len(subs) for subs in by_ws.values())
+
+    @property
+    def redis_channels(self) -> frozenset[bytes]:
+        """Channels this process is subscribed to in Redis (or about to be)."""
+        return frozenset(self._subscribed)
+
+    async def subscribe(self, sub: Subscriber, pairs: Iterable[tuple[str | bytes, str]]) -> None:
+        """Make each (Redis channel, ws channel) pair live for `sub`; all or nothing.
+
+        Returns when Redis has confirmed every channel; raises `HubUnavailable` after
+        `subscribe_timeout_s` without confirmation. Pairs `sub` already holds are skipped. No
+        frame of a new channel is queued before this returns, so the caller can queue its
+        "subscribed" reply first (nothing runs between the return and the caller's next line).
+        """
+        if sub.dropped is not None:
+            return
+        wanted: dict[str, bytes] = {}
+        for redis_channel, ws_channel in pairs:
+            if ws_channel not in sub.channels and ws_channel not in wanted:
+                wanted[ws_channel] = _b(redis_channel)
+        if not wanted:
+            return
+        reserved = list(wanted.values())
+        for ch in reserved:
+            self._refs[ch] = self._refs.get(ch, 0) + 1
+        completed = False
+        futures: list[asyncio.Future[None]] = []
+        try:
+            futures, to_send, ps = self._request(set(reserved))
+            if to_send:
+                try:
+                    await ps.subscribe(*to_send)
+                except (RedisError, OSError) as exc:
+                    # The reader sees the same failure, reconnects and re-subscribes every
+                    # wanted channel; the futures resolve then (or time out below).
+                    log.debug("SUBSCRIBE failed (%s); the reader will reconnect", exc)
+            if futures:
+                done, _ = await asyncio.wait(futures, timeout=self.subscribe_timeout_s)
+                if len(done) < len(futures):
+                    raise HubUnavailable("Redis did not confirm the subscription in time")
+                for fut in done:
+                    fut.result()
+            if sub.dropped is not None:
+                return
+            for ws_channel, ch in wanted.items():
+                by_ws = self._index.setdefault(ch, {})
+                by_ws.setdefault(ws_channel, {})[sub] = None
+                sub.channels[ws_channel] = ch
+            completed = True
+        finally:
+            if not completed:
+                for fut in futures:
+                    fut.cancel()
+                for ch in reserved:
+                    self._prune_waiters(ch)
+                    self._release(ch)
+
+    def unsubscribe(self, sub: Subscriber, ws_channels: Iterable[str]) -> list[str]:
+        """Release some of `sub`'s subscriptions; returns those it held. Nothing for that
+        channel is queued for it afterwards (frames already queued stay)."""
+        released = []
+        for ws_channel in ws_channels:
+            ch = sub.channels.pop(ws_channel, None)
+            if ch is not None:
+                self._unindex(sub, ch, ws_channel)
+                released.append(ws_channel)
+        return released
+
+    # -- internals: subscription bookkeeping --------------------------------------------------
+
+    def _request(self, channels: set[bytes]) -> tuple[list[asyncio.Future[None]], list[bytes], Any]:
+        """Book SUBSCRIBEs for channels not yet subscribed (the caller sends them on the
+        returned connection before yielding, so commands go out in booking order) and return
+        futures for the channels not yet confirmed."""
+        loop = asyncio.get_running_loop()
+        ps = self._pubsub
+        to_send = [ch for ch in channels if ch not in self._subscribed]
+        futures = []
+        for ch in channels:
+            if ps is not None:
+                if ch in to_send:
+                    self._subscribed.add(ch)
+                    self._sent[ch] = self._sent.get(ch, 0) + 1
+                ticket = self._sent.get(ch, 0)
+                if self._acked.get(ch, 0) >= ticket:
+                    continue
+            else:
+                ticket = 1  # rebased by the next connect, which subscribes every wanted channel
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(ch, []).append((ticket, fut))
+            futures.append(fut)
+        return futures, (to_send if ps is not None else []), ps
+
+    def _prune_waiters(self, ch: bytes) -> None:
+        waiters = self._waiters.get(ch)
+        if waiters is not None:
+            waiters[:] = [(t, f) for t, f in waiters if not f.done()]
+            if not waiters:
+                del self._waiters[ch]
+
+    def _unindex(self, sub: Subscriber, ch: bytes, ws_channel: str) -> None:
+        by_ws = self._index.get(ch)
+        if by_ws is not None:
+            subs = by_ws.get(ws_channel)
+            if subs is not None and subs.pop(sub, 0) is None:
+                if not subs:
+                    del by_ws[ws_channel]
+                if not by_ws:
+                    del self._index[ch]
+                self._release(ch)
+
+    def _release(self, ch: bytes) -> None:
+        n = self._refs.get(ch, 0) - 1
+        if n > 0:
+            self._refs[ch] = n
+        else:
+            self._refs.pop(ch, None)
+            self._dirty.set()
+
+    def _confirmed(self, ch: bytes) -> None:
+        acked = self._acked.get(ch, 0) + 1
+        self._acked[ch] = acked
+        waiters = self._waiters.get(ch)
+        if waiters:
+            keep = []
+            for ticket, fut in waiters:
+                if ticket <= acked:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    keep.append((ticket, fut))
+            if keep:
+                self._waiters[ch] = keep
+            else:
+                del self._waiters[ch]
+
+    def _unsubscribe_confirmed(self, ch: bytes) -> None:
+        # Forget the counters once no confirmation for this channel can still be in flight.
+        if ch not in self._subscribed and self._acked.get(ch, 0) >= self._sent.get(ch, 0):
+            self._acked.pop(ch, None)
+            self._sent.pop(ch, None)
+
+    def _drop(self, sub: Subscriber, reason: str, *, warn: bool = True) -> None:
+        if sub.dropped is not None:
+            return
+        sub.dropped = reason
+        if warn:
+            self.dropped += 1
+            log.warning(
+                "dropping subscriber %s (%s): %d frames queued, %d channels",
+                sub.name,
+                reason,
+                sub.queue.qsize(),
+                len(sub.channels),
+            )
+        self.detach(sub)
+        if sub.on_drop is not None:
+            try:
+                sub.on_drop(sub, reason)
+            except Exception:
+                log.exception("on_drop callback of %s failed", sub.name)
+
+    # -- internals: the connection ------------------------------------------------------------
+
+    async def _connect(self) -> Any:
+        assert self._client is not None
+        ps = self._client.pubsub()
+        try:
+            await ps.connect()
+        except BaseException:
+            await asyncio.shield(ps.aclose())
+            raise
+        # From here to the SUBSCRIBE below nothing yields: every channel wanted so far is in
+        # this snapshot, every later subscribe() sends its own SUBSCRIBE on `ps`.
+        self._pubsub = ps
+        self._sent.clear()
+        self._acked.clear()
+        wanted = [ch for ch, n in self._refs.items() if n > 0]
+        self._subscribed = set(wanted)
+        for ch in wanted:
+            self._sent[ch] = 1
+        for ch, waiters in list(self._waiters.items()):
+            if ch in self._subscribed:
+                self._waiters[ch] = [(1, fut) for _, fut in waiters]
+            else:
+                for _, fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+                del self._waiters[ch]
+        if wanted:
+            await ps.subscribe(*wanted)
+        return ps
+
+    async def _close_pubsub(self) -> None:
+        ps, self._pubsub = self._pubsub, None
+        self._connected.clear()
+        self._subscribed.clear()
+        if ps is not None:
+            try:
+                await ps.aclose()
+            except (RedisError, OSError) as exc:
+                log.debug("closing the pub/sub connection: %s", exc)
+
+    async def _run_reader(self) -> None:
+        backoff_s = 0.05
+        while True:
+            try:
+                ps = await self._connect()
+                self._connected.set()
+                if backoff_s > 0.05:
+                    log.info("pub/sub connection restored (%d channels)", len(self._subscribed))
+                backoff_s = 0.05
+                await self._pump(ps)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("pub/sub connection lost: %s; retrying in %.2fs", exc, backoff_s)
+            except Exception:
+                # A bug must not end fan-out for the whole process: log it, start over.
+                log.exception("pub/sub reader failed; retrying in %.2fs", backoff_s)
+            finally:
+                await asyncio.shield(self._close_pubsub())
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, self.max_backoff_s)
+
+    async def _pump(self, ps: Any) -> None:
+        silent = 0
+        while True:
+            msg = await ps.get_message(timeout=self.idle_ping_s)
+            if msg is None:
+                silent += 1
+                if silent >= 2:
+                    raise TimeoutError(f"no answer from Redis in {2 * self.idle_ping_s:.0f}s")
+                await ps.ping()
+                continue
+            silent = 0
+            kind = msg["type"]
+            if kind == b"message" or kind == "message":
+                self._dispatch(msg["channel"], msg["data"])
+                # The parser may hold many buffered messages; yielding after each lets writers
+                # drain between them, so a burst longer than a queue drops only subscribers
+                # that really cannot keep up.
+                await asyncio.sleep(0)
+            elif kind == b"subscribe" or kind == "subscribe":
+                self._confirmed(msg["channel"])
+            elif kind == b"unsubscribe" or kind == "unsubscribe":
+                self._unsubscribe_confirmed(msg["channel"])
+
+    def _dispatch(self, ch: bytes, payload: bytes) -> None:
+        self.messages += 1
+        by_ws = self._index.get(ch)
+        if not by_ws:
+            return
+        try:
+            env = _decode_envelope(payload)
+        except msgspec.DecodeError as exc:
+            log.warning("skipping malformed message on %r: %s", ch, exc)
+            return
+        subs = by_ws.get(env.channel)
+        if not subs:
+            return
+        frame = _encode(_EventFrame(env.channel, env.data)).decode()
+        slow: list[Subscriber] | None = None
+        for sub in subs:
+            try:
+                sub.queue.put_nowait(frame)
+            except asyncio.QueueFull:
+                if slow is None:
+                    slow = []
+                slow.append(sub)
+        self.delivered += len(subs) - (len(slow) if slow else 0)
+        if slow:
+            for sub in slow:
+                self._drop(sub, "slow")
+
+    async def _run_unsubscriber(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            ps = self._pubsub
+            if ps is None:
+                continue  # the next connect subscribes only what is still wanted
+            gone = [ch for ch in self._subscribed if self._refs.get(ch, 0) == 0]
+            if not gone:
+                continue
+            self._subscribed.difference_update(gone)
+            try:
+                await ps.unsubscribe(*gone)
+            except (RedisError, OSError) as exc:
+                log.debug("UNSUBSCRIBE failed (%s); the reader will reconnect", exc)
+
+
+def _b(channel: str | bytes) -> bytes:
+    return channel.encode() if isinstance(channel, str) else channel
+
+
+def _log_task_end(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("hub task %s failed", task.get_name(), exc_info=exc)
