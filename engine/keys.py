@@ -8,16 +8,21 @@ Per region `r` (`P` = prefix):
     P{r}:node:<id>            hash   node state (fields of `engine.types.Node`)
     P{r}:node:<id>:contracts  set    ids of the node's active contracts
     P{r}:asks                 zset   node id -> price_pusd; only nodes with free capacity, active
+    P{r}:ask-exp              zset   node id -> ask_expires_ms, for the listed nodes whose ask expires
     P{r}:geo                  geo    node id -> (lng, lat); all registered, non-deactivated nodes
-    P{r}:hb                   zset   node id -> last heartbeat ms (offline detection)
+    P{r}:hb                   zset   node id -> heartbeat deadline ms (last heartbeat or registration
+                                     + missed_heartbeats_offline * interval); active/maintenance nodes
     P{r}:bids                 zset   "<seq:016d>:<bid id>" -> -max_price_pusd (price-time priority)
+    P{r}:bid-exp              zset   bid id -> expires_ms, for open bids that expire
     P{r}:bid:<id>             hash   bid state
     P{r}:contract:<id>        hash   contract state
     P{r}:ends                 zset   active contract id -> end_ms
+    P{r}:client:<id>:contracts set   ids of the client's active contracts in the region
     P{r}:seq                  string last event sequence number of the region
     P{r}:arrival              string last arrival sequence (nodes and bids)
     P{r}:events               stream the region's change log; field `e` holds the event JSON
-    P{r}:fills                zset   "<contract id>" -> ts_ms of fills, last 24 h (quotes)
+    P{r}:fills                zset   "<contract id>:<price_pusd>:<gb_s>" -> ts_ms of fills, last 24 h
+                                     (quotes: last fill price, volume)
 Global:
     P regions                 set    regions that have ever had a node or a bid
     P dir                     hash   node/bid/contract id -> region (routing by id)
@@ -54,11 +59,17 @@ class Keys:
     def geo(self, region: str) -> str:
         return f"{self.tag(region)}geo"
 
+    def ask_expiry(self, region: str) -> str:
+        return f"{self.tag(region)}ask-exp"
+
     def heartbeats(self, region: str) -> str:
         return f"{self.tag(region)}hb"
 
     def bids(self, region: str) -> str:
         return f"{self.tag(region)}bids"
+
+    def bid_expiry(self, region: str) -> str:
+        return f"{self.tag(region)}bid-exp"
 
     def bid(self, region: str, bid_id: str) -> str:
         return f"{self.tag(region)}bid:{bid_id}"
@@ -68,6 +79,9 @@ class Keys:
 
     def ends(self, region: str) -> str:
         return f"{self.tag(region)}ends"
+
+    def client_contracts(self, region: str, client_id: str) -> str:
+        return f"{self.tag(region)}client:{client_id}:contracts"
 
     def seq(self, region: str) -> str:
         return f"{self.tag(region)}seq"
