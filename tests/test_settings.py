@@ -1,0 +1,167 @@
+"""Settings read from the environment: parsing, defaults, masking, and one-line errors."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from engine.settings import ConfigError, Settings, mask_url
+
+SECRET = "s3cr3t-" + "x" * 40
+
+
+def _env(tmp_path: Path, **values: str) -> dict[str, str]:
+    env = {"MNEMO_DATA_DIR": str(tmp_path / "data")}
+    env.update({f"MNEMO_{k.upper()}": v for k, v in values.items()})
+    return env
+
+
+def test_defaults_mean_embedded_servers(tmp_path: Path) -> None:
+    """With nothing set, the URLs are unset (embedded servers) and the defaults apply."""
+    s = Settings.from_env(_env(tmp_path))
+    assert s.redis_url is None and s.database_url is None
+    assert s.embedded
+    assert (s.host, s.port) == ("127.0.0.1", 8000)
+    assert s.data_dir == tmp_path / "data"
+    assert s.regions == ()
+
+
+def test_values_are_parsed(tmp_path: Path) -> None:
+    """Every kind of value is read from its MNEMO_* variable."""
+    s = Settings.from_env(
+        _env(
+            tmp_path,
+            redis_url="redis://127.0.0.1:6379/3",
+            database_url="postgresql://app@db.internal:5433/mnemo",
+            jwt_secret=SECRET,
+            host="0.0.0.0",
+            port="9000",
+            heartbeat_interval_s="12.5",
+            missed_heartbeats_offline="4",
+            regions=" us-east-2, eu-west-1 ,,",
+            log_level="debug",
+        )
+    )
+    assert s.redis_url == "redis://127.0.0.1:6379/3"
+    assert s.database_url == "postgresql://app@db.internal:5433/mnemo"
+    assert not s.embedded
+    assert s.jwt_secret == SECRET
+    assert (s.host, s.port) == ("0.0.0.0", 9000)
+    assert s.heartbeat_interval_s == 12.5
+    assert s.missed_heartbeats_offline == 4
+    assert s.regions == ("us-east-2", "eu-west-1")
+    assert s.log_level == "DEBUG"
+
+
+def test_empty_variable_counts_as_unset(tmp_path: Path) -> None:
+    """An empty MNEMO_* variable is the same as an absent one."""
+    s = Settings.from_env(_env(tmp_path, redis_url="", port=""))
+    assert s.redis_url is None and s.port == 8000
+
+
+def test_secrets_never_in_repr(tmp_path: Path) -> None:
+    """repr/str mask the JWT secret, Stripe keys and passwords inside URLs."""
+    s = Settings.from_env(
+        _env(
+            tmp_path,
+            jwt_secret=SECRET,
+            database_url="postgresql://app:pg-pass-123@db:5432/mnemo",
+            redis_url="redis://:redis-pass-456@cache:6379/0",
+            stripe_secret_key="sk_live_abcdef",
+            stripe_webhook_secret="whsec_abcdef",
+        )
+    )
+    for text in (repr(s), str(s)):
+        for secret in (SECRET, "pg-pass-123", "redis-pass-456", "sk_live_abcdef", "whsec_abcdef"):
+            assert secret not in text
+        assert "postgresql://app:***@db:5432/mnemo" in text
+        assert "redis://:***@cache:6379/0" in text
+    # The values themselves are intact for the code that uses them.
+    assert s.database_url == "postgresql://app:pg-pass-123@db:5432/mnemo"
+
+
+def test_mask_url_leaves_password_free_urls_alone() -> None:
+    """URLs without a password are shown as they are."""
+    assert (
+        mask_url("postgresql://postgres@127.0.0.1:5432/x")
+        == "postgresql://postgres@127.0.0.1:5432/x"
+    )
+    assert mask_url(None) is None
+
+
+def test_local_jwt_secret_is_generated_once(tmp_path: Path) -> None:
+    """Without MNEMO_JWT_SECRET a secret is made under the data folder, private, and reused."""
+    first = Settings.from_env(_env(tmp_path))
+    second = Settings.from_env(_env(tmp_path))
+    assert len(first.jwt_secret) >= 32
+    assert first.jwt_secret == second.jwt_secret
+    path = tmp_path / "data" / "jwt_secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("port", "eighty", "expected an integer"),
+        ("port", "70000", "1..65535"),
+        ("port", "0", "1..65535"),
+        ("redis_url", "http://127.0.0.1:6379", "redis"),
+        ("redis_url", "redis://", "no host"),
+        ("database_url", "mysql://root@db/x", "postgres"),
+        ("database_url", "postgresql://db:99999/x", "port"),
+        ("database_url", "postgresql://db:abc/x", "port"),
+        ("jwt_secret", "short", "at least 32"),
+        ("heartbeat_interval_s", "-1", "positive"),
+        ("heartbeat_interval_s", "nan", "positive"),
+        ("heartbeat_min_interval_s", "soon", "number"),
+        ("missed_heartbeats_offline", "0", "at least 1"),
+        ("jwt_ttl_s", "1.5", "integer"),
+        ("log_level", "loud", "expected one of"),
+        ("regions", "us-east-2,{bad}", "bad region"),
+    ],
+)
+def test_malformed_value_names_the_variable(
+    tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    """A malformed value raises ConfigError whose one-line text names the variable."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(_env(tmp_path, **{variable: value}))
+    name = f"MNEMO_{variable.upper()}"
+    assert caught.value.variable == name
+    text = str(caught.value)
+    assert text.startswith(f"{name}: ")
+    assert says in text
+    assert "\n" not in text
+
+
+def test_malformed_url_error_masks_the_password(tmp_path: Path) -> None:
+    """The error for a bad URL does not print the password it contains."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(_env(tmp_path, database_url="mysql://root:hunter2-secret@db/x"))
+    assert "hunter2-secret" not in str(caught.value)
+
+
+def test_dotenv_file_is_read_and_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.env` in the working directory supplies values; real environment variables win."""
+    monkeypatch.chdir(tmp_path)
+    # Registered with monkeypatch so whatever load_dotenv puts in os.environ is undone.
+    monkeypatch.delenv("MNEMO_PORT", raising=False)
+    monkeypatch.delenv("MNEMO_HOST", raising=False)
+    monkeypatch.setenv("MNEMO_LOG_LEVEL", "warning")
+    monkeypatch.setenv("MNEMO_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / ".env").write_text("MNEMO_PORT=9123\nMNEMO_HOST=0.0.0.0\nMNEMO_LOG_LEVEL=debug\n")
+    s = Settings.from_env()
+    assert s.port == 9123
+    assert s.host == "0.0.0.0"
+    assert s.log_level == "WARNING"
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    """Settings cannot be changed after start-up."""
+    s = Settings.from_env(_env(tmp_path))
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
