@@ -1,0 +1,643 @@
+"""The `mnemo` command: run the whole exchange, or one of its processes.
+
+    mnemo up [--no-demo] [--fleet N]   everything in the Procfile (+ a demo fleet and renter bot)
+    mnemo migrate                      apply pending schema migrations
+    mnemo gateway [--workers N]        the HTTP/WebSocket API (uvicorn, uvloop, httptools)
+    mnemo engine                       matching, expiry, settlement, failover, quotes
+    mnemo journal                      Redis event streams -> Postgres
+    mnemo journal-status               the journal's lag
+    mnemo rebuild-live                 repopulate Redis's live market from Postgres
+    mnemo servers [--migrate]          only the embedded Valkey/PostgreSQL, in the foreground
+
+Configuration comes from `MNEMO_*` variables (see `engine.settings`). With `MNEMO_REDIS_URL` /
+`MNEMO_DATABASE_URL` unset, `up`, `migrate` and `servers` start embedded servers under
+`MNEMO_DATA_DIR`; the single-process commands need the URLs (`up` passes them to its children).
+
+Anything that keeps a command from starting (a malformed or missing setting, a server that cannot
+be reached, a migration that cannot apply) is one line on stderr, `mnemo: error: ...`, and exit
+status 2. The entry points of the other packages are imported inside their subcommand, so each
+command works as soon as its own package does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any, NamedTuple
+
+from engine.settings import ConfigError, Settings, mask_url
+
+__all__ = ["PROCFILE", "StartupError", "main"]
+
+EXIT_STARTUP = 2
+_GATEWAY_APP = "gateway.app:app_from_env"
+_HEALTH_WAIT_S = 90.0
+_STOP_WAIT_S = 10.0
+
+
+class StartupError(Exception):
+    """A command cannot start; `str()` is the one line shown, `details` optional lines below it."""
+
+    def __init__(self, message: str, details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.details = list(details)
+
+
+class ProcessSpec(NamedTuple):
+    """One line of the Procfile: a name and the command that runs it."""
+
+    name: str
+    argv: tuple[str, ...]
+
+
+# The production process list; `mnemo up` runs these (the agent only as a demo fleet) and
+# tests/test_cli.py checks that the Procfile says the same.
+PROCFILE: tuple[ProcessSpec, ...] = (
+    ProcessSpec("gateway", ("mnemo", "gateway")),
+    ProcessSpec("engine", ("mnemo", "engine")),
+    ProcessSpec("journal", ("mnemo", "journal")),
+    ProcessSpec("agent", ("mnemo-agent", "--simulate", "1000")),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mnemo` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as e:
+        return _fail(str(e))
+    except StartupError as e:
+        return _fail(str(e), e.details)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnemo",
+        description="Mnemo: an exchange for idle RAM and VRAM.",
+        epilog="Configuration: MNEMO_* environment variables (README.md lists them).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole exchange (embedded servers unless URLs are set)")
+    up.add_argument("--no-demo", action="store_true", help="no simulated fleet, no renter bot")
+    up.add_argument(
+        "--fleet", type=_positive_int, default=1000, metavar="N", help="virtual nodes (1000)"
+    )
+    up.set_defaults(func=_cmd_up)
+
+    sub.add_parser("migrate", help="apply pending schema migrations").set_defaults(
+        func=_cmd_migrate
+    )
+
+    gw = sub.add_parser("gateway", help="serve the HTTP/WebSocket API")
+    gw.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    gw.set_defaults(func=_cmd_gateway)
+
+    eng = sub.add_parser("engine", help="run the matching engine loop")
+    eng.add_argument("--regions", type=_region_list, default=None, metavar="R1,R2")
+    eng.set_defaults(func=_cmd_engine)
+
+    jr = sub.add_parser("journal", help="journal Redis event streams into Postgres")
+    jr.add_argument("--consumer", default=None, help="consumer name in the group")
+    jr.set_defaults(func=_cmd_journal)
+
+    sub.add_parser("journal-status", help="show the journal's lag").set_defaults(
+        func=_cmd_journal_status
+    )
+    sub.add_parser("rebuild-live", help="rebuild Redis's live market from Postgres").set_defaults(
+        func=_cmd_rebuild_live
+    )
+
+    srv = sub.add_parser("servers", help="run only the embedded Valkey and PostgreSQL")
+    srv.add_argument("--migrate", action="store_true", help="also apply migrations")
+    srv.set_defaults(func=_cmd_servers)
+    return parser
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _region_list(raw: str) -> tuple[str, ...]:
+    return tuple(r.strip() for r in raw.split(",") if r.strip())
+
+
+def _fail(message: str, details: Sequence[str] = ()) -> int:
+    print(f"mnemo: error: {message}", file=sys.stderr)
+    for line in details:
+        print(f"  | {line}", file=sys.stderr)
+    return EXIT_STARTUP
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if settings.database_url is not None:
+        applied = _migrate(settings.database_url)
+    else:
+        with _embedded(settings, want_redis=False, want_postgres=True) as (_, database_url):
+            assert database_url is not None
+            applied = _migrate(database_url)
+    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+def _cmd_servers(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    want_redis = settings.redis_url is None
+    want_postgres = settings.database_url is None
+    if not (want_redis or want_postgres):
+        raise StartupError("MNEMO_REDIS_URL and MNEMO_DATABASE_URL are both set: nothing to start")
+    with _stop_on_sigterm(), _embedded(settings, want_redis, want_postgres) as urls:
+        redis_url, database_url = urls
+        if args.migrate and database_url:
+            _migrate(database_url)
+        if redis_url:
+            print(f"MNEMO_REDIS_URL={redis_url}", flush=True)
+        if database_url:
+            print(f"MNEMO_DATABASE_URL={database_url}", flush=True)
+        print(f"# data in {settings.data_dir.resolve()}; Ctrl-C stops them", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_redis(settings)
+    _check_database(settings)
+    _require_module("gateway.app")
+    import uvicorn
+
+    uvicorn.run(
+        _GATEWAY_APP,
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level.lower(),
+        server_header=False,
+    )
+    return 0
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers(need_database=False)
+    _check_redis(settings)
+    run_engine = _entry_point("engine.process", "run_engine")
+    _run_until_signal(lambda stop: run_engine(settings, regions=args.regions, stop=stop))
+    return 0
+
+
+def _cmd_journal(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_redis(settings)
+    _check_database(settings)
+    run_journal = _entry_point("persistence.journal", "run_journal")
+    _run_until_signal(lambda stop: run_journal(settings, consumer=args.consumer, stop=stop))
+    return 0
+
+
+def _cmd_journal_status(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_redis(settings)
+    _check_database(settings)
+    result = _entry_point("persistence.journal", "print_status")(settings)
+    return _finish(result)
+
+
+def _cmd_rebuild_live(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_redis(settings)
+    _check_database(settings)
+    result = _entry_point("persistence.rebuild", "rebuild_live")(settings)
+    return _finish(result)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    data_dir = settings.data_dir.resolve()
+    with _stop_on_sigterm():
+        with _embedded(
+            settings, settings.redis_url is None, settings.database_url is None
+        ) as embedded:
+            redis_url = settings.redis_url or embedded[0]
+            database_url = settings.database_url or embedded[1]
+            assert redis_url is not None and database_url is not None
+            if settings.redis_url is not None:
+                _check_redis(settings)
+            applied = _migrate(database_url)
+            if applied:
+                print(f"mnemo: applied migrations {', '.join(applied)}", flush=True)
+            host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+            base = f"http://{host}:{settings.port}"
+            env = dict(os.environ)
+            env.update(
+                MNEMO_REDIS_URL=redis_url,
+                MNEMO_DATABASE_URL=database_url,
+                MNEMO_DATA_DIR=str(data_dir),
+                MNEMO_API_URL=base,
+                MNEMO_AGENT_API_URL=base,
+                PYTHONUNBUFFERED="1",
+            )
+            core = [_command(spec) for spec in PROCFILE if spec.name != "agent"]
+            demo = [] if args.no_demo else _demo_processes(args.fleet, base)
+            supervisor = _Supervisor(env)
+            try:
+                supervisor.start(core)
+                if not _wait_healthy(f"{base}/healthz", supervisor):
+                    return supervisor.stop(reason="the gateway did not become healthy")
+                print(_banner(base, redis_url, database_url, data_dir, demo), flush=True)
+                supervisor.start(demo)
+                return supervisor.wait()
+            finally:
+                supervisor.stop()
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def _settings_with_servers(*, need_database: bool = True) -> Settings:
+    """Settings for a single process, which needs real URLs (`mnemo up` passes them down)."""
+    settings = Settings.from_env()
+    hint = "not set (`mnemo up` sets it for its processes; `mnemo servers` prints one)"
+    if settings.redis_url is None:
+        raise ConfigError("MNEMO_REDIS_URL", hint)
+    if need_database and settings.database_url is None:
+        raise ConfigError("MNEMO_DATABASE_URL", hint)
+    return settings
+
+
+@contextmanager
+def _embedded(
+    settings: Settings, want_redis: bool, want_postgres: bool
+) -> Iterator[tuple[str | None, str | None]]:
+    """Embedded servers for what the settings leave unset, as (redis_url, database_url)."""
+    if not (want_redis or want_postgres):
+        yield None, None
+        return
+    from scripts.embedded import EmbeddedError, EmbeddedServers
+
+    servers = EmbeddedServers(settings.data_dir, want_redis=want_redis, want_postgres=want_postgres)
+    try:
+        servers.start()
+    except EmbeddedError as e:
+        raise StartupError(str(e), e.log_tail) from None
+    try:
+        yield (
+            servers.redis_url if want_redis else None,
+            servers.database_url if want_postgres else None,
+        )
+    finally:
+        try:
+            servers.stop()
+        except EmbeddedError as e:
+            print(f"mnemo: warning: {e}", file=sys.stderr)
+
+
+def _migrate(database_url: str) -> list[str]:
+    from persistence.migrations import MigrationError, migrate
+
+    try:
+        return asyncio.run(migrate(database_url))
+    except MigrationError as e:
+        raise StartupError(f"migration: {e}") from None
+    except Exception as e:
+        problem = _connection_problem(e)
+        if problem is None:
+            raise
+        raise ConfigError("MNEMO_DATABASE_URL", f"{problem} ({mask_url(database_url)})") from None
+
+
+def _check_database(settings: Settings) -> None:
+    assert settings.database_url is not None
+    import asyncpg
+
+    async def probe(url: str) -> None:
+        conn = await asyncpg.connect(url, timeout=10)
+        await conn.close()
+
+    try:
+        asyncio.run(probe(settings.database_url))
+    except Exception as e:
+        problem = _connection_problem(e)
+        if problem is None:
+            raise
+        raise ConfigError(
+            "MNEMO_DATABASE_URL", f"{problem} ({mask_url(settings.database_url)})"
+        ) from None
+
+
+def _check_redis(settings: Settings) -> None:
+    assert settings.redis_url is not None
+    import redis
+    import redis.exceptions
+
+    try:
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=5
+        )
+    except ValueError as e:
+        raise ConfigError("MNEMO_REDIS_URL", str(e)) from None
+    try:
+        client.ping()
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise ConfigError(
+            "MNEMO_REDIS_URL", f"cannot connect: {_one_line(e)} ({mask_url(settings.redis_url)})"
+        ) from None
+    finally:
+        client.close()
+
+
+def _connection_problem(e: BaseException) -> str | None:
+    """A one-line reason if `e` means "this database cannot be used", else None."""
+    import asyncpg
+
+    if isinstance(e, OSError | TimeoutError):
+        return f"cannot connect: {_one_line(e)}"
+    if isinstance(e, asyncpg.InvalidCatalogNameError):
+        return f"no such database: {_one_line(e)}"
+    if isinstance(
+        e,
+        asyncpg.InvalidAuthorizationSpecificationError
+        | asyncpg.InvalidPasswordError
+        | asyncpg.InsufficientPrivilegeError,
+    ):
+        return f"access refused: {_one_line(e)}"
+    if isinstance(e, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+        return f"cannot connect: {_one_line(e)}"
+    if isinstance(e, asyncpg.InterfaceError | asyncpg.ClientConfigurationError):
+        return f"cannot use: {_one_line(e)}"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _require_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and name.startswith(e.name):
+            raise StartupError(f"{name} is not part of this checkout yet") from None
+        raise StartupError(f"cannot import {name}: {e}") from None
+
+
+def _entry_point(module: str, name: str) -> Callable[..., Any]:
+    fn = getattr(_require_module(module), name, None)
+    if not callable(fn):
+        raise StartupError(f"{module} has no {name}()")
+    return fn
+
+
+def _finish(result: Any) -> int:
+    if inspect.isawaitable(result):
+        result = asyncio.run(_awaited(result))
+    return result if isinstance(result, int) else 0
+
+
+async def _awaited(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+def _run_until_signal(run: Callable[[asyncio.Event], Awaitable[Any]]) -> None:
+    """Run a long-lived coroutine until SIGINT/SIGTERM, which set its `stop` event."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run(stop)
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(runner())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(runner())
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt), so every `finally` runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _command(spec: ProcessSpec) -> ProcessSpec:
+    """A Procfile line as something this interpreter can run, console script or not."""
+    program, *rest = spec.argv
+    if program == "mnemo":
+        return ProcessSpec(spec.name, (sys.executable, "-m", "scripts.cli", *rest))
+    script = Path(sys.executable).parent / program
+    found = str(script) if script.exists() else shutil.which(program)
+    if found is None:
+        raise StartupError(f"{program} is not installed (pip install -e '.[dev]')")
+    return ProcessSpec(spec.name, (found, *rest))
+
+
+def _demo_processes(fleet: int, base_url: str) -> list[ProcessSpec]:
+    """A simulated fleet and a renter bot, where the agent package provides them."""
+    procs: list[ProcessSpec] = []
+    if importlib.util.find_spec("agent.cli") is not None:
+        procs.append(_command(ProcessSpec("agent", ("mnemo-agent", "--simulate", str(fleet)))))
+    if importlib.util.find_spec("scripts.renter_bot") is not None:
+        procs.append(
+            ProcessSpec("renter", (sys.executable, "-m", "scripts.renter_bot", "--api", base_url))
+        )
+    return procs
+
+
+def _wait_healthy(url: str, supervisor: _Supervisor) -> bool:
+    deadline = time.monotonic() + _HEALTH_WAIT_S
+    while time.monotonic() < deadline:
+        if supervisor.exited() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def _banner(
+    base: str, redis_url: str, database_url: str, data_dir: Path, demo: list[ProcessSpec]
+) -> str:
+    demo_line = (
+        ", ".join(p.name for p in demo) if demo else "none (--no-demo, or not in this checkout)"
+    )
+    return "\n".join(
+        [
+            "",
+            "mnemo is up",
+            f"  API       {base}/api",
+            f"  docs      {base}/docs",
+            f"  health    {base}/healthz",
+            f"  Redis     {mask_url(redis_url)}",
+            f"  Postgres  {mask_url(database_url)}",
+            f"  data      {data_dir}",
+            f"  demo      {demo_line}",
+            "Ctrl-C stops everything.",
+            "",
+        ]
+    )
+
+
+class _Supervisor:
+    """Runs child processes, prefixes their output, and stops them all together.
+
+    Each child gets a session (process group) of its own, so it and anything it spawns (uvicorn
+    workers) are signalled as one, and the parent-death signal, so a `kill -9` of `mnemo up`
+    still ends them. When any child exits, everything is stopped: a half-running exchange is
+    worse than a stopped one. Stopping goes in reverse start order (the demo fleet first, so it
+    can sign off through a still-running gateway): SIGTERM, then SIGKILL after a grace period.
+    """
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.pumps: list[threading.Thread] = []
+        self.print_lock = threading.Lock()
+        self.width = 8
+        self.stopped = False
+
+    def start(self, specs: Sequence[ProcessSpec]) -> None:
+        from scripts.embedded import parent_death_signal
+
+        for spec in specs:
+            self.width = max(self.width, len(spec.name))
+            proc = subprocess.Popen(
+                list(spec.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=parent_death_signal(signal.SIGTERM),
+            )
+            self.children.append((spec.name, proc))
+            self._say(f"started {spec.name} (pid {proc.pid})")
+            pump = threading.Thread(
+                target=self._pump, args=(spec.name, proc), name=f"pump-{spec.name}", daemon=True
+            )
+            pump.start()
+            self.pumps.append(pump)
+
+    def exited(self) -> tuple[str, int] | None:
+        for name, proc in self.children:
+            code = proc.poll()
+            if code is not None:
+                return name, code
+        return None
+
+    def wait(self) -> int:
+        """Block until a child exits or Ctrl-C/SIGTERM; then stop everything."""
+        try:
+            while (gone := self.exited()) is None:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            return self.stop(reason=None)
+        name, code = gone
+        return self.stop(reason=f"{name} exited with code {code}")
+
+    def stop(self, reason: str | None = None) -> int:
+        """Stop every child (idempotent); 0 when asked to stop, 1 when `reason` says why."""
+        if self.stopped:
+            return 0 if reason is None else 1
+        self.stopped = True
+        if reason is not None:
+            print(f"mnemo: error: {reason}; stopping everything", file=sys.stderr, flush=True)
+        # A second Ctrl-C (or a SIGTERM) must not cut the stopping short.
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for name, proc in reversed(self.children):
+                self._end(name, proc)
+            for pump in self.pumps:
+                pump.join(timeout=2)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0 if reason is None else 1
+
+    def _end(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            self._say(f"stopping {name}")
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(_STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self._say(f"{name} did not stop within {_STOP_WAIT_S:.0f} s; killing it")
+                proc.kill()
+                proc.wait()
+        # Whatever the child left in its group (workers, helpers) goes with it.
+        _signal_group(proc.pid, signal.SIGKILL)
+
+    def _pump(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            self._say(raw.decode(errors="replace").rstrip("\n"), name)
+        proc.stdout.close()
+
+    def _say(self, line: str, name: str = "mnemo") -> None:
+        with self.print_lock:
+            sys.stdout.write(f"{name:<{self.width}} | {line}\n")
+            sys.stdout.flush()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

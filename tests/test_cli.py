@@ -1,0 +1,249 @@
+"""The `mnemo` command: one-line start-up errors, migrate, servers, the Procfile, and `up`."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import psutil
+import pytest
+import redis
+
+from scripts.cli import PROCFILE
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """This environment without any MNEMO_* setting, plus `values`, with a private data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMO_")}
+    env["MNEMO_DATA_DIR"] = str(tmp_path / "data")
+    env.update(values)
+    return env
+
+
+def _mnemo(
+    tmp_path: Path, *args: str, timeout: float = 120, **values: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.cli", *args],
+        env=_env(tmp_path, **values),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _leftovers(folder: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(folder) in cmdline or (proc.info["cwd"] or "").startswith(str(folder)):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.parametrize("command", ["migrate", "up", "journal", "gateway"])
+def test_bad_database_url_is_one_line(tmp_path: Path, command: str) -> None:
+    """An unreachable MNEMO_DATABASE_URL gives one line naming it and exit status 2."""
+    done = _mnemo(
+        tmp_path,
+        command,
+        MNEMO_DATABASE_URL="postgresql://nobody@127.0.0.1:1/x",
+        MNEMO_REDIS_URL="redis://127.0.0.1:1/0" if command != "up" else "",
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    if command in ("journal", "gateway"):
+        # These check Redis first; the line names whichever setting is unusable.
+        assert len(lines) == 1 and lines[0].startswith("mnemo: error: MNEMO_REDIS_URL: ")
+        return
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("mnemo: error: MNEMO_DATABASE_URL: cannot connect")
+    assert "Traceback" not in done.stderr + done.stdout
+    assert _leftovers(tmp_path) == []  # `up` started embedded Valkey, and stopped it again
+
+
+def test_malformed_setting_is_one_line(tmp_path: Path) -> None:
+    """A malformed variable is named in one line, before anything starts."""
+    done = _mnemo(tmp_path, "up", MNEMO_PORT="eighty")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "mnemo: error: MNEMO_PORT: expected an integer, got 'eighty'"
+    ]
+
+
+def test_single_process_needs_urls(tmp_path: Path) -> None:
+    """`mnemo engine` alone, without URLs, says which variable is missing."""
+    done = _mnemo(tmp_path, "engine")
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("mnemo: error: MNEMO_REDIS_URL: not set")
+
+
+@pytest.fixture
+async def fresh_database(database_url: str) -> AsyncIterator[str]:
+    name = f"mnemo_cli_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+    finally:
+        admin = await asyncpg.connect(database_url)
+        try:
+            await asyncio.shield(admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            await admin.close()
+
+
+def test_migrate_command(tmp_path: Path, fresh_database: str) -> None:
+    """`mnemo migrate` applies the schema, then reports it up to date."""
+    first = _mnemo(tmp_path, "migrate", MNEMO_DATABASE_URL=fresh_database)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("applied: 001_accounts")
+    again = _mnemo(tmp_path, "migrate", MNEMO_DATABASE_URL=fresh_database)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "schema is up to date"
+
+
+async def _count_migrations(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        count: int = await conn.fetchval("SELECT count(*) FROM schema_migrations")
+        return count
+    finally:
+        await conn.close()
+
+
+def test_servers_command_runs_until_sigterm(tmp_path: Path) -> None:
+    """`mnemo servers` prints usable URLs, and SIGTERM stops it and both servers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", "servers", "--migrate"],
+        env=_env(tmp_path),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        urls = {}
+        while len(urls) < 2:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else "no output"
+            name, _, value = line.strip().partition("=")
+            urls[name] = value
+        client = redis.Redis.from_url(urls["MNEMO_REDIS_URL"])
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+        assert asyncio.run(_count_migrations(urls["MNEMO_DATABASE_URL"])) >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert _leftovers(tmp_path) == []
+
+
+def test_procfile_matches_what_up_runs() -> None:
+    """The Procfile lists exactly the processes `mnemo up` knows, with the same commands."""
+    lines = [
+        line
+        for line in (ROOT / "Procfile").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    parsed = []
+    for line in lines:
+        match = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)
+        assert match, line
+        parsed.append((match.group(1), tuple(match.group(2).split())))
+    assert parsed == [(p.name, p.argv) for p in PROCFILE]
+
+
+_STACK = ("gateway.app", "engine.process", "persistence.journal")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(
+    not all(_have(m) for m in _STACK), reason=f"needs {', '.join(_STACK)} in this checkout"
+)
+def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    """`mnemo up` on the embedded default serves /healthz; Ctrl-C stops every process it started."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", "up", "--no-demo"],
+        env=_env(tmp_path, MNEMO_PORT=str(port)),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    descendants: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            descendants |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    status = r.status
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200, proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+        descendants |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    still = []
+    for pid in descendants:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                still.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert still == []
+    assert _leftovers(tmp_path) == []
