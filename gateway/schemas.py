@@ -1,0 +1,757 @@
+"""Wire schemas of the REST API: one msgspec Struct per request and response body.
+
+Rules every Struct here follows:
+- Requests forbid unknown fields and bound every quantity (sizes, prices, durations, coordinates,
+  string lengths, list lengths), so absurd or hostile input is refused with a 422 naming the field
+  before it reaches the market. Bounds are part of the generated OpenAPI schema, so clients and
+  schemathesis see the same rules the server enforces.
+- Money is decimal USD on the wire, named as in the spec (`price_per_gb_sec`, `estimated_cost`,
+  `total_cost_usd`); inside it is integer pico-USD (`engine.types.pusd`/`usd`). The converters at
+  the bottom are the only place that crosses between the two.
+- Units live in names: `_gb`, `_sec`, `_ms` (Unix milliseconds), `_km`, `_usd`.
+- Ids are opaque strings (uuid hex or uuid text).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from engine.types import Bid, Contract, Node, NodeType, Quote, pusd, usd
+
+# ---------------------------------------------------------------------------------------------
+# Bounded scalar types
+
+MAX_GB = 65_536
+"""Largest memory size accepted anywhere (64 TiB), in GB."""
+MAX_DURATION_S = 30 * 86_400
+"""Longest lease or bid lifetime accepted (30 days)."""
+MAX_PRICE_USD_PER_GB_S = 1.0
+"""No sane ask costs more than a dollar per GB-second; anything above is a unit mistake."""
+MAX_PAGE = 500
+MAX_OFFSET = 1_000_000
+EARTH_HALF_CIRCUMFERENCE_KM = 20_038.0
+
+Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Region = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=50,
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Region slug, e.g. `us-east-2` (lowercase letters, digits, dashes).",
+        examples=["us-east-2"],
+    ),
+]
+Latitude = Annotated[float, Meta(ge=-90.0, le=90.0, description="Degrees north.")]
+Longitude = Annotated[float, Meta(ge=-180.0, le=180.0, description="Degrees east.")]
+Gigabytes = Annotated[int, Meta(ge=0, le=MAX_GB)]
+DurationSec = Annotated[int, Meta(ge=1, le=MAX_DURATION_S)]
+PriceUsd = Annotated[
+    float,
+    Meta(
+        gt=0.0,
+        le=MAX_PRICE_USD_PER_GB_S,
+        description="USD per GB-second (at least 1e-12, the smallest unit the market prices in).",
+    ),
+]
+UptimeScore = Annotated[float, Meta(ge=0.0, le=100.0)]
+DistanceKm = Annotated[float, Meta(gt=0.0, le=EARTH_HALF_CIRCUMFERENCE_KM)]
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+"""No control characters (NUL in particular, which Postgres text and jsonb refuse)."""
+Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)]
+Email = Annotated[
+    str,
+    Meta(
+        min_length=3,
+        max_length=254,
+        pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$",
+        examples=["ada@example.com"],
+    ),
+]
+Password = Annotated[str, Meta(min_length=8, max_length=256)]
+Offset = Annotated[int, Meta(ge=0, le=MAX_OFFSET)]
+Limit = Annotated[int, Meta(ge=1, le=MAX_PAGE)]
+MetaKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
+MetaValue = (
+    Annotated[str, Meta(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+    | Annotated[int, Meta(ge=-(2**53), le=2**53)]
+    | Annotated[float, Meta(ge=-1e15, le=1e15)]
+    | bool
+    | None
+)
+Metadata = Annotated[dict[MetaKey, MetaValue], Meta(max_length=32)]
+NodeStatusFilter = Literal["active", "maintenance", "offline", "deactivated"]
+ContractStatusFilter = Literal["active", "completed", "failed", "failed_over"]
+BidStatusFilter = Literal["open", "filled", "cancelled", "expired"]
+
+
+class _Request(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of request bodies and query strings: unknown fields are an error."""
+
+
+class _Response(Struct, kw_only=True):
+    """Base of response bodies."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounts
+
+
+class SignupRequest(_Request, kw_only=True):
+    email: Email
+    password: Password
+    full_name: Name | None = None
+    organization: Name | None = None
+    role: Literal["user", "provider"] = "user"
+    """`user` rents memory (a renter or a bot); `provider` lends it. Admins are made by operators."""
+
+
+class UserOut(_Response, kw_only=True):
+    id: str
+    email: str
+    role: Literal["user", "provider", "admin"]
+    full_name: str | None
+    organization: str | None
+    created_at: dt.datetime
+
+
+class ApiKeyCreateRequest(_Request, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=_PRINTABLE)] | None = None
+
+
+class ApiKeyCreated(_Response, kw_only=True):
+    """A new API key. `key` is shown once and never again (the server keeps only its SHA-256);
+    a replayed idempotent request returns `key: null`."""
+
+    id: str
+    prefix: str
+    name: str | None
+    key: str | None
+    created_at: dt.datetime
+
+
+class ApiKeyOut(_Response, kw_only=True):
+    id: str
+    prefix: str
+    name: str | None
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+
+class ApiKeyList(_Response, kw_only=True):
+    api_keys: list[ApiKeyOut]
+
+
+class SignupResponse(_Response, kw_only=True):
+    user: UserOut
+    api_key: ApiKeyCreated
+
+
+class TokenRequest(_Request, kw_only=True):
+    email: Email
+    password: Password
+
+
+class TokenResponse(_Response, kw_only=True):
+    access_token: str
+    token_type: Literal["bearer"]
+    expires_in: int
+    """Seconds until the token expires."""
+
+
+class MeResponse(_Response, kw_only=True):
+    user: UserOut
+    via: Literal["jwt", "api_key"]
+
+
+class ClientCreateRequest(_Request, kw_only=True):
+    """The renter profile of the spec's `clients` table. Latitude and longitude come together."""
+
+    org_name: Name
+    default_region: Region | None = None
+    latitude: Latitude | None = None
+    longitude: Longitude | None = None
+    budget_monthly_usd: Annotated[float, Meta(ge=0.0, le=99_999_999.0)] | None = None
+    """USD per month (the column is DECIMAL(10,2))."""
+    prefer_local: bool = True
+    max_latency_ms: Annotated[float, Meta(gt=0.0, le=60_000.0)] | None = None
+    min_reliability: UptimeScore | None = None
+
+
+class ClientOut(_Response, kw_only=True):
+    id: str
+    user_id: str
+    org_name: str
+    default_region: str | None
+    latitude: float | None
+    longitude: float | None
+    budget_monthly_usd: float | None
+    current_spend_usd: float
+    prefer_local: bool
+    max_latency_ms: float | None
+    min_reliability: float | None
+    created_at: dt.datetime
+
+
+class ClientList(_Response, kw_only=True):
+    clients: list[ClientOut]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nodes
+
+
+class NodeRegisterRequest(_Request, kw_only=True):
+    """The spec's registration body, plus optional terms (`max_*_gb`: how much of the machine the
+    provider lends; by default all of it)."""
+
+    node_type: NodeType
+    name: Name
+    region: Region
+    latitude: Latitude
+    longitude: Longitude
+    total_ram_gb: Gigabytes
+    total_vram_gb: Gigabytes
+    bandwidth_mbps: Annotated[int, Meta(ge=1, le=10_000_000)] = 1000
+    base_latency_ms: Annotated[float, Meta(ge=0.0, le=60_000.0)] = 1.0
+    price_per_gb_sec: PriceUsd
+    egress_price_per_gb: Annotated[float, Meta(ge=0.0, le=1000.0)] = 0.0
+    max_ram_gb: Gigabytes | None = None
+    max_vram_gb: Gigabytes | None = None
+    min_duration_sec: DurationSec = 60
+    max_duration_sec: DurationSec = 86_400
+    metadata: Metadata = {}
+
+
+class NodeUpdateRequest(_Request, kw_only=True):
+    """Fields to change; absent fields stay as they are."""
+
+    name: Name | None = None
+    price_per_gb_sec: PriceUsd | None = None
+    egress_price_per_gb: Annotated[float, Meta(ge=0.0, le=1000.0)] | None = None
+    min_duration_sec: DurationSec | None = None
+    max_duration_sec: DurationSec | None = None
+    bandwidth_mbps: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+    base_latency_ms: Annotated[float, Meta(ge=0.0, le=60_000.0)] | None = None
+    ask_expires_ms: Annotated[int, Meta(ge=0, le=2**53)] | None = None
+    """Unix ms after which the node offers nothing new; 0: never."""
+    status: Literal["active", "maintenance"] | None = None
+    latitude: Latitude | None = None
+    longitude: Longitude | None = None
+    metadata: Metadata | None = None
+
+
+class HeartbeatRequest(_Request, kw_only=True):
+    """The spec's heartbeat. `available_*_gb`: memory the node could lend right now, NOT counting
+    what Mnemo already leases from it (the market adds its own leases back)."""
+
+    available_ram_gb: Gigabytes
+    available_vram_gb: Gigabytes
+    cpu_usage_pct: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    gpu_usage_pct: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    temperature_c: Annotated[int, Meta(ge=-100, le=200)] | None = None
+    bandwidth_mbps: Annotated[int, Meta(ge=0, le=10_000_000)] | None = None
+    latitude: Latitude | None = None
+    longitude: Longitude | None = None
+
+
+class NodeEarnings(_Response, kw_only=True):
+    """What the node has earned: settled contracts (history) plus accrued on active ones."""
+
+    total_earned_usd: float
+    settled_contracts: int
+    active_contracts: int
+    accrued_active_usd: float
+    source: Literal["postgres", "live"]
+    """`postgres`: settled history from the journal's `contracts` table; `live`: only what the live
+    market still holds (history not available)."""
+
+
+class NodeOut(_Response, kw_only=True):
+    node_id: str
+    owner_id: str | None
+    """Shown to the node's owner and admins only."""
+    node_type: NodeType
+    name: str
+    region: str
+    latitude: float
+    longitude: float
+    total_ram_gb: int
+    total_vram_gb: int
+    offered_ram_gb: int
+    offered_vram_gb: int
+    reserved_ram_gb: int
+    reserved_vram_gb: int
+    available_ram_gb: int
+    available_vram_gb: int
+    bandwidth_mbps: int
+    base_latency_ms: float
+    uptime_score: float
+    reputation_score: int
+    price_per_gb_sec: float
+    egress_price_per_gb: float
+    min_duration_sec: int
+    max_duration_sec: int
+    status: Literal["active", "maintenance", "offline", "deactivated"]
+    ask_expires_ms: int
+    heartbeat_interval_sec: float
+    last_heartbeat_ms: int
+    created_ms: int
+    metadata: dict[str, str]
+
+
+class NodeDetail(NodeOut, kw_only=True):
+    earnings: NodeEarnings | None
+    """The owner's (and admins') view only; null for everyone else."""
+
+
+class NodeRegistered(_Response, kw_only=True):
+    node_id: str
+    node: NodeOut
+
+
+class NodeList(_Response, kw_only=True):
+    nodes: list[NodeOut]
+    total_count: int
+    offset: int
+    limit: int
+
+
+class NodeListQuery(_Request, kw_only=True):
+    node_type: NodeType | None = None
+    region: Region | None = None
+    status: NodeStatusFilter | None = None
+    min_ram: Gigabytes | None = None
+    """At least this much free RAM (GB), as in the spec's `?min_ram=32`."""
+    min_vram: Gigabytes | None = None
+    mine: bool = False
+    """Only the caller's own nodes."""
+    offset: Offset = 0
+    limit: Limit = 50
+
+
+class HeartbeatResponse(_Response, kw_only=True):
+    status: Literal["ok"]
+    node_id: str
+    node_status: Literal["active", "maintenance", "offline", "deactivated"]
+    offered_ram_gb: int
+    offered_vram_gb: int
+    reserved_ram_gb: int
+    reserved_vram_gb: int
+    available_ram_gb: int
+    available_vram_gb: int
+    next_heartbeat_in_sec: float
+    min_interval_sec: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Marketplace
+
+
+class MarketplaceQuery(_Request, kw_only=True):
+    """The spec's browse filters, plus pagination."""
+
+    node_type: NodeType | None = None
+    region: Region | None = None
+    min_ram_gb: Gigabytes | None = None
+    min_vram_gb: Gigabytes | None = None
+    max_price_per_gb_sec: PriceUsd | None = None
+    min_uptime_score: UptimeScore | None = None
+    client_lat: Latitude | None = None
+    client_lng: Longitude | None = None
+    max_distance_km: DistanceKm | None = None
+    """Needs `client_lat` and `client_lng`."""
+    offset: Offset = 0
+    limit: Limit = 50
+
+
+class OfferOut(_Response, kw_only=True):
+    node_id: str
+    node_name: str
+    node_type: NodeType
+    region: str
+    available_ram_gb: int
+    available_vram_gb: int
+    price_per_gb_sec: float
+    uptime_score: float
+    distance_km: float | None
+    estimated_latency_ms: float
+
+
+class MarketplaceResponse(_Response, kw_only=True):
+    offers: list[OfferOut]
+    total_count: int
+    offset: int
+    limit: int
+
+
+class MatchRequest(_Request, kw_only=True):
+    """The spec's request body. The client's location comes from `client_lat`/`client_lng`, else
+    from the profile named by `client_id`, else from the caller's first client profile."""
+
+    ram_gb: Gigabytes
+    vram_gb: Gigabytes
+    duration_sec: DurationSec = 3600
+    max_price_per_gb_sec: PriceUsd
+    prefer_local: bool = True
+    max_distance_km: DistanceKm | None = None
+    min_uptime_score: UptimeScore = 0.0
+    node_type: NodeType | None = None
+    region: Region | None = None
+    client_id: Id | None = None
+    client_lat: Latitude | None = None
+    client_lng: Longitude | None = None
+    limit: Annotated[int, Meta(ge=1, le=100)] = 10
+
+
+class ScoreBreakdown(_Response, kw_only=True):
+    proximity: float
+    price: float
+    reliability: float
+    capacity: float
+    type_bonus: float
+
+
+class MatchOut(_Response, kw_only=True):
+    node_id: str
+    node_name: str
+    node_type: NodeType
+    region: str
+    match_score: float
+    proximity_score: float
+    price_score: float
+    reliability_score: float
+    capacity_score: float
+    score_breakdown: ScoreBreakdown
+    distance_km: float | None
+    estimated_cost: float
+    """USD for the whole duration at the node's current price."""
+    estimated_latency_ms: float
+    price_per_gb_sec: float
+    available_ram_gb: int
+    available_vram_gb: int
+    uptime_score: float
+
+
+class MatchResponse(_Response, kw_only=True):
+    request_id: str
+    location_source: Literal["body", "client_profile", "none"]
+    matches: list[MatchOut]
+
+
+# ---------------------------------------------------------------------------------------------
+# Contracts
+
+
+class ContractCreateRequest(_Request, kw_only=True):
+    """Take capacity on one node. `max_price_per_gb_sec` caps the price; by default the node's
+    price as the request arrives (so a concurrent price rise refuses instead of overcharging)."""
+
+    client_id: Id
+    node_id: Id
+    ram_gb: Gigabytes
+    vram_gb: Gigabytes
+    duration_sec: DurationSec = 3600
+    max_price_per_gb_sec: PriceUsd | None = None
+
+
+class ContractExtendRequest(_Request, kw_only=True):
+    additional_duration_sec: DurationSec
+
+
+class ContractSettleRequest(_Request, kw_only=True):
+    actual_egress_gb: Annotated[float, Meta(ge=0.0, le=1_000_000.0)] = 0.0
+
+
+class ContractLive(_Response, kw_only=True):
+    """Real-time view of an active contract (absent once it ended)."""
+
+    elapsed_sec: int
+    remaining_sec: int
+    accrued_cost_usd: float
+    node_status: Literal["active", "maintenance", "offline", "deactivated", "unknown"]
+    node_last_heartbeat_ms: int
+
+
+class ContractOut(_Response, kw_only=True):
+    contract_id: str
+    client_id: str
+    node_id: str
+    region: str
+    ram_gb: int
+    vram_gb: int
+    duration_sec: int
+    start_ms: int
+    end_ms: int
+    price_per_gb_sec: float
+    egress_price_per_gb: float
+    max_price_per_gb_sec: float
+    status: Literal["active", "completed", "failed", "failed_over"]
+    bid_id: str | None
+    predecessor_id: str | None
+    successor_id: str | None
+    extensions: int
+    used_sec: int
+    egress_gb: float
+    total_cost_usd: float
+    settlement_hash: str | None
+    completed_ms: int
+    live: ContractLive | None = None
+
+
+class ContractList(_Response, kw_only=True):
+    contracts: list[ContractOut]
+    total_count: int
+    offset: int
+    limit: int
+
+
+class ContractListQuery(_Request, kw_only=True):
+    client_id: Id | None = None
+    node_id: Id | None = None
+    status: ContractStatusFilter | None = None
+    offset: Offset = 0
+    limit: Limit = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Bids and the book
+
+
+class BidCreateRequest(_Request, kw_only=True):
+    """A limit bid that rests in `region`'s book until it fills, is cancelled or expires.
+    Location: `client_lat`/`client_lng`, else the client profile's."""
+
+    client_id: Id
+    region: Region
+    ram_gb: Gigabytes
+    vram_gb: Gigabytes
+    duration_sec: DurationSec = 3600
+    max_price_per_gb_sec: PriceUsd
+    client_lat: Latitude | None = None
+    client_lng: Longitude | None = None
+    max_distance_km: DistanceKm | None = None
+    min_uptime_score: UptimeScore = 0.0
+    prefer_local: bool = True
+    node_type: NodeType | None = None
+    allow_split: bool = False
+    min_fill_gb: Gigabytes = 0
+    expires_in_sec: Annotated[int, Meta(ge=0, le=MAX_DURATION_S)] = 0
+    """0: good till cancelled."""
+
+
+class BidOut(_Response, kw_only=True):
+    bid_id: str
+    client_id: str
+    region: str
+    ram_gb: int
+    vram_gb: int
+    duration_sec: int
+    max_price_per_gb_sec: float
+    client_lat: float | None
+    client_lng: float | None
+    max_distance_km: float | None
+    min_uptime_score: float
+    prefer_local: bool
+    node_type: NodeType | None
+    allow_split: bool
+    min_fill_gb: int
+    filled_ram_gb: int
+    filled_vram_gb: int
+    remaining_ram_gb: int
+    remaining_vram_gb: int
+    status: Literal["open", "filled", "cancelled", "expired"]
+    created_ms: int
+    expires_ms: int
+    contract_ids: list[str]
+
+
+class BidList(_Response, kw_only=True):
+    bids: list[BidOut]
+    total_count: int
+    offset: int
+    limit: int
+
+
+class BidListQuery(_Request, kw_only=True):
+    region: Region | None = None
+    client_id: Id | None = None
+    offset: Offset = 0
+    limit: Limit = 50
+
+
+class DepthLevel(_Response, kw_only=True):
+    price_per_gb_sec: float
+    gb: int
+
+
+class BookOut(_Response, kw_only=True):
+    region: str
+    ts_ms: int
+    best_ask_per_gb_sec: float | None
+    best_bid_per_gb_sec: float | None
+    last_fill_per_gb_sec: float | None
+    ask_depth: list[DepthLevel]
+    bid_depth: list[DepthLevel]
+    volume_24h_gb_sec: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Health
+
+
+class HealthOut(_Response, kw_only=True):
+    status: Literal["ok"]
+
+
+class ReadyOut(_Response, kw_only=True):
+    status: Literal["ready", "unavailable"]
+    redis: bool
+    postgres: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters between the market's exact integers and the wire's USD floats
+
+
+def to_pusd(amount_usd: float) -> int:
+    """USD (as sent) to integer pico-USD."""
+    return pusd(amount_usd)
+
+
+def to_usd(amount_pusd: int) -> float:
+    """Integer pico-USD to USD for the wire."""
+    return float(usd(amount_pusd))
+
+
+def metadata_to_market(metadata: dict[str, Any]) -> dict[str, str]:
+    """The node's free-form metadata as the market stores it: strings, nulls dropped."""
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        out[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
+
+
+def node_out(node: Node, *, show_owner: bool) -> NodeOut:
+    return NodeOut(**_node_fields(node, show_owner=show_owner))
+
+
+def node_detail(node: Node, *, show_owner: bool, earnings: NodeEarnings | None) -> NodeDetail:
+    return NodeDetail(**_node_fields(node, show_owner=show_owner), earnings=earnings)
+
+
+def _node_fields(node: Node, *, show_owner: bool) -> dict[str, Any]:
+    return {
+        "node_id": node.node_id,
+        "owner_id": node.owner_id if show_owner else None,
+        "node_type": node.node_type,
+        "name": node.name,
+        "region": node.region,
+        "latitude": node.lat,
+        "longitude": node.lng,
+        "total_ram_gb": node.total_ram_gb,
+        "total_vram_gb": node.total_vram_gb,
+        "offered_ram_gb": node.offered_ram_gb,
+        "offered_vram_gb": node.offered_vram_gb,
+        "reserved_ram_gb": node.reserved_ram_gb,
+        "reserved_vram_gb": node.reserved_vram_gb,
+        "available_ram_gb": max(0, node.available_ram_gb),
+        "available_vram_gb": max(0, node.available_vram_gb),
+        "bandwidth_mbps": node.bandwidth_mbps,
+        "base_latency_ms": node.base_latency_ms,
+        "uptime_score": node.uptime_score,
+        "reputation_score": node.reputation_score,
+        "price_per_gb_sec": to_usd(node.price_pusd),
+        "egress_price_per_gb": to_usd(node.egress_price_pusd),
+        "min_duration_sec": node.min_duration_s,
+        "max_duration_sec": node.max_duration_s,
+        "status": node.status,
+        "ask_expires_ms": node.ask_expires_ms,
+        "heartbeat_interval_sec": node.heartbeat_interval_s,
+        "last_heartbeat_ms": node.last_heartbeat_ms,
+        "created_ms": node.created_ms,
+        "metadata": dict(node.metadata),
+    }
+
+
+def contract_out(contract: Contract, *, live: ContractLive | None = None) -> ContractOut:
+    return ContractOut(
+        contract_id=contract.contract_id,
+        client_id=contract.client_id,
+        node_id=contract.node_id,
+        region=contract.region,
+        ram_gb=contract.ram_gb,
+        vram_gb=contract.vram_gb,
+        duration_sec=contract.duration_s,
+        start_ms=contract.start_ms,
+        end_ms=contract.end_ms,
+        price_per_gb_sec=to_usd(contract.price_pusd),
+        egress_price_per_gb=to_usd(contract.egress_price_pusd),
+        max_price_per_gb_sec=to_usd(contract.max_price_pusd),
+        status=contract.status,
+        bid_id=contract.bid_id,
+        predecessor_id=contract.predecessor_id,
+        successor_id=contract.successor_id,
+        extensions=contract.extensions,
+        used_sec=contract.used_s,
+        egress_gb=contract.egress_mgb / 1000,
+        total_cost_usd=to_usd(contract.cost_pusd),
+        settlement_hash=contract.settlement_hash,
+        completed_ms=contract.completed_ms,
+        live=live,
+    )
+
+
+def bid_out(bid: Bid) -> BidOut:
+    return BidOut(
+        bid_id=bid.bid_id,
+        client_id=bid.client_id,
+        region=bid.region,
+        ram_gb=bid.ram_gb,
+        vram_gb=bid.vram_gb,
+        duration_sec=bid.duration_s,
+        max_price_per_gb_sec=to_usd(bid.max_price_pusd),
+        client_lat=bid.lat,
+        client_lng=bid.lng,
+        max_distance_km=bid.max_distance_km,
+        min_uptime_score=bid.min_uptime_score,
+        prefer_local=bid.prefer_local,
+        node_type=bid.node_type,
+        allow_split=bid.allow_split,
+        min_fill_gb=bid.min_fill_gb,
+        filled_ram_gb=bid.filled_ram_gb,
+        filled_vram_gb=bid.filled_vram_gb,
+        remaining_ram_gb=bid.remaining_ram_gb,
+        remaining_vram_gb=bid.remaining_vram_gb,
+        status=bid.status,
+        created_ms=bid.created_ms,
+        expires_ms=bid.expires_ms,
+        contract_ids=list(bid.contract_ids),
+    )
+
+
+def book_out(quote: Quote) -> BookOut:
+    def price(p: int | None) -> float | None:
+        return None if p is None else to_usd(p)
+
+    return BookOut(
+        region=quote.region,
+        ts_ms=quote.ts_ms,
+        best_ask_per_gb_sec=price(quote.best_ask_pusd),
+        best_bid_per_gb_sec=price(quote.best_bid_pusd),
+        last_fill_per_gb_sec=price(quote.last_fill_pusd),
+        ask_depth=[DepthLevel(price_per_gb_sec=to_usd(p), gb=gb) for p, gb in quote.ask_depth],
+        bid_depth=[DepthLevel(price_per_gb_sec=to_usd(p), gb=gb) for p, gb in quote.bid_depth],
+        volume_24h_gb_sec=quote.volume_24h_gb_s,
+    )
+
+
+JSON_ENCODER = msgspec.json.Encoder()
+"""Encoder for every response body (built once, reused)."""
