@@ -20,6 +20,7 @@ Per region `r` (`P` = prefix):
     P{r}:client:<id>:contracts set   ids of the client's active contracts in the region
     P{r}:seq                  string last event sequence number of the region
     P{r}:arrival              string last arrival sequence (nodes and bids)
+    P{r}:engine-lease         string the engine process serving the region (SET NX PX, renewed)
     P{r}:events               stream the region's change log; field `e` holds the event JSON
     P{r}:fills                zset   "<contract id>:<price_pusd>:<gb_s>" -> ts_ms of fills, last 24 h
                                      (quotes: last fill price, volume)
@@ -88,6 +89,10 @@ class Keys:
 
     def arrival(self, region: str) -> str:
         return f"{self.tag(region)}arrival"
+
+    def engine_lease(self, region: str) -> str:
+        """The engine process's lease on the region: only its holder crosses the region's bids."""
+        return f"{self.tag(region)}engine-lease"
 
     def events(self, region: str) -> str:
         return f"{self.tag(region)}events"
