@@ -76,10 +76,11 @@ class GpuProbe:
         """Initialise NVML (importing `pynvml` unless a module is given); no GPU is not an error."""
         if nvml is None:
             try:
-                import pynvml as nvml
+                import pynvml
             except ImportError:
                 log.info("no GPU monitoring: nvidia-ml-py is not installed (VRAM reported as 0)")
                 return cls(None, [], [])
+            nvml = pynvml
         error = nvml.NVMLError
         try:
             nvml.nvmlInit()
