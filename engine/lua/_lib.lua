@@ -1,0 +1,202 @@
+-- Helpers prepended to every script by engine.market (EVAL has no includes).
+--
+-- Conventions. ARGV[1] is the region's key prefix with its hash tag (`P{region}:`), ARGV[2] the
+-- region, ARGV[3] the time of the change in ms (the caller's clock; scripts never read one).
+-- KEYS[1] is the region's `seq` key (it routes the call to the region's slot); scripts that
+-- touch the global directory declare it as KEYS[2] (and the regions set as KEYS[3]).
+-- A script returns {1, ...} when it made its change, {0, code, message, field} when it refused
+-- (before its first write: Lua does not roll back), and {2} when an optimistic version check
+-- failed (the caller re-reads and retries).
+-- Values are kept as the strings Python stored (ints in decimal, floats as repr) and copied into
+-- events unchanged; EVENT_DECODER (strict=False) restores exact ints and floats. Numbers this
+-- code computes are small integers (GB, seconds, ms, counters): exact in a double and printed
+-- exactly by Redis (%.17g) and by cjson (%.14g, exact below 1e14). Money is never computed here
+-- beyond comparing prices, which are < 2^53 (engine.core.MAX_PRICE_PUSD).
+
+local TAG, REGION, NOW_S = ARGV[1], ARGV[2], ARGV[3]
+local NOW = tonumber(NOW_S)
+local FILLS_WINDOW_MS = 86400000 -- engine.core.FILLS_WINDOW_MS
+local GEO_LAT_LIMIT = 85.05112878 -- engine.core.GEO_LAT_LIMIT
+
+local function refuse(code, message, field)
+  return {0, code, message, field or ''}
+end
+
+local function n0(v)
+  return tonumber(v) or 0
+end
+
+local function int(v)
+  return string.format('%.0f', v)
+end
+
+local function hmap(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return nil end
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+
+-- HMGET into a table keyed by field name; nil when the hash is absent (names[1] always exists).
+local function hfields(key, names)
+  local vals = redis.call('HMGET', key, unpack(names))
+  if not vals[1] then return nil end
+  local t = {}
+  for i, name in ipairs(names) do
+    if vals[i] then t[name] = vals[i] end
+  end
+  return t
+end
+
+local function hset(key, t)
+  local args = {}
+  for k, v in pairs(t) do
+    args[#args + 1] = k
+    args[#args + 1] = v
+  end
+  redis.call('HSET', key, unpack(args))
+end
+
+-- engine.core.ask_listed
+local function listed(n)
+  if n.status ~= 'active' then return false end
+  local free = n0(n.offered_ram_gb) - n0(n.reserved_ram_gb) + n0(n.offered_vram_gb) - n0(n.reserved_vram_gb)
+  if free <= 0 then return false end
+  local exp = n0(n.ask_expires_ms)
+  return exp == 0 or NOW < exp
+end
+
+-- Puts node `id` in or out of the asks book by the listing rule. `ask-exp` mirrors the listed
+-- nodes whose ask expires; a node whose ask_expires_ms is 0 is never in it (update removes the
+-- entry itself when a provider clears the expiry).
+local function sync_ask(id, n)
+  local exp = n0(n.ask_expires_ms)
+  if listed(n) then
+    redis.call('ZADD', TAG .. 'asks', n.price_pusd, id)
+    if exp > 0 then redis.call('ZADD', TAG .. 'ask-exp', n.ask_expires_ms, id) end
+  else
+    redis.call('ZREM', TAG .. 'asks', id)
+    if exp > 0 then redis.call('ZREM', TAG .. 'ask-exp', id) end
+  end
+end
+
+-- engine.core.hb_deadline_ms (same double arithmetic, same result)
+local function deadline(last_ms, interval_s, missed)
+  return last_ms + math.floor(missed * tonumber(interval_s) * 1000)
+end
+
+local function geo_lat(lat)
+  local v = tonumber(lat)
+  if v > GEO_LAT_LIMIT then return GEO_LAT_LIMIT end
+  if v < -GEO_LAT_LIMIT then return -GEO_LAT_LIMIT end
+  return lat
+end
+
+-- Appends one event to the region's stream under the next region sequence number.
+local function event(ev)
+  local seq = redis.call('INCR', TAG .. 'seq')
+  ev.event_id = REGION .. ':' .. seq
+  ev.region = REGION
+  ev.ts_ms = NOW
+  local json = cjson.encode(ev)
+  redis.call('XADD', TAG .. 'events', '*', 'e', json)
+  return json
+end
+
+-- A stored hash as an event object (metadata back to an object; contract ids are not carried).
+local function obj(t)
+  local o = {}
+  for k, v in pairs(t) do o[k] = v end
+  if o.metadata then o.metadata = cjson.decode(o.metadata) end
+  o.contract_ids = nil
+  return o
+end
+
+local function flat(t)
+  local out = {}
+  for k, v in pairs(t) do
+    out[#out + 1] = k
+    out[#out + 1] = tostring(v)
+  end
+  return out
+end
+
+local NODE_TERMS = {'status', 'owner_id', 'offered_ram_gb', 'offered_vram_gb', 'reserved_ram_gb',
+  'reserved_vram_gb', 'price_pusd', 'egress_price_pusd', 'ask_expires_ms', 'min_duration_s',
+  'max_duration_s'}
+
+-- engine.core.reserve_refusal: nil when node `n` (NODE_TERMS) can take the lease now.
+local function lease_refusal(n, ram, vram, duration, max_price)
+  if n.status ~= 'active' then return refuse('node_unavailable', 'node is ' .. n.status, 'node_id') end
+  local exp = n0(n.ask_expires_ms)
+  if exp ~= 0 and NOW >= exp then return refuse('node_unavailable', 'ask expired', 'node_id') end
+  if duration < n0(n.min_duration_s) or duration > n0(n.max_duration_s) then
+    return refuse('capacity_taken', "duration outside the node's terms", 'duration_s')
+  end
+  if n0(n.price_pusd) > max_price then return refuse('capacity_taken', 'price above cap', 'max_price_pusd') end
+  if ram > n0(n.offered_ram_gb) - n0(n.reserved_ram_gb) or vram > n0(n.offered_vram_gb) - n0(n.reserved_vram_gb) then
+    return refuse('capacity_taken', 'capacity taken', 'node_id')
+  end
+  return nil
+end
+
+-- Writes a new active contract `c` (a table of its fields) on node `id` (NODE_TERMS in `n`,
+-- updated in place); `fill` records it as a trade for quotes. Returns the node's reserved GB.
+local function open_contract(id, n, c, fill)
+  local rr = n0(n.reserved_ram_gb) + n0(c.ram_gb)
+  local rv = n0(n.reserved_vram_gb) + n0(c.vram_gb)
+  n.reserved_ram_gb, n.reserved_vram_gb = rr, rv
+  redis.call('HSET', TAG .. 'node:' .. id, 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
+  hset(TAG .. 'contract:' .. c.contract_id, c)
+  redis.call('SADD', TAG .. 'node:' .. id .. ':contracts', c.contract_id)
+  redis.call('SADD', TAG .. 'client:' .. c.client_id .. ':contracts', c.contract_id)
+  redis.call('ZADD', TAG .. 'ends', c.end_ms, c.contract_id)
+  redis.call('HSET', KEYS[2], c.contract_id, REGION)
+  sync_ask(id, n)
+  if fill then
+    local gbs = (n0(c.ram_gb) + n0(c.vram_gb)) * n0(c.duration_s)
+    redis.call('ZADD', TAG .. 'fills', NOW, c.contract_id .. ':' .. c.price_pusd .. ':' .. int(gbs))
+    redis.call('ZREMRANGEBYSCORE', TAG .. 'fills', '-inf', NOW - FILLS_WINDOW_MS)
+  end
+  return rr, rv
+end
+
+-- The checks of closing contract `t` (its stored fields): its node and the node's reserved GB
+-- after the capacity returns. Raises (no refusal is possible) if the books are inconsistent.
+local function prepare_close(t)
+  local n = hfields(TAG .. 'node:' .. t.node_id, NODE_TERMS)
+  if not n then return redis.error_reply('inconsistent: node of contract ' .. t.contract_id .. ' missing') end
+  local rr = n0(n.reserved_ram_gb) - n0(t.ram_gb)
+  local rv = n0(n.reserved_vram_gb) - n0(t.vram_gb)
+  if rr < 0 or rv < 0 then
+    return redis.error_reply('inconsistent: node ' .. t.node_id .. ' reserves less than contract ' .. t.contract_id)
+  end
+  return n, rr, rv
+end
+
+-- Closes contract `t` (fields; checked by prepare_close) and returns its ContractSettled event.
+-- `s` holds status, used_s, egress_mgb, cost_pusd, settlement_hash and successor_id (or nil).
+local function close_contract(t, n, rr, rv, s, retention_ms)
+  local ckey = TAG .. 'contract:' .. t.contract_id
+  local nid = t.node_id
+  local version = n0(t.version) + 1
+  local changes = {status = s.status, used_s = s.used_s, egress_mgb = s.egress_mgb,
+    cost_pusd = s.cost_pusd, settlement_hash = s.settlement_hash, completed_ms = NOW_S,
+    version = version}
+  if s.successor_id then changes.successor_id = s.successor_id end
+  hset(ckey, changes)
+  for k, v in pairs(changes) do t[k] = v end
+  n.reserved_ram_gb, n.reserved_vram_gb = rr, rv
+  redis.call('HSET', TAG .. 'node:' .. nid, 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
+  redis.call('SREM', TAG .. 'node:' .. nid .. ':contracts', t.contract_id)
+  redis.call('SREM', TAG .. 'client:' .. t.client_id .. ':contracts', t.contract_id)
+  redis.call('ZREM', TAG .. 'ends', t.contract_id)
+  sync_ask(nid, n)
+  redis.call('PEXPIRE', ckey, retention_ms)
+  return event({type = 'contract_settled', contract_id = t.contract_id, node_id = nid,
+    client_id = t.client_id, ram_gb = t.ram_gb, vram_gb = t.vram_gb, status = s.status,
+    used_s = s.used_s, egress_mgb = s.egress_mgb, cost_pusd = s.cost_pusd,
+    settlement_hash = s.settlement_hash, completed_ms = NOW, successor_id = s.successor_id,
+    node_reserved_ram_gb = rr, node_reserved_vram_gb = rv})
+end

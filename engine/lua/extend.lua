@@ -1,0 +1,25 @@
+-- Extend an active contract by extra_s seconds. ARGV: tag, region, now, contract_id, extra_s.
+-- Refuses: unknown or closed contract, a contract whose end has passed, a node no longer active,
+-- a total duration beyond the node's max_duration_s. Returns the contract's fields.
+local cid, extra = ARGV[4], tonumber(ARGV[5])
+local ckey = TAG .. 'contract:' .. cid
+local c = hfields(ckey, {'status', 'end_ms', 'duration_s', 'node_id', 'version', 'extensions'})
+if not c then return refuse('not_found', 'contract not found', 'contract_id') end
+if c.status ~= 'active' then return refuse('conflict', 'contract is ' .. c.status, 'contract_id') end
+if NOW >= n0(c.end_ms) then return refuse('conflict', 'contract has ended', 'contract_id') end
+local n = hfields(TAG .. 'node:' .. c.node_id, {'status', 'max_duration_s'})
+if not n then return redis.error_reply('inconsistent: node of contract ' .. cid .. ' missing') end
+if n.status ~= 'active' then return refuse('node_unavailable', 'node is ' .. n.status, 'contract_id') end
+local duration = n0(c.duration_s) + extra
+if duration > n0(n.max_duration_s) then
+  return refuse('capacity_taken', "duration outside the node's terms", 'extra_s')
+end
+
+local end_ms = n0(c.end_ms) + extra * 1000
+local version = n0(c.version) + 1
+redis.call('HSET', ckey, 'duration_s', duration, 'end_ms', end_ms, 'extensions',
+  n0(c.extensions) + 1, 'version', version)
+redis.call('ZADD', TAG .. 'ends', end_ms, cid)
+local ev = event({type = 'contract_extended', contract_id = cid, duration_s = duration,
+  end_ms = end_ms, version = version})
+return {1, ev, redis.call('HGETALL', ckey)}

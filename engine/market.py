@@ -1,0 +1,803 @@
+"""The live market in Redis: one atomic Lua script call per state change.
+
+`Market` is a thin adapter. The rules and the exact arithmetic live in `engine.core`; the scripts
+in `engine/lua/` (each prefixed with `_lib.lua`) check every precondition before their first
+write, mutate, bump the region's sequence number and append one event per change to the region's
+stream (`{"e": <event JSON>}`, decodable by `engine.types.EVENT_DECODER`, event id
+`"<region>:<seq>"`). A refusal raises an `engine.errors` subclass; nothing was written.
+
+- Time is always an argument (`now_ms`); no clock is read here or in the scripts.
+- Scripts are loaded once (`load_scripts()`) and called by SHA; a server that lost them
+  (restart, `SCRIPT FLUSH`) gets them again on the `NOSCRIPT` reply, transparently.
+- Every key of a region shares its hash tag (`engine.keys`). The global directory (`dir`: id ->
+  region) and the `regions` set are written by the scripts that create objects, declared as
+  KEYS. That is atomic on one Redis or Valkey server; on Redis Cluster those two keys live in
+  another slot and the calls would be refused (CROSSSLOT): a Cluster deployment must move them
+  into a separate idempotent call made before the script.
+- Money that can exceed 2**53 (a settlement's cost) is computed in Python (`engine.core`) from
+  the contract as read, and the script applies it only if the contract's `version` is still the
+  one read (optimistic concurrency; the adapter re-reads and retries on a mismatch).
+- Objects that close (bids cancelled, expired or filled; contracts settled, failed or failed
+  over) stay readable for `retention_ms` (a day by default) and then vanish from Redis; their
+  history is in the event stream and Postgres. Directory entries stay.
+- The event stream is never trimmed here: the journal trims what it has persisted. `replay()`
+  rebuilds a region from a complete stream (see `engine.replay`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from engine import core
+from engine.errors import (
+    CapacityTaken,
+    Conflict,
+    InvalidRequest,
+    MarketError,
+    NotFound,
+    Unavailable,
+)
+from engine.keys import Keys
+from engine.types import (
+    EVENT_DECODER,
+    Bid,
+    BidPlaced,
+    Contract,
+    ContractCreated,
+    Event,
+    Heartbeat,
+    Node,
+    NodeChanges,
+    NodeRegistered,
+    NodeUpdated,
+    Quote,
+)
+
+__all__ = [
+    "HEARTBEAT_BATCH",
+    "TERMINAL_RETENTION_MS",
+    "HeartbeatOutcome",
+    "Market",
+    "ReserveRequest",
+]
+
+TERMINAL_RETENTION_MS = 86_400_000
+"""How long a closed bid or contract stays readable in Redis."""
+HEARTBEAT_BATCH = 1000
+"""Heartbeats per script call: a bigger batch is split into several calls, pipelined."""
+QUOTE_LEVELS = 20
+QUOTE_SCAN_LIMIT = 5000
+"""A quote reads at most this many asks and this many bids (the top of each book)."""
+
+_VERSION_RETRIES = 16
+_REGION_CACHE_MAX = 200_000
+_LUA = Path(__file__).with_name("lua")
+_SCRIPTS = (
+    "register",
+    "update",
+    "deactivate",
+    "heartbeat",
+    "mark_offline",
+    "expire_asks",
+    "place_bid",
+    "cancel_bid",
+    "expire_bids",
+    "reserve",
+    "extend",
+    "settle",
+    "failover",
+    "quote",
+)
+_ERRORS: dict[str, type[MarketError]] = {
+    cls.code: cls for cls in (NotFound, Conflict, CapacityTaken, Unavailable, InvalidRequest)
+}
+HeartbeatResult = Literal["ok", "not_found", "forbidden", "too_soon", "deactivated"]
+_OUTCOMES: tuple[HeartbeatResult, ...] = ("ok", "not_found", "forbidden", "too_soon", "deactivated")
+
+
+class HeartbeatOutcome(msgspec.Struct, frozen=True):
+    """What became of one beat of a batch (`retry_after_ms` > 0 only with `too_soon`)."""
+
+    node_id: str
+    outcome: HeartbeatResult
+    retry_after_ms: int = 0
+
+
+class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One reserve of a `reserve_many` batch (the arguments of `Market.reserve`)."""
+
+    node_id: str
+    client_id: str
+    user_id: str
+    ram_gb: int
+    vram_gb: int
+    duration_s: int
+    max_price_pusd: int
+    bid_id: str | None = None
+
+
+@cache
+def _source(name: str) -> str:
+    return (_LUA / "_lib.lua").read_text() + "\n" + (_LUA / f"{name}.lua").read_text()
+
+
+@cache
+def _sha(name: str) -> str:
+    return hashlib.sha1(_source(name).encode()).hexdigest()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _flatten(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def _refusal(result: Sequence[Any]) -> MarketError:
+    code, message, field = (_text(v) for v in result[1:4])
+    return _ERRORS[code](message, field=field or None)
+
+
+def _beat_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+_O = TypeVar("_O", Node, Bid, Contract)
+
+
+class Market:
+    """The live market of every region in one Redis (or Valkey) server.
+
+    `Market(redis, keys)`, then `await load_scripts()` once. The client may decode responses or
+    not. Methods that change the market are one script call each (plus, for settle and
+    failover, a read of the contract first); `missed_heartbeats_offline` sets the offline
+    deadline (`engine.core.hb_deadline_ms`).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        missed_heartbeats_offline: int = 3,
+        retention_ms: int = TERMINAL_RETENTION_MS,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.missed_heartbeats_offline = missed_heartbeats_offline
+        self.retention_ms = retention_ms
+        # id -> region; directory entries never change, so this never goes stale.
+        self._region_cache: dict[str, str] = {}
+
+    # -- scripts -----------------------------------------------------------------------------
+
+    async def load_scripts(self) -> None:
+        """Load every script into the server (idempotent; also done on demand after NOSCRIPT)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in _SCRIPTS:
+            pipe.script_load(_source(name))
+        await pipe.execute()
+
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self.redis.evalsha(_sha(name), len(keys), *keys, *args)
+        except NoScriptError:
+            await self.redis.script_load(_source(name))
+            return await self.redis.evalsha(_sha(name), len(keys), *keys, *args)
+
+    async def _eval_many(
+        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Pipelined calls of one script (each call stays atomic on its own)."""
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for i in todo:
+                keys, args = calls[i]
+                pipe.evalsha(_sha(name), len(keys), *keys, *args)
+            answers = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, answer in zip(todo, answers, strict=True):
+                if isinstance(answer, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    results[i] = answer
+            if not missing:
+                break
+            await self.redis.script_load(_source(name))
+            todo = missing
+        return results
+
+    def _head(self, region: str, now_ms: int) -> list[Any]:
+        return [self.keys.tag(region), region, int(now_ms)]
+
+    # -- directory ---------------------------------------------------------------------------
+
+    def _remember(self, object_id: str, region: str) -> None:
+        if len(self._region_cache) >= _REGION_CACHE_MAX:
+            self._region_cache.clear()
+        self._region_cache[object_id] = region
+
+    async def region_of(self, object_id: str) -> str | None:
+        """The region of a node, bid or contract id (via the `dir` hash), or None."""
+        region = self._region_cache.get(object_id)
+        if region is None:
+            raw = await self.redis.hget(self.keys.directory, object_id)
+            if raw is None:
+                return None
+            region = _text(raw)
+            self._remember(object_id, region)
+        return region
+
+    async def _regions_of(self, ids: Sequence[str]) -> list[str | None]:
+        unknown = sorted({i for i in ids if i not in self._region_cache})
+        if unknown:
+            for object_id, raw in zip(
+                unknown, await self.redis.hmget(self.keys.directory, unknown), strict=True
+            ):
+                if raw is not None:
+                    self._remember(object_id, _text(raw))
+        return [self._region_cache.get(i) for i in ids]
+
+    async def _region_or_404(self, object_id: str, message: str, field: str) -> str:
+        region = await self.region_of(object_id) if object_id else None
+        if region is None:
+            raise NotFound(message, field=field)
+        return region
+
+    async def regions(self) -> list[str]:
+        """Every region that has ever had a node or a bid, sorted."""
+        return sorted(_text(r) for r in await self.redis.smembers(self.keys.regions))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _get(self, cls: type[_O], key: str) -> _O | None:
+        raw = await self.redis.hgetall(key)
+        return core.from_fields(cls, _pairs([x for kv in raw.items() for x in kv])) if raw else None
+
+    async def _get_many(self, cls: type[_O], keys: Sequence[str]) -> list[_O]:
+        if not keys:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        out = []
+        for raw in await pipe.execute():
+            if raw:
+                out.append(core.from_fields(cls, _pairs([x for kv in raw.items() for x in kv])))
+        return out
+
+    async def get_node(self, node_id: str) -> Node | None:
+        region = await self.region_of(node_id)
+        return None if region is None else await self._get(Node, self.keys.node(region, node_id))
+
+    async def get_bid(self, bid_id: str) -> Bid | None:
+        region = await self.region_of(bid_id)
+        return None if region is None else await self._get(Bid, self.keys.bid(region, bid_id))
+
+    async def get_contract(self, contract_id: str) -> Contract | None:
+        region = await self.region_of(contract_id)
+        if region is None:
+            return None
+        return await self._get(Contract, self.keys.contract(region, contract_id))
+
+    async def nodes(self, region: str | None = None) -> list[Node]:
+        """Registered nodes that are not deactivated (of one region, or all), by arrival."""
+        out: list[Node] = []
+        for r in [region] if region is not None else await self.regions():
+            ids = [_text(i) for i in await self.redis.zrange(self.keys.geo(r), 0, -1)]
+            nodes = await self._get_many(Node, [self.keys.node(r, i) for i in ids])
+            out.extend(sorted(nodes, key=lambda n: n.arrival_seq))
+        return out
+
+    async def bids(self, region: str) -> list[Bid]:
+        """The region's open bids in priority order (best price, then earliest)."""
+        members = [_text(m) for m in await self.redis.zrange(self.keys.bids(region), 0, -1)]
+        ids = [core.parse_bid_member(m)[1] for m in members]
+        return await self._get_many(Bid, [self.keys.bid(region, i) for i in ids])
+
+    async def contracts(
+        self,
+        *,
+        client_id: str | None = None,
+        node_id: str | None = None,
+        region: str | None = None,
+    ) -> list[Contract]:
+        """Active contracts, filtered; ordered by start, then id. Closed ones: see Postgres."""
+        if node_id is not None:
+            node_region = await self.region_of(node_id)
+            if node_region is None or (region is not None and region != node_region):
+                return []
+            ids = await self.redis.smembers(self.keys.node_contracts(node_region, node_id))
+            found = await self._get_many(
+                Contract, [self.keys.contract(node_region, _text(i)) for i in ids]
+            )
+        else:
+            found = []
+            for r in [region] if region is not None else await self.regions():
+                members: Iterable[Any]
+                if client_id is not None:
+                    members = await self.redis.smembers(self.keys.client_contracts(r, client_id))
+                else:
+                    members = await self.redis.zrange(self.keys.ends(r), 0, -1)
+                found += await self._get_many(
+                    Contract, [self.keys.contract(r, _text(i)) for i in members]
+                )
+        if client_id is not None:
+            found = [c for c in found if c.client_id == client_id]
+        return sorted(found, key=lambda c: (c.start_ms, c.contract_id))
+
+    async def due_contracts(self, region: str, now_ms: int, limit: int = 500) -> list[str]:
+        """Ids of active contracts whose end has come (`end_ms <= now_ms`), earliest first."""
+        ids = await self.redis.zrangebyscore(self.keys.ends(region), "-inf", now_ms, 0, limit)
+        return [_text(i) for i in ids]
+
+    async def stale_nodes(self, region: str, now_ms: int, limit: int = 500) -> list[str]:
+        """Ids of active or maintenance nodes whose heartbeat deadline has come."""
+        ids = await self.redis.zrangebyscore(self.keys.heartbeats(region), "-inf", now_ms, 0, limit)
+        return [_text(i) for i in ids]
+
+    async def quote(self, region: str, now_ms: int) -> Quote:
+        """The region's top of book now (levels of price, GB), last fill, 24 h volume."""
+        asks, bids, last, volume = await self._eval(
+            "quote",
+            [self.keys.seq(region)],
+            [*self._head(region, now_ms), QUOTE_LEVELS, QUOTE_SCAN_LIMIT],
+        )
+
+        def levels(flat: Sequence[Any]) -> list[tuple[int, int]]:
+            return [(int(_text(flat[i])), int(_text(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+        ask_depth, bid_depth = levels(asks), levels(bids)
+        return Quote(
+            region=region,
+            ts_ms=now_ms,
+            best_ask_pusd=ask_depth[0][0] if ask_depth else None,
+            best_bid_pusd=bid_depth[0][0] if bid_depth else None,
+            ask_depth=ask_depth,
+            bid_depth=bid_depth,
+            last_fill_pusd=int(_text(last).split(":")[1]) if last else None,
+            volume_24h_gb_s=int(_text(volume)),
+        )
+
+    async def read_events(
+        self, region: str, *, start: str = "-", count: int | None = None
+    ) -> list[Event]:
+        """The region's events from stream entry `start` on (oldest first)."""
+        entries = await self.redis.xrange(self.keys.events(region), start, "+", count) or []
+        out = []
+        for _, fields in entries:
+            raw: Any = (fields or {}).get(b"e") or (fields or {}).get("e")
+            out.append(EVENT_DECODER.decode(raw))
+        return out
+
+    # -- nodes -------------------------------------------------------------------------------
+
+    async def register_node(self, node: Node, now_ms: int) -> Node:
+        """Register a node (id chosen by the caller): `offered = min(total, given offered)`,
+        active, in the asks book if it offers anything. Conflict if the id is taken."""
+        stored = core.new_node(node, now_ms)
+        region = stored.region
+        result = await self._eval(
+            "register",
+            [self.keys.seq(region), self.keys.directory, self.keys.regions],
+            [
+                *self._head(region, now_ms),
+                self.missed_heartbeats_offline,
+                stored.node_id,
+                *_flatten(core.to_fields(stored)),
+            ],
+        )
+        if result[0] == 0:
+            raise _refusal(result)
+        self._remember(stored.node_id, region)
+        event = EVENT_DECODER.decode(result[1])
+        assert isinstance(event, NodeRegistered)
+        return event.node
+
+    async def update_node(self, node_id: str, changes: NodeChanges, now_ms: int) -> Node:
+        """Change a node's terms (price, durations, ask expiry, status active/maintenance...).
+        Contracts already made keep their terms."""
+        fields = core.change_fields(core.validate_changes(changes))
+        region = await self._region_or_404(node_id, core.NODE_NOT_FOUND, "node_id")
+        result = await self._eval(
+            "update",
+            [self.keys.seq(region)],
+            [*self._head(region, now_ms), node_id, *_flatten(fields)],
+        )
+        if result[0] == 0:
+            raise _refusal(result)
+        event = EVENT_DECODER.decode(result[1])
+        assert isinstance(event, NodeUpdated)
+        return event.node
+
+    async def deactivate_node(self, node_id: str, now_ms: int) -> Node:
+        """No new leases and no heartbeats; the node's active contracts run to their end."""
+        region = await self._region_or_404(node_id, core.NODE_NOT_FOUND, "node_id")
+        result = await self._eval(
+            "deactivate", [self.keys.seq(region)], [*self._head(region, now_ms), node_id]
+        )
+        if result[0] == 0:
+            raise _refusal(result)
+        return core.from_fields(Node, _pairs(result[2]))
+
+    async def heartbeat(
+        self, owner_id: str, beats: Sequence[Heartbeat], now_ms: int, min_interval_ms: int
+    ) -> list[HeartbeatOutcome]:
+        """Apply a batch of beats from one owner: one script call per region (per
+        `HEARTBEAT_BATCH` beats), all pipelined. One outcome per beat, in order. A malformed
+        beat refuses the whole batch (InvalidRequest) before anything is applied."""
+        beats = [core.validate_heartbeat(b) for b in beats]
+        regions = await self._regions_of([b.node_id for b in beats])
+        outcomes: list[HeartbeatOutcome | None] = [None] * len(beats)
+        groups: dict[str, list[int]] = {}
+        for i, (beat, region) in enumerate(zip(beats, regions, strict=True)):
+            if region is None:
+                outcomes[i] = HeartbeatOutcome(beat.node_id, "not_found")
+            else:
+                groups.setdefault(region, []).append(i)
+        calls: list[tuple[str, list[int]]] = [
+            (region, idx[start : start + HEARTBEAT_BATCH])
+            for region, idx in groups.items()
+            for start in range(0, len(idx), HEARTBEAT_BATCH)
+        ]
+        requests = []
+        for region, idx in calls:
+            args = [
+                *self._head(region, now_ms),
+                int(min_interval_ms),
+                self.missed_heartbeats_offline,
+                owner_id,
+            ]
+            for i in idx:
+                b = beats[i]
+                args += [
+                    b.node_id,
+                    b.available_ram_gb,
+                    b.available_vram_gb,
+                    _beat_text(b.cpu_usage_pct),
+                    _beat_text(b.gpu_usage_pct),
+                    _beat_text(b.temperature_c),
+                    _beat_text(b.bandwidth_mbps),
+                    _beat_text(b.lat),
+                    _beat_text(b.lng),
+                ]
+            requests.append(([self.keys.seq(region)], args))
+        for (_, idx), result in zip(
+            calls, await self._eval_many("heartbeat", requests), strict=True
+        ):
+            for j, i in enumerate(idx):
+                code, wait = int(result[2 + 2 * j]), int(result[3 + 2 * j])
+                outcomes[i] = HeartbeatOutcome(beats[i].node_id, _OUTCOMES[code], wait)
+        return outcomes  # type: ignore[return-value]
+
+    async def mark_offline(self, node_id: str, now_ms: int) -> list[Contract]:
+        """Mark a node offline once its heartbeat deadline has passed (re-checked atomically:
+        Conflict if a beat came in meanwhile). Returns its active contracts, by id."""
+        region = await self._region_or_404(node_id, core.NODE_NOT_FOUND, "node_id")
+        result = await self._eval(
+            "mark_offline", [self.keys.seq(region)], [*self._head(region, now_ms), node_id]
+        )
+        if result[0] == 0:
+            raise _refusal(result)
+        ids = sorted(_text(i) for i in result[2])
+        return await self._get_many(Contract, [self.keys.contract(region, i) for i in ids])
+
+    async def expire_asks(self, region: str, now_ms: int, limit: int = 500) -> list[Node]:
+        """Delist the nodes whose ask expired (`ask_expires_ms <= now_ms`) with no change since;
+        one NodeUpdated event each. Returns those nodes."""
+        result = await self._eval(
+            "expire_asks", [self.keys.seq(region)], [*self._head(region, now_ms), int(limit)]
+        )
+        out = []
+        for raw in result[1:]:
+            event = EVENT_DECODER.decode(raw)
+            assert isinstance(event, NodeUpdated)
+            out.append(event.node)
+        return out
+
+    # -- bids --------------------------------------------------------------------------------
+
+    async def place_bid(self, bid: Bid, now_ms: int) -> Bid:
+        """Rest a limit bid in its region's book (price-time priority). Filling is the engine's
+        job (`reserve(..., bid_id=...)`); this never crosses."""
+        stored = core.new_bid(bid, now_ms)
+        region = stored.region
+        result = await self._eval(
+            "place_bid",
+            [self.keys.seq(region), self.keys.directory, self.keys.regions],
+            [*self._head(region, now_ms), stored.bid_id, *_flatten(core.to_fields(stored))],
+        )
+        if result[0] == 0:
+            raise _refusal(result)
+        self._remember(stored.bid_id, region)
+        event = EVENT_DECODER.decode(result[1])
+        assert isinstance(event, BidPlaced)
+        return event.bid
+
+    async def cancel_bid(self, bid_id: str, now_ms: int) -> Bid:
+        """Cancel an open bid (Conflict once it is filled, cancelled or expired)."""
+        region = await self._region_or_404(bid_id, core.BID_NOT_FOUND, "bid_id")
+        result = await self._eval(
+            "cancel_bid",
+            [self.keys.seq(region)],
+            [*self._head(region, now_ms), bid_id, self.retention_ms],
+        )
+        if result[0] == 0:
+            raise _refusal(result)
+        return core.from_fields(Bid, _pairs(result[2]))
+
+    async def expire_bids(self, region: str, now_ms: int, limit: int = 500) -> list[Bid]:
+        """Expire open bids whose `expires_ms <= now_ms`, earliest first; one event each."""
+        result = await self._eval(
+            "expire_bids",
+            [self.keys.seq(region)],
+            [*self._head(region, now_ms), int(limit), self.retention_ms],
+        )
+        return [core.from_fields(Bid, _pairs(result[i])) for i in range(2, len(result), 2)]
+
+    # -- contracts ---------------------------------------------------------------------------
+
+    def _reserve_call(
+        self, region: str, now_ms: int, contract_id: str, r: ReserveRequest
+    ) -> tuple[list[str], list[Any]]:
+        return (
+            [self.keys.seq(region), self.keys.directory],
+            [
+                *self._head(region, now_ms),
+                r.node_id,
+                contract_id,
+                r.client_id,
+                r.user_id,
+                r.ram_gb,
+                r.vram_gb,
+                r.duration_s,
+                r.max_price_pusd,
+                r.bid_id or "",
+                self.retention_ms,
+            ],
+        )
+
+    async def _reserve_region(self, r: ReserveRequest) -> str:
+        core.validate_reserve(
+            node_id=r.node_id,
+            client_id=r.client_id,
+            user_id=r.user_id,
+            ram_gb=r.ram_gb,
+            vram_gb=r.vram_gb,
+            duration_s=r.duration_s,
+            max_price_pusd=r.max_price_pusd,
+        )
+        region = await self._region_or_404(r.node_id, core.NODE_NOT_FOUND, "node_id")
+        if r.bid_id is not None:
+            bid_region = await self._region_or_404(r.bid_id, core.BID_NOT_FOUND, "bid_id")
+            if bid_region != region:
+                raise InvalidRequest(
+                    "the bid and the node are in different regions", field="bid_id"
+                )
+        return region
+
+    def _created(self, result: Any, contract_id: str) -> Contract:
+        if result[0] == 0:
+            raise _refusal(result)
+        event = EVENT_DECODER.decode(result[1])
+        assert isinstance(event, ContractCreated)
+        self._remember(contract_id, event.region)
+        return event.contract
+
+    async def reserve(
+        self,
+        *,
+        node_id: str,
+        client_id: str,
+        user_id: str,
+        ram_gb: int,
+        vram_gb: int,
+        duration_s: int,
+        max_price_pusd: int,
+        now_ms: int,
+        bid_id: str | None = None,
+    ) -> Contract:
+        """Lease `ram_gb + vram_gb` on the node for `duration_s` at the node's ask price.
+
+        Refusals: NotFound (node, bid), Unavailable (node not active, ask expired),
+        CapacityTaken ("price above cap", "duration outside the node's terms",
+        "capacity taken" — someone else got it first), and with `bid_id` Conflict (bid not
+        open, expired, remainder smaller than the fill) or InvalidRequest (fill does not match
+        the bid). With `bid_id` the bid's fill state changes in the same atomic step.
+        """
+        request = ReserveRequest(
+            node_id=node_id,
+            client_id=client_id,
+            user_id=user_id,
+            ram_gb=ram_gb,
+            vram_gb=vram_gb,
+            duration_s=duration_s,
+            max_price_pusd=max_price_pusd,
+            bid_id=bid_id,
+        )
+        region = await self._reserve_region(request)
+        contract_id = uuid.uuid4().hex
+        keys, args = self._reserve_call(region, now_ms, contract_id, request)
+        return self._created(await self._eval("reserve", keys, args), contract_id)
+
+    async def reserve_many(
+        self, requests: Sequence[ReserveRequest], now_ms: int
+    ) -> list[Contract | MarketError]:
+        """Many reserves pipelined in one round trip (each its own atomic script call, in
+        order). Each slot holds the contract or the refusal; nothing is raised for a refusal."""
+        out: list[Contract | MarketError | None] = [None] * len(requests)
+        await self._regions_of(
+            [r.node_id for r in requests] + [r.bid_id for r in requests if r.bid_id]
+        )
+        calls, slots, ids = [], [], []
+        for i, r in enumerate(requests):
+            try:
+                region = await self._reserve_region(r)
+            except MarketError as exc:
+                out[i] = exc
+                continue
+            contract_id = uuid.uuid4().hex
+            calls.append(self._reserve_call(region, now_ms, contract_id, r))
+            slots.append(i)
+            ids.append(contract_id)
+        if calls:
+            results = await self._eval_many("reserve", calls)
+            for i, contract_id, result in zip(slots, ids, results, strict=True):
+                try:
+                    out[i] = self._created(result, contract_id)
+                except MarketError as exc:
+                    out[i] = exc
+        return out  # type: ignore[return-value]
+
+    async def extend(self, contract_id: str, extra_s: int, now_ms: int) -> Contract:
+        """Add `extra_s` seconds to an active contract that has not ended; the node must still
+        be active and the total within its `max_duration_s` (else Unavailable/CapacityTaken)."""
+        if (
+            not isinstance(extra_s, int)
+            or isinstance(extra_s, bool)
+            or not (1 <= extra_s <= core.MAX_DURATION_S)
+        ):
+            raise InvalidRequest(
+                f"must be an integer between 1 and {core.MAX_DURATION_S}", field="extra_s"
+            )
+        region = await self._region_or_404(contract_id, core.CONTRACT_NOT_FOUND, "contract_id")
+        result = await self._eval(
+            "extend",
+            [self.keys.seq(region)],
+            [*self._head(region, now_ms), contract_id, extra_s],
+        )
+        if result[0] == 0:
+            raise _refusal(result)
+        return core.from_fields(Contract, _pairs(result[2]))
+
+    async def settle(self, contract_id: str, egress_gb: float, now_ms: int) -> Contract:
+        """Complete an active contract: bill the seconds used (capped at its term) plus egress,
+        stamp the settlement hash, return the capacity to the node (`engine.core`)."""
+        return await self._close(contract_id, now_ms, "completed", core.egress_mgb(egress_gb))
+
+    async def fail_contract(self, contract_id: str, now_ms: int) -> Contract:
+        """Close an active contract as `failed`, billing the time served (pro rata)."""
+        return await self._close(contract_id, now_ms, "failed", 0)
+
+    async def _read_active(self, region: str, contract_id: str) -> Contract:
+        contract = await self._get(Contract, self.keys.contract(region, contract_id))
+        if contract is None:
+            raise NotFound(core.CONTRACT_NOT_FOUND, field="contract_id")
+        if contract.status != "active":
+            raise Conflict(f"contract is {contract.status}", field="contract_id")
+        return contract
+
+    async def _close(self, contract_id: str, now_ms: int, status: str, egress: int) -> Contract:
+        region = await self._region_or_404(contract_id, core.CONTRACT_NOT_FOUND, "contract_id")
+        for _ in range(_VERSION_RETRIES):
+            contract = await self._read_active(region, contract_id)
+            closed = core.close_contract(contract, now_ms=now_ms, status=status, egress_mgb=egress)
+            result = await self._eval(
+                "settle",
+                [self.keys.seq(region)],
+                [
+                    *self._head(region, now_ms),
+                    contract_id,
+                    contract.version,
+                    status,
+                    closed.used_s,
+                    closed.egress_mgb,
+                    str(closed.cost_pusd),
+                    closed.settlement_hash,
+                    self.retention_ms,
+                ],
+            )
+            if result[0] == 2:
+                continue
+            if result[0] == 0:
+                raise _refusal(result)
+            return core.from_fields(Contract, _pairs(result[2]))
+        raise Conflict("contract keeps changing; try again", field="contract_id")
+
+    async def failover(
+        self, contract_id: str, new_node_id: str, now_ms: int
+    ) -> tuple[Contract, Contract]:
+        """Move the rest of an active contract to `new_node_id` (same region) atomically.
+
+        The old contract closes `failed_over` with the time served billed and `successor_id`
+        set; the successor runs on the new node for the seconds not yet billed, at the new
+        node's price, which must be within the old contract's `max_price_pusd`
+        (CapacityTaken "price above cap" otherwise; Unavailable / CapacityTaken when the node
+        cannot take it). Conflict if the contract has no time left. Returns (old, new).
+        """
+        region = await self._region_or_404(contract_id, core.CONTRACT_NOT_FOUND, "contract_id")
+        for _ in range(_VERSION_RETRIES):
+            old = await self._read_active(region, contract_id)
+            remaining = core.successor_duration_s(old, now_ms)
+            if remaining <= 0:
+                raise Conflict(core.CONTRACT_ENDED, field="contract_id")
+            new_region = await self._region_or_404(new_node_id, core.NODE_NOT_FOUND, "node_id")
+            if new_region != region:
+                raise InvalidRequest("failover stays in the contract's region", field="node_id")
+            if new_node_id == old.node_id:
+                raise InvalidRequest(core.SAME_NODE, field="node_id")
+            new_id = uuid.uuid4().hex
+            closed = core.close_contract(
+                old, now_ms=now_ms, status="failed_over", successor_id=new_id
+            )
+            result = await self._eval(
+                "failover",
+                [self.keys.seq(region), self.keys.directory],
+                [
+                    *self._head(region, now_ms),
+                    contract_id,
+                    old.version,
+                    closed.used_s,
+                    str(closed.cost_pusd),
+                    closed.settlement_hash,
+                    new_id,
+                    new_node_id,
+                    remaining,
+                    self.retention_ms,
+                ],
+            )
+            if result[0] == 2:
+                continue
+            if result[0] == 0:
+                raise _refusal(result)
+            self._remember(new_id, region)
+            return (
+                core.from_fields(Contract, _pairs(result[3])),
+                core.from_fields(Contract, _pairs(result[4])),
+            )
+        raise Conflict("contract keeps changing; try again", field="contract_id")
+
+    # -- rebuild -----------------------------------------------------------------------------
+
+    async def replay(self, events: Iterable[Event]) -> None:
+        """Rebuild the live state of the events' regions from their complete event log (into
+        an empty key space), as `engine.replay.replay` describes."""
+        from engine.replay import replay
+
+        await replay(
+            self.redis,
+            self.keys,
+            events,
+            missed_heartbeats_offline=self.missed_heartbeats_offline,
+            retention_ms=self.retention_ms,
+        )
