@@ -201,11 +201,24 @@ class Gateway:
         self._http.headers["X-API-Key"] = api_key
 
     async def request(
-        self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Any:
-        """One call; decoded JSON on 2xx, `ApiError` on 4xx, `GatewayUnavailable` otherwise."""
+        """One call; decoded JSON on 2xx, `ApiError` on 4xx, `GatewayUnavailable` otherwise.
+
+        With `idempotency_key` a retried creating POST is answered with the first one's result
+        instead of creating twice (the gateway's `Idempotency-Key`)."""
         content = None if body is None else msgspec.json.encode(body)
-        headers = {"Content-Type": "application/json"} if content is not None else None
+        headers: dict[str, str] = {}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         try:
             response = await self._http.request(
                 method, path, content=content, params=params, headers=headers
@@ -246,9 +259,14 @@ class Gateway:
 
     # -- nodes ----------------------------------------------------------------------------
 
-    async def register_node(self, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """POST /api/nodes/register; returns (node_id, node)."""
-        data = await self.request("POST", "/api/nodes/register", body=body)
+    async def register_node(
+        self, body: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """POST /api/nodes/register; returns (node_id, node). Pass the same `idempotency_key`
+        on every retry of one registration so a lost reply never registers the machine twice."""
+        data = await self.request(
+            "POST", "/api/nodes/register", body=body, idempotency_key=idempotency_key
+        )
         return data["node_id"], data["node"]
 
     async def get_node(self, node_id: str) -> dict[str, Any]:

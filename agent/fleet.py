@@ -264,9 +264,11 @@ def make_fleet(n: int, *, seed: int = 0, regions: Sequence[str] | None = None) -
 # Registration
 
 
-async def _register_one(gateway: Gateway, body: dict[str, Any], stop: asyncio.Event | None) -> str:
+async def _register_one(
+    gateway: Gateway, body: dict[str, Any], stop: asyncio.Event | None, key: str | None
+) -> str:
     async def call() -> tuple[str, dict[str, Any]]:
-        return await gateway.register_node(body)
+        return await gateway.register_node(body, idempotency_key=key)
 
     node_id, _ = await retrying(
         "registering a virtual node", call, backoff=Backoff(0.2, 10.0), stop=stop
@@ -281,13 +283,17 @@ async def register_fleet(
     concurrency: int = 32,
     stop: asyncio.Event | None = None,
     progress: Callable[[int, float], None] | None = None,
+    idempotent: bool = True,
 ) -> list[str]:
     """Register every node (`concurrency` requests in flight); their ids, in order.
 
     Transient failures (connection lost, 502/503/504, 429) are retried with backoff; any other
-    refusal raises `ApiError` for the first node refused.
+    refusal raises `ApiError` for the first node refused. `idempotent` sends an
+    `Idempotency-Key` per node so that a retry after a lost reply cannot register a node twice
+    (the gateway keeps the keys in Postgres, which costs registration throughput).
     """
     ids: list[str | None] = [None] * len(nodes)
+    key_prefix = f"fleet-{uuid.uuid4().hex}" if idempotent else None
     cursor = iter(range(len(nodes)))
     done = 0
     started = time.perf_counter()
@@ -297,7 +303,8 @@ async def register_fleet(
         for i in cursor:
             if stop is not None and stop.is_set():
                 return
-            node_id = await _register_one(gateway, nodes[i].registration_body(), stop)
+            key = f"{key_prefix}-{i}" if key_prefix else None
+            node_id = await _register_one(gateway, nodes[i].registration_body(), stop, key)
             ids[i] = node_id
             done += 1
             if progress is not None and done % 1000 == 0:

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -216,8 +217,11 @@ class NodeAgent:
             self.config.region,
         )
         try:
+            key = f"register-{uuid.uuid4().hex}"  # one key for all retries of this registration
             node_id, node = await retrying(
-                "registering", lambda: self.gateway.register_node(body), stop=stop
+                "registering",
+                lambda: self.gateway.register_node(body, idempotency_key=key),
+                stop=stop,
             )
         except ApiError as exc:
             raise AgentStopped(f"registration refused: {exc}") from None
