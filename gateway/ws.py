@@ -1,0 +1,514 @@
+"""The WebSocket endpoint `/ws`: market streams, own notifications, and batched heartbeats.
+
+Connect with credentials (`Authorization: Bearer <jwt|api key>`, `X-API-Key`, or `?token=` /
+`?api_key=`); without valid ones the handshake is refused before accept (close code 4401, which the
+server sends as HTTP 403). A socket opened with a JWT is closed with 4401 when the token expires.
+
+Client -> server (JSON text or binary frames, at most `max_message_bytes`):
+    {"op": "subscribe",   "channels": [...]}     -> {"type": "subscribed",   "channels": [...]}
+    {"op": "unsubscribe", "channels": [...]}     -> {"type": "unsubscribed", "channels": [...]}
+    {"op": "heartbeat", "beats": [{"node_id", <the REST heartbeat's fields>}...], "ref"?: scalar}
+        -> {"type": "heartbeat_ack", "ref", "results": [{"node_id", "outcome", "retry_after_ms"}]}
+           (outcome: ok | not_found | forbidden | too_soon | deactivated; one per beat, in order)
+    {"op": "ping", "ref"?: scalar}              -> {"type": "pong", "ref"}
+Server -> client:
+    {"type": "event", "channel", "data"} for each notification of a subscribed channel
+    {"type": "error", "error": {"code", "message", "field"?}, "channel"?, "ref"?} for a bad
+    message, an unknown or forbidden channel, or a failed heartbeat batch; the socket stays open.
+
+Channels and who may subscribe:
+    quotes:<region>, trades:<region>, market   any authenticated caller
+    fills, bids, contracts                     the caller's own (one Redis user channel, split by
+                                               the message's ws channel name)
+    node:<node_id>                             the node's owner (or an admin)
+
+Delivery: every socket has one bounded queue and one writer task fed by the process's `Hub`
+(`gateway.hub`). A socket that cannot keep up (queue full) is closed with 1013 ("try again
+later") and the others never wait for it. Replies share that queue, so they are ordered with
+the events: "subscribed" comes before the first event of the channel, and everything published
+after "subscribed" is delivered. Pub/sub is at-most-once (see `gateway.hub`): after a
+reconnect, fetch current state over REST.
+
+Keepalive: the server (uvicorn) pings every socket and closes it when pongs stop; `op: ping` is
+there for clients that cannot see protocol pings (browsers).
+
+Close codes: 4401 auth missing/invalid/expired, 1013 too slow, 1012 server shutting down,
+1011 internal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import msgspec
+import redis.asyncio as aioredis
+from msgspec import Meta
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from engine.errors import MarketError
+from engine.keys import Keys
+from engine.settings import Settings
+from engine.types import Heartbeat
+from gateway.auth import Principal, authenticate
+from gateway.errors import ErrorDetail, Unauthorized, from_msgspec
+from gateway.heartbeats import HeartbeatBatcher, HeartbeatSink
+from gateway.hub import Hub, HubUnavailable, Subscriber
+from gateway.schemas import HeartbeatRequest, Id
+
+__all__ = [
+    "STATE_KEY",
+    "WsOptions",
+    "WsServices",
+    "ws_endpoint",
+    "ws_routes",
+    "ws_services",
+]
+
+log = logging.getLogger("mnemo.gateway.ws")
+
+STATE_KEY = "ws"
+"""Key of the `WsServices` in the app's lifespan state."""
+
+CLOSE_AUTH = 4401
+CLOSE_SLOW = 1013
+CLOSE_SHUTDOWN = 1012
+CLOSE_INTERNAL = 1011
+
+_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")  # as gateway.schemas.Region
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # as gateway.schemas.Id
+_OWN_CHANNELS = frozenset({"fills", "bids", "contracts"})
+
+
+class WsOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Limits of the WebSocket endpoint (defaults suit production; benchmarks may raise them)."""
+
+    queue_size: int = 1024
+    """Frames queued per socket before it counts as too slow and is closed (1013)."""
+    max_channels: int = 256
+    """Subscriptions per socket."""
+    max_message_bytes: int = 1 << 20
+    """Largest client message accepted (a heartbeat batch of 1000 beats is about 200 KB)."""
+    max_inflight_heartbeats: int = 8
+    """Heartbeat batches per socket waiting for their ack; the socket is read no further
+    until one is answered (TCP backpressure)."""
+    heartbeat_window_ms: float = 5.0
+    """How long heartbeats from all sockets coalesce before one market call per owner."""
+    subscribe_timeout_s: float = 5.0
+    close_timeout_s: float = 5.0
+    """How long a close waits for a socket whose send buffer is full."""
+
+
+class WsServices:
+    """What `/ws` needs, built once per process in the app's lifespan (`ws_services`)."""
+
+    def __init__(
+        self,
+        *,
+        hub: Hub,
+        batcher: HeartbeatBatcher,
+        market: Any,
+        keys: Keys,
+        options: WsOptions,
+    ) -> None:
+        self.hub = hub
+        self.batcher = batcher
+        self.market = market
+        """`engine.market.Market` (heartbeat, get_node)."""
+        self.keys = keys
+        self.options = options
+        self.sockets = 0
+        """Sockets open now."""
+
+
+@asynccontextmanager
+async def ws_services(
+    redis: aioredis.Redis,
+    market: HeartbeatSink,
+    keys: Keys,
+    settings: Settings,
+    *,
+    options: WsOptions | None = None,
+) -> AsyncIterator[WsServices]:
+    """Start the hub and the heartbeat batcher; stop them (in that order of release) on exit.
+
+    Use inside the app's lifespan and put the result in its state under `STATE_KEY`.
+    """
+    options = options or WsOptions()
+    hub = Hub(
+        redis,
+        queue_size=options.queue_size,
+        subscribe_timeout_s=options.subscribe_timeout_s,
+    )
+    batcher = HeartbeatBatcher(
+        market,
+        min_interval_ms=int(settings.heartbeat_min_interval_s * 1000),
+        window_ms=options.heartbeat_window_ms,
+    )
+    await hub.start()
+    try:
+        yield WsServices(hub=hub, batcher=batcher, market=market, keys=keys, options=options)
+    finally:
+        await asyncio.shield(batcher.aclose())
+        await asyncio.shield(hub.stop())
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire messages
+
+ChannelName = Annotated[str, Meta(min_length=1, max_length=128)]
+Channels = Annotated[list[ChannelName], Meta(min_length=1, max_length=64)]
+Ref = Annotated[str, Meta(max_length=256)] | int | float | bool | None
+
+
+class WsBeat(HeartbeatRequest, kw_only=True):
+    """One heartbeat in a batch: the REST heartbeat body plus the node it is for."""
+
+    node_id: Id
+
+
+class _Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SubscribeOp(_Op, tag="subscribe"):
+    channels: Channels
+
+
+class UnsubscribeOp(_Op, tag="unsubscribe"):
+    channels: Channels
+
+
+class HeartbeatOp(_Op, tag="heartbeat"):
+    beats: Annotated[list[WsBeat], Meta(min_length=1, max_length=1000)]
+    ref: Ref = None
+
+
+class PingOp(_Op, tag="ping"):
+    ref: Ref = None
+
+
+ClientMessage = SubscribeOp | UnsubscribeOp | HeartbeatOp | PingOp
+
+
+class _Reply(msgspec.Struct, tag_field="type", kw_only=True):
+    pass
+
+
+class Subscribed(_Reply, tag="subscribed"):
+    channels: list[str]
+
+
+class Unsubscribed(_Reply, tag="unsubscribed"):
+    channels: list[str]
+
+
+class BeatResult(msgspec.Struct):
+    node_id: str
+    outcome: str
+    retry_after_ms: int = 0
+
+
+class HeartbeatAck(_Reply, tag="heartbeat_ack"):
+    ref: Ref
+    results: list[BeatResult]
+
+
+class Pong(_Reply, tag="pong"):
+    ref: Ref
+
+
+class ErrorReply(_Reply, tag="error", omit_defaults=True):
+    error: ErrorDetail
+    channel: str | None = None
+    ref: Ref = None
+
+
+_decode_client = msgspec.json.Decoder(ClientMessage).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class _ChannelRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# The endpoint
+
+
+async def ws_endpoint(websocket: WebSocket) -> None:
+    """Serve one WebSocket: authenticate before accept, then run the session to its end."""
+    services: WsServices = getattr(websocket.state, STATE_KEY)
+    try:
+        principal = await authenticate(websocket)
+    except Unauthorized as exc:
+        await websocket.close(code=CLOSE_AUTH, reason=exc.code)
+        return
+    if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
+        await websocket.close(code=CLOSE_AUTH, reason="token_expired")
+        return
+    await websocket.accept()
+    session = _Session(websocket, principal, services)
+    services.sockets += 1
+    try:
+        await session.run()
+    finally:
+        services.sockets -= 1
+
+
+ws_routes: list[BaseRoute] = [WebSocketRoute("/ws", ws_endpoint, name="ws")]
+"""Routes to mount in the app (`routes=[..., *ws_routes]`)."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Session:
+    """One open socket: a reader (client messages), a writer (the hub queue), a deadline."""
+
+    def __init__(self, websocket: WebSocket, principal: Principal, services: WsServices) -> None:
+        self.ws = websocket
+        self.principal = principal
+        self.services = services
+        self.hub = services.hub
+        client = websocket.client
+        where = f"{client.host}:{client.port}" if client else "?"
+        self.sub: Subscriber = self.hub.attach(
+            f"{principal.user_id}@{where}", on_drop=self._on_drop
+        )
+        self._done = asyncio.Event()
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._inflight = asyncio.Semaphore(services.options.max_inflight_heartbeats)
+
+    def finish(self, code: int | None, reason: str = "") -> None:
+        """End the session; `code` None means the client is gone (nothing to close)."""
+        if not self._done.is_set():
+            self._close_code, self._close_reason = code, reason
+            self._done.set()
+
+    def _on_drop(self, sub: Subscriber, reason: str) -> None:
+        if reason == "slow":
+            self.finish(CLOSE_SLOW, "too slow: send queue full")
+        else:
+            self.finish(CLOSE_SHUTDOWN, "server shutting down")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.create_task(self._read_loop(), name=f"ws-read {self.sub.name}")
+        writer = asyncio.create_task(self._write_loop(), name=f"ws-write {self.sub.name}")
+        deadline = None
+        if self.principal.expires_ms is not None:
+            delay_s = max(0.0, (self.principal.expires_ms - _now_ms()) / 1000)
+            deadline = loop.call_later(delay_s, self.finish, CLOSE_AUTH, "token expired")
+        try:
+            await self._done.wait()
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+            self.hub.detach(self.sub)
+            for task in (reader, writer):
+                task.cancel()
+            for task in (reader, writer):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        if self._close_code is None or self.ws.application_state != WebSocketState.CONNECTED:
+            return
+        try:
+            # A client that stopped reading keeps the send buffer full; don't wait on it forever.
+            async with asyncio.timeout(self.services.options.close_timeout_s):
+                await self.ws.close(code=self._close_code, reason=self._close_reason)
+        except (TimeoutError, WebSocketDisconnect, OSError, RuntimeError) as exc:
+            log.debug("closing %s: %r", self.sub.name, exc)
+
+    async def _write_loop(self) -> None:
+        queue = self.sub.queue
+        send = self.ws.send
+        try:
+            while True:
+                frame = await queue.get()
+                await send({"type": "websocket.send", "text": frame})
+        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+            log.debug("writer of %s stopped: %r", self.sub.name, exc)
+            self.finish(None)
+        except Exception:
+            log.exception("writer of %s failed", self.sub.name)
+            self.finish(CLOSE_INTERNAL, "internal error")
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.finish(None)
+                    return
+                data = message.get("text")
+                if data is None:
+                    data = message.get("bytes") or b""
+                await self._handle(data)
+        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+            log.debug("reader of %s stopped: %r", self.sub.name, exc)
+            self.finish(None)
+        except Exception:
+            log.exception("reader of %s failed", self.sub.name)
+            self.finish(CLOSE_INTERNAL, "internal error")
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def _reply(self, message: _Reply) -> None:
+        if not self._done.is_set():
+            self.hub.deliver(self.sub, _encode(message).decode())
+
+    def _error(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        channel: str | None = None,
+        ref: Any = None,
+    ) -> None:
+        detail = ErrorDetail(code=code, message=message, field=field)
+        self._reply(ErrorReply(error=detail, channel=channel, ref=ref))
+
+    # -- client messages ------------------------------------------------------------------------
+
+    async def _handle(self, data: str | bytes) -> None:
+        if len(data) > self.services.options.max_message_bytes:
+            self._error(
+                "payload_too_large",
+                f"message of {len(data)} bytes exceeds {self.services.options.max_message_bytes}",
+            )
+            return
+        try:
+            op = _decode_client(data)
+        except msgspec.DecodeError as exc:
+            api = from_msgspec(exc, where="message")
+            self._error(api.code, api.message, field=api.field)
+            return
+        match op:
+            case SubscribeOp():
+                await self._subscribe(op.channels)
+            case UnsubscribeOp():
+                names = list(dict.fromkeys(op.channels))
+                self.hub.unsubscribe(self.sub, names)
+                self._reply(Unsubscribed(channels=names))
+            case HeartbeatOp():
+                await self._heartbeat(op)
+            case PingOp():
+                self._reply(Pong(ref=op.ref))
+
+    async def _subscribe(self, names: list[str]) -> None:
+        pairs: list[tuple[str, str]] = []
+        held = len(self.sub.channels)
+        limit = self.services.options.max_channels
+        for name in dict.fromkeys(names):
+            try:
+                redis_channel = await self._authorize(name)
+            except _ChannelRefused as exc:
+                self._error(exc.code, exc.message, channel=name)
+                continue
+            if name not in self.sub.channels:
+                if held >= limit:
+                    self._error(
+                        "too_many_channels", f"at most {limit} channels per socket", channel=name
+                    )
+                    continue
+                held += 1
+            pairs.append((redis_channel, name))
+        if not pairs:
+            return
+        try:
+            await self.hub.subscribe(self.sub, pairs)
+        except HubUnavailable as exc:
+            for _, name in pairs:
+                self._error("unavailable", str(exc), channel=name)
+            return
+        # Nothing ran since subscribe() returned, so this reply precedes the channels' events.
+        self._reply(Subscribed(channels=[name for _, name in pairs]))
+
+    async def _authorize(self, name: str) -> str:
+        """The Redis channel behind a ws channel name, if this principal may subscribe."""
+        keys = self.services.keys
+        if name in _OWN_CHANNELS:
+            return keys.user_channel(self.principal.user_id)
+        if name == "market":
+            return keys.market_channel
+        kind, _, arg = name.partition(":")
+        if kind in ("quotes", "trades"):
+            if not _REGION.match(arg):
+                raise _ChannelRefused("unknown_channel", f"bad region in {name!r}")
+            return keys.quotes_channel(arg) if kind == "quotes" else keys.trades_channel(arg)
+        if kind == "node":
+            if not _ID.match(arg):
+                raise _ChannelRefused("unknown_channel", f"bad node id in {name!r}")
+            node = await self.services.market.get_node(arg)
+            if node is None:
+                raise _ChannelRefused("not_found", f"no node {arg}")
+            if node.owner_id != self.principal.user_id and not self.principal.is_admin:
+                raise _ChannelRefused("forbidden", "only the node's owner may subscribe")
+            return keys.node_channel(arg)
+        raise _ChannelRefused(
+            "unknown_channel",
+            f"unknown channel {name!r}: expected quotes:<region>, trades:<region>, fills, bids, "
+            "contracts, node:<id> or market",
+        )
+
+    async def _heartbeat(self, op: HeartbeatOp) -> None:
+        # The bounds are the REST heartbeat's (msgspec checked them); this is the one rule
+        # across fields, checked here so a bad beat never reaches a batch shared with others.
+        for i, b in enumerate(op.beats):
+            if (b.latitude is None) != (b.longitude is None):
+                self._error(
+                    "validation_error",
+                    "latitude and longitude come together",
+                    field=f"beats[{i}].latitude",
+                    ref=op.ref,
+                )
+                return
+        beats = [
+            Heartbeat(
+                node_id=b.node_id,
+                available_ram_gb=b.available_ram_gb,
+                available_vram_gb=b.available_vram_gb,
+                cpu_usage_pct=b.cpu_usage_pct,
+                gpu_usage_pct=b.gpu_usage_pct,
+                temperature_c=b.temperature_c,
+                bandwidth_mbps=b.bandwidth_mbps,
+                lat=b.latitude,
+                lng=b.longitude,
+            )
+            for b in op.beats
+        ]
+        # Read no further while too many batches of this socket await their ack.
+        await self._inflight.acquire()
+        fut = self.services.batcher.submit(self.principal.user_id, beats)
+        ref = op.ref
+        fut.add_done_callback(lambda f: self._acked(f, ref))
+
+    def _acked(self, fut: asyncio.Future[list[Any]], ref: Any) -> None:
+        self._inflight.release()
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            results = [BeatResult(o.node_id, o.outcome, o.retry_after_ms) for o in fut.result()]
+            self._reply(HeartbeatAck(ref=ref, results=results))
+        elif isinstance(exc, MarketError):
+            self._error(exc.code, exc.message, field=exc.field, ref=ref)
+        else:
+            self._error("unavailable", "heartbeats could not be applied; retry", ref=ref)

@@ -1,0 +1,414 @@
+"""`/ws` end to end: the real app under uvicorn on a loopback port, real Redis and Postgres,
+the `websockets` client library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from engine.keys import Keys
+from engine.notify import encode_message
+from engine.settings import Settings
+from gateway.app import create_app
+from tests.gateway.conftest import JWT_SECRET, Actor, Gateway, bearer, register_node, signup
+
+WAIT_S = 10.0
+
+
+@dataclass
+class Live:
+    """A gateway served by uvicorn on 127.0.0.1, with an HTTP client and its lifespan state."""
+
+    gw: Gateway
+    ws_url: str
+    state: dict[str, Any]
+    keys: Keys
+
+    async def socket(self, actor: Actor | None = None, **kw: Any) -> ClientConnection:
+        headers = {"X-API-Key": actor.key} if actor is not None else None
+        return await connect(self.ws_url, additional_headers=headers, open_timeout=WAIT_S, **kw)
+
+
+@pytest.fixture
+async def live(settings: Settings, keys: Keys) -> AsyncIterator[Live]:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        loop="none",
+        lifespan="on",
+        log_level="warning",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT_S) as client:
+            yield Live(
+                gw=Gateway(app=app, client=client, state=server.lifespan.state, settings=settings),
+                ws_url=f"ws://127.0.0.1:{port}/ws",
+                state=server.lifespan.state,
+                keys=keys,
+            )
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+async def recv(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(WAIT_S):
+        return json.loads(await ws.recv())
+
+
+async def request(ws: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:
+    await ws.send(json.dumps(message))
+    return await recv(ws)
+
+
+async def subscribe(ws: ClientConnection, *channels: str) -> dict[str, Any]:
+    return await request(ws, {"op": "subscribe", "channels": list(channels)})
+
+
+async def closed_with(ws: ClientConnection) -> int | None:
+    """Read until the server closes the socket; its close code."""
+    async with asyncio.timeout(WAIT_S):
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+
+
+def _token(user_id: str, role: str, exp_s: int, settings: Settings) -> str:
+    now = int(time.time())
+    claims = {
+        "sub": user_id,
+        "role": role,
+        "iat": now,
+        "exp": exp_s,
+        "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+# ---------------------------------------------------------------------------------------------
+# authentication
+
+
+async def test_connect_without_valid_credentials_is_refused(live: Live) -> None:
+    """No credentials, a wrong key, a forged or expired token: refused before accept (403)."""
+    settings = live.gw.settings
+    bad = [
+        live.ws_url,
+        f"{live.ws_url}?api_key=mnm_{'x' * 43}",
+        f"{live.ws_url}?token=not-a-jwt",
+        f"{live.ws_url}?token={_token('u', 'user', int(time.time()) - 10, settings)}",
+    ]
+    for url in bad:
+        with pytest.raises(InvalidStatus) as info:
+            await connect(url, open_timeout=WAIT_S)
+        assert info.value.response.status_code == 403, url
+
+
+async def test_api_key_header_query_and_bearer_all_work(live: Live) -> None:
+    """X-API-Key, ?api_key=, ?token= and Authorization: Bearer each open a socket."""
+    user = await signup(live.gw, "user")
+    token = (await bearer(live.gw, user))["Authorization"].split()[1]
+    sockets = [
+        await live.socket(user),
+        await connect(f"{live.ws_url}?api_key={user.key}", open_timeout=WAIT_S),
+        await connect(f"{live.ws_url}?token={token}", open_timeout=WAIT_S),
+        await connect(
+            live.ws_url,
+            additional_headers={"Authorization": f"Bearer {token}"},
+            open_timeout=WAIT_S,
+        ),
+    ]
+    for ws in sockets:
+        assert await request(ws, {"op": "ping", "ref": 7}) == {"type": "pong", "ref": 7}
+        await ws.close()
+
+
+async def test_socket_closes_with_4401_when_its_jwt_expires(live: Live) -> None:
+    """A socket authenticated by JWT is closed (4401) when the token expires, not before."""
+    user = await signup(live.gw, "user")
+    exp_s = int(time.time()) + 2
+    ws = await connect(
+        f"{live.ws_url}?token={_token(user.user_id, 'user', exp_s, live.gw.settings)}",
+        open_timeout=WAIT_S,
+    )
+    assert (await subscribe(ws, "market"))["type"] == "subscribed"
+    assert await closed_with(ws) == 4401
+    assert time.time() >= exp_s - 0.05
+    # an API-key socket opened alongside is unaffected
+    other = await live.socket(user)
+    assert (await request(other, {"op": "ping"}))["type"] == "pong"
+    await other.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# channels
+
+
+async def test_events_reach_the_subscribers_of_their_channel_only(
+    live: Live, redis: aioredis.Redis
+) -> None:
+    """A message published on Redis reaches every socket subscribed to its channel, no other."""
+    alice, bob = await signup(live.gw, "user"), await signup(live.gw, "user")
+    a1, a2, b = await live.socket(alice), await live.socket(alice), await live.socket(bob)
+    assert await subscribe(a1, "quotes:us-east-2", "fills") == {
+        "type": "subscribed",
+        "channels": ["quotes:us-east-2", "fills"],
+    }
+    assert (await subscribe(a2, "quotes:us-east-2"))["type"] == "subscribed"
+    assert (await subscribe(b, "quotes:eu-west-1", "fills"))["type"] == "subscribed"
+
+    keys = live.keys
+    await redis.publish(
+        keys.quotes_channel("us-east-2"), encode_message("quotes:us-east-2", {"q": 1})
+    )
+    await redis.publish(
+        keys.quotes_channel("eu-west-1"), encode_message("quotes:eu-west-1", {"q": 2})
+    )
+    await redis.publish(keys.user_channel(alice.user_id), encode_message("fills", {"f": "alice"}))
+    await redis.publish(keys.user_channel(alice.user_id), encode_message("bids", {"b": "alice"}))
+    await redis.publish(keys.user_channel(bob.user_id), encode_message("fills", {"f": "bob"}))
+
+    quote = {"type": "event", "channel": "quotes:us-east-2", "data": {"q": 1}}
+    assert await recv(a1) == quote
+    assert await recv(a1) == {"type": "event", "channel": "fills", "data": {"f": "alice"}}
+    assert await recv(a2) == quote
+    assert await recv(b) == {"type": "event", "channel": "quotes:eu-west-1", "data": {"q": 2}}
+    assert await recv(b) == {"type": "event", "channel": "fills", "data": {"f": "bob"}}
+    # nothing else was on its way: the next thing each socket reads is the answer to a ping
+    for ws in (a1, a2, b):
+        assert (await request(ws, {"op": "ping"}))["type"] == "pong"
+        await ws.close()
+
+
+async def test_unsubscribe_stops_delivery(live: Live, redis: aioredis.Redis) -> None:
+    """After `unsubscribed`, nothing more arrives from that channel."""
+    user = await signup(live.gw, "user")
+    ws = await live.socket(user)
+    await subscribe(ws, "market", "trades:us-east-2")
+    reply = await request(ws, {"op": "unsubscribe", "channels": ["market"]})
+    assert reply == {"type": "unsubscribed", "channels": ["market"]}
+    await redis.publish(live.keys.market_channel, encode_message("market", {"m": 1}))
+    trade = encode_message("trades:us-east-2", {"t": 1})
+    await redis.publish(live.keys.trades_channel("us-east-2"), trade)
+    assert (await recv(ws))["channel"] == "trades:us-east-2"
+    await ws.close()
+
+
+async def test_channel_authorization(live: Live, redis: aioredis.Redis) -> None:
+    """node:<id> is for its owner only; unknown or malformed channels are refused; the socket
+    stays open and keeps its other subscriptions."""
+    owner, other = await signup(live.gw, "provider"), await signup(live.gw, "provider")
+    node_id = await register_node(live.gw, owner)
+    ws = await live.socket(other)
+    await ws.send(
+        json.dumps(
+            {
+                "op": "subscribe",
+                "channels": [
+                    f"node:{node_id}",
+                    "node:nope",
+                    "bogus",
+                    "quotes:Bad_Region",
+                    "market",
+                ],
+            }
+        )
+    )
+    replies = [await recv(ws) for _ in range(5)]
+    errors = {r["channel"]: r["error"]["code"] for r in replies if r["type"] == "error"}
+    assert errors == {
+        f"node:{node_id}": "forbidden",
+        "node:nope": "not_found",
+        "bogus": "unknown_channel",
+        "quotes:Bad_Region": "unknown_channel",
+    }
+    assert replies[-1] == {"type": "subscribed", "channels": ["market"]}
+
+    mine = await live.socket(owner)
+    assert await subscribe(mine, f"node:{node_id}") == {
+        "type": "subscribed",
+        "channels": [f"node:{node_id}"],
+    }
+    notice = {"notice": "contract_started", "contract": {"contract_id": "c1"}}
+    await redis.publish(live.keys.node_channel(node_id), encode_message(f"node:{node_id}", notice))
+    assert await recv(mine) == {"type": "event", "channel": f"node:{node_id}", "data": notice}
+    await redis.publish(live.keys.market_channel, encode_message("market", {"m": 1}))
+    assert (await recv(ws))["data"] == {"m": 1}
+    for s in (ws, mine):
+        await s.close()
+
+
+async def test_malformed_and_oversize_messages_get_errors_not_a_crash(live: Live) -> None:
+    """Garbage, wrong shapes, unknown ops and oversize messages each get an error reply."""
+    user = await signup(live.gw, "user")
+    ws = await live.socket(user, max_size=None)
+    cases: list[tuple[str | bytes, str]] = [
+        ("not json", "malformed_request"),
+        (b"\xff\xfe", "malformed_request"),
+        ("[]", "validation_error"),
+        ('{"op": "dance"}', "validation_error"),
+        ('{"op": "subscribe"}', "validation_error"),
+        ('{"op": "subscribe", "channels": []}', "validation_error"),
+        ('{"op": "subscribe", "channels": ["market"], "extra": 1}', "validation_error"),
+        (
+            '{"op": "heartbeat", "beats": [{"node_id": "n", "available_ram_gb": -1, '
+            '"available_vram_gb": 0}]}',
+            "validation_error",
+        ),
+        (
+            '{"op": "heartbeat", "beats": [{"node_id": "n", "available_ram_gb": 1, '
+            '"available_vram_gb": 0, "latitude": 10}], "ref": 3}',
+            "validation_error",
+        ),
+        ('{"op": "ping", "ref": {"deep": [1]}}', "validation_error"),
+        ("x" * (1 << 20 + 1), "payload_too_large"),
+    ]
+    for raw, code in cases:
+        await ws.send(raw)
+        reply = await recv(ws)
+        assert reply["type"] == "error", (raw[:80], reply)
+        assert reply["error"]["code"] == code, (raw[:80], reply)
+    assert (await request(ws, {"op": "ping", "ref": "still here"})) == {
+        "type": "pong",
+        "ref": "still here",
+    }
+    await ws.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# heartbeats
+
+
+async def test_heartbeat_batch_reaches_the_market_and_is_acked_per_entry(live: Live) -> None:
+    """A batch over the socket is applied by the market; each beat gets its own outcome."""
+    owner, other = await signup(live.gw, "provider"), await signup(live.gw, "provider")
+    mine = [await register_node(live.gw, owner, total_ram_gb=64) for _ in range(2)]
+    theirs = await register_node(live.gw, other)
+    ws = await live.socket(owner)
+    beats = [
+        {"node_id": mine[0], "available_ram_gb": 40, "available_vram_gb": 10, "cpu_usage_pct": 5.5},
+        {"node_id": theirs, "available_ram_gb": 1, "available_vram_gb": 1},
+        {"node_id": "f" * 32, "available_ram_gb": 1, "available_vram_gb": 1},
+        {"node_id": mine[1], "available_ram_gb": 8, "available_vram_gb": 0,
+         "latitude": 40.0, "longitude": -74.0},
+    ]  # fmt: skip
+    ack = await request(ws, {"op": "heartbeat", "beats": beats, "ref": "b1"})
+    assert ack["type"] == "heartbeat_ack" and ack["ref"] == "b1"
+    assert [(r["node_id"], r["outcome"]) for r in ack["results"]] == [
+        (mine[0], "ok"),
+        (theirs, "forbidden"),
+        ("f" * 32, "not_found"),
+        (mine[1], "ok"),
+    ]
+    market = live.state["market"]
+    node = await market.get_node(mine[0])
+    assert (node.offered_ram_gb, node.offered_vram_gb) == (40, 10)
+    assert node.last_heartbeat_ms > 0
+    # the per-node minimum interval applies on this path too
+    again = await request(ws, {"op": "heartbeat", "beats": beats[:1], "ref": 2})
+    [result] = again["results"]
+    assert result["outcome"] == "too_soon" and result["retry_after_ms"] > 0
+    await ws.close()
+
+
+async def test_heartbeats_from_many_sockets_are_coalesced_and_each_acked(live: Live) -> None:
+    """Batches sent at once from several sockets of one owner are all applied and acked."""
+    owner = await signup(live.gw, "provider")
+    nodes = [await register_node(live.gw, owner) for _ in range(6)]
+    sockets = [await live.socket(owner) for _ in range(3)]
+    batcher = live.state["ws"].batcher
+    calls_before = batcher.calls
+    for i, ws in enumerate(sockets):
+        beats = [
+            {"node_id": n, "available_ram_gb": 10 + i, "available_vram_gb": 1}
+            for n in nodes[2 * i : 2 * i + 2]
+        ]
+        await ws.send(json.dumps({"op": "heartbeat", "beats": beats, "ref": i}))
+    for i, ws in enumerate(sockets):
+        ack = await recv(ws)
+        assert ack["ref"] == i
+        assert [r["node_id"] for r in ack["results"]] == nodes[2 * i : 2 * i + 2]
+        assert {r["outcome"] for r in ack["results"]} == {"ok"}
+        await ws.close()
+    assert batcher.calls - calls_before <= 3  # never more calls than batches
+
+
+# ---------------------------------------------------------------------------------------------
+# fan-out under a slow client
+
+
+async def test_slow_socket_is_closed_1013_and_fast_ones_get_everything(
+    live: Live, redis: aioredis.Redis
+) -> None:
+    """A socket that stops reading is dropped (1013); the others miss nothing meanwhile."""
+    hub = live.state["ws"].hub
+    hub.queue_size = 8  # sockets opened from now on get small queues: quick to overflow
+    user = await signup(live.gw, "user")
+    fast = [await live.socket(user, max_queue=None) for _ in range(2)]
+    # The slow client's library stops reading the TCP socket after 2 queued messages.
+    slow = await live.socket(user, max_queue=2)
+    for ws in [*fast, slow]:
+        await subscribe(ws, "market")
+    got: list[list[int]] = [[] for _ in fast]
+
+    async def drain(i: int, ws: ClientConnection) -> None:
+        while True:
+            msg = json.loads(await ws.recv())
+            got[i].append(msg["data"]["i"])
+
+    readers = [asyncio.create_task(drain(i, ws)) for i, ws in enumerate(fast)]
+    pad = "x" * 16_384  # large frames fill the kernel buffers quickly
+    sent = 0
+    dropped_before = hub.dropped
+    async with asyncio.timeout(60):
+        while hub.dropped == dropped_before:
+            async with redis.pipeline(transaction=False) as pipe:
+                for _ in range(50):
+                    pipe.publish(
+                        live.keys.market_channel, encode_message("market", {"i": sent, "p": pad})
+                    )
+                    sent += 1
+                await pipe.execute()
+            await asyncio.sleep(0.005)
+    async with asyncio.timeout(WAIT_S):
+        while min(len(g) for g in got) < sent:  # noqa: ASYNC110 - readers append; no event
+            await asyncio.sleep(0.01)
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    for g in got:
+        assert g == list(range(sent))
+    assert await closed_with(slow) == 1013
+    for ws in fast:
+        assert (await request(ws, {"op": "ping"}))["type"] == "pong"
+        await ws.close()
