@@ -1,0 +1,1032 @@
+"""The engine process (Procfile `engine`): the market's clockwork, one loop per region.
+
+`run_engine(settings)` serves a set of regions (the `regions` argument, else `settings.regions`,
+else every region in the `regions` set, re-read every few seconds). For each region it holds a
+lease (`Keys.engine_lease`: SET NX PX, renewed; only the holder works the region, so two engines
+never cross the same book), takes a snapshot of the region (nodes, open bids, live contracts),
+then tails the region's event stream and keeps its own view current from it:
+
+- an `AskBook` (engine.scoring) of the region's nodes, for ranking;
+- the open bids, in price-time priority (`engine.core.bid_priority`);
+- a `Notifier` (engine.notify) that turns every event into pub/sub messages;
+- a small supply table for the `market` summary and to tell when capacity appeared.
+
+Duties, each an atomic `Market` script call (the scripts are the truth; the view may be a few
+milliseconds stale, so a refused reserve is a normal result and the next candidate is tried):
+
+- Crossing. A bid is tried when it arrives; every open bid, in priority order, when capacity
+  appears or frees (a node registers, changes terms, comes back, reports more free memory, or a
+  contract ends) and on a periodic tick. For a bid, `engine.scoring.rank` orders the eligible asks
+  under the bid's constraints and `engine.core.plan_fills` decides the fills (one node for the
+  whole bid, or several of at least `min_fill_gb` with `allow_split`); each is one
+  `Market.reserve(..., bid_id=...)`. A pass stops early at the first bid whose cap is below the
+  cheapest live ask. Reserves of a pass go out concurrently in batches; the view is debited at
+  once, so later bids of the same batch see the capacity as taken (`Market.reserve_many`).
+- Expiry of bids (`expire_bids`) and settlement of contracts whose end passed (`due_contracts`
+  then `settle(..., egress 0)`), due when the view knows of one, and on a periodic sweep.
+- Liveness: `stale_nodes` -> `mark_offline` -> each active contract moves to the best other node
+  of the region that can hold it for the remaining time within the contract's price cap
+  (`failover`), else ends pro-rated (`fail_contract`).
+- Quotes (`Market.quote`) on `quotes_channel(region)`, at most `QUOTE_MIN_INTERVAL_S` apart and
+  only when something other than the timestamp changed; the `market` summary at most once a
+  second (when it changed, and every `SUMMARY_KEEPALIVE_S` regardless).
+- Notifications for every event (engine.notify), including `contract_ending` notices.
+
+Publishing never blocks a region loop: messages go to a bounded queue drained by one writer task
+that pipelines PUBLISH commands; when the queue is full, messages are dropped and counted.
+
+Time: market time (expiry, ends, heartbeat deadlines, quote windows) comes from the injected
+`clock` (Unix ms); pacing (lease renewal, quote and summary rates, how long a loop may sleep)
+uses the monotonic clock. A loop never sleeps longer than `TICK_S` without reading `clock`, so a
+test that moves an injected clock forward sees the effect within a tick.
+
+Failures: a region loop that raises logs the error, lets its lease go and starts over after a
+short pause; the other regions carry on. Cancellation (or `stop`) ends every loop, releases the
+leases and closes the Redis client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from engine.core import Fill, apply_fill, bid_priority, plan_fills, successor_duration_s
+from engine.errors import (
+    CapacityTaken,
+    Conflict,
+    InvalidRequest,
+    MarketError,
+    NotFound,
+    Unavailable,
+)
+from engine.keys import Keys
+from engine.market import Market, ReserveRequest
+from engine.notify import Message, Notifier, encode_message, market_summary
+from engine.scoring import AskBook, MatchRequest, browse, merge_matches, rank
+from engine.settings import ConfigError, Settings
+from engine.types import (
+    EVENT_DECODER,
+    Bid,
+    BidCancelled,
+    BidExpired,
+    BidPlaced,
+    Contract,
+    ContractCreated,
+    ContractExtended,
+    ContractSettled,
+    Event,
+    HeartbeatsApplied,
+    Node,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeUpdated,
+    Quote,
+)
+
+__all__ = ["Clock", "Engine", "run_engine", "wall_clock_ms"]
+
+log = logging.getLogger("mnemo.engine")
+
+Clock = Callable[[], int]
+"""Market time in Unix milliseconds."""
+
+LEASE_TTL_MS = 10_000
+"""A region's lease lapses this long after its holder's last renewal (a dead engine's regions
+are taken over by another within this time)."""
+LEASE_RENEW_S = 2.0
+LEASE_RETRY_S = 1.0
+"""How often an engine that does not hold a region's lease tries to take it."""
+TICK_S = 0.1
+"""The longest a region loop waits without reading the clock."""
+SWEEP_MS = 1_000
+"""Market-time interval of the backstop sweeps: stale nodes, due contracts, expired bids."""
+CROSS_TICK_S = 1.0
+"""Every open bid is retried at least this often (asks can change without an event, e.g. by time)."""
+QUOTE_MIN_INTERVAL_S = 0.1
+QUOTE_REFRESH_S = 1.0
+"""Quotes are recomputed this often even without events (the 24 h window slides)."""
+SUMMARY_MIN_INTERVAL_S = 1.0
+SUMMARY_KEEPALIVE_S = 10.0
+REGION_RESCAN_S = 2.0
+STREAM_BATCH = 1_000
+RANK_K = 16
+"""Candidates ranked per bid; a bid falls through them in order."""
+SPLIT_K = 64
+RESERVE_BATCH = 64
+"""Reserves sent concurrently within a crossing pass."""
+SCRIPT_LIMIT = 500
+"""Page size of the list-returning scripts (expire, due, stale)."""
+PUBLISH_QUEUE = 100_000
+PUBLISH_BATCH = 500
+_RETRY_PAUSE_S = 1.0
+
+_LOST_RACE = (CapacityTaken, Unavailable)
+_GONE = (Conflict, NotFound)
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def wall_clock_ms() -> int:
+    """The default clock: Unix time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+async def run_engine(
+    settings: Settings,
+    *,
+    regions: Sequence[str] | None = None,
+    stop: asyncio.Event | None = None,
+    clock: Clock | None = None,
+) -> None:
+    """Run the engine until `stop` is set (or the task is cancelled).
+
+    `regions`: the regions to serve; None means `settings.regions`, and if that is empty too,
+    every region in the `regions` set (re-read periodically). `clock`: market time in Unix ms
+    (tests inject one). Raises ConfigError without a Redis URL; a Redis that cannot be reached at
+    start-up raises after a few logged retries.
+    """
+    if settings.redis_url is None:
+        raise ConfigError("MNEMO_REDIS_URL", "the engine needs a Redis URL")
+    redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+    try:
+        await _connect(redis)
+        engine = Engine(
+            redis,
+            Keys(settings.key_prefix),
+            regions=tuple(regions or settings.regions) or None,
+            clock=clock or wall_clock_ms,
+            missed_heartbeats_offline=settings.missed_heartbeats_offline,
+        )
+        await engine.run(stop or asyncio.Event())
+    finally:
+        await asyncio.shield(redis.aclose())
+
+
+async def _connect(redis: aioredis.Redis, attempts: int = 5) -> None:
+    """Ping Redis, retrying connection errors with a logged countdown, then re-raise."""
+    for left in range(attempts - 1, -1, -1):
+        try:
+            await redis.ping()
+            return
+        except _CONNECTION_ERRORS as exc:
+            if left == 0:
+                raise
+            log.warning("redis not reachable (%s); %d retries left", exc, left)
+            await asyncio.sleep(1.0)
+
+
+class Engine:
+    """The engine of one process: region workers, their leases, and the publisher.
+
+    Build with an open Redis client; `await run(stop)` serves until `stop` is set. Tests and
+    benchmarks may build it directly (and read `workers` to see what it holds).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        regions: Sequence[str] | None = None,
+        clock: Clock = wall_clock_ms,
+        missed_heartbeats_offline: int = 3,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.market = Market(redis, keys, missed_heartbeats_offline=missed_heartbeats_offline)
+        self.clock = clock
+        self.fixed_regions = tuple(regions) if regions else None
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.publisher = Publisher(redis)
+        self.workers: dict[str, RegionWorker] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve regions until `stop` is set; cleans up on return and on cancellation."""
+        await self.market.load_scripts()
+        publisher = asyncio.create_task(self.publisher.run(), name="mnemo-engine-publisher")
+        try:
+            while not stop.is_set():
+                await self._sync_regions(stop)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), REGION_RESCAN_S)
+        finally:
+            for worker in self.workers.values():
+                worker.stopping = True
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+            await asyncio.shield(self.publisher.close(publisher))
+
+    async def _sync_regions(self, stop: asyncio.Event) -> None:
+        if self.fixed_regions is not None:
+            wanted: Iterable[str] = self.fixed_regions
+        else:
+            try:
+                wanted = sorted(r.decode() for r in await self.redis.smembers(self.keys.regions))
+            except _CONNECTION_ERRORS as exc:
+                log.warning("cannot read the regions set: %s", exc)
+                return
+        for region in wanted:
+            if region in self._tasks:
+                continue
+            worker = RegionWorker(self, region, stop)
+            self.workers[region] = worker
+            self._tasks[region] = asyncio.create_task(worker.run(), name=f"mnemo-engine-{region}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Leases
+
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Lease:
+    """A per-region exclusive lease: `SET key owner NX PX ttl`, renewed by compare-and-expire,
+    released by compare-and-delete. `valid()` is False once a renewal failed or could not be
+    confirmed within the TTL (less a margin for clock drift between us and Redis)."""
+
+    def __init__(self, redis: aioredis.Redis, key: str, owner: str, ttl_ms: int = LEASE_TTL_MS):
+        self.redis = redis
+        self.key = key
+        self.owner = owner.encode()
+        self.ttl_ms = ttl_ms
+        self._valid_until = 0.0
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    def valid(self) -> bool:
+        return time.monotonic() < self._valid_until
+
+    def _confirmed(self, sent_at: float) -> None:
+        self._valid_until = sent_at + self.ttl_ms / 1000 * 0.8
+
+    async def acquire(self) -> bool:
+        sent_at = time.monotonic()
+        if await self.redis.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+            self._confirmed(sent_at)
+            return True
+        return await self.renew()
+
+    async def renew(self) -> bool:
+        sent_at = time.monotonic()
+        if await self._renew(keys=[self.key], args=[self.owner, self.ttl_ms]):
+            self._confirmed(sent_at)
+            return True
+        self._valid_until = 0.0
+        return False
+
+    async def release(self) -> None:
+        self._valid_until = 0.0
+        await self._release(keys=[self.key], args=[self.owner])
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+class Publisher:
+    """Fan-out that never blocks its callers: a bounded queue, one writer, pipelined PUBLISH.
+
+    `publish` only appends (dropping, and counting, what does not fit); the writer sends
+    whatever accumulated in one pipeline per round. A failed write is logged and dropped (pub/sub
+    is fire-and-forget; subscribers resynchronise from the API)."""
+
+    def __init__(self, redis: aioredis.Redis, maxsize: int = PUBLISH_QUEUE) -> None:
+        self.redis = redis
+        self.maxsize = maxsize
+        self.dropped = 0
+        self.sent = 0
+        self._queue: deque[Message] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def publish(self, messages: Iterable[Message]) -> None:
+        queue = self._queue
+        for message in messages:
+            if len(queue) >= self.maxsize:
+                self.dropped += 1
+                if self.dropped % 10_000 == 1:
+                    log.warning("publish queue full: %d notifications dropped so far", self.dropped)
+                continue
+            queue.append(message)
+        if queue:
+            self._wake.set()
+
+    async def run(self) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            n = 0
+            while queue and n < PUBLISH_BATCH:
+                channel, payload = queue.popleft()
+                pipe.publish(channel, payload)
+                n += 1
+            try:
+                await pipe.execute()
+                self.sent += n
+            except _CONNECTION_ERRORS as exc:
+                self.dropped += n
+                log.warning("publish failed, %d notifications dropped: %s", n, exc)
+                await asyncio.sleep(0.2)
+
+    async def close(self, task: asyncio.Task[None]) -> None:
+        """Send what is queued (briefly), then stop the writer."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 2.0)
+        except (TimeoutError, Exception):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+# ---------------------------------------------------------------------------------------------
+# Supply: the region's aggregate free capacity (market summary, "did capacity appear?")
+
+
+class _Supply:
+    """Per node: status, offered, reserved, price, ask expiry. Kept from the same events as
+    the AskBook; answers what the book does not: totals, and whether an event added capacity."""
+
+    __slots__ = ("nodes",)
+
+    def __init__(self) -> None:
+        # node id -> [status, offered_ram, offered_vram, reserved_ram, reserved_vram, price, expires]
+        self.nodes: dict[str, list[Any]] = {}
+
+    def upsert(self, n: Node) -> bool:
+        old = self.nodes.get(n.node_id)
+        new = [
+            n.status,
+            n.offered_ram_gb,
+            n.offered_vram_gb,
+            n.reserved_ram_gb,
+            n.reserved_vram_gb,
+            n.price_pusd,
+            n.ask_expires_ms,
+        ]
+        self.nodes[n.node_id] = new
+        return old is None or old != new
+
+    def apply(self, event: Event) -> bool:
+        """Apply one event; True when it may let a bid fill that could not before."""
+        match event:
+            case NodeRegistered(node=node) | NodeUpdated(node=node):
+                return self.upsert(node)
+            case HeartbeatsApplied(entries=entries):
+                more = False
+                for e in entries:
+                    row = self.nodes.get(e.node_id)
+                    if row is None:
+                        continue
+                    was_active = row[0] == "active"
+                    free_ram, free_vram = row[1] - row[3], row[2] - row[4]
+                    row[0] = e.status
+                    row[1], row[2] = e.offered_ram_gb, e.offered_vram_gb
+                    row[3] = e.offered_ram_gb - e.available_ram_gb
+                    row[4] = e.offered_vram_gb - e.available_vram_gb
+                    if e.status == "active" and (
+                        not was_active
+                        or e.available_ram_gb > free_ram
+                        or e.available_vram_gb > free_vram
+                    ):
+                        more = True
+                return more
+            case ContractCreated():
+                self.set_reserved(
+                    event.contract.node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb
+                )
+                return False
+            case ContractSettled():
+                self.set_reserved(
+                    event.node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb
+                )
+                return True
+            case NodeOffline(node_id=node_id) | NodeDeactivated(node_id=node_id):
+                row = self.nodes.get(node_id)
+                if row is not None:
+                    row[0] = "offline" if isinstance(event, NodeOffline) else "deactivated"
+                return False
+            case _:
+                return False
+
+    def set_reserved(self, node_id: str, ram: int, vram: int) -> None:
+        row = self.nodes.get(node_id)
+        if row is not None:
+            row[3], row[4] = ram, vram
+
+    def summary(self, region: str, now_ms: int) -> dict[str, Any]:
+        nodes = ram = vram = 0
+        best: int | None = None
+        for status, o_ram, o_vram, r_ram, r_vram, price, expires in self.nodes.values():
+            if status != "active":
+                continue
+            nodes += 1
+            if expires and now_ms >= expires:
+                continue
+            free_ram, free_vram = max(0, o_ram - r_ram), max(0, o_vram - r_vram)
+            if free_ram + free_vram == 0:
+                continue
+            ram += free_ram
+            vram += free_vram
+            if best is None or price < best:
+                best = price
+        return market_summary(region, nodes, ram, vram, best)
+
+
+# ---------------------------------------------------------------------------------------------
+# One region
+
+
+class RegionWorker:
+    """Serves one region while holding its lease (see the module docstring)."""
+
+    def __init__(self, engine: Engine, region: str, stop: asyncio.Event) -> None:
+        self.engine = engine
+        self.region = region
+        self.stop = stop
+        self.redis = engine.redis
+        self.keys = engine.keys
+        self.market = engine.market
+        self.clock = engine.clock
+        self.publisher = engine.publisher
+        self.stream = engine.keys.events(region)
+        self.lease = Lease(engine.redis, engine.keys.engine_lease(region), engine.owner)
+        self.stopping = False
+        self.serving = False
+        """True while this worker holds the lease and works the region."""
+        self.fills = 0
+        """Reserves this worker made for bids (benchmarks and tests read it)."""
+        self._reset()
+
+    def _reset(self) -> None:
+        self.book = AskBook(self.region)
+        self.supply = _Supply()
+        self.notifier = Notifier(self.keys, self.region)
+        self.bids: dict[str, Bid] = {}
+        self.last_id: bytes = b"0-0"
+        self._fresh: list[str] = []
+        self._ask_dirty = True
+        self._retry: set[str] = set()
+        self._bid_expiry: list[tuple[int, str]] = []
+        self._ends: list[tuple[int, str]] = []
+        self._next_sweep_ms = 0
+        self._next_full_cross = 0.0
+        self._quote_dirty = True
+        self._last_quote: Quote | None = None
+        self._quote_at = 0.0
+        self._last_summary: dict[str, Any] | None = None
+        self._summary_at = 0.0
+        self._summary_checked_at = 0.0
+
+    def _running(self) -> bool:
+        return not (self.stopping or self.stop.is_set())
+
+    async def run(self) -> None:
+        while self._running():
+            try:
+                if not await self.lease.acquire():
+                    await self._pause(LEASE_RETRY_S)
+                    continue
+                renewer = asyncio.create_task(self._renew_lease())
+                try:
+                    await self._serve()
+                finally:
+                    self.serving = False
+                    renewer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renewer
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.lease.release())
+                    self._reset()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("region %s: loop failed; starting over", self.region)
+                await self._pause(_RETRY_PAUSE_S)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+
+    async def _renew_lease(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_RENEW_S)
+            try:
+                if not await self.lease.renew():
+                    log.warning("region %s: lease lost", self.region)
+                    return
+            except _CONNECTION_ERRORS as exc:
+                log.warning("region %s: lease renewal failed: %s", self.region, exc)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        await self._snapshot()
+        self.serving = True
+        log.info(
+            "region %s: serving (%d nodes, %d open bids)",
+            self.region,
+            len(self.book),
+            len(self.bids),
+        )
+        crossed_at = time.monotonic()
+        while self._running() and self.lease.valid():
+            block_ms = None if (self._fresh or self._retry) else max(1, int(TICK_S * 1000))
+            reply = await self.redis.xread(
+                {self.stream: self.last_id}, count=STREAM_BATCH, block=block_ms
+            )
+            n = 0
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    self.last_id = entry_id
+                    n += 1
+                    await self._on_entry(fields)
+            if n == STREAM_BATCH and time.monotonic() - crossed_at < TICK_S:
+                continue  # catch up with the stream before deciding anything
+            now_ms = self.clock()
+            await self._duties(now_ms)
+            if not self.lease.valid():
+                break
+            await self._cross(now_ms)
+            crossed_at = time.monotonic()
+            await self._publish_state(now_ms)
+
+    async def _snapshot(self) -> None:
+        """Load the region as it is; the stream is then read from a point at or before it
+        (events set absolute values, so re-applying the overlap converges)."""
+        last = await self.redis.xrevrange(self.stream, count=1)
+        self.last_id = last[0][0] if last else b"0-0"
+        nodes, bids, contracts = await asyncio.gather(
+            self.market.nodes(self.region),
+            self.market.bids(self.region),
+            self.market.contracts(region=self.region),
+        )
+        for node in nodes:
+            self.book.upsert(node)
+            self.supply.upsert(node)
+        for bid in bids:
+            self._add_bid(bid)
+        for contract in contracts:
+            if contract.status == "active":
+                self.notifier.remember(contract)
+                heapq.heappush(self._ends, (contract.end_ms, contract.contract_id))
+        self._ask_dirty = True
+
+    def _add_bid(self, bid: Bid) -> None:
+        self.bids[bid.bid_id] = bid
+        self.notifier.remember(bid)
+        if bid.expires_ms:
+            heapq.heappush(self._bid_expiry, (bid.expires_ms, bid.bid_id))
+
+    async def _on_entry(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            event = EVENT_DECODER.decode(fields[b"e"])
+        except (KeyError, msgspec.DecodeError) as exc:
+            log.error("region %s: undecodable stream entry skipped: %s", self.region, exc)
+            return
+        if self.supply.apply(event):
+            self._ask_dirty = True
+        self.book.apply(event)
+        self._quote_dirty = True
+        match event:
+            case BidPlaced(bid=bid):
+                if bid.status == "open":
+                    self._add_bid(bid)
+                    self._fresh.append(bid.bid_id)
+            case BidCancelled(bid_id=bid_id) | BidExpired(bid_id=bid_id):
+                self.bids.pop(bid_id, None)
+            case ContractCreated(contract=c):
+                heapq.heappush(self._ends, (c.end_ms, c.contract_id))
+                if event.bid_id is not None:
+                    self._bid_filled(event)
+            case ContractExtended():
+                heapq.heappush(self._ends, (event.end_ms, event.contract_id))
+            case _:
+                pass
+        await self._notify(event)
+
+    def _bid_filled(self, event: ContractCreated) -> None:
+        assert event.bid_id is not None
+        bid = self.bids.get(event.bid_id)
+        if bid is None:
+            return
+        if event.bid_status is not None and event.bid_status != "open":
+            del self.bids[event.bid_id]
+            return
+        ids = bid.contract_ids
+        if event.contract.contract_id not in ids:
+            ids = [*ids, event.contract.contract_id]
+        self.bids[event.bid_id] = msgspec.structs.replace(
+            bid,
+            filled_ram_gb=event.bid_filled_ram_gb,
+            filled_vram_gb=event.bid_filled_vram_gb,
+            contract_ids=ids,
+        )
+
+    async def _notify(self, event: Event) -> None:
+        notifier = self.notifier
+        # An event about something the snapshot missed (it ended before we started, or the
+        # stream overlap): look it up so the message can still be addressed.
+        match event:
+            case ContractExtended(contract_id=cid) | ContractSettled(contract_id=cid):
+                if not notifier.knows_contract(cid):
+                    found = await self.market.get_contract(cid)
+                    if found is not None:
+                        notifier.remember(found)
+            case BidCancelled(bid_id=bid_id) | BidExpired(bid_id=bid_id):
+                if not notifier.knows_bid(bid_id):
+                    found_bid = await self.market.get_bid(bid_id)
+                    if found_bid is not None:
+                        notifier.remember(found_bid)
+            case _:
+                pass
+        self.publisher.publish(notifier.on_event(event))
+
+    # -- time-driven duties -------------------------------------------------------------------
+
+    async def _duties(self, now_ms: int) -> None:
+        sweep = now_ms >= self._next_sweep_ms
+        if sweep:
+            self._next_sweep_ms = now_ms + SWEEP_MS
+        if sweep or self._due(self._bid_expiry, now_ms, self.bids):
+            await self._expire_bids(now_ms)
+        if sweep or self._due(self._ends, now_ms, None):
+            await self._settle_ended(now_ms)
+        if sweep:
+            await self._check_liveness(now_ms)
+        self.publisher.publish(self.notifier.due_notices(now_ms))
+
+    def _due(self, heap: list[tuple[int, str]], now_ms: int, live: dict[str, Any] | None) -> bool:
+        """Pop every entry of `heap` whose time has come; True if any is still live (`live`
+        None: every entry counts; whether a contract's end still holds is the script's call)."""
+        due = False
+        while heap and heap[0][0] <= now_ms:
+            _, key = heapq.heappop(heap)
+            if live is None or key in live:
+                due = True
+        return due
+
+    async def _expire_bids(self, now_ms: int) -> None:
+        while True:
+            expired = await self.market.expire_bids(self.region, now_ms, limit=SCRIPT_LIMIT)
+            for bid in expired:
+                self.bids.pop(bid.bid_id, None)
+            if len(expired) < SCRIPT_LIMIT:
+                return
+
+    async def _settle_ended(self, now_ms: int) -> None:
+        while True:
+            due = await self.market.due_contracts(self.region, now_ms, limit=SCRIPT_LIMIT)
+            for start in range(0, len(due), RESERVE_BATCH):
+                chunk = due[start : start + RESERVE_BATCH]
+                results = await asyncio.gather(
+                    *(self.market.settle(cid, 0, now_ms) for cid in chunk), return_exceptions=True
+                )
+                for cid, result in zip(chunk, results, strict=True):
+                    if isinstance(result, BaseException) and not isinstance(result, _GONE):
+                        log.error("region %s: settling %s failed: %r", self.region, cid, result)
+            if len(due) < SCRIPT_LIMIT:
+                return
+
+    async def _check_liveness(self, now_ms: int) -> None:
+        while True:
+            stale = await self.market.stale_nodes(self.region, now_ms, limit=SCRIPT_LIMIT)
+            for node_id in stale:
+                await self._take_offline(node_id, now_ms)
+            if len(stale) < SCRIPT_LIMIT:
+                return
+
+    async def _take_offline(self, node_id: str, now_ms: int) -> None:
+        try:
+            contracts = await self.market.mark_offline(node_id, now_ms)
+        except _GONE:
+            return  # a heartbeat arrived meanwhile, or the node is gone
+        self.book.set_status(node_id, "offline")
+        row = self.supply.nodes.get(node_id)
+        if row is not None:
+            row[0] = "offline"
+        node = self.book.node(node_id) or await self.market.get_node(node_id)
+        for contract in contracts:
+            if contract.status == "active":
+                await self._fail_over(contract, node, now_ms)
+
+    async def _fail_over(self, contract: Contract, node: Node | None, now_ms: int) -> None:
+        """Move the contract to the best other node that can hold it, else fail it pro-rated."""
+        remaining_s = successor_duration_s(contract, now_ms)
+        if remaining_s > 0:
+            cap = contract.max_price_pusd or contract.price_pusd
+            req = MatchRequest(
+                ram_gb=contract.ram_gb,
+                vram_gb=contract.vram_gb,
+                duration_s=remaining_s,
+                max_price_pusd=cap,
+                lat=node.lat if node is not None else None,
+                lng=node.lng if node is not None else None,
+                prefer_local=True,
+                region=self.region,
+                limit=RANK_K,
+            )
+            for match in rank(self.book, req, now_ms, RANK_K + 1):
+                if match.node_id == contract.node_id:
+                    continue
+                try:
+                    _old, new = await self.market.failover(
+                        contract.contract_id, match.node_id, now_ms
+                    )
+                except _LOST_RACE:
+                    continue
+                except _GONE:
+                    return  # settled or moved meanwhile
+                self._debit(new.node_id, new.ram_gb, new.vram_gb)
+                log.info(
+                    "region %s: contract %s failed over from %s to %s",
+                    self.region,
+                    contract.contract_id,
+                    contract.node_id,
+                    new.node_id,
+                )
+                return
+        try:
+            await self.market.fail_contract(contract.contract_id, now_ms)
+            log.info(
+                "region %s: contract %s failed (no alternative)", self.region, contract.contract_id
+            )
+        except _GONE:
+            pass
+
+    # -- crossing -----------------------------------------------------------------------------
+
+    def _debit(self, node_id: str, ram_gb: int, vram_gb: int) -> None:
+        """Count a reserve in the view before its event arrives (the event then sets the same
+        absolute value), so later decisions of this pass see the capacity as taken."""
+        node = self.book.node(node_id)
+        if node is None:
+            return
+        ram, vram = node.reserved_ram_gb + ram_gb, node.reserved_vram_gb + vram_gb
+        self.book.set_reserved(node_id, ram, vram)
+        self.supply.set_reserved(node_id, ram, vram)
+
+    def _best_ask(self, now_ms: int) -> int | None:
+        offers, _total = browse(self.book, now_ms=now_ms, limit=1)
+        return offers[0].price_pusd if offers else None
+
+    async def _cross(self, now_ms: int) -> None:
+        now = time.monotonic()
+        if self._ask_dirty or now >= self._next_full_cross:
+            self._ask_dirty = False
+            self._next_full_cross = now + CROSS_TICK_S
+            self._fresh.clear()
+            self._retry.clear()
+            candidates = list(self.bids.values())
+        elif self._fresh or self._retry:
+            wanted = set(self._fresh) | self._retry
+            self._fresh.clear()
+            self._retry.clear()
+            candidates = [self.bids[i] for i in wanted if i in self.bids]
+        else:
+            return
+        if not candidates:
+            return
+        best_ask = self._best_ask(now_ms)
+        if best_ask is None:
+            return
+        candidates.sort(key=bid_priority)
+        batch: list[tuple[Bid, Fill]] = []
+        for bid in candidates:
+            if bid.max_price_pusd < best_ask:
+                break  # every later bid has a lower cap still
+            if not self.lease.valid() or not self._running():
+                return
+            for fill in self._plan(bid, now_ms, ()):
+                self._debit(fill.node_id, fill.ram_gb, fill.vram_gb)
+                batch.append((bid, fill))
+            if len(batch) >= RESERVE_BATCH:
+                await self._execute(batch, now_ms)
+                batch = []
+        if batch:
+            await self._execute(batch, now_ms)
+
+    def _plan(self, bid: Bid, now_ms: int, excluded: Iterable[str]) -> list[Fill]:
+        """The fills to try for `bid` now, best first: engine.core.plan_fills over the eligible
+        asks as engine.scoring ranks them under the bid's constraints."""
+        bid = self.bids.get(bid.bid_id, bid)
+        ram, vram = bid.remaining_ram_gb, bid.remaining_vram_gb
+        if bid.status != "open" or ram + vram <= 0:
+            return []
+        skip = set(excluded)
+        try:
+            matches = rank(self.book, self._request(bid, ram, vram), now_ms, RANK_K + len(skip))
+            if not bid.allow_split:
+                for m in matches:
+                    node = None if m.node_id in skip else self.book.node(m.node_id)
+                    if node is not None and (fills := plan_fills(bid, [node], now_ms)):
+                        return fills
+                return []
+            # Nodes too small for the whole remainder can take a piece of it: rank on a one-GB
+            # probe for each kind of memory still wanted. Whole-remainder candidates come first
+            # (one contract beats several), then the pieces, best score first.
+            probes = []
+            if ram > 0:
+                probes.append(rank(self.book, self._request(bid, 1, 0), now_ms, SPLIT_K))
+            if vram > 0:
+                probes.append(rank(self.book, self._request(bid, 0, 1), now_ms, SPLIT_K))
+            ordered = [*matches, *merge_matches(probes, 2 * SPLIT_K)]
+        except InvalidRequest as exc:
+            log.warning("region %s: bid %s cannot be matched: %s", self.region, bid.bid_id, exc)
+            return []
+        nodes = []
+        for m in ordered:
+            if m.node_id in skip:
+                continue
+            skip.add(m.node_id)
+            node = self.book.node(m.node_id)
+            if node is not None:
+                nodes.append(node)
+        return plan_fills(bid, nodes, now_ms)
+
+    def _request(self, bid: Bid, ram_gb: int, vram_gb: int) -> MatchRequest:
+        return MatchRequest(
+            ram_gb=ram_gb,
+            vram_gb=vram_gb,
+            max_price_pusd=bid.max_price_pusd,
+            duration_s=bid.duration_s,
+            lat=bid.lat,
+            lng=bid.lng,
+            prefer_local=bid.prefer_local,
+            max_distance_km=bid.max_distance_km,
+            min_uptime_score=bid.min_uptime_score,
+            node_type=bid.node_type,
+            region=self.region,
+            limit=RANK_K,
+        )
+
+    async def _execute(self, batch: list[tuple[Bid, Fill]], now_ms: int) -> None:
+        """Send the batch's reserves in one pipelined round trip (`Market.reserve_many`, each
+        still its own atomic script); a lost race falls through to the bid's next candidate."""
+        results = await self.market.reserve_many(
+            [
+                ReserveRequest(
+                    node_id=fill.node_id,
+                    client_id=bid.client_id,
+                    user_id=bid.user_id,
+                    ram_gb=fill.ram_gb,
+                    vram_gb=fill.vram_gb,
+                    duration_s=bid.duration_s,
+                    max_price_pusd=bid.max_price_pusd,
+                    bid_id=bid.bid_id,
+                )
+                for bid, fill in batch
+            ],
+            now_ms,
+        )
+        losers: dict[str, set[str]] = {}
+        gone: set[str] = set()
+        for (bid, fill), result in zip(batch, results, strict=True):
+            if isinstance(result, Contract):
+                self._filled(bid.bid_id, fill, result)
+                continue
+            self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
+            if isinstance(result, _LOST_RACE):
+                losers.setdefault(bid.bid_id, set()).add(fill.node_id)
+            elif isinstance(result, _GONE):
+                gone.add(bid.bid_id)
+            else:
+                # e.g. a split piece planned as "the rest" after an earlier piece lost its race
+                log.info(
+                    "region %s: reserve for bid %s refused: %s", self.region, bid.bid_id, result
+                )
+        for bid_id in gone:
+            await self._refresh_bid(bid_id)
+        for bid_id, excluded in losers.items():
+            await self._fall_through(bid_id, excluded, now_ms)
+
+    async def _refresh_bid(self, bid_id: str) -> None:
+        """Re-read a bid the script refused to fill (it may have been cancelled or expired, or
+        our view of its fill state may be behind)."""
+        bid = await self.market.get_bid(bid_id)
+        if bid is None or bid.status != "open":
+            self.bids.pop(bid_id, None)
+        elif bid_id in self.bids:
+            self.bids[bid_id] = bid
+
+    async def _fall_through(self, bid_id: str, excluded: set[str], now_ms: int) -> None:
+        for _ in range(RANK_K):
+            bid = self.bids.get(bid_id)
+            if bid is None or not self.lease.valid():
+                return
+            fills = self._plan(bid, now_ms, excluded)
+            if not fills:
+                return
+            fill = fills[0]
+            self._debit(fill.node_id, fill.ram_gb, fill.vram_gb)
+            try:
+                contract = await self._reserve(bid, fill, now_ms)
+            except _LOST_RACE:
+                self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
+                excluded.add(fill.node_id)
+                continue
+            except _GONE:
+                self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
+                await self._refresh_bid(bid_id)
+                return
+            except MarketError as exc:
+                self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
+                log.info("region %s: reserve for bid %s refused: %s", self.region, bid_id, exc)
+                return
+            self._filled(bid_id, fill, contract)
+            return
+        # out of candidates for now: the next full pass (an event or the tick) tries again
+
+    async def _reserve(self, bid: Bid, fill: Fill, now_ms: int) -> Contract:
+        return await self.market.reserve(
+            node_id=fill.node_id,
+            client_id=bid.client_id,
+            user_id=bid.user_id,
+            ram_gb=fill.ram_gb,
+            vram_gb=fill.vram_gb,
+            duration_s=bid.duration_s,
+            max_price_pusd=bid.max_price_pusd,
+            now_ms=now_ms,
+            bid_id=bid.bid_id,
+        )
+
+    def _filled(self, bid_id: str, fill: Fill, contract: Contract) -> None:
+        self.fills += 1
+        heapq.heappush(self._ends, (contract.end_ms, contract.contract_id))
+        bid = self.bids.get(bid_id)
+        if bid is None:
+            return
+        if contract.contract_id in bid.contract_ids:
+            return  # the stream told us first
+        bid = apply_fill(bid, fill.ram_gb, fill.vram_gb, contract.contract_id)
+        if bid.status == "open":
+            self.bids[bid_id] = bid
+            self._retry.add(bid_id)  # a split bid keeps filling
+        else:
+            del self.bids[bid_id]
+
+    # -- quotes and summary -------------------------------------------------------------------
+
+    async def _publish_state(self, now_ms: int) -> None:
+        now = time.monotonic()
+        if now - self._quote_at >= QUOTE_MIN_INTERVAL_S and (
+            self._quote_dirty or now - self._quote_at >= QUOTE_REFRESH_S
+        ):
+            self._quote_at = now
+            self._quote_dirty = False
+            quote = await self.market.quote(self.region, now_ms)
+            last = self._last_quote
+            if last is None or msgspec.structs.replace(last, ts_ms=quote.ts_ms) != quote:
+                self._last_quote = quote
+                self.publisher.publish(
+                    [
+                        (
+                            self.keys.quotes_channel(self.region),
+                            encode_message(f"quotes:{self.region}", quote),
+                        )
+                    ]
+                )
+        if now - self._summary_checked_at >= SUMMARY_MIN_INTERVAL_S:
+            self._summary_checked_at = now
+            summary = self.supply.summary(self.region, now_ms)
+            if summary != self._last_summary or now - self._summary_at >= SUMMARY_KEEPALIVE_S:
+                self._summary_at = now
+                self._last_summary = summary
+                self.publisher.publish(
+                    [(self.keys.market_channel, encode_message("market", summary))]
+                )
