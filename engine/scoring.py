@@ -1,0 +1,1279 @@
+"""Scoring: rank a region's live asks for one request, the spec's `match_nodes` made fast.
+
+The formula is the spec's, unchanged (all scores are floats, unrounded; rounding is presentation):
+    hard filters   available_ram >= ram, available_vram >= vram, price <= cap, status active,
+                   plus the offer's terms: ask not expired (ask_expires_ms == 0 or > now),
+                   min_duration_s <= duration_s <= max_duration_s; and the request's own filters:
+                   uptime_score >= min_uptime_score, node_type, region, and, when the request has a
+                   location, haversine distance <= max_distance_km (default 10,000 km).
+    proximity      max(0, 100 - distance_km / 10), x3 when prefer_local; only with a location
+    price          (1 - price / cap) * 50
+    reliability    uptime_score * 0.5
+    capacity       min(30, (available_ram + available_vram) / (ram + vram) * 10)
+    type bonus     +20 for a mist_node
+    match_score    ((((0 + weight * proximity) + price) + reliability) + capacity) + bonus,
+                   summed in the spec's order so the fast path and the oracle agree bit for bit.
+Order: higher score first; ties by lower price, then earlier arrival (`Node.arrival_seq`, unique
+within a region). Two deliberate fixes to the spec's sketch: a coordinate of 0.0 is a location
+(the sketch tested truthiness, so the equator and the Greenwich meridian counted as "no location"),
+and the haversine term `a` is clamped to [0, 1] (rounding near antipodes made `sqrt(1 - a)` fail).
+
+`AskBook` holds one region's nodes as columns of NumPy arrays (upsert/remove in O(1): swap-remove
+plus an id -> row dict; the arrays double when full). `rank` runs a Numba kernel over them:
+1. cheap filters on integer/float columns, no trigonometry;
+2. a score bound: a node whose best possible score (its trig-free components plus the largest
+   proximity it could have) is below the current K-th best is skipped without any geometry;
+3. distance with a trig-free chord: every node carries its unit vector on the sphere (computed
+   once at upsert), the chord to the request's point is exact to ~1e-15, and the great-circle
+   distance is a monotone function of it. Thresholds computed once per request (with a 1 m
+   margin) decide "surely outside max distance", "surely inside" and "surely >= 1000 km, so
+   proximity 0"; only the rest (near the boundary, or close enough to score proximity) take the
+   spec's exact haversine. No true candidate is ever dropped by the bound: see `_chord2`.
+4. a K-slot binary heap keeps the top K without sorting the book: O(n log K).
+Cost: O(n) over the columns, typically ~1 ns per ask, plus O(K) to build the results.
+`rank_reference` is the plain-Python twin (same contract, no NumPy); tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+from numba import njit
+
+from engine.errors import InvalidRequest
+from engine.types import (
+    NODE_TYPES,
+    ContractCreated,
+    ContractSettled,
+    Event,
+    HeartbeatsApplied,
+    Node,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeType,
+    NodeUpdated,
+)
+
+__all__ = [
+    "DEFAULT_MAX_DISTANCE_KM",
+    "EARTH_RADIUS_KM",
+    "AskBook",
+    "Match",
+    "MatchRequest",
+    "Offer",
+    "browse",
+    "haversine_km",
+    "rank",
+    "rank_reference",
+    "warm_up",
+]
+
+EARTH_RADIUS_KM = 6371.0
+DEFAULT_MAX_DISTANCE_KM = 10_000.0
+"""The spec's default `max_distance_km` when a request with a location names none."""
+_PROXIMITY_ZERO_KM = 1000.0  # 100 - d/10 reaches 0 here
+_MARGIN_KM = 1e-3  # far above the ~1e-11 km float error of either distance formula
+_STATUSES: tuple[str, ...] = ("active", "maintenance", "offline", "deactivated")
+_MIST = NODE_TYPES.index("mist_node")
+_NO_EXPIRY = np.iinfo(np.int64).max
+
+
+class MatchRequest(msgspec.Struct, kw_only=True):
+    """What a renter asks for (`POST /api/marketplace/request`, a resting bid, a failover).
+
+    `max_price_pusd`: the cap in pico-USD per GB-second. `lat`/`lng`: the renter's location,
+    both or neither; without one there is no proximity score and no distance limit.
+    `max_distance_km`: None means the spec's default of 10,000 km (only with a location).
+    """
+
+    ram_gb: int
+    vram_gb: int
+    max_price_pusd: int
+    duration_s: int = 3600
+    lat: float | None = None
+    lng: float | None = None
+    prefer_local: bool = True
+    max_distance_km: float | None = None
+    min_uptime_score: float = 0.0
+    node_type: NodeType | None = None
+    region: str | None = None
+    limit: int = 10
+
+    def validate(self) -> MatchRequest:
+        """Return self, or raise InvalidRequest naming the first offending field."""
+        _check_int(self.ram_gb, "ram_gb", minimum=0)
+        _check_int(self.vram_gb, "vram_gb", minimum=0)
+        if self.ram_gb + self.vram_gb == 0:
+            raise InvalidRequest(
+                "ask for some memory: ram_gb + vram_gb must be > 0", field="ram_gb"
+            )
+        _check_int(self.max_price_pusd, "max_price_pusd", minimum=1)
+        _check_int(self.duration_s, "duration_s", minimum=1)
+        _check_int(self.limit, "limit", minimum=1)
+        _check_location(self.lat, self.lng)
+        _check_distance(self.max_distance_km)
+        _check_uptime(self.min_uptime_score)
+        if self.node_type is not None and self.node_type not in NODE_TYPES:
+            raise InvalidRequest(
+                f"node_type must be one of {', '.join(NODE_TYPES)}", field="node_type"
+            )
+        if not isinstance(self.prefer_local, bool):
+            raise InvalidRequest("prefer_local must be a boolean", field="prefer_local")
+        return self
+
+    @property
+    def has_location(self) -> bool:
+        return self.lat is not None and self.lng is not None
+
+
+class Match(msgspec.Struct, kw_only=True):
+    """One ranked node with the score breakdown (unrounded) and what the lease would cost.
+
+    `proximity_score` is the unweighted 0-100 component (0.0 without a request location);
+    `match_score` includes its x3 weight when prefer_local. `distance_km` is None without a request
+    location. `estimated_cost_pusd` = (ram_gb + vram_gb) * duration_s * price_pusd, exact.
+    """
+
+    node_id: str
+    node_name: str
+    node_type: NodeType
+    region: str
+    match_score: float
+    proximity_score: float
+    price_score: float
+    reliability_score: float
+    capacity_score: float
+    type_bonus: float
+    distance_km: float | None
+    estimated_cost_pusd: int
+    estimated_latency_ms: float
+    price_pusd: int
+    available_ram_gb: int
+    available_vram_gb: int
+    uptime_score: float
+    arrival_seq: int = 0
+
+
+class Offer(msgspec.Struct, kw_only=True):
+    """A row of `GET /api/marketplace`: a live ask with free capacity."""
+
+    node_id: str
+    node_name: str
+    node_type: NodeType
+    region: str
+    available_ram_gb: int
+    available_vram_gb: int
+    price_pusd: int
+    egress_price_pusd: int
+    min_duration_s: int
+    max_duration_s: int
+    uptime_score: float
+    distance_km: float | None
+    estimated_latency_ms: float
+    bandwidth_mbps: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_int(value: Any, field: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{field} must be an integer", field=field)
+    if value < minimum:
+        raise InvalidRequest(f"{field} must be >= {minimum}", field=field)
+
+
+def _check_real(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"{field} must be a finite number", field=field)
+    return float(value)
+
+
+def _check_location(lat: float | None, lng: float | None) -> None:
+    if (lat is None) != (lng is None):
+        raise InvalidRequest(
+            "give both lat and lng, or neither", field="lng" if lng is None else "lat"
+        )
+    if lat is None or lng is None:
+        return
+    if abs(_check_real(lat, "lat")) > 90.0:
+        raise InvalidRequest("lat must be within [-90, 90]", field="lat")
+    if abs(_check_real(lng, "lng")) > 180.0:
+        raise InvalidRequest("lng must be within [-180, 180]", field="lng")
+
+
+def _check_distance(max_distance_km: float | None) -> None:
+    if max_distance_km is None:
+        return
+    if isinstance(max_distance_km, bool) or not isinstance(max_distance_km, (int, float)):
+        raise InvalidRequest("max_distance_km must be a number", field="max_distance_km")
+    # +inf is a legitimate "no limit"; NaN and negatives are not
+    if math.isnan(max_distance_km) or max_distance_km < 0:
+        raise InvalidRequest("max_distance_km must be >= 0", field="max_distance_km")
+
+
+def _check_uptime(min_uptime_score: float) -> None:
+    value = _check_real(min_uptime_score, "min_uptime_score")
+    if not 0.0 <= value <= 100.0:
+        raise InvalidRequest("min_uptime_score must be within [0, 100]", field="min_uptime_score")
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry (plain Python; the kernel has the same formulas)
+
+
+def haversine_km(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
+    """Great-circle distance in km: the spec's `calculate_distance`, `a` clamped to [0, 1]."""
+    # squares as products, not `** 2` (libm pow can differ from x * x in the last bit), so this
+    # and the kernel agree bit for bit
+    dlat = math.radians(lat2 - lat1)
+    dlng = math.radians(lng2 - lng1)
+    s1 = math.sin(dlat / 2)
+    s2 = math.sin(dlng / 2)
+    a = s1 * s1 + math.cos(math.radians(lat1)) * math.cos(math.radians(lat2)) * (s2 * s2)
+    a = min(1.0, max(0.0, a))
+    c = 2 * math.atan2(math.sqrt(a), math.sqrt(1 - a))
+    return EARTH_RADIUS_KM * c
+
+
+def _unit_vector(lat: float, lng: float) -> tuple[float, float, float]:
+    # math (not numpy) for both nodes and requests: identical inputs give identical vectors,
+    # so a node at the request's very point has chord exactly 0
+    phi = math.radians(lat)
+    lam = math.radians(lng)
+    cos_phi = math.cos(phi)
+    return cos_phi * math.cos(lam), cos_phi * math.sin(lam), math.sin(phi)
+
+
+def _chord2(distance_km: float) -> float:
+    """Squared chord (unit sphere) of a great-circle distance; +inf past the antipode.
+
+    d = 2R asin(chord / 2) is increasing in the chord, so `chord^2 <= _chord2(D)` is exactly
+    `d <= D`. Callers widen D by `_MARGIN_KM` on the side that must not drop a candidate: the
+    computed chord of a node is within ~1e-15 of the truth (~1e-11 km), far inside the margin.
+    """
+    if distance_km < 0:
+        return -1.0
+    half = distance_km / (2 * EARTH_RADIUS_KM)
+    if half >= math.pi / 2:
+        return math.inf
+    s = 2 * math.sin(half)
+    return s * s
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns
+
+# float64 columns
+_F_PRICE, _F_UPTIME, _F_LAT, _F_LNG, _F_UX, _F_UY, _F_UZ, _F_LATENCY = range(8)
+_NF = 8
+# int64 columns
+(
+    _I_AVAIL_RAM,
+    _I_AVAIL_VRAM,
+    _I_LIVE_UNTIL,
+    _I_MIN_DUR,
+    _I_MAX_DUR,
+    _I_TYPE,
+    _I_ARRIVAL,
+    _I_OFFERED_RAM,
+    _I_OFFERED_VRAM,
+    _I_RESERVED_RAM,
+    _I_RESERVED_VRAM,
+    _I_STATUS,
+    _I_EXPIRES,
+    _I_PRICE_PUSD,
+    _I_BANDWIDTH,
+    _I_LAST_HB,
+) = range(16)
+_NI = 16
+# float32 copies of every field a filter or the score reads, for the bound pass (never used for a
+# score). Rounding to nearest is monotone, so `x >= y` implies `f32(x) >= f32(y)`: a filter
+# applied to the copies never drops a row the exact filter keeps. _H_LIVE is +inf for an active
+# node whose ask never expires, f32(ask_expires_ms) if it does, -inf when not active.
+(
+    _H_RAM,
+    _H_VRAM,
+    _H_PRICE,
+    _H_UPTIME,
+    _H_TYPE,
+    _H_LIVE,
+    _H_MIN_DUR,
+    _H_MAX_DUR,
+    _H_UX,
+    _H_UY,
+    _H_UZ,
+) = range(11)
+_NH = 11
+_BLOCK = 256
+_BOUND_SLACK_KM = 0.05  # > 10x the float32 chord error (~4 m)
+_BOUND_MARGIN = 0.05  # score points; > 1000x the float32 error of the bound
+
+
+class AskBook:
+    """One region's nodes as columns (NumPy), kept current by `upsert`, `remove` and `apply`.
+
+    Every node of the region is kept, live or not (a node offline now may come back by a
+    heartbeat); the kernels filter. Row order is arbitrary (swap-remove); ties never depend on
+    it. Not thread-safe: one owner applies events and ranks (the asyncio loop of a process).
+    `version` increases with every change, for callers that cache results.
+    """
+
+    __slots__ = ("_f", "_h", "_i", "_ids", "_nodes", "_row", "region", "version")
+
+    def __init__(self, region: str, capacity: int = 1024) -> None:
+        self.region = region
+        capacity = max(16, capacity)
+        self._f = np.zeros((_NF, capacity), dtype=np.float64)
+        self._i = np.zeros((_NI, capacity), dtype=np.int64)
+        self._h = np.zeros((_NH, capacity), dtype=np.float32)
+        self._ids: list[str] = []
+        self._nodes: list[Node] = []  # static fields; dynamic ones live in the columns
+        self._row: dict[str, int] = {}
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._row
+
+    def node_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def node(self, node_id: str) -> Node | None:
+        """The node as the book sees it now (static fields plus current columns)."""
+        row = self._row.get(node_id)
+        return None if row is None else self._materialise(row)
+
+    def nodes(self) -> list[Node]:
+        return [self._materialise(row) for row in range(len(self._ids))]
+
+    def upsert(self, node: Node) -> None:
+        """Insert or replace a node (the whole node, as in NodeRegistered/NodeUpdated)."""
+        if node.region != self.region:
+            raise ValueError(f"node {node.node_id} is in {node.region}, not {self.region}")
+        row = self._row.get(node.node_id)
+        if row is None:
+            row = len(self._ids)
+            if row == self._f.shape[1]:
+                self._grow()
+            self._ids.append(node.node_id)
+            self._nodes.append(node)
+            self._row[node.node_id] = row
+        else:
+            self._nodes[row] = node
+        f, i = self._f, self._i
+        f[_F_PRICE, row] = float(node.price_pusd)
+        f[_F_UPTIME, row] = node.uptime_score
+        h = self._h
+        h[_H_PRICE, row] = node.price_pusd
+        h[_H_UPTIME, row] = node.uptime_score
+        h[_H_TYPE, row] = NODE_TYPES.index(node.node_type)
+        h[_H_MIN_DUR, row] = node.min_duration_s
+        h[_H_MAX_DUR, row] = node.max_duration_s
+        f[_F_LATENCY, row] = node.base_latency_ms
+        i[_I_MIN_DUR, row] = node.min_duration_s
+        i[_I_MAX_DUR, row] = node.max_duration_s
+        i[_I_TYPE, row] = NODE_TYPES.index(node.node_type)
+        i[_I_ARRIVAL, row] = node.arrival_seq
+        i[_I_PRICE_PUSD, row] = node.price_pusd
+        i[_I_BANDWIDTH, row] = node.bandwidth_mbps
+        i[_I_LAST_HB, row] = node.last_heartbeat_ms
+        i[_I_EXPIRES, row] = node.ask_expires_ms
+        self._set_location(row, node.lat, node.lng)
+        self._set_capacity(
+            row,
+            node.offered_ram_gb,
+            node.offered_vram_gb,
+            node.reserved_ram_gb,
+            node.reserved_vram_gb,
+        )
+        self._set_status(row, node.status)
+
+    def remove(self, node_id: str) -> bool:
+        """Drop a node; False if it was not there. O(1): the last row moves into its place."""
+        row = self._row.pop(node_id, None)
+        if row is None:
+            return False
+        last = len(self._ids) - 1
+        if row != last:
+            self._f[:, row] = self._f[:, last]
+            self._i[:, row] = self._i[:, last]
+            self._h[:, row] = self._h[:, last]
+            moved = self._ids[last]
+            self._ids[row] = moved
+            self._nodes[row] = self._nodes[last]
+            self._row[moved] = row
+        self._ids.pop()
+        self._nodes.pop()
+        self.version += 1
+        return True
+
+    def set_status(self, node_id: str, status: str) -> bool:
+        row = self._row.get(node_id)
+        if row is None:
+            return False
+        self._set_status(row, status)
+        return True
+
+    def set_reserved(self, node_id: str, reserved_ram_gb: int, reserved_vram_gb: int) -> bool:
+        row = self._row.get(node_id)
+        if row is None:
+            return False
+        i = self._i
+        self._set_capacity(
+            row,
+            int(i[_I_OFFERED_RAM, row]),
+            int(i[_I_OFFERED_VRAM, row]),
+            reserved_ram_gb,
+            reserved_vram_gb,
+        )
+        return True
+
+    def apply(self, event: Event) -> None:
+        """Bring the book up to date with one event of this region's stream.
+
+        Events set absolute values (whole node, offered/available, reserved after the change), so
+        applying an event the snapshot already reflects is harmless: replaying from any point at
+        or before the snapshot converges to the live state. Events about other objects (bids,
+        extensions) or unknown nodes are ignored.
+        """
+        match event:
+            case NodeRegistered(node=node) | NodeUpdated(node=node):
+                self.upsert(node)
+            case NodeDeactivated(node_id=node_id):
+                self.set_status(node_id, "deactivated")
+            case NodeOffline(node_id=node_id):
+                self.set_status(node_id, "offline")
+            case HeartbeatsApplied(entries=entries):
+                for entry in entries:
+                    row = self._row.get(entry.node_id)
+                    if row is None:
+                        continue
+                    self._set_capacity(
+                        row,
+                        entry.offered_ram_gb,
+                        entry.offered_vram_gb,
+                        entry.offered_ram_gb - entry.available_ram_gb,
+                        entry.offered_vram_gb - entry.available_vram_gb,
+                    )
+                    self._set_status(row, entry.status)
+                    if entry.lat is not None and entry.lng is not None:
+                        self._set_location(row, entry.lat, entry.lng)
+                    if entry.bandwidth_mbps is not None:
+                        self._i[_I_BANDWIDTH, row] = entry.bandwidth_mbps
+                    self._i[_I_LAST_HB, row] = event.ts_ms
+            case ContractCreated(contract=contract):
+                self.set_reserved(
+                    contract.node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb
+                )
+            case ContractSettled(node_id=node_id):
+                self.set_reserved(node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb)
+            case _:
+                pass
+
+    # -- internals
+
+    def _grow(self) -> None:
+        capacity = self._f.shape[1] * 2
+        f = np.zeros((_NF, capacity), dtype=np.float64)
+        i = np.zeros((_NI, capacity), dtype=np.int64)
+        h = np.zeros((_NH, capacity), dtype=np.float32)
+        n = len(self._ids)
+        f[:, :n] = self._f[:, :n]
+        i[:, :n] = self._i[:, :n]
+        h[:, :n] = self._h[:, :n]
+        self._f, self._i, self._h = f, i, h
+
+    def _set_location(self, row: int, lat: float, lng: float) -> None:
+        f = self._f
+        f[_F_LAT, row] = lat
+        f[_F_LNG, row] = lng
+        ux, uy, uz = _unit_vector(lat, lng)
+        f[_F_UX, row], f[_F_UY, row], f[_F_UZ, row] = ux, uy, uz
+        h = self._h
+        h[_H_UX, row], h[_H_UY, row], h[_H_UZ, row] = ux, uy, uz
+        self.version += 1
+
+    def _set_capacity(
+        self, row: int, offered_ram: int, offered_vram: int, reserved_ram: int, reserved_vram: int
+    ) -> None:
+        i = self._i
+        i[_I_OFFERED_RAM, row] = offered_ram
+        i[_I_OFFERED_VRAM, row] = offered_vram
+        i[_I_RESERVED_RAM, row] = reserved_ram
+        i[_I_RESERVED_VRAM, row] = reserved_vram
+        i[_I_AVAIL_RAM, row] = max(0, offered_ram - reserved_ram)
+        i[_I_AVAIL_VRAM, row] = max(0, offered_vram - reserved_vram)
+        self._h[_H_RAM, row] = i[_I_AVAIL_RAM, row]
+        self._h[_H_VRAM, row] = i[_I_AVAIL_VRAM, row]
+        self.version += 1
+
+    def _set_status(self, row: int, status: str) -> None:
+        i = self._i
+        i[_I_STATUS, row] = _STATUSES.index(status)
+        # one column answers "status active and ask not expired" with a single comparison
+        expires = int(i[_I_EXPIRES, row])
+        if status != "active":
+            i[_I_LIVE_UNTIL, row] = -1
+            self._h[_H_LIVE, row] = -np.inf
+        elif expires > 0:
+            i[_I_LIVE_UNTIL, row] = expires
+            self._h[_H_LIVE, row] = expires
+        else:
+            i[_I_LIVE_UNTIL, row] = _NO_EXPIRY
+            self._h[_H_LIVE, row] = np.inf
+        self.version += 1
+
+    def _materialise(self, row: int) -> Node:
+        f, i = self._f, self._i
+        return msgspec.structs.replace(
+            self._nodes[row],
+            lat=float(f[_F_LAT, row]),
+            lng=float(f[_F_LNG, row]),
+            offered_ram_gb=int(i[_I_OFFERED_RAM, row]),
+            offered_vram_gb=int(i[_I_OFFERED_VRAM, row]),
+            reserved_ram_gb=int(i[_I_RESERVED_RAM, row]),
+            reserved_vram_gb=int(i[_I_RESERVED_VRAM, row]),
+            status=_STATUSES[int(i[_I_STATUS, row])],
+            bandwidth_mbps=int(i[_I_BANDWIDTH, row]),
+            last_heartbeat_ms=int(i[_I_LAST_HB, row]),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _haversine(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
+    deg = math.pi / 180.0
+    dlat = (lat2 - lat1) * deg
+    dlng = (lng2 - lng1) * deg
+    s1 = math.sin(dlat / 2)
+    s2 = math.sin(dlng / 2)
+    a = s1 * s1 + math.cos(lat1 * deg) * math.cos(lat2 * deg) * (s2 * s2)
+    a = min(1.0, max(0.0, a))
+    return EARTH_RADIUS_KM * (2 * math.atan2(math.sqrt(a), math.sqrt(1 - a)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _better(s1: float, p1: float, a1: int, s2: float, p2: float, a2: int) -> bool:
+    if s1 != s2:
+        return s1 > s2
+    if p1 != p2:
+        return p1 < p2
+    return a1 < a2
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(h_s, h_p, h_a, h_i, size):  # type: ignore[no-untyped-def]
+    # min-heap on goodness: the root is the worst of the kept K
+    j = 0
+    while True:
+        left = 2 * j + 1
+        if left >= size:
+            return
+        w = left
+        right = left + 1
+        if right < size and _better(h_s[w], h_p[w], h_a[w], h_s[right], h_p[right], h_a[right]):
+            w = right
+        if _better(h_s[j], h_p[j], h_a[j], h_s[w], h_p[w], h_a[w]):
+            h_s[j], h_s[w] = h_s[w], h_s[j]
+            h_p[j], h_p[w] = h_p[w], h_p[j]
+            h_a[j], h_a[w] = h_a[w], h_a[j]
+            h_i[j], h_i[w] = h_i[w], h_i[j]
+            j = w
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
+def _sift_up(h_s, h_p, h_a, h_i, j):  # type: ignore[no-untyped-def]
+    while j > 0:
+        parent = (j - 1) // 2
+        if _better(h_s[parent], h_p[parent], h_a[parent], h_s[j], h_p[j], h_a[j]):
+            h_s[j], h_s[parent] = h_s[parent], h_s[j]
+            h_p[j], h_p[parent] = h_p[parent], h_p[j]
+            h_a[j], h_a[parent] = h_a[parent], h_a[j]
+            h_i[j], h_i[parent] = h_i[parent], h_i[j]
+            j = parent
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
+def _sorted_heap(h_s, h_p, h_a, h_i, size):  # type: ignore[no-untyped-def]
+    # K is small: insertion sort, best first
+    order = np.arange(size)
+    for x in range(1, size):
+        y = x
+        while y > 0:
+            a = order[y - 1]
+            b = order[y]
+            if _better(h_s[b], h_p[b], h_a[b], h_s[a], h_p[a], h_a[a]):
+                order[y - 1], order[y] = b, a
+                y -= 1
+            else:
+                break
+    return order
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _exact_score(  # type: ignore[no-untyped-def]
+    fc,
+    ic,
+    r,
+    ram,
+    vram,
+    cap,
+    now_ms,
+    duration_s,
+    min_uptime,
+    type_code,
+    need,
+    has_loc,
+    qlat,
+    qlng,
+    qx,
+    qy,
+    qz,
+    weight,
+    max_dist,
+    chord_out2,
+):
+    """(passes every hard filter, score) of row r: the spec's formula in the spec's order."""
+    avail_ram = ic[_I_AVAIL_RAM, r]
+    avail_vram = ic[_I_AVAIL_VRAM, r]
+    price = fc[_F_PRICE, r]
+    uptime = fc[_F_UPTIME, r]
+    ntype = ic[_I_TYPE, r]
+    if (
+        avail_ram < ram
+        or avail_vram < vram
+        or price > cap
+        or ic[_I_LIVE_UNTIL, r] <= now_ms
+        or duration_s < ic[_I_MIN_DUR, r]
+        or duration_s > ic[_I_MAX_DUR, r]
+        or uptime < min_uptime
+        or (type_code >= 0 and ntype != type_code)
+    ):
+        return False, 0.0
+    score = 0.0
+    if has_loc:
+        dx = fc[_F_UX, r] - qx
+        dy = fc[_F_UY, r] - qy
+        dz = fc[_F_UZ, r] - qz
+        c2 = dx * dx + dy * dy + dz * dz
+        if c2 > chord_out2:
+            return False, 0.0
+        dist = _haversine(qlat, qlng, fc[_F_LAT, r], fc[_F_LNG, r])
+        if dist > max_dist:
+            return False, 0.0
+        score += max(0.0, 100.0 - dist / 10.0) * weight
+    score += (1.0 - price / cap) * 50.0
+    score += uptime * 0.5
+    score += min(30.0, (avail_ram + avail_vram) / need * 10.0)
+    score += 20.0 if ntype == _MIST else 0.0
+    return True, score
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _rank_kernel(  # type: ignore[no-untyped-def]
+    fc,
+    ic,
+    hc,
+    n,
+    ram,
+    vram,
+    cap,
+    now_ms,
+    duration_s,
+    min_uptime,
+    type_code,
+    has_loc,
+    qlat,
+    qlng,
+    qx,
+    qy,
+    qz,
+    weight,
+    max_dist,
+    chord_out2,
+    loose_out2,
+    k,
+):
+    """Top-k rows; returns (rows, table) best first, table columns: score, proximity, price,
+    reliability, capacity, bonus, distance (NaN: no location).
+
+    Block by block: a branch-free float32 pass writes an upper bound of every row's score
+    (-inf where a cheap filter surely fails); rows whose bound reaches the current K-th best
+    (less a margin far above float32 error) get the exact float64 evaluation.
+    """
+    h_s = np.empty(k, np.float64)
+    h_p = np.empty(k, np.float64)
+    h_a = np.empty(k, np.int64)
+    h_i = np.empty(k, np.int64)
+    size = 0
+    need = float(ram + vram)
+    # float32 constants, so the bound loop stays in float32 (and vectorises)
+    f0 = np.float32(0.0)
+    f30 = np.float32(30.0)
+    f50 = np.float32(50.0)
+    f100 = np.float32(100.0)
+    fhalf = np.float32(0.5)
+    fbonus = np.float32(20.0)
+    fmist = np.float32(_MIST)
+    ninf = np.float32(-np.inf)
+    lowest = np.float32(-3.4028234e38)  # below any real bound, above the -inf of a failed row
+    now32 = np.float32(now_ms)
+    dur32 = np.float32(duration_s)
+    ram32 = np.float32(ram)
+    vram32 = np.float32(vram)
+    cap32 = np.float32(cap)  # rounding is monotone: price <= cap implies price32 <= cap32
+    inv_cap32 = np.float32(1.0 / cap)
+    inv_need32 = np.float32(10.0 / need)
+    min_up32 = np.float32(min_uptime)
+    type32 = np.float32(type_code)
+    any_type = type_code < 0
+    w32 = np.float32(weight)
+    r10 = np.float32(EARTH_RADIUS_KM / 10.0)
+    slack10 = np.float32(_BOUND_SLACK_KM / 10.0)
+    out2_32 = np.float32(loose_out2)
+    qx32 = np.float32(qx)
+    qy32 = np.float32(qy)
+    qz32 = np.float32(qz)
+    h_ram = hc[_H_RAM]
+    h_vram = hc[_H_VRAM]
+    h_price = hc[_H_PRICE]
+    h_up = hc[_H_UPTIME]
+    h_type = hc[_H_TYPE]
+    h_live = hc[_H_LIVE]
+    h_min_dur = hc[_H_MIN_DUR]
+    h_max_dur = hc[_H_MAX_DUR]
+    h_ux = hc[_H_UX]
+    h_uy = hc[_H_UY]
+    h_uz = hc[_H_UZ]
+    buf = np.empty(_BLOCK, np.float32)
+    for base in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - base)
+        thr32 = np.float32(h_s[0] - _BOUND_MARGIN) if size == k else lowest
+        hits = 0
+        # block views: indexing by j in range(m) (provably >= 0) lets LLVM vectorise
+        b_ram = h_ram[base : base + m]
+        b_vram = h_vram[base : base + m]
+        b_price = h_price[base : base + m]
+        b_up = h_up[base : base + m]
+        b_type = h_type[base : base + m]
+        b_live = h_live[base : base + m]
+        b_min_dur = h_min_dur[base : base + m]
+        b_max_dur = h_max_dur[base : base + m]
+        if has_loc:
+            b_ux = h_ux[base : base + m]
+            b_uy = h_uy[base : base + m]
+            b_uz = h_uz[base : base + m]
+            for j in range(m):
+                ar = b_ram[j]
+                av = b_vram[j]
+                p = b_price[j]
+                up = b_up[j]
+                t = b_type[j]
+                dx = b_ux[j] - qx32
+                dy = b_uy[j] - qy32
+                dz = b_uz[j] - qz32
+                c2 = dx * dx + dy * dy + dz * dz
+                prox = max(f0, f100 - (math.sqrt(c2) * r10 - slack10))
+                ub = (
+                    w32 * prox
+                    + (f50 - f50 * p * inv_cap32)
+                    + up * fhalf
+                    + min(f30, (ar + av) * inv_need32)
+                    + (fbonus if t == fmist else f0)
+                )
+                ok = (
+                    (ar >= ram32)
+                    & (av >= vram32)
+                    & (p <= cap32)
+                    & (up >= min_up32)
+                    & (any_type | (t == type32))
+                    & (b_live[j] >= now32)
+                    & (b_min_dur[j] <= dur32)
+                    & (b_max_dur[j] >= dur32)
+                    & (c2 <= out2_32)
+                )
+                ub = ub if ok else ninf
+                buf[j] = ub
+                hits += ub >= thr32
+        else:
+            for j in range(m):
+                ar = b_ram[j]
+                av = b_vram[j]
+                p = b_price[j]
+                up = b_up[j]
+                t = b_type[j]
+                ub = (
+                    (f50 - f50 * p * inv_cap32)
+                    + up * fhalf
+                    + min(f30, (ar + av) * inv_need32)
+                    + (fbonus if t == fmist else f0)
+                )
+                ok = (
+                    (ar >= ram32)
+                    & (av >= vram32)
+                    & (p <= cap32)
+                    & (up >= min_up32)
+                    & (any_type | (t == type32))
+                    & (b_live[j] >= now32)
+                    & (b_min_dur[j] <= dur32)
+                    & (b_max_dur[j] >= dur32)
+                )
+                ub = ub if ok else ninf
+                buf[j] = ub
+                hits += ub >= thr32
+        if hits == 0:
+            continue
+        for j in range(m):
+            if buf[j] < thr32:
+                continue
+            r = base + j
+            ok, score = _exact_score(
+                fc,
+                ic,
+                r,
+                ram,
+                vram,
+                cap,
+                now_ms,
+                duration_s,
+                min_uptime,
+                type_code,
+                need,
+                has_loc,
+                qlat,
+                qlng,
+                qx,
+                qy,
+                qz,
+                weight,
+                max_dist,
+                chord_out2,
+            )
+            if not ok:
+                continue
+            price = fc[_F_PRICE, r]
+            arrival = ic[_I_ARRIVAL, r]
+            if size < k:
+                h_s[size] = score
+                h_p[size] = price
+                h_a[size] = arrival
+                h_i[size] = r
+                size += 1
+                _sift_up(h_s, h_p, h_a, h_i, size - 1)
+            elif _better(score, price, arrival, h_s[0], h_p[0], h_a[0]):
+                h_s[0] = score
+                h_p[0] = price
+                h_a[0] = arrival
+                h_i[0] = r
+                _sift_down(h_s, h_p, h_a, h_i, size)
+            else:
+                continue
+            if size == k:
+                thr32 = np.float32(h_s[0] - _BOUND_MARGIN)
+    order = _sorted_heap(h_s, h_p, h_a, h_i, size)
+    rows = np.empty(size, np.int64)
+    table = np.empty((size, 7), np.float64)
+    for x in range(size):
+        r = h_i[order[x]]
+        rows[x] = r
+        # the components of the few winners (same expressions as _exact_score, same bits)
+        price = fc[_F_PRICE, r]
+        uptime = fc[_F_UPTIME, r]
+        avail = ic[_I_AVAIL_RAM, r] + ic[_I_AVAIL_VRAM, r]
+        prox = 0.0
+        dist = math.nan
+        if has_loc:
+            dist = _haversine(qlat, qlng, fc[_F_LAT, r], fc[_F_LNG, r])
+            prox = max(0.0, 100.0 - dist / 10.0)
+        table[x, 0] = h_s[order[x]]
+        table[x, 1] = prox
+        table[x, 2] = (1.0 - price / cap) * 50.0
+        table[x, 3] = uptime * 0.5
+        table[x, 4] = min(30.0, avail / need * 10.0)
+        table[x, 5] = 20.0 if ic[_I_TYPE, r] == _MIST else 0.0
+        table[x, 6] = dist
+    return rows, table
+
+
+@njit(cache=True, nogil=True)
+def _browse_kernel(  # type: ignore[no-untyped-def]
+    fc,
+    ic,
+    n,
+    now_ms,
+    min_ram,
+    min_vram,
+    cap,
+    min_uptime,
+    type_code,
+    has_loc,
+    qlat,
+    qlng,
+    qx,
+    qy,
+    qz,
+    max_dist,
+    chord_out2,
+    chord_in2,
+    m,
+):
+    """Count the live asks passing the filters; return the first m by (price, arrival)."""
+    h_s = np.zeros(m, np.float64)
+    h_p = np.empty(m, np.float64)
+    h_a = np.empty(m, np.int64)
+    h_i = np.empty(m, np.int64)
+    size = 0
+    total = 0
+    for r in range(n):
+        avail_ram = ic[_I_AVAIL_RAM, r]
+        avail_vram = ic[_I_AVAIL_VRAM, r]
+        if avail_ram < min_ram or avail_vram < min_vram or avail_ram + avail_vram <= 0:
+            continue
+        price = fc[_F_PRICE, r]
+        if price > cap:
+            continue
+        if ic[_I_LIVE_UNTIL, r] <= now_ms:
+            continue
+        if fc[_F_UPTIME, r] < min_uptime:
+            continue
+        if type_code >= 0 and ic[_I_TYPE, r] != type_code:
+            continue
+        if has_loc:
+            dx = fc[_F_UX, r] - qx
+            dy = fc[_F_UY, r] - qy
+            dz = fc[_F_UZ, r] - qz
+            c2 = dx * dx + dy * dy + dz * dz
+            if c2 > chord_out2:
+                continue
+            if c2 >= chord_in2 and _haversine(qlat, qlng, fc[_F_LAT, r], fc[_F_LNG, r]) > max_dist:
+                continue
+        total += 1
+        if m == 0:
+            continue
+        arrival = ic[_I_ARRIVAL, r]
+        if size < m:
+            h_p[size] = price
+            h_a[size] = arrival
+            h_i[size] = r
+            size += 1
+            _sift_up(h_s, h_p, h_a, h_i, size - 1)
+        elif _better(0.0, price, arrival, 0.0, h_p[0], h_a[0]):
+            h_p[0] = price
+            h_a[0] = arrival
+            h_i[0] = r
+            _sift_down(h_s, h_p, h_a, h_i, size)
+    order = _sorted_heap(h_s, h_p, h_a, h_i, size)
+    rows = np.empty(size, np.int64)
+    dists = np.empty(size, np.float64)
+    for x in range(size):
+        r = h_i[order[x]]
+        rows[x] = r
+        dists[x] = _haversine(qlat, qlng, fc[_F_LAT, r], fc[_F_LNG, r]) if has_loc else math.nan
+    return total, rows, dists
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _loose_chord2(distance_km: float) -> float:
+    """`_chord2` widened for a chord computed in float32 (error < 1e-6 on the unit sphere)."""
+    c2 = _chord2(distance_km)
+    return c2 if math.isinf(c2) else (math.sqrt(max(0.0, c2)) + 2e-6) ** 2
+
+
+def _distance_thresholds(max_dist: float) -> tuple[float, float]:
+    """(chord_out2, chord_in2): beyond the first surely too far, below the second surely in."""
+    return _chord2(max_dist + _MARGIN_KM), _chord2(max_dist - _MARGIN_KM)
+
+
+def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) -> list[Match]:
+    """The top `k` (default `req.limit`) matches in `book`, best first (see module docstring).
+
+    Validates `req` (InvalidRequest). Returns [] when `req.region` names another region.
+    """
+    req.validate()
+    k = req.limit if k is None else k
+    n = len(book)
+    if k <= 0 or n == 0 or (req.region is not None and req.region != book.region):
+        return []
+    has_loc = req.has_location
+    qlat = float(req.lat) if req.lat is not None else 0.0
+    qlng = float(req.lng) if req.lng is not None else 0.0
+    qx, qy, qz = _unit_vector(qlat, qlng)
+    max_dist = (
+        DEFAULT_MAX_DISTANCE_KM if req.max_distance_km is None else float(req.max_distance_km)
+    )
+    rows, table = _rank_kernel(
+        book._f,
+        book._i,
+        book._h,
+        n,
+        req.ram_gb,
+        req.vram_gb,
+        float(req.max_price_pusd),
+        now_ms,
+        req.duration_s,
+        float(req.min_uptime_score),
+        -1 if req.node_type is None else NODE_TYPES.index(req.node_type),
+        has_loc,
+        qlat,
+        qlng,
+        qx,
+        qy,
+        qz,
+        3.0 if req.prefer_local else 1.0,
+        max_dist,
+        _chord2(max_dist + _MARGIN_KM),
+        _loose_chord2(max_dist + _BOUND_SLACK_KM),
+        k,
+    )
+    total_gb = req.ram_gb + req.vram_gb
+    out: list[Match] = []
+    ic = book._i
+    for x, row in enumerate(rows.tolist()):
+        node = book._nodes[row]
+        score, prox, price_s, rel_s, cap_s, bonus, dist = table[x].tolist()
+        price_pusd = int(ic[_I_PRICE_PUSD, row])
+        out.append(
+            Match(
+                node_id=node.node_id,
+                node_name=node.name,
+                node_type=node.node_type,
+                region=book.region,
+                match_score=score,
+                proximity_score=prox,
+                price_score=price_s,
+                reliability_score=rel_s,
+                capacity_score=cap_s,
+                type_bonus=bonus,
+                distance_km=dist if has_loc else None,
+                estimated_cost_pusd=total_gb * req.duration_s * price_pusd,
+                estimated_latency_ms=float(book._f[_F_LATENCY, row]),
+                price_pusd=price_pusd,
+                available_ram_gb=int(ic[_I_AVAIL_RAM, row]),
+                available_vram_gb=int(ic[_I_AVAIL_VRAM, row]),
+                uptime_score=float(book._f[_F_UPTIME, row]),
+                arrival_seq=int(ic[_I_ARRIVAL, row]),
+            )
+        )
+    return out
+
+
+def rank_reference(
+    nodes: Iterable[Node], req: MatchRequest, now_ms: int, k: int | None = None
+) -> list[Match]:
+    """Plain-Python twin of `rank` over Node objects: same filters, scores, order and result."""
+    req.validate()
+    k = req.limit if k is None else k
+    has_loc = req.has_location
+    weight = 3.0 if req.prefer_local else 1.0
+    max_dist = (
+        DEFAULT_MAX_DISTANCE_KM if req.max_distance_km is None else float(req.max_distance_km)
+    )
+    need = req.ram_gb + req.vram_gb
+    cap = req.max_price_pusd
+    scored: list[tuple[tuple[float, int, int], Match]] = []
+    for node in nodes:
+        avail_ram = max(0, node.available_ram_gb)
+        avail_vram = max(0, node.available_vram_gb)
+        if (
+            avail_ram < req.ram_gb
+            or avail_vram < req.vram_gb
+            or node.price_pusd > cap
+            or node.status != "active"
+            or 0 < node.ask_expires_ms <= now_ms
+            or not node.min_duration_s <= req.duration_s <= node.max_duration_s
+            or node.uptime_score < req.min_uptime_score
+            or (req.node_type is not None and node.node_type != req.node_type)
+            or (req.region is not None and node.region != req.region)
+        ):
+            continue
+        prox = 0.0
+        dist: float | None = None
+        if has_loc:
+            assert req.lat is not None and req.lng is not None
+            dist = haversine_km(req.lat, req.lng, node.lat, node.lng)
+            if dist > max_dist:
+                continue
+            prox = max(0.0, 100.0 - dist / 10.0)
+        price_s = (1.0 - node.price_pusd / cap) * 50.0
+        rel_s = node.uptime_score * 0.5
+        cap_s = min(30.0, (avail_ram + avail_vram) / need * 10.0)
+        bonus = 20.0 if node.node_type == "mist_node" else 0.0
+        score = 0.0
+        if has_loc:
+            score += prox * weight
+        score += price_s
+        score += rel_s
+        score += cap_s
+        score += bonus
+        match = Match(
+            node_id=node.node_id,
+            node_name=node.name,
+            node_type=node.node_type,
+            region=node.region,
+            match_score=score,
+            proximity_score=prox,
+            price_score=price_s,
+            reliability_score=rel_s,
+            capacity_score=cap_s,
+            type_bonus=bonus,
+            distance_km=dist,
+            estimated_cost_pusd=need * req.duration_s * node.price_pusd,
+            estimated_latency_ms=node.base_latency_ms,
+            price_pusd=node.price_pusd,
+            available_ram_gb=avail_ram,
+            available_vram_gb=avail_vram,
+            uptime_score=node.uptime_score,
+            arrival_seq=node.arrival_seq,
+        )
+        scored.append(((-score, node.price_pusd, node.arrival_seq), match))
+    scored.sort(key=lambda item: item[0])
+    return [match for _, match in scored[:k]]
+
+
+def merge_matches(parts: Iterable[Sequence[Match]], k: int) -> list[Match]:
+    """Merge per-region rankings into one, best first (ties: price, arrival, region, id)."""
+    everything = [m for part in parts for m in part]
+    everything.sort(
+        key=lambda m: (-m.match_score, m.price_pusd, m.arrival_seq, m.region, m.node_id)
+    )
+    return everything[:k]
+
+
+def browse(
+    books: AskBook | Iterable[AskBook],
+    *,
+    now_ms: int,
+    node_type: str | None = None,
+    region: str | None = None,
+    min_ram_gb: int = 0,
+    min_vram_gb: int = 0,
+    max_price_pusd: int | None = None,
+    min_uptime_score: float = 0.0,
+    lat: float | None = None,
+    lng: float | None = None,
+    max_distance_km: float | None = None,
+    offset: int = 0,
+    limit: int = 50,
+) -> tuple[list[Offer], int]:
+    """Live asks with free capacity passing the filters, cheapest first (ties: earlier arrival,
+    then region), as (page, total_count). `max_distance_km` applies only with lat/lng and has no
+    default. Raises InvalidRequest for a bad filter.
+    """
+    _check_int(min_ram_gb, "min_ram_gb", minimum=0)
+    _check_int(min_vram_gb, "min_vram_gb", minimum=0)
+    if max_price_pusd is not None:
+        _check_int(max_price_pusd, "max_price_pusd", minimum=1)
+    _check_uptime(min_uptime_score)
+    _check_location(lat, lng)
+    _check_distance(max_distance_km)
+    _check_int(offset, "offset", minimum=0)
+    _check_int(limit, "limit", minimum=0)
+    if node_type is not None and node_type not in NODE_TYPES:
+        raise InvalidRequest(f"node_type must be one of {', '.join(NODE_TYPES)}", field="node_type")
+    has_loc = lat is not None and lng is not None
+    qlat = float(lat) if lat is not None else 0.0
+    qlng = float(lng) if lng is not None else 0.0
+    qx, qy, qz = _unit_vector(qlat, qlng)
+    max_dist = math.inf if max_distance_km is None else float(max_distance_km)
+    chord_out2, chord_in2 = _distance_thresholds(max_dist)
+    cap = math.inf if max_price_pusd is None else float(max_price_pusd)
+    type_code = -1 if node_type is None else NODE_TYPES.index(node_type)
+    book_list = [books] if isinstance(books, AskBook) else list(books)
+    m = offset + limit
+    total = 0
+    candidates: list[tuple[int, int, str, Offer]] = []
+    for book in book_list:
+        if (region is not None and book.region != region) or len(book) == 0:
+            continue
+        count, rows, dists = _browse_kernel(
+            book._f,
+            book._i,
+            len(book),
+            now_ms,
+            min_ram_gb,
+            min_vram_gb,
+            cap,
+            float(min_uptime_score),
+            type_code,
+            has_loc,
+            qlat,
+            qlng,
+            qx,
+            qy,
+            qz,
+            max_dist,
+            chord_out2,
+            chord_in2,
+            m,
+        )
+        total += int(count)
+        for row, dist in zip(rows.tolist(), dists.tolist(), strict=True):
+            offer = _offer(book, row, dist if has_loc else None)
+            candidates.append((offer.price_pusd, int(book._i[_I_ARRIVAL, row]), book.region, offer))
+    candidates.sort(key=lambda c: c[:3])
+    return [c[3] for c in candidates[offset:m]], total
+
+
+def _offer(book: AskBook, row: int, distance_km: float | None) -> Offer:
+    node = book._nodes[row]
+    f, i = book._f, book._i
+    return Offer(
+        node_id=node.node_id,
+        node_name=node.name,
+        node_type=node.node_type,
+        region=book.region,
+        available_ram_gb=int(i[_I_AVAIL_RAM, row]),
+        available_vram_gb=int(i[_I_AVAIL_VRAM, row]),
+        price_pusd=int(i[_I_PRICE_PUSD, row]),
+        egress_price_pusd=node.egress_price_pusd,
+        min_duration_s=int(i[_I_MIN_DUR, row]),
+        max_duration_s=int(i[_I_MAX_DUR, row]),
+        uptime_score=float(f[_F_UPTIME, row]),
+        distance_km=distance_km,
+        estimated_latency_ms=float(f[_F_LATENCY, row]),
+        bandwidth_mbps=int(i[_I_BANDWIDTH, row]),
+    )
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel, so no request pays for it."""
+    book = AskBook("warm-up", capacity=16)
+    book.upsert(
+        Node(
+            node_id="w",
+            owner_id="w",
+            region="warm-up",
+            node_type="mist_node",
+            name="w",
+            lat=1.0,
+            lng=2.0,
+            total_ram_gb=8,
+            total_vram_gb=8,
+            offered_ram_gb=8,
+            offered_vram_gb=8,
+            price_pusd=10,
+        )
+    )
+    rank(book, MatchRequest(ram_gb=1, vram_gb=1, max_price_pusd=100, lat=1.0, lng=2.0), 0)
+    rank(book, MatchRequest(ram_gb=1, vram_gb=1, max_price_pusd=100), 0)
+    browse(book, now_ms=0, lat=1.0, lng=2.0, max_distance_km=10.0)
+    browse(book, now_ms=0)
