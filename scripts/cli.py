@@ -280,7 +280,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
             try:
                 supervisor.start(core)
                 if not _wait_healthy(f"{base}/healthz", supervisor):
-                    return supervisor.stop(reason="the gateway did not become healthy")
+                    gone = supervisor.exited()
+                    reason = (
+                        f"{gone[0]} exited ({_exit_text(gone[1])})"
+                        if gone is not None
+                        else f"the gateway did not answer {base}/healthz within {_HEALTH_WAIT_S:.0f} s"
+                    )
+                    return supervisor.stop(reason=reason)
                 print(_banner(base, redis_url, database_url, data_dir, demo), flush=True)
                 supervisor.start(demo)
                 return supervisor.wait()
@@ -586,7 +592,7 @@ class _Supervisor:
         except KeyboardInterrupt:
             return self.stop(reason=None)
         name, code = gone
-        return self.stop(reason=f"{name} exited with code {code}")
+        return self.stop(reason=f"{name} exited ({_exit_text(code)})")
 
     def stop(self, reason: str | None = None) -> int:
         """Stop every child (idempotent); 0 when asked to stop, 1 when `reason` says why."""
@@ -617,6 +623,7 @@ class _Supervisor:
                 self._say(f"{name} did not stop within {_STOP_WAIT_S:.0f} s; killing it")
                 proc.kill()
                 proc.wait()
+            self._say(f"{name} stopped ({_exit_text(proc.returncode)})")
         # Whatever the child left in its group (workers, helpers) goes with it.
         _signal_group(proc.pid, signal.SIGKILL)
 
@@ -630,6 +637,15 @@ class _Supervisor:
         with self.print_lock:
             sys.stdout.write(f"{name:<{self.width}} | {line}\n")
             sys.stdout.flush()
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"by signal {-code}"
+    return f"exit code {code}"
 
 
 def _signal_group(pgid: int, sig: int) -> None:
