@@ -206,12 +206,15 @@ class ClientList(_Response, kw_only=True):
 # Nodes
 
 
+NodeName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_PRINTABLE)]
+
+
 class NodeRegisterRequest(_Request, kw_only=True):
     """The spec's registration body, plus optional terms (`max_*_gb`: how much of the machine the
     provider lends; by default all of it)."""
 
     node_type: NodeType
-    name: Name
+    name: NodeName
     region: Region
     latitude: Latitude
     longitude: Longitude
@@ -231,7 +234,7 @@ class NodeRegisterRequest(_Request, kw_only=True):
 class NodeUpdateRequest(_Request, kw_only=True):
     """Fields to change; absent fields stay as they are."""
 
-    name: Name | None = None
+    name: NodeName | None = None
     price_per_gb_sec: PriceUsd | None = None
     egress_price_per_gb: Annotated[float, Meta(ge=0.0, le=1000.0)] | None = None
     min_duration_sec: DurationSec | None = None
@@ -261,15 +264,13 @@ class HeartbeatRequest(_Request, kw_only=True):
 
 
 class NodeEarnings(_Response, kw_only=True):
-    """What the node has earned: settled contracts (history) plus accrued on active ones."""
+    """What the node has earned: settled contracts (history, from the journal) plus what its
+    active contracts have accrued so far."""
 
     total_earned_usd: float
     settled_contracts: int
     active_contracts: int
     accrued_active_usd: float
-    source: Literal["postgres", "live"]
-    """`postgres`: settled history from the journal's `contracts` table; `live`: only what the live
-    market still holds (history not available)."""
 
 
 class NodeOut(_Response, kw_only=True):

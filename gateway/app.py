@@ -1,0 +1,207 @@
+"""The Starlette application: `create_app(settings)`, and `app_from_env` for uvicorn.
+
+    uvicorn --factory gateway.app:app_from_env --loop uvloop --http httptools
+
+Resources live in the lifespan (no module globals, nothing connects at import): it opens the
+Redis client and the asyncpg pool (retrying only while the servers come up), loads the market's
+scripts, starts the `MarketView` (snapshot, then tailing the region streams) and the WebSocket
+services, and hands everything to requests through the typed lifespan state (`AppState`,
+read as `request.state.<name>`). On shutdown it releases them in reverse order.
+
+Routes: the REST operations of `gateway.routes`, `/metrics`, `/openapi.json`, `/docs`, the
+clusters/analytics routes of `gateway.analytics` and `/ws` of `gateway.ws`. Those two modules
+are required: if one is missing, `create_app` raises ImportError naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypedDict, TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+from engine.view import MarketView
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
+
+from engine.keys import Keys
+from engine.market import Market
+from engine.settings import ConfigError, Settings
+from gateway.auth import Authenticator
+from gateway.errors import ERROR_HANDLERS
+from gateway.idempotency import IdempotencyStore
+from gateway.metrics import Metrics, MetricsMiddleware
+from gateway.openapi import OpenApiEndpoints
+from gateway.operations import route
+from gateway.ratelimit import RateLimiter
+from gateway.routes import OPERATIONS
+
+__all__ = ["AppState", "app_from_env", "create_app"]
+
+log = logging.getLogger("mnemo.gateway")
+
+_T = TypeVar("_T")
+_CONNECT_ATTEMPTS = 10
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.CannotConnectNowError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+class AppState(TypedDict):
+    """The lifespan state, available on every request and WebSocket as `conn.state.<key>`."""
+
+    settings: Settings
+    keys: Keys
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    market: Market
+    view: MarketView
+    auth: Authenticator
+    limiter: RateLimiter
+    idempotency: IdempotencyStore
+    metrics: Metrics
+    ws: Any
+    """`gateway.ws.WsServices` (under `gateway.ws.STATE_KEY`)."""
+
+
+def _mounted() -> tuple[list[BaseRoute], list[BaseRoute], Any]:
+    """(analytics routes, ws routes, ws module). Both modules are part of the gateway."""
+    modules = {}
+    for name in ("gateway.analytics", "gateway.ws"):
+        try:
+            modules[name] = __import__(name, fromlist=["_"])
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            raise ImportError(
+                f"{name} is missing: the gateway mounts its routes "
+                "(gateway.analytics: clusters and analytics; gateway.ws: /ws). "
+                "Install the complete gateway package."
+            ) from exc
+    analytics, ws = modules["gateway.analytics"], modules["gateway.ws"]
+    return list(analytics.routes), list(ws.ws_routes), ws
+
+
+async def _with_retry(what: str, connect: Callable[[], Awaitable[_T]]) -> _T:
+    """Retry `connect` while the server is coming up (narrow errors, logged countdown), then raise."""
+    for attempt in range(1, _CONNECT_ATTEMPTS + 1):
+        try:
+            return await connect()
+        except _CONNECT_ERRORS as exc:
+            if attempt == _CONNECT_ATTEMPTS:
+                raise
+            delay = min(0.25 * 2 ** (attempt - 1), 5.0)
+            log.warning(
+                "%s not reachable (%s); retry %d/%d in %.2f s",
+                what,
+                exc,
+                attempt,
+                _CONNECT_ATTEMPTS - 1,
+                delay,
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The Mnemo gateway for `settings` (which must name Redis and Postgres and a JWT secret)."""
+    if not settings.redis_url:
+        raise ConfigError(
+            "MNEMO_REDIS_URL", "the gateway needs a Redis URL (start the embedded servers first)"
+        )
+    if not settings.database_url:
+        raise ConfigError(
+            "MNEMO_DATABASE_URL",
+            "the gateway needs a Postgres URL (start the embedded servers first)",
+        )
+    if len(settings.jwt_secret) < 32:
+        raise ConfigError("MNEMO_JWT_SECRET", "must be at least 32 characters")
+    analytics_routes, ws_routes, ws = _mounted()
+    metrics = Metrics()
+    openapi = OpenApiEndpoints(
+        title="Mnemo API",
+        version="0.1.0",
+        description="An exchange for idle RAM and VRAM, rented by the GB-second.",
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
+        keys = Keys(settings.key_prefix)
+        redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(redis.aclose)
+            await _with_retry("Redis", redis.ping)
+            pool = await _with_retry(
+                "Postgres",
+                lambda: asyncpg.create_pool(settings.database_url, min_size=1, max_size=10),
+            )
+            assert pool is not None
+            stack.push_async_callback(pool.close)
+            market = Market(
+                redis, keys, missed_heartbeats_offline=settings.missed_heartbeats_offline
+            )
+            await market.load_scripts()
+            view = MarketView(redis, keys)
+            await view.start()
+            stack.push_async_callback(view.stop)
+            services = await stack.enter_async_context(
+                ws.ws_services(redis, market, keys, settings)
+            )
+            idempotency = IdempotencyStore(pool, settings.jwt_secret)
+            sweeper = asyncio.create_task(idempotency.sweep_forever(), name="idempotency-sweep")
+            stack.push_async_callback(_cancel, sweeper)
+            metrics.on_scrape(lambda m: _view_gauges(m, view))
+            state: AppState = {
+                "settings": settings,
+                "keys": keys,
+                "redis": redis,
+                "pool": pool,
+                "market": market,
+                "view": view,
+                "auth": Authenticator(pool, settings),
+                "limiter": RateLimiter(redis, keys),
+                "idempotency": idempotency,
+                "metrics": metrics,
+                "ws": services,
+            }
+            yield state
+
+    routes: list[BaseRoute] = [route(op) for op in OPERATIONS]
+    routes += [
+        Route("/metrics", metrics.endpoint, methods=["GET"], name="metrics"),
+        Route("/openapi.json", openapi.document, methods=["GET"], name="openapi"),
+        Route("/docs", openapi.docs, methods=["GET"], name="docs"),
+    ]
+    routes += analytics_routes
+    routes += ws_routes
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=ERROR_HANDLERS,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+    )
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _view_gauges(metrics: Metrics, view: MarketView) -> None:
+    for book in view.books():
+        metrics.view_nodes.labels(book.region).set(len(book))
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory: `Settings.from_env()`, then `create_app`."""
+    return create_app(Settings.from_env())

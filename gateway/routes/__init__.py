@@ -1,0 +1,22 @@
+"""The REST API's operations, one module per concept.
+
+`accounts` (sign-up, tokens, API keys, clients), `nodes` (provider side), `marketplace` (browse and
+ranked matches), `contracts`, `bids` (limit orders and the book), `health` (probes). Each module
+exports `OPERATIONS`; `gateway.app` turns them into routes.
+"""
+
+from __future__ import annotations
+
+from gateway.operations import Operation
+from gateway.routes import accounts, bids, contracts, health, marketplace, nodes
+
+__all__ = ["OPERATIONS"]
+
+OPERATIONS: list[Operation] = [
+    *health.OPERATIONS,
+    *accounts.OPERATIONS,
+    *nodes.OPERATIONS,
+    *marketplace.OPERATIONS,
+    *contracts.OPERATIONS,
+    *bids.OPERATIONS,
+]

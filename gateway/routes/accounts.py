@@ -1,0 +1,438 @@
+"""Accounts: sign-up, tokens, API keys, and renter profiles (clients).
+
+Who may do what:
+- sign-up and token: anyone (rate limited per client address; failed logins per account);
+- `/api/auth/me`, API keys: the authenticated user, on their own keys only (another user's key id
+  is answered 404, as if it did not exist);
+- clients: renters (`user`) and admins create them; a client is visible to its user and admins.
+`owned_client()` is how every other route checks that a `client_id` belongs to the caller.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from engine.errors import NotFound
+from gateway.auth import (
+    Principal,
+    hash_password,
+    new_api_key,
+    verify_password,
+)
+from gateway.errors import ApiError, Forbidden, Unauthorized, ValidationFailed
+from gateway.operations import Call, Operation, Reply
+from gateway.schemas import (
+    ApiKeyCreated,
+    ApiKeyCreateRequest,
+    ApiKeyList,
+    ApiKeyOut,
+    ClientCreateRequest,
+    ClientList,
+    ClientOut,
+    MeResponse,
+    SignupRequest,
+    SignupResponse,
+    TokenRequest,
+    TokenResponse,
+    UserOut,
+)
+
+__all__ = ["OPERATIONS", "RENTERS", "first_client", "owned_client"]
+
+RENTERS = frozenset({"user", "admin"})
+
+
+class EmailTaken(ApiError):
+    code = "email_taken"
+    status = 409
+
+
+def _uuid(raw: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None
+
+
+def _user_out(row: asyncpg.Record) -> UserOut:
+    return UserOut(
+        id=str(row["id"]),
+        email=row["email"],
+        role=row["role"],
+        full_name=row["full_name"],
+        organization=row["organization"],
+        created_at=row["created_at"],
+    )
+
+
+def _key_out(row: asyncpg.Record) -> ApiKeyOut:
+    return ApiKeyOut(
+        id=str(row["id"]),
+        prefix=row["prefix"],
+        name=row["name"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _float(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def client_out(row: asyncpg.Record) -> ClientOut:
+    return ClientOut(
+        id=str(row["id"]),
+        user_id=str(row["user_id"]),
+        org_name=row["org_name"],
+        default_region=row["default_region"],
+        latitude=_float(row["latitude"]),
+        longitude=_float(row["longitude"]),
+        budget_monthly_usd=_float(row["budget_monthly_usd"]),
+        current_spend_usd=float(row["current_spend_usd"]),
+        prefer_local=row["prefer_local"],
+        max_latency_ms=_float(row["max_latency_ms"]),
+        min_reliability=_float(row["min_reliability"]),
+        created_at=row["created_at"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for the other routes
+
+
+async def owned_client(
+    pool: asyncpg.Pool, principal: Principal, client_id: str, *, field: str = "client_id"
+) -> asyncpg.Record:
+    """The client row if it belongs to the caller (admins: any client), else 403 naming `field`.
+
+    Unknown and foreign ids are answered alike, so ids of other tenants cannot be probed.
+    """
+    parsed = _uuid(client_id)
+    row = None
+    if parsed is not None:
+        row = await pool.fetchrow("SELECT * FROM clients WHERE id = $1", parsed)
+    if row is None or (str(row["user_id"]) != principal.user_id and not principal.is_admin):
+        raise Forbidden("client_id is not one of your clients", field=field)
+    return row
+
+
+async def first_client(pool: asyncpg.Pool, principal: Principal) -> asyncpg.Record | None:
+    """The caller's oldest client profile (their default), if any."""
+    return await pool.fetchrow(
+        "SELECT * FROM clients WHERE user_id = $1 ORDER BY created_at, id LIMIT 1",
+        uuid.UUID(principal.user_id),
+    )
+
+
+async def client_ids_of(pool: asyncpg.Pool, principal: Principal) -> list[str]:
+    rows = await pool.fetch(
+        "SELECT id FROM clients WHERE user_id = $1", uuid.UUID(principal.user_id)
+    )
+    return [str(r["id"]) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Auth
+
+
+async def signup(call: Call) -> Reply:
+    body: SignupRequest = call.body
+    state = call.state
+    await state.limiter.hit("signup_ip", _client_address(call))
+    email = body.email.strip()
+    password_hash = await hash_password(body.password)
+    key, prefix, key_hash = new_api_key()
+    try:
+        async with state.pool.acquire() as conn, conn.transaction():
+            user = await conn.fetchrow(
+                """
+                INSERT INTO users (email, password_hash, role, full_name, organization)
+                VALUES ($1, $2, $3, $4, $5)
+                RETURNING id, email, role, full_name, organization, created_at
+                """,
+                email,
+                password_hash,
+                body.role,
+                body.full_name,
+                body.organization,
+            )
+            key_row = await conn.fetchrow(
+                """
+                INSERT INTO api_keys (user_id, prefix, key_hash, name) VALUES ($1, $2, $3, $4)
+                RETURNING id, prefix, name, created_at
+                """,
+                user["id"],
+                prefix,
+                key_hash,
+                "default",
+            )
+    except asyncpg.UniqueViolationError:
+        raise EmailTaken("an account with this email exists", field="email") from None
+    created = ApiKeyCreated(
+        id=str(key_row["id"]),
+        prefix=key_row["prefix"],
+        name=key_row["name"],
+        key=key,
+        created_at=key_row["created_at"],
+    )
+    return Reply(SignupResponse(user=_user_out(user), api_key=created))
+
+
+async def token(call: Call) -> TokenResponse:
+    body: TokenRequest = call.body
+    state = call.state
+    email = body.email.strip().lower()
+    await state.limiter.hit("token_ip", _client_address(call))
+    await state.limiter.check("login_failures", email)
+    row = await state.pool.fetchrow(
+        "SELECT id, role, password_hash FROM users WHERE lower(email) = $1", email
+    )
+    ok, rehash = await verify_password(row["password_hash"] if row else None, body.password)
+    if not ok or row is None:
+        await state.limiter.hit("login_failures", email)
+        raise Unauthorized("wrong email or password", code="invalid_credentials")
+    await state.limiter.reset("login_failures", email)
+    new_hash = await hash_password(body.password) if rehash else None
+    await state.pool.execute(
+        "UPDATE users SET last_login = now(), password_hash = coalesce($2, password_hash) WHERE id = $1",
+        row["id"],
+        new_hash,
+    )
+    access_token, ttl_s = state.auth.issue_token(str(row["id"]), row["role"])
+    return TokenResponse(access_token=access_token, token_type="bearer", expires_in=ttl_s)
+
+
+async def me(call: Call) -> MeResponse:
+    row = await call.state.pool.fetchrow(
+        "SELECT id, email, role, full_name, organization, created_at FROM users WHERE id = $1",
+        uuid.UUID(call.user.user_id),
+    )
+    if row is None:
+        raise Unauthorized("this account no longer exists", code="invalid_token")
+    return MeResponse(user=_user_out(row), via=call.user.via)
+
+
+def _client_address(call: Call) -> str:
+    client = call.request.client
+    return client.host if client is not None else "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys
+
+
+async def create_api_key(call: Call) -> Reply:
+    body: ApiKeyCreateRequest = call.body
+    state = call.state
+    await state.limiter.hit("api_key_create", call.user.user_id)
+    key, prefix, key_hash = new_api_key()
+    row = await state.pool.fetchrow(
+        """
+        INSERT INTO api_keys (user_id, prefix, key_hash, name) VALUES ($1, $2, $3, $4)
+        RETURNING id, prefix, name, created_at
+        """,
+        uuid.UUID(call.user.user_id),
+        prefix,
+        key_hash,
+        body.name,
+    )
+    fields: dict[str, Any] = {
+        "id": str(row["id"]),
+        "prefix": row["prefix"],
+        "name": row["name"],
+        "created_at": row["created_at"],
+    }
+    # The stored copy (for Idempotency-Key replays) never holds the key.
+    return Reply(ApiKeyCreated(key=key, **fields), stored=ApiKeyCreated(key=None, **fields))
+
+
+async def list_api_keys(call: Call) -> ApiKeyList:
+    rows = await call.state.pool.fetch(
+        """
+        SELECT id, prefix, name, created_at, last_used_at, revoked_at FROM api_keys
+        WHERE user_id = $1 ORDER BY created_at, id
+        """,
+        uuid.UUID(call.user.user_id),
+    )
+    return ApiKeyList(api_keys=[_key_out(r) for r in rows])
+
+
+async def revoke_api_key(call: Call) -> ApiKeyOut:
+    key_id = _uuid(call.path["key_id"])
+    if key_id is None:
+        raise NotFound("no such API key", field="key_id")
+    row = await call.state.pool.fetchrow(
+        """
+        UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+        WHERE id = $1 AND user_id = $2
+        RETURNING id, prefix, name, created_at, last_used_at, revoked_at, key_hash
+        """,
+        key_id,
+        uuid.UUID(call.user.user_id),
+    )
+    if row is None:
+        raise NotFound("no such API key", field="key_id")
+    call.state.auth.forget_key(row["key_hash"])
+    return _key_out(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+
+
+async def create_client(call: Call) -> ClientOut:
+    body: ClientCreateRequest = call.body
+    if (body.latitude is None) != (body.longitude is None):
+        raise ValidationFailed(
+            "give latitude and longitude together",
+            field="longitude" if body.longitude is None else "latitude",
+        )
+    row = await call.state.pool.fetchrow(
+        """
+        INSERT INTO clients (user_id, org_name, default_region, latitude, longitude,
+                             budget_monthly_usd, prefer_local, max_latency_ms, min_reliability)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        RETURNING *
+        """,
+        uuid.UUID(call.user.user_id),
+        body.org_name,
+        body.default_region,
+        _decimal(body.latitude, 6),
+        _decimal(body.longitude, 6),
+        _decimal(body.budget_monthly_usd, 2),
+        body.prefer_local,
+        _decimal(body.max_latency_ms, 3),
+        _decimal(body.min_reliability, 2),
+    )
+    return client_out(row)
+
+
+def _decimal(value: float | None, places: int) -> Decimal | None:
+    if value is None:
+        return None
+    return Decimal(repr(value)).quantize(Decimal(1).scaleb(-places))
+
+
+async def list_clients(call: Call) -> ClientList:
+    rows = await call.state.pool.fetch(
+        "SELECT * FROM clients WHERE user_id = $1 ORDER BY created_at, id",
+        uuid.UUID(call.user.user_id),
+    )
+    return ClientList(clients=[client_out(r) for r in rows])
+
+
+async def get_client(call: Call) -> ClientOut:
+    client_id = _uuid(call.path["client_id"])
+    row = None
+    if client_id is not None:
+        row = await call.state.pool.fetchrow("SELECT * FROM clients WHERE id = $1", client_id)
+    if row is None or (str(row["user_id"]) != call.user.user_id and not call.user.is_admin):
+        raise NotFound("no such client", field="client_id")
+    return client_out(row)
+
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "POST",
+        "/api/auth/signup",
+        signup,
+        name="signup",
+        summary="Create an account; returns the user and a first API key (shown once)",
+        tag="accounts",
+        body=SignupRequest,
+        response=SignupResponse,
+        status=201,
+        auth=False,
+        errors=(409, 429),
+    ),
+    Operation(
+        "POST",
+        "/api/auth/token",
+        token,
+        name="token",
+        summary="Exchange email and password for a JWT (HS256)",
+        tag="accounts",
+        body=TokenRequest,
+        response=TokenResponse,
+        auth=False,
+        errors=(401, 429),
+    ),
+    Operation(
+        "GET",
+        "/api/auth/me",
+        me,
+        name="me",
+        summary="The authenticated user",
+        tag="accounts",
+        response=MeResponse,
+    ),
+    Operation(
+        "POST",
+        "/api/auth/api-keys",
+        create_api_key,
+        name="create_api_key",
+        summary="Create an API key (shown once; only its hash is kept)",
+        tag="accounts",
+        body=ApiKeyCreateRequest,
+        response=ApiKeyCreated,
+        status=201,
+        idempotent=True,
+        errors=(429,),
+    ),
+    Operation(
+        "GET",
+        "/api/auth/api-keys",
+        list_api_keys,
+        name="list_api_keys",
+        summary="The caller's API keys (prefixes only)",
+        tag="accounts",
+        response=ApiKeyList,
+    ),
+    Operation(
+        "DELETE",
+        "/api/auth/api-keys/{key_id}",
+        revoke_api_key,
+        name="revoke_api_key",
+        summary="Revoke one of the caller's API keys",
+        tag="accounts",
+        response=ApiKeyOut,
+        errors=(404,),
+    ),
+    Operation(
+        "POST",
+        "/api/clients",
+        create_client,
+        name="create_client",
+        summary="Create a renter profile (the spec's clients table)",
+        tag="clients",
+        body=ClientCreateRequest,
+        response=ClientOut,
+        status=201,
+        roles=RENTERS,
+        idempotent=True,
+    ),
+    Operation(
+        "GET",
+        "/api/clients",
+        list_clients,
+        name="list_clients",
+        summary="The caller's renter profiles",
+        tag="clients",
+        response=ClientList,
+    ),
+    Operation(
+        "GET",
+        "/api/clients/{client_id}",
+        get_client,
+        name="get_client",
+        summary="One renter profile (its user and admins only)",
+        tag="clients",
+        response=ClientOut,
+        errors=(404,),
+    ),
+]

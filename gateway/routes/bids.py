@@ -1,0 +1,178 @@
+"""Limit bids for bots, and the order book.
+
+A bid rests in its region's book (price-time priority) until the engine crosses it with an eligible
+ask, it is cancelled, or it expires. A fill is a contract at the ask's price; the bid's price is a
+cap. Who may do what: renters and admins place bids for their own clients; a bid is visible to,
+and cancellable by, its owner (and admins); anyone else gets 404. The book (quote and depth) is
+public to any authenticated caller.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from engine.errors import NotFound
+from engine.types import Bid
+from gateway.errors import ValidationFailed
+from gateway.operations import Call, Operation
+from gateway.routes.accounts import RENTERS, owned_client
+from gateway.schemas import (
+    BidCreateRequest,
+    BidList,
+    BidListQuery,
+    BidOut,
+    BookOut,
+    bid_out,
+    book_out,
+    to_pusd,
+)
+
+__all__ = ["OPERATIONS"]
+
+
+async def _own_bid(call: Call) -> Bid:
+    bid = await call.state.market.get_bid(call.path["bid_id"])
+    if bid is None or (bid.user_id != call.user.user_id and not call.user.is_admin):
+        raise NotFound("no such bid", field="bid_id")
+    return bid
+
+
+async def place(call: Call) -> BidOut:
+    body: BidCreateRequest = call.body
+    total = body.ram_gb + body.vram_gb
+    if total == 0:
+        raise ValidationFailed("ask for some memory: ram_gb + vram_gb must be > 0", field="ram_gb")
+    if body.min_fill_gb > total:
+        raise ValidationFailed("min_fill_gb exceeds ram_gb + vram_gb", field="min_fill_gb")
+    if (body.client_lat is None) != (body.client_lng is None):
+        raise ValidationFailed("give client_lat and client_lng together", field="client_lat")
+    cap = to_pusd(body.max_price_per_gb_sec)
+    if cap < 1:
+        raise ValidationFailed(
+            "price cap below 1e-12 USD per GB-second", field="max_price_per_gb_sec"
+        )
+    client = await owned_client(call.state.pool, call.user, body.client_id)
+    lat, lng = body.client_lat, body.client_lng
+    if lat is None and client["latitude"] is not None and client["longitude"] is not None:
+        lat, lng = float(client["latitude"]), float(client["longitude"])
+    if body.max_distance_km is not None and lat is None:
+        raise ValidationFailed(
+            "max_distance_km needs a location (client_lat/client_lng or the client profile's)",
+            field="max_distance_km",
+        )
+    now_ms = call.now_ms()
+    bid = Bid(
+        bid_id=uuid.uuid4().hex,
+        region=body.region,
+        client_id=str(client["id"]),
+        user_id=call.user.user_id,
+        ram_gb=body.ram_gb,
+        vram_gb=body.vram_gb,
+        duration_s=body.duration_sec,
+        max_price_pusd=cap,
+        lat=lat,
+        lng=lng,
+        max_distance_km=body.max_distance_km,
+        min_uptime_score=body.min_uptime_score,
+        prefer_local=body.prefer_local,
+        node_type=body.node_type,
+        allow_split=body.allow_split,
+        min_fill_gb=body.min_fill_gb,
+        created_ms=now_ms,
+        expires_ms=now_ms + body.expires_in_sec * 1000 if body.expires_in_sec else 0,
+    )
+    placed = await call.state.market.place_bid(bid, now_ms)
+    return bid_out(placed)
+
+
+async def list_bids(call: Call) -> BidList:
+    q: BidListQuery = call.query
+    market = call.state.market
+    who = call.user
+    client_id = None
+    if q.client_id is not None:
+        client_id = str((await owned_client(call.state.pool, who, q.client_id))["id"])
+    regions = [q.region] if q.region is not None else sorted(await market.regions())
+    picked: list[Bid] = []
+    for region in regions:
+        for bid in await market.bids(region):
+            if (bid.user_id == who.user_id or who.is_admin) and (
+                client_id is None or bid.client_id == client_id
+            ):
+                picked.append(bid)
+    page = picked[q.offset : q.offset + q.limit]
+    return BidList(
+        bids=[bid_out(b) for b in page], total_count=len(picked), offset=q.offset, limit=q.limit
+    )
+
+
+async def get_bid(call: Call) -> BidOut:
+    return bid_out(await _own_bid(call))
+
+
+async def cancel(call: Call) -> BidOut:
+    bid = await _own_bid(call)
+    cancelled = await call.state.market.cancel_bid(bid.bid_id, call.now_ms())
+    return bid_out(cancelled)
+
+
+async def book(call: Call) -> BookOut:
+    quote = await call.state.market.quote(call.path["region"], call.now_ms())
+    return book_out(quote)
+
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "POST",
+        "/api/bids",
+        place,
+        name="place_bid",
+        summary="Place a limit bid that rests in the region's book until it fills, is cancelled or expires",
+        tag="bids",
+        body=BidCreateRequest,
+        response=BidOut,
+        status=201,
+        roles=RENTERS,
+        idempotent=True,
+        errors=(409,),
+    ),
+    Operation(
+        "GET",
+        "/api/bids",
+        list_bids,
+        name="list_bids",
+        summary="The caller's open bids, in each region's priority order",
+        tag="bids",
+        query=BidListQuery,
+        response=BidList,
+    ),
+    Operation(
+        "GET",
+        "/api/bids/{bid_id}",
+        get_bid,
+        name="get_bid",
+        summary="One of the caller's bids, in any state",
+        tag="bids",
+        response=BidOut,
+        errors=(404,),
+    ),
+    Operation(
+        "DELETE",
+        "/api/bids/{bid_id}",
+        cancel,
+        name="cancel_bid",
+        summary="Cancel one of the caller's open bids",
+        tag="bids",
+        response=BidOut,
+        errors=(404, 409),
+    ),
+    Operation(
+        "GET",
+        "/api/book/{region}",
+        book,
+        name="order_book",
+        summary="A region's quote and depth (asks and bids by price level)",
+        tag="bids",
+        response=BookOut,
+    ),
+]

@@ -1,0 +1,323 @@
+"""Contracts: take capacity on a node (an atomic reserve), see it, extend it, settle it.
+
+Who may do what:
+- create: renters and admins, for one of their own clients (`client_id` must be theirs: 403);
+- get and list: the contract's renter, the node's owner (read-only), admins; anyone else gets 404
+  (a contract id of another tenant is answered as unknown);
+- extend and settle: the renter only (the node's owner and admins: 403).
+The reserve is one script call in the market: no double booking, the price is the node's ask at
+that instant, never above the cap. A lost race is a 409 `capacity_taken`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import asyncpg
+
+from engine.errors import NotFound
+from engine.types import Contract
+from gateway.auth import Principal
+from gateway.errors import Forbidden, ValidationFailed
+from gateway.operations import Call, Operation
+from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
+from gateway.schemas import (
+    ContractCreateRequest,
+    ContractExtendRequest,
+    ContractList,
+    ContractListQuery,
+    ContractLive,
+    ContractOut,
+    ContractSettleRequest,
+    contract_out,
+    to_pusd,
+    to_usd,
+)
+
+__all__ = ["OPERATIONS"]
+
+
+def _can_read(call: Call, contract: Contract) -> bool:
+    who = call.user
+    return who.is_admin or who.user_id in (contract.user_id, contract.owner_id)
+
+
+async def _readable(call: Call) -> Contract:
+    contract = await call.state.market.get_contract(call.path["contract_id"])
+    if contract is None or not _can_read(call, contract):
+        raise NotFound("no such contract", field="contract_id")
+    return contract
+
+
+async def _renters(call: Call) -> Contract:
+    contract = await _readable(call)
+    if contract.user_id != call.user.user_id:
+        raise Forbidden("only the renter may change a contract")
+    return contract
+
+
+async def create(call: Call) -> ContractOut:
+    body: ContractCreateRequest = call.body
+    if body.ram_gb + body.vram_gb == 0:
+        raise ValidationFailed("ask for some memory: ram_gb + vram_gb must be > 0", field="ram_gb")
+    client = await owned_client(call.state.pool, call.user, body.client_id)
+    market = call.state.market
+    if body.max_price_per_gb_sec is not None:
+        cap = to_pusd(body.max_price_per_gb_sec)
+        if cap < 1:
+            raise ValidationFailed(
+                "price cap below 1e-12 USD per GB-second", field="max_price_per_gb_sec"
+            )
+    else:
+        node = await market.get_node(body.node_id)
+        if node is None:
+            raise NotFound("no such node", field="node_id")
+        cap = node.price_pusd
+    contract = await market.reserve(
+        node_id=body.node_id,
+        client_id=str(client["id"]),
+        user_id=call.user.user_id,
+        ram_gb=body.ram_gb,
+        vram_gb=body.vram_gb,
+        duration_s=body.duration_sec,
+        max_price_pusd=cap,
+        now_ms=call.now_ms(),
+    )
+    return contract_out(contract)
+
+
+async def list_contracts(call: Call) -> ContractList:
+    q: ContractListQuery = call.query
+    market = call.state.market
+    pool = call.state.pool
+    who = call.user
+    # Scope: one client of the caller, one node of the caller, or everything the caller is party
+    # to (as renter or as provider); admins see everything.
+    client_id: str | None = None
+    node_id: str | None = None
+    if q.client_id is not None:
+        client_id = str((await owned_client(pool, who, q.client_id))["id"])
+    elif q.node_id is not None:
+        node = await market.get_node(q.node_id)
+        if node is None or (node.owner_id != who.user_id and not who.is_admin):
+            raise Forbidden("node_id is not one of your nodes", field="node_id")
+        node_id = node.node_id
+
+    active: dict[str, Contract] = {}
+    if q.status in (None, "active"):
+        if client_id is not None:
+            found = await market.contracts(client_id=client_id)
+        elif node_id is not None:
+            found = await market.contracts(node_id=node_id)
+        elif who.is_admin:
+            found = await market.contracts()
+        else:
+            found = []
+            for own_client in await client_ids_of(pool, who):
+                found += await market.contracts(client_id=own_client)
+            if who.role == "provider":
+                for node in await market.nodes():
+                    if node.owner_id == who.user_id:
+                        found += await market.contracts(node_id=node.node_id)
+        active = {c.contract_id: c for c in found if c.status == "active"}
+    ordered = sorted(active.values(), key=lambda c: (-c.start_ms, c.contract_id))
+
+    # Closed contracts come from Postgres (the journal's history): active ones first, then
+    # history newest first; one page may span both.
+    closed_total = 0
+    closed: list[ContractOut] = []
+    if q.status != "active":
+        where, args = _history_filter(who, client_id, node_id, q.status)
+        closed_total = await pool.fetchval(f"SELECT count(*) FROM contracts WHERE {where}", *args)
+        skip = max(0, q.offset - len(ordered))
+        room = q.limit - max(0, min(len(ordered) - q.offset, q.limit))
+        if room > 0 and skip < closed_total:
+            rows = await pool.fetch(
+                f"SELECT * FROM contracts WHERE {where} "
+                f"ORDER BY start_time DESC, id LIMIT {room} OFFSET {skip}",
+                *args,
+            )
+            closed = [contract_from_row(r) for r in rows]
+    page = [contract_out(c) for c in ordered[q.offset : q.offset + q.limit]] + closed
+    return ContractList(
+        contracts=page,
+        total_count=len(ordered) + closed_total,
+        offset=q.offset,
+        limit=q.limit,
+    )
+
+
+def _history_filter(
+    who: Principal, client_id: str | None, node_id: str | None, status: str | None
+) -> tuple[str, list[Any]]:
+    clauses = ["status <> 'active'"]
+    args: list[Any] = []
+    if status is not None:
+        args.append(status)
+        clauses.append(f"status = ${len(args)}")
+    if client_id is not None:
+        args.append(uuid.UUID(client_id))
+        clauses.append(f"client_id = ${len(args)}")
+    elif node_id is not None:
+        args.append(uuid.UUID(node_id))
+        clauses.append(f"node_id = ${len(args)}")
+    elif not who.is_admin:
+        args.append(uuid.UUID(who.user_id))
+        clauses.append(f"(user_id = ${len(args)} OR owner_id = ${len(args)})")
+    return " AND ".join(clauses), args
+
+
+def _ms(value: dt.datetime | None) -> int:
+    return 0 if value is None else round(value.timestamp() * 1000)
+
+
+def _hex(value: uuid.UUID | None) -> str | None:
+    return None if value is None else value.hex
+
+
+def contract_from_row(row: asyncpg.Record) -> ContractOut:
+    """A contract of the journal's history (ids as the market writes them: uuid hex)."""
+    return ContractOut(
+        contract_id=row["id"].hex,
+        client_id=str(row["client_id"]) if row["client_id"] is not None else "",
+        node_id=row["node_id"].hex if row["node_id"] is not None else "",
+        region=row["region"],
+        ram_gb=row["ram_gb"],
+        vram_gb=row["vram_gb"],
+        duration_sec=row["duration_sec"],
+        start_ms=_ms(row["start_time"]),
+        end_ms=_ms(row["end_time"]),
+        price_per_gb_sec=to_usd(row["price_pusd"]),
+        egress_price_per_gb=to_usd(row["egress_price_pusd"]),
+        max_price_per_gb_sec=to_usd(row["max_price_pusd"]),
+        status=row["status"],
+        bid_id=_hex(row["bid_id"]),
+        predecessor_id=_hex(row["predecessor_id"]),
+        successor_id=_hex(row["successor_id"]),
+        extensions=row["extensions"],
+        used_sec=row["used_sec"],
+        egress_gb=row["egress_mgb"] / 1000,
+        total_cost_usd=to_usd(row["total_cost_pusd"]),
+        settlement_hash=row["settlement_hash"],
+        completed_ms=_ms(row["completed_at"]),
+    )
+
+
+async def get_contract(call: Call) -> ContractOut:
+    contract = await call.state.market.get_contract(call.path["contract_id"])
+    if contract is None:
+        # Closed contracts leave Redis after a day; their record is in the journal's history.
+        return await _from_history(call)
+    if not _can_read(call, contract):
+        raise NotFound("no such contract", field="contract_id")
+    live = None
+    if contract.status == "active":
+        now_ms = call.now_ms()
+        elapsed_s = min(max(0, -(-(now_ms - contract.start_ms) // 1000)), contract.duration_s)
+        node = await call.state.market.get_node(contract.node_id)
+        live = ContractLive(
+            elapsed_sec=elapsed_s,
+            remaining_sec=max(0, (contract.end_ms - now_ms) // 1000),
+            accrued_cost_usd=to_usd(
+                (contract.ram_gb + contract.vram_gb) * elapsed_s * contract.price_pusd
+            ),
+            node_status=node.status if node is not None else "unknown",
+            node_last_heartbeat_ms=node.last_heartbeat_ms if node is not None else 0,
+        )
+    return contract_out(contract, live=live)
+
+
+async def _from_history(call: Call) -> ContractOut:
+    try:
+        contract_uuid = uuid.UUID(call.path["contract_id"])
+    except ValueError:
+        raise NotFound("no such contract", field="contract_id") from None
+    row = await call.state.pool.fetchrow("SELECT * FROM contracts WHERE id = $1", contract_uuid)
+    who = call.user
+    if row is None or not (
+        who.is_admin or who.user_id in (str(row["user_id"]), str(row["owner_id"]))
+    ):
+        raise NotFound("no such contract", field="contract_id")
+    return contract_from_row(row)
+
+
+async def extend(call: Call) -> ContractOut:
+    body: ContractExtendRequest = call.body
+    contract = await _renters(call)
+    extended = await call.state.market.extend(
+        contract.contract_id, body.additional_duration_sec, call.now_ms()
+    )
+    return contract_out(extended)
+
+
+async def settle(call: Call) -> ContractOut:
+    body: ContractSettleRequest = call.body
+    contract = await _renters(call)
+    settled = await call.state.market.settle(
+        contract.contract_id, body.actual_egress_gb, call.now_ms()
+    )
+    return contract_out(settled)
+
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "POST",
+        "/api/contracts/create",
+        create,
+        name="create_contract",
+        summary="Take capacity on a node (atomic reserve at the node's price, capped)",
+        tag="contracts",
+        body=ContractCreateRequest,
+        response=ContractOut,
+        status=201,
+        roles=RENTERS,
+        idempotent=True,
+        errors=(404, 409),
+    ),
+    Operation(
+        "GET",
+        "/api/contracts",
+        list_contracts,
+        name="list_contracts",
+        summary="The caller's contracts (as renter and as provider), filtered by client/node/status",
+        tag="contracts",
+        query=ContractListQuery,
+        response=ContractList,
+    ),
+    Operation(
+        "GET",
+        "/api/contracts/{contract_id}",
+        get_contract,
+        name="get_contract",
+        summary="A contract with its live state (renter, node owner, admins)",
+        tag="contracts",
+        response=ContractOut,
+        errors=(404,),
+    ),
+    Operation(
+        "POST",
+        "/api/contracts/{contract_id}/settle",
+        settle,
+        name="settle_contract",
+        summary="End a contract now: free the capacity, price what was used, stamp the settlement hash",
+        tag="contracts",
+        body=ContractSettleRequest,
+        response=ContractOut,
+        idempotent=True,
+        errors=(404, 409),
+    ),
+    Operation(
+        "POST",
+        "/api/contracts/{contract_id}/extend",
+        extend,
+        name="extend_contract",
+        summary="Extend an active contract",
+        tag="contracts",
+        body=ContractExtendRequest,
+        response=ContractOut,
+        idempotent=True,
+        errors=(404, 409),
+    ),
+]

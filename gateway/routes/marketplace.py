@@ -1,0 +1,194 @@
+"""The marketplace: browse live asks, and ask for ranked matches.
+
+Both read this process's `MarketView` (columnar books kept current from the region streams, at
+most milliseconds stale), never Redis per request; the atomic reserve at contract creation is the
+truth. Any authenticated caller may browse and request (looking is harmless; taking needs a
+client of one's own).
+
+The renter's location for `POST /api/marketplace/request`: `client_lat`/`client_lng` in the
+body, else the profile named by `client_id` (which must be the caller's), else the caller's
+oldest client profile; `location_source` in the response says which was used.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from engine.scoring import Match, MatchRequest, browse
+from gateway.errors import ValidationFailed
+from gateway.operations import Call, Operation
+from gateway.routes.accounts import first_client, owned_client
+from gateway.schemas import (
+    MarketplaceQuery,
+    MarketplaceResponse,
+    MatchOut,
+    MatchResponse,
+    OfferOut,
+    ScoreBreakdown,
+    to_pusd,
+    to_usd,
+)
+from gateway.schemas import MatchRequest as MatchBody
+
+__all__ = ["OPERATIONS"]
+
+
+def _pair(lat: float | None, lng: float | None, lat_name: str) -> None:
+    if (lat is None) != (lng is None):
+        raise ValidationFailed("give client_lat and client_lng together", field=lat_name)
+
+
+async def browse_market(call: Call) -> MarketplaceResponse:
+    q: MarketplaceQuery = call.query
+    _pair(q.client_lat, q.client_lng, "client_lat")
+    if q.max_distance_km is not None and q.client_lat is None:
+        raise ValidationFailed(
+            "max_distance_km needs client_lat and client_lng", field="max_distance_km"
+        )
+    max_price = None
+    if q.max_price_per_gb_sec is not None:
+        max_price = max(1, to_pusd(q.max_price_per_gb_sec))
+    offers, total = browse(
+        call.state.view.books(),
+        now_ms=call.now_ms(),
+        node_type=q.node_type,
+        region=q.region,
+        min_ram_gb=q.min_ram_gb or 0,
+        min_vram_gb=q.min_vram_gb or 0,
+        max_price_pusd=max_price,
+        min_uptime_score=q.min_uptime_score or 0.0,
+        lat=q.client_lat,
+        lng=q.client_lng,
+        max_distance_km=q.max_distance_km,
+        offset=q.offset,
+        limit=q.limit,
+    )
+    return MarketplaceResponse(
+        offers=[
+            OfferOut(
+                node_id=o.node_id,
+                node_name=o.node_name,
+                node_type=o.node_type,
+                region=o.region,
+                available_ram_gb=o.available_ram_gb,
+                available_vram_gb=o.available_vram_gb,
+                price_per_gb_sec=to_usd(o.price_pusd),
+                uptime_score=o.uptime_score,
+                distance_km=None if o.distance_km is None else round(o.distance_km, 3),
+                estimated_latency_ms=o.estimated_latency_ms,
+            )
+            for o in offers
+        ],
+        total_count=total,
+        offset=q.offset,
+        limit=q.limit,
+    )
+
+
+async def request_matches(call: Call) -> MatchResponse:
+    body: MatchBody = call.body
+    _pair(body.client_lat, body.client_lng, "client_lat")
+    if body.ram_gb + body.vram_gb == 0:
+        raise ValidationFailed("ask for some memory: ram_gb + vram_gb must be > 0", field="ram_gb")
+    cap = to_pusd(body.max_price_per_gb_sec)
+    if cap < 1:
+        raise ValidationFailed(
+            "price cap below 1e-12 USD per GB-second", field="max_price_per_gb_sec"
+        )
+    lat, lng, source = body.client_lat, body.client_lng, "body"
+    if lat is None:
+        pool = call.state.pool
+        if body.client_id is not None:
+            client = await owned_client(pool, call.user, body.client_id)
+        else:
+            client = await first_client(pool, call.user)
+        if (
+            client is not None
+            and client["latitude"] is not None
+            and client["longitude"] is not None
+        ):
+            lat, lng, source = (
+                float(client["latitude"]),
+                float(client["longitude"]),
+                "client_profile",
+            )
+        else:
+            source = "none"
+    elif body.client_id is not None:
+        await owned_client(call.state.pool, call.user, body.client_id)
+    req = MatchRequest(
+        ram_gb=body.ram_gb,
+        vram_gb=body.vram_gb,
+        max_price_pusd=cap,
+        duration_s=body.duration_sec,
+        lat=lat,
+        lng=lng,
+        prefer_local=body.prefer_local,
+        max_distance_km=body.max_distance_km,
+        min_uptime_score=body.min_uptime_score,
+        node_type=body.node_type,
+        region=body.region,
+        limit=body.limit,
+    ).validate()
+    matches = call.state.view.rank_all(req, call.now_ms(), body.limit)
+    return MatchResponse(
+        request_id=uuid.uuid4().hex,
+        location_source=source,
+        matches=[_match_out(m) for m in matches],
+    )
+
+
+def _match_out(m: Match) -> MatchOut:
+    proximity = round(m.proximity_score, 2)
+    price = round(m.price_score, 2)
+    reliability = round(m.reliability_score, 2)
+    capacity = round(m.capacity_score, 2)
+    return MatchOut(
+        node_id=m.node_id,
+        node_name=m.node_name,
+        node_type=m.node_type,
+        region=m.region,
+        match_score=round(m.match_score, 2),
+        proximity_score=proximity,
+        price_score=price,
+        reliability_score=reliability,
+        capacity_score=capacity,
+        score_breakdown=ScoreBreakdown(
+            proximity=proximity,
+            price=price,
+            reliability=reliability,
+            capacity=capacity,
+            type_bonus=m.type_bonus,
+        ),
+        distance_km=None if m.distance_km is None else round(m.distance_km, 3),
+        estimated_cost=to_usd(m.estimated_cost_pusd),
+        estimated_latency_ms=m.estimated_latency_ms,
+        price_per_gb_sec=to_usd(m.price_pusd),
+        available_ram_gb=m.available_ram_gb,
+        available_vram_gb=m.available_vram_gb,
+        uptime_score=m.uptime_score,
+    )
+
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "GET",
+        "/api/marketplace",
+        browse_market,
+        name="browse_marketplace",
+        summary="Browse live asks with free capacity (cheapest first), with distance and latency",
+        tag="marketplace",
+        query=MarketplaceQuery,
+        response=MarketplaceResponse,
+    ),
+    Operation(
+        "POST",
+        "/api/marketplace/request",
+        request_matches,
+        name="request_matches",
+        summary="Ranked matches for a memory request, with score breakdown and estimated cost",
+        tag="marketplace",
+        body=MatchBody,
+        response=MatchResponse,
+    ),
+]

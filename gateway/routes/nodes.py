@@ -1,0 +1,345 @@
+"""Nodes: a provider registers machines, heartbeats them, changes their terms, deactivates them.
+
+Who may do what:
+- register: providers and admins; the node belongs to the caller;
+- heartbeat, update: the node's owner only (403 for anyone else; the heartbeat script checks the
+  owner itself, atomically with the heartbeat);
+- deactivate: the owner, or an admin (moderation);
+- list and get: any authenticated caller (nodes are public market listings), but the owner id and
+  the earnings are shown to the owner and admins only.
+Heartbeats are limited to one per node per `heartbeat_min_interval_s` (the spec's 30 s): the
+market's script refuses an early one and says when the next is due, which becomes 429 with
+`Retry-After`.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from engine.errors import Conflict, NotFound
+from engine.types import Heartbeat, Node, NodeChanges
+from gateway.errors import Forbidden, RateLimited, ValidationFailed
+from gateway.operations import Call, Operation
+from gateway.schemas import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    NodeDetail,
+    NodeEarnings,
+    NodeList,
+    NodeListQuery,
+    NodeOut,
+    NodeRegistered,
+    NodeRegisterRequest,
+    NodeUpdateRequest,
+    metadata_to_market,
+    node_detail,
+    node_out,
+    to_pusd,
+    to_usd,
+)
+
+__all__ = ["OPERATIONS", "PROVIDERS", "node_earnings"]
+
+PROVIDERS = frozenset({"provider", "admin"})
+
+
+def _shows_owner(call: Call, node: Node) -> bool:
+    return call.user.user_id == node.owner_id or call.user.is_admin
+
+
+async def _node(call: Call) -> Node:
+    node = await call.state.market.get_node(call.path["node_id"])
+    if node is None:
+        raise NotFound("no such node", field="node_id")
+    return node
+
+
+def _price(usd_value: float, field: str) -> int:
+    amount = to_pusd(usd_value)
+    if amount < 1:
+        raise ValidationFailed(
+            "price below the smallest unit (1e-12 USD per GB-second)", field=field
+        )
+    return amount
+
+
+async def register(call: Call) -> NodeRegistered:
+    body: NodeRegisterRequest = call.body
+    if body.total_ram_gb + body.total_vram_gb == 0:
+        raise ValidationFailed("a node must have some memory", field="total_ram_gb")
+    if body.min_duration_sec > body.max_duration_sec:
+        raise ValidationFailed(
+            "min_duration_sec exceeds max_duration_sec", field="min_duration_sec"
+        )
+    now_ms = call.now_ms()
+    offered_ram = (
+        body.total_ram_gb if body.max_ram_gb is None else min(body.max_ram_gb, body.total_ram_gb)
+    )
+    offered_vram = (
+        body.total_vram_gb
+        if body.max_vram_gb is None
+        else min(body.max_vram_gb, body.total_vram_gb)
+    )
+    node = Node(
+        node_id=uuid.uuid4().hex,
+        owner_id=call.user.user_id,
+        region=body.region,
+        node_type=body.node_type,
+        name=body.name,
+        lat=body.latitude,
+        lng=body.longitude,
+        total_ram_gb=body.total_ram_gb,
+        total_vram_gb=body.total_vram_gb,
+        offered_ram_gb=offered_ram,
+        offered_vram_gb=offered_vram,
+        bandwidth_mbps=body.bandwidth_mbps,
+        base_latency_ms=body.base_latency_ms,
+        price_pusd=_price(body.price_per_gb_sec, "price_per_gb_sec"),
+        egress_price_pusd=to_pusd(body.egress_price_per_gb),
+        min_duration_s=body.min_duration_sec,
+        max_duration_s=body.max_duration_sec,
+        heartbeat_interval_s=call.state.settings.heartbeat_interval_s,
+        created_ms=now_ms,
+        metadata=metadata_to_market(body.metadata),
+    )
+    registered = await call.state.market.register_node(node, now_ms)
+    return NodeRegistered(node_id=registered.node_id, node=node_out(registered, show_owner=True))
+
+
+async def heartbeat(call: Call) -> HeartbeatResponse:
+    body: HeartbeatRequest = call.body
+    if (body.latitude is None) != (body.longitude is None):
+        raise ValidationFailed("give latitude and longitude together", field="latitude")
+    node_id = call.path["node_id"]
+    state = call.state
+    settings = state.settings
+    beat = Heartbeat(
+        node_id=node_id,
+        available_ram_gb=body.available_ram_gb,
+        available_vram_gb=body.available_vram_gb,
+        cpu_usage_pct=body.cpu_usage_pct,
+        gpu_usage_pct=body.gpu_usage_pct,
+        temperature_c=body.temperature_c,
+        bandwidth_mbps=body.bandwidth_mbps,
+        lat=body.latitude,
+        lng=body.longitude,
+    )
+    [outcome] = await state.market.heartbeat(
+        call.user.user_id,
+        [beat],
+        call.now_ms(),
+        min_interval_ms=int(settings.heartbeat_min_interval_s * 1000),
+    )
+    match outcome.outcome:
+        case "ok":
+            pass
+        case "not_found":
+            raise NotFound("no such node", field="node_id")
+        case "forbidden":
+            raise Forbidden("only the node's owner may send its heartbeats")
+        case "too_soon":
+            raise RateLimited(
+                f"at most one heartbeat per {settings.heartbeat_min_interval_s:g} s per node",
+                retry_after_s=outcome.retry_after_ms / 1000,
+                code="heartbeat_too_soon",
+            )
+        case "deactivated":
+            raise Conflict("the node is deactivated", field="node_id")
+        case other:
+            raise Conflict(f"heartbeat refused ({other})", field="node_id")
+    node = await state.market.get_node(node_id)
+    if node is None:
+        raise NotFound("no such node", field="node_id")
+    return HeartbeatResponse(
+        status="ok",
+        node_id=node_id,
+        node_status=node.status,
+        offered_ram_gb=node.offered_ram_gb,
+        offered_vram_gb=node.offered_vram_gb,
+        reserved_ram_gb=node.reserved_ram_gb,
+        reserved_vram_gb=node.reserved_vram_gb,
+        available_ram_gb=max(0, node.available_ram_gb),
+        available_vram_gb=max(0, node.available_vram_gb),
+        next_heartbeat_in_sec=node.heartbeat_interval_s,
+        min_interval_sec=settings.heartbeat_min_interval_s,
+    )
+
+
+async def list_nodes(call: Call) -> NodeList:
+    q: NodeListQuery = call.query
+    nodes = await call.state.market.nodes(q.region)
+    me = call.user.user_id
+    picked = [
+        n
+        for n in nodes
+        if (q.node_type is None or n.node_type == q.node_type)
+        and (q.status is None or n.status == q.status)
+        and (q.min_ram is None or n.available_ram_gb >= q.min_ram)
+        and (q.min_vram is None or n.available_vram_gb >= q.min_vram)
+        and (not q.mine or n.owner_id == me)
+    ]
+    # Stable order for pagination: oldest first, id as the tie-break.
+    picked.sort(key=lambda n: (n.created_ms, n.node_id))
+    page = picked[q.offset : q.offset + q.limit]
+    return NodeList(
+        nodes=[node_out(n, show_owner=_shows_owner(call, n)) for n in page],
+        total_count=len(picked),
+        offset=q.offset,
+        limit=q.limit,
+    )
+
+
+async def get_node(call: Call) -> NodeDetail:
+    node = await _node(call)
+    mine = _shows_owner(call, node)
+    earnings = await node_earnings(call, node) if mine else None
+    return node_detail(node, show_owner=mine, earnings=earnings)
+
+
+async def update_node(call: Call) -> NodeOut:
+    body: NodeUpdateRequest = call.body
+    node = await _node(call)
+    if node.owner_id != call.user.user_id:
+        raise Forbidden("only the node's owner may change it")
+    if (body.latitude is None) != (body.longitude is None):
+        raise ValidationFailed("give latitude and longitude together", field="latitude")
+    min_d = node.min_duration_s if body.min_duration_sec is None else body.min_duration_sec
+    max_d = node.max_duration_s if body.max_duration_sec is None else body.max_duration_sec
+    if min_d > max_d:
+        raise ValidationFailed(
+            "min_duration_sec exceeds max_duration_sec", field="min_duration_sec"
+        )
+    changes = NodeChanges(
+        name=body.name,
+        price_pusd=None
+        if body.price_per_gb_sec is None
+        else _price(body.price_per_gb_sec, "price_per_gb_sec"),
+        egress_price_pusd=None
+        if body.egress_price_per_gb is None
+        else to_pusd(body.egress_price_per_gb),
+        min_duration_s=body.min_duration_sec,
+        max_duration_s=body.max_duration_sec,
+        bandwidth_mbps=body.bandwidth_mbps,
+        base_latency_ms=body.base_latency_ms,
+        ask_expires_ms=body.ask_expires_ms,
+        status=body.status,
+        lat=body.latitude,
+        lng=body.longitude,
+        metadata=None if body.metadata is None else metadata_to_market(body.metadata),
+    )
+    updated = await call.state.market.update_node(node.node_id, changes, call.now_ms())
+    return node_out(updated, show_owner=True)
+
+
+async def deactivate_node(call: Call) -> NodeOut:
+    node = await _node(call)
+    if node.owner_id != call.user.user_id and not call.user.is_admin:
+        raise Forbidden("only the node's owner may deactivate it")
+    updated = await call.state.market.deactivate_node(node.node_id, call.now_ms())
+    return node_out(updated, show_owner=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Earnings
+
+
+async def node_earnings(call: Call, node: Node) -> NodeEarnings:
+    """What the node has earned: settled contracts from Postgres (written by the journal, which
+    trails the live market by its lag, normally well under a second), plus what its active
+    contracts have accrued so far (from the live market)."""
+    now_ms = call.now_ms()
+    active = await call.state.market.contracts(node_id=node.node_id)
+    accrued = sum(
+        (c.ram_gb + c.vram_gb) * _elapsed_s(c.start_ms, c.duration_s, now_ms) * c.price_pusd
+        for c in active
+    )
+    row = await call.state.pool.fetchrow(
+        """
+        SELECT coalesce(sum(total_cost_pusd), 0) AS total, count(*) AS n FROM contracts
+        WHERE node_id = $1 AND status <> 'active'
+        """,
+        uuid.UUID(node.node_id),
+    )
+    return NodeEarnings(
+        total_earned_usd=to_usd(int(row["total"])),
+        settled_contracts=int(row["n"]),
+        active_contracts=len(active),
+        accrued_active_usd=to_usd(accrued),
+    )
+
+
+def _elapsed_s(start_ms: int, duration_s: int, now_ms: int) -> int:
+    """Whole seconds served so far (started seconds count, as in settlement), capped."""
+    return min(max(0, -(-(now_ms - start_ms) // 1000)), duration_s)
+
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "POST",
+        "/api/nodes/register",
+        register,
+        name="register_node",
+        summary="Register a node (provider)",
+        tag="nodes",
+        body=NodeRegisterRequest,
+        response=NodeRegistered,
+        status=201,
+        roles=PROVIDERS,
+        idempotent=True,
+    ),
+    Operation(
+        "POST",
+        "/api/nodes/{node_id}/heartbeat",
+        heartbeat,
+        name="node_heartbeat",
+        summary="Report a node's free capacity and metrics (owner; at most one per interval)",
+        tag="nodes",
+        body=HeartbeatRequest,
+        response=HeartbeatResponse,
+        roles=PROVIDERS,
+        errors=(404, 409, 429),
+    ),
+    Operation(
+        "GET",
+        "/api/nodes",
+        list_nodes,
+        name="list_nodes",
+        summary="List nodes with filters",
+        tag="nodes",
+        query=NodeListQuery,
+        response=NodeList,
+    ),
+    Operation(
+        "GET",
+        "/api/nodes/{node_id}",
+        get_node,
+        name="get_node",
+        summary="A node, with its earnings for the owner",
+        tag="nodes",
+        response=NodeDetail,
+        errors=(404,),
+    ),
+    Operation(
+        "PUT",
+        "/api/nodes/{node_id}",
+        update_node,
+        name="update_node",
+        summary="Change a node's terms (owner)",
+        tag="nodes",
+        body=NodeUpdateRequest,
+        response=NodeOut,
+        roles=PROVIDERS,
+        errors=(404, 409),
+    ),
+    Operation(
+        "DELETE",
+        "/api/nodes/{node_id}",
+        deactivate_node,
+        name="deactivate_node",
+        summary="Deactivate a node (owner or admin): no new leases, running ones finish",
+        tag="nodes",
+        response=NodeOut,
+        roles=PROVIDERS,
+        errors=(404, 409),
+    ),
+]

@@ -1,0 +1,212 @@
+"""Fixtures for the gateway's HTTP tests: the real app over real Redis and Postgres.
+
+`gw` runs the app's lifespan (Redis client, asyncpg pool, Market, MarketView, WebSocket
+services) and serves it in process through httpx's ASGI transport, handing the lifespan state to
+each request the way uvicorn does. Users are signed up through the API itself (`signup`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
+
+from engine.keys import Keys
+from engine.settings import Settings
+from gateway.app import create_app
+
+JWT_SECRET = "test-secret-" + "x" * 40
+T = TypeVar("T")
+
+NYC = (40.7282, -73.7949)
+BOSTON = (42.3601, -71.0589)
+LONDON = (51.5074, -0.1278)
+
+
+def make_settings(redis_url: str, db_url: str, keys: Keys, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "database_url": db_url,
+        "key_prefix": keys.prefix,
+        "jwt_secret": JWT_SECRET,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(redis_url: str, db_url: str, keys: Keys) -> Settings:
+    return make_settings(redis_url, db_url, keys)
+
+
+class _WithState:
+    """Gives every request a shallow copy of the lifespan state, as uvicorn does."""
+
+    def __init__(self, app: Starlette, state: dict[str, Any]) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["state"] = dict(self.state)
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class Gateway:
+    """The running app, an httpx client on it, and its lifespan state."""
+
+    app: Starlette
+    client: httpx.AsyncClient
+    state: dict[str, Any]
+    settings: Settings
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Gateway]:
+    """The app for `settings`, lifespan started, with an httpx client (lifespan ends on exit)."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app) as state:
+        state = dict(state or {})
+        transport = httpx.ASGITransport(app=_WithState(app, state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield Gateway(app, client, state, settings)
+
+
+@pytest.fixture
+async def gw(settings: Settings) -> AsyncIterator[Gateway]:
+    async with running(settings) as gateway:
+        yield gateway
+
+
+@dataclass
+class Actor:
+    """A signed-up user and their first API key."""
+
+    email: str
+    password: str
+    role: str
+    user_id: str
+    key: str
+    key_id: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+
+async def signup(gw: Gateway, role: str = "user", *, email: str | None = None) -> Actor:
+    email = email or f"{role}-{uuid.uuid4().hex[:10]}@example.com"
+    password = "correct horse battery staple"
+    r = await gw.client.post(
+        "/api/auth/signup", json={"email": email, "password": password, "role": role}
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return Actor(
+        email=email,
+        password=password,
+        role=role,
+        user_id=body["user"]["id"],
+        key=body["api_key"]["key"],
+        key_id=body["api_key"]["id"],
+    )
+
+
+async def bearer(gw: Gateway, actor: Actor) -> dict[str, str]:
+    r = await gw.client.post(
+        "/api/auth/token", json={"email": actor.email, "password": actor.password}
+    )
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+
+def node_body(**overrides: Any) -> dict[str, Any]:
+    """The spec's registration example (a mist node in Queens), with overrides."""
+    body: dict[str, Any] = {
+        "node_type": "mist_node",
+        "name": "Alice_RTX4090",
+        "region": "us-east-2",
+        "latitude": NYC[0],
+        "longitude": NYC[1],
+        "total_ram_gb": 64,
+        "total_vram_gb": 24,
+        "bandwidth_mbps": 980,
+        "base_latency_ms": 0.8,
+        "price_per_gb_sec": 0.0000008,
+        "metadata": {
+            "gpu_model": "RTX 4090",
+            "idle_schedule": "9am-5pm, 11pm-7am",
+            "cooling": "air",
+        },
+    }
+    body.update(overrides)
+    return body
+
+
+async def register_node(gw: Gateway, provider: Actor, **overrides: Any) -> str:
+    r = await gw.client.post(
+        "/api/nodes/register", json=node_body(**overrides), headers=provider.headers
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["node_id"]
+
+
+async def create_client(
+    gw: Gateway, renter: Actor, location: tuple[float, float] | None = BOSTON
+) -> str:
+    body: dict[str, Any] = {"org_name": f"org of {renter.email}"}
+    if location is not None:
+        body["latitude"], body["longitude"] = location
+    r = await gw.client.post("/api/clients", json=body, headers=renter.headers)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout_s: float = 5.0) -> T:
+    """Poll `check` until it returns something truthy (the market view trails Redis by ms)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+async def in_view(gw: Gateway, actor: Actor, node_id: str) -> dict[str, Any]:
+    """Wait until the marketplace (the process's market view) lists `node_id`; its row."""
+
+    async def check() -> dict[str, Any] | None:
+        r = await gw.client.get("/api/marketplace", params={"limit": 500}, headers=actor.headers)
+        assert r.status_code == 200, r.text
+        return next((o for o in r.json()["offers"] if o["node_id"] == node_id), None)
+
+    return await eventually(check)
+
+
+def assert_error(
+    response: httpx.Response, status: int, code: str | None = None, field: str | None = None
+) -> dict[str, Any]:
+    """The response is an error of the one JSON shape with this status (and code / field)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error["code"], str) and isinstance(error["message"], str), body
+    assert set(error) <= {"code", "message", "field"}, body
+    if code is not None:
+        assert error["code"] == code, body
+    if field is not None:
+        assert error.get("field") == field, body
+    return error

@@ -1,0 +1,198 @@
+"""Hostile and malformed input is refused with a 4xx in the one error shape, before the market."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import Gateway, assert_error, node_body, register_node, signup
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"total_ram_gb": -1}, "total_ram_gb"),
+        ({"total_ram_gb": 10**9}, "total_ram_gb"),
+        ({"total_ram_gb": 1.5}, "total_ram_gb"),
+        ({"total_ram_gb": "64"}, "total_ram_gb"),
+        ({"total_ram_gb": 0, "total_vram_gb": 0}, "total_ram_gb"),
+        ({"latitude": 91}, "latitude"),
+        ({"longitude": -180.5}, "longitude"),
+        ({"price_per_gb_sec": 0}, "price_per_gb_sec"),
+        ({"price_per_gb_sec": -0.000001}, "price_per_gb_sec"),
+        ({"price_per_gb_sec": 5}, "price_per_gb_sec"),
+        ({"price_per_gb_sec": 1e-15}, "price_per_gb_sec"),
+        ({"node_type": "mainframe"}, "node_type"),
+        ({"region": "{us-east-2}"}, "region"),
+        ({"region": "US EAST"}, "region"),
+        ({"name": ""}, "name"),
+        ({"name": "x" * 201}, "name"),
+        ({"name": "evil\u0000name"}, "name"),
+        ({"metadata": {"k": "v\u0000"}}, "metadata[...]"),
+        ({"metadata": {f"k{i}": "v" for i in range(33)}}, "metadata"),
+        ({"min_duration_sec": 100, "max_duration_sec": 10}, "min_duration_sec"),
+        ({"owner_id": "someone-else"}, "owner_id"),
+        ({"status": "active"}, "status"),
+    ],
+)
+async def test_register_rejects(gw: Gateway, override: dict, field: str) -> None:
+    """Wrong types, absurd sizes, bad coordinates, unknown fields: 422 naming the field."""
+    provider = await signup(gw, "provider")
+    r = await gw.client.post(
+        "/api/nodes/register", json=node_body(**override), headers=provider.headers
+    )
+    assert_error(r, 422, field=field)
+
+
+async def test_body_shape_errors(gw: Gateway) -> None:
+    """Malformed JSON 400, wrong media type 415, oversized 413, missing body 422, all JSON."""
+    api = gw.client
+    provider = await signup(gw, "provider")
+    h = {**provider.headers, "Content-Type": "application/json"}
+    assert_error(
+        await api.post("/api/nodes/register", content=b'{"node_type": ', headers=h),
+        400,
+        "malformed_request",
+    )
+    assert_error(await api.post("/api/nodes/register", content=b"[1, 2]", headers=h), 422)
+    assert_error(await api.post("/api/nodes/register", content=b"", headers=h), 400)
+    assert_error(await api.post("/api/nodes/register", content=b"\xff\xfe", headers=h), 400)
+    r = await api.post(
+        "/api/nodes/register",
+        content=b"a=b",
+        headers={**provider.headers, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert_error(r, 415, field="Content-Type")
+    big = b'{"name": "' + b"x" * (gw.settings.max_body_bytes + 1) + b'"}'
+    assert_error(await api.post("/api/nodes/register", content=big, headers=h), 413)
+
+    async def chunks():
+        for _ in range(100):
+            yield b" " * 1024
+
+    # Without a Content-Length (chunked), the limit holds while reading.
+    assert_error(await api.post("/api/nodes/register", content=chunks(), headers=h), 413)
+    r = await api.post(
+        "/api/nodes/register", json={"node_type": "mist_node"}, headers=provider.headers
+    )
+    assert_error(r, 422, field="name")
+
+
+async def test_query_and_path_errors(gw: Gateway) -> None:
+    """Bad query values and unknown parameters are 422; malformed ids are 404; unknown paths 404/405."""
+    api = gw.client
+    user = await signup(gw)
+    h = user.headers
+    assert_error(
+        await api.get("/api/marketplace", params={"min_ram_gb": "lots"}, headers=h),
+        422,
+        field="min_ram_gb",
+    )
+    assert_error(
+        await api.get("/api/marketplace", params={"client_lat": "nan"}, headers=h),
+        422,
+        field="client_lat",
+    )
+    assert_error(
+        await api.get(
+            "/api/marketplace", params={"client_lat": "95", "client_lng": "0"}, headers=h
+        ),
+        422,
+        field="client_lat",
+    )
+    assert_error(
+        await api.get("/api/marketplace", params={"client_lat": "40"}, headers=h),
+        422,
+        field="client_lat",
+    )
+    assert_error(
+        await api.get("/api/marketplace", params={"max_distance_km": "50"}, headers=h),
+        422,
+        field="max_distance_km",
+    )
+    assert_error(
+        await api.get("/api/marketplace", params={"limit": "0"}, headers=h), 422, field="limit"
+    )
+    assert_error(
+        await api.get("/api/marketplace", params={"limit": "100000"}, headers=h), 422, field="limit"
+    )
+    assert_error(
+        await api.get("/api/marketplace", params={"sort": "price"}, headers=h), 422, field="sort"
+    )
+    assert_error(
+        await api.get("/api/marketplace?region=a&region=b", headers=h), 422, field="region"
+    )
+    assert_error(await api.get("/api/nodes/not%20an%20id", headers=h), 404, field="node_id")
+    assert_error(await api.get("/api/nodes/" + "a" * 65, headers=h), 404)
+    assert_error(await api.get("/api/book/%7Bx%7D", headers=h), 404, field="region")
+    assert_error(await api.get("/api/nope", headers=h), 404, "not_found")
+    assert_error(await api.patch("/api/nodes/abc", headers=h), 405, "method_not_allowed")
+
+
+async def test_request_and_contract_inputs(gw: Gateway) -> None:
+    """Renter inputs: zero-size requests, foreign client ids, heartbeat bounds."""
+    api = gw.client
+    provider, renter = await signup(gw, "provider"), await signup(gw, "user")
+    h = renter.headers
+    r = await api.post(
+        "/api/marketplace/request",
+        json={"ram_gb": 0, "vram_gb": 0, "max_price_per_gb_sec": 0.001},
+        headers=h,
+    )
+    assert_error(r, 422, field="ram_gb")
+    r = await api.post(
+        "/api/marketplace/request",
+        json={
+            "ram_gb": 1,
+            "vram_gb": 0,
+            "max_price_per_gb_sec": 0.001,
+            "client_id": "00000000-0000-0000-0000-000000000000",
+        },
+        headers=h,
+    )
+    assert_error(r, 403, field="client_id")
+    r = await api.post(
+        "/api/marketplace/request",
+        json={"ram_gb": 1, "vram_gb": 0, "max_price_per_gb_sec": 0.001, "duration_sec": 0},
+        headers=h,
+    )
+    assert_error(r, 422, field="duration_sec")
+    r = await api.post(
+        "/api/contracts/create",
+        json={"client_id": "not-a-uuid", "node_id": "n", "ram_gb": 1, "vram_gb": 0},
+        headers=h,
+    )
+    assert_error(r, 403, field="client_id")
+    node_id = await register_node(gw, provider)
+    for beat, field in (
+        ({"available_ram_gb": -1, "available_vram_gb": 0}, "available_ram_gb"),
+        ({"available_ram_gb": 1, "available_vram_gb": 0, "cpu_usage_pct": 101}, "cpu_usage_pct"),
+        ({"available_ram_gb": 1, "available_vram_gb": 0, "latitude": 40.0}, "latitude"),
+        ({"available_ram_gb": 1}, "available_vram_gb"),
+        ({"available_ram_gb": 1, "available_vram_gb": 0, "node_id": node_id}, "node_id"),
+    ):
+        r = await api.post(f"/api/nodes/{node_id}/heartbeat", json=beat, headers=provider.headers)
+        assert_error(r, 422, field=field)
+    r = await api.post(
+        "/api/nodes/0123456789abcdef0123456789abcdef/heartbeat",
+        json={"available_ram_gb": 1, "available_vram_gb": 0},
+        headers=provider.headers,
+    )
+    assert_error(r, 404)
+
+
+async def test_health_metrics_and_docs(gw: Gateway) -> None:
+    """Probes answer; /metrics counts requests by route template; the docs page and schema load."""
+    api = gw.client
+    assert (await api.get("/healthz")).json() == {"status": "ok"}
+    assert (await api.get("/readyz")).json() == {"status": "ready", "redis": True, "postgres": True}
+    user = await signup(gw)
+    await api.get("/api/nodes/0123456789abcdef0123456789abcdef", headers=user.headers)
+    text = (await api.get("/metrics")).text
+    assert (
+        'mnemo_http_requests_total{method="GET",route="/api/nodes/{node_id}",status="404"} 1.0'
+        in text
+    )
+    assert "mnemo_http_request_duration_seconds_bucket" in text
+    assert "Swagger" in (await api.get("/docs")).text or "swagger" in (await api.get("/docs")).text
+    doc = (await api.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.") and "/api/marketplace/request" in doc["paths"]
