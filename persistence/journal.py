@@ -1,0 +1,1731 @@
+"""The journal: every region's event stream in Redis -> the market's history in Postgres.
+
+Rules (DESIGN.md, "State and the atomic core"):
+
+- **At least once in, exactly once applied.** Workers read every region's stream with one consumer
+  group (`journal`; several workers may share it). Each batch is ONE Postgres transaction that
+  stores the events in `events` (`ON CONFLICT (event_id) DO NOTHING`) and applies them to the
+  tables; it commits, and only then are the entries acknowledged (`XACK`). A crash anywhere before
+  the commit leaves the entries pending, to be read again by the restarted worker (its own pending
+  list) or claimed by another (`XAUTOCLAIM` after `claim_idle_s`).
+- **Applied in sequence, per region.** `journal_positions.applied_seq` says how far a region's
+  events have been applied; a batch applies the contiguous run `applied_seq + 1, + 2, ...` of the
+  events it can see (its own and any stored earlier), under that row's lock. So a redelivered
+  event (seq <= applied_seq) changes nothing, and an event delivered before an earlier one (a dead
+  worker's entries claimed after newer entries were committed) is stored, acknowledged, and waits
+  in `events` until the gap is filled. Every write is then a plain state transition taken in the
+  order the scripts made them: the final tables do not depend on batching, redelivery or order of
+  delivery.
+- **Lost events are given up only when provably gone**: a gap is skipped (and counted in
+  `journal_positions.skipped`) only when the group has nothing pending and everything in the stream
+  has been delivered, i.e. no entry anywhere can still fill it (stream trimmed, Redis lost).
+- **A poisoned event holds its region, not the journal.** An event the tables refuse (a foreign
+  key to a missing user, a value out of a column's range) is stored like any other; its region's
+  application stops just before it with the error in `journal_positions.error` (see
+  `mnemo journal-status`), is retried every `_BLOCKED_RETRY_S`, and every other region carries on.
+- **Postgres going away** (connection lost, server restarting, `pg_terminate_backend`) is retried
+  at the connection edge with backoff and a logged countdown; nothing is acknowledged before it
+  has been committed.
+
+Throughput: events are decoded once (msgspec), folded in memory per row (a node's ten heartbeats
+in a batch are one UPDATE), and written with one multi-row statement per table and row shape
+(`unnest` arrays) plus a binary COPY of the heartbeat metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, NamedTuple
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from engine.keys import Keys
+from engine.settings import ConfigError, Settings
+from engine.types import (
+    EVENT_DECODER,
+    BidCancelled,
+    BidExpired,
+    BidPlaced,
+    ContractCreated,
+    ContractExtended,
+    ContractSettled,
+    Event,
+    HeartbeatsApplied,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeUpdated,
+)
+
+__all__ = [
+    "GROUP",
+    "BatchResult",
+    "JournalLag",
+    "RegionLag",
+    "StoredEvent",
+    "decode_entry",
+    "ensure_partitions",
+    "journal_lag",
+    "metrics_partitions",
+    "positions",
+    "print_status",
+    "refresh_clusters",
+    "run_journal",
+    "status",
+    "write_batch",
+]
+
+log = logging.getLogger("mnemo.journal")
+
+GROUP = "journal"
+"""The consumer group every journal worker joins on every region's stream."""
+
+_MAX_APPLY = 20_000  # events applied per region per transaction (bounds a catch-up's transaction)
+_CLUSTER_REFRESH_S = 1.0
+_REGIONS_REFRESH_S = 1.0
+_GAP_CHECK_S = 5.0
+_BLOCKED_RETRY_S = 10.0
+_PARTITIONS_EVERY_S = 3600.0
+_PARTITION_DAYS_AHEAD = 2
+_BACKOFF_MAX_S = 10.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored events
+
+
+class StoredEvent(NamedTuple):
+    """One decoded event with its JSON as the script wrote it (stored verbatim in `events`)."""
+
+    event_id: str
+    region: str
+    seq: int
+    type: str
+    ts_ms: int
+    payload: str
+    event: Event
+
+
+def decode_entry(raw: bytes | str) -> StoredEvent:
+    """Decode a stream entry's `e` field. Raises `ValueError` for anything not a valid event."""
+    try:
+        event = EVENT_DECODER.decode(raw)
+    except msgspec.DecodeError as e:
+        raise ValueError(f"not an event: {e}") from None
+    region, sep, seq_text = event.event_id.rpartition(":")
+    if not sep or not seq_text.isdigit() or region != event.region:
+        raise ValueError(f"malformed event id {event.event_id!r} for region {event.region!r}")
+    payload = raw.decode() if isinstance(raw, bytes) else raw
+    tag = type(event).__struct_config__.tag
+    return StoredEvent(event.event_id, region, int(seq_text), str(tag), event.ts_ms, payload, event)
+
+
+def _ts(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _ts_opt(ms: int | None) -> datetime | None:
+    return _EPOCH + timedelta(milliseconds=ms) if ms else None
+
+
+_SCALE = {2: 100, 3: 1000, 6: 1_000_000}
+_LIMITS = {2: 99_999, 3: 9_999_999_999, 6: 999_999_999}  # numeric(5,2), (10,3), (9,6) in units
+
+
+def _units(x: float | None, places: int) -> int | None:
+    """A float in integer units of the column's last decimal place (half-even, clamped to the
+    column's range). The journal rounds here, once, so that the stored value and every sum of
+    it (rollups) are exact and do not depend on how events were batched."""
+    if x is None or not math.isfinite(x):
+        return None
+    limit = _LIMITS[places]
+    return max(-limit, min(limit, round(x * _SCALE[places])))
+
+
+def _dec(x: float | None, places: int) -> float | None:
+    """`x` rounded to the column's scale; a float whose repr is that exact decimal, which is
+    what asyncpg sends for a numeric parameter."""
+    u = _units(x, places)
+    return None if u is None else u / _SCALE[places]
+
+
+def _int4(x: int | None) -> int | None:
+    if x is None or not -(2**31) <= x < 2**31:
+        return None
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The fold: ordered events -> row changes (pure; no I/O)
+
+# Column -> Postgres type of the arrays the rows travel in.
+_NODE_COLS: dict[str, str] = {
+    "id": "uuid",
+    "node_type": "text",
+    "name": "text",
+    "owner_id": "uuid",
+    "region": "text",
+    "latitude": "numeric",
+    "longitude": "numeric",
+    "total_ram_gb": "int4",
+    "total_vram_gb": "int4",
+    "offered_ram_gb": "int4",
+    "offered_vram_gb": "int4",
+    "reserved_ram_gb": "int4",
+    "reserved_vram_gb": "int4",
+    "bandwidth_mbps": "int4",
+    "base_latency_ms": "numeric",
+    "uptime_score": "numeric",
+    "reputation_score": "int4",
+    "price_pusd": "int8",
+    "egress_price_pusd": "int8",
+    "min_duration_sec": "int4",
+    "max_duration_sec": "int4",
+    "ask_expires_at": "timestamptz",
+    "metadata": "jsonb",
+    "status": "text",
+    "heartbeat_interval_s": "float8",
+    "last_heartbeat": "timestamptz",
+    "arrival_seq": "int8",
+    "created_at": "timestamptz",
+    "updated_at": "timestamptz",
+}
+_BID_COLS: dict[str, str] = {
+    "id": "uuid",
+    "region": "text",
+    "client_id": "uuid",
+    "user_id": "uuid",
+    "ram_gb": "int4",
+    "vram_gb": "int4",
+    "duration_sec": "int4",
+    "max_price_pusd": "int8",
+    "latitude": "numeric",
+    "longitude": "numeric",
+    "max_distance_km": "float8",
+    "min_uptime_score": "numeric",
+    "prefer_local": "bool",
+    "node_type": "text",
+    "allow_split": "bool",
+    "min_fill_gb": "int4",
+    "filled_ram_gb": "int4",
+    "filled_vram_gb": "int4",
+    "status": "text",
+    "seq": "int8",
+    "contract_ids": "text",  # comma-joined in transit (unnest flattens arrays of arrays)
+    "created_at": "timestamptz",
+    "expires_at": "timestamptz",
+    "updated_at": "timestamptz",
+}
+_CONTRACT_COLS: dict[str, str] = {
+    "id": "uuid",
+    "client_id": "uuid",
+    "node_id": "uuid",
+    "user_id": "uuid",
+    "owner_id": "uuid",
+    "region": "text",
+    "ram_gb": "int4",
+    "vram_gb": "int4",
+    "duration_sec": "int4",
+    "initial_duration_sec": "int4",
+    "start_time": "timestamptz",
+    "end_time": "timestamptz",
+    "extensions": "int4",
+    "price_pusd": "int8",
+    "egress_price_pusd": "int8",
+    "max_price_pusd": "int8",
+    "total_cost_pusd": "int8",
+    "egress_mgb": "int8",
+    "used_sec": "int4",
+    "status": "text",
+    "settlement_hash": "text",
+    "bid_id": "uuid",
+    "predecessor_id": "uuid",
+    "successor_id": "uuid",
+    "version": "int4",
+    "created_seq": "int8",
+    "created_at": "timestamptz",
+    "completed_at": "timestamptz",
+    "updated_at": "timestamptz",
+}
+_METRIC_COLS = (
+    "node_id",
+    "region",
+    "offered_ram_gb",
+    "offered_vram_gb",
+    "available_ram_gb",
+    "available_vram_gb",
+    "cpu_usage_pct",
+    "gpu_usage_pct",
+    "temperature_c",
+    "bandwidth_mbps",
+    "latitude",
+    "longitude",
+    "timestamp",
+)
+
+# Patch keys with a prefix are not assignments: "+col" adds to the column, "++col" appends ids.
+_Row = dict[str, Any]
+
+
+def _merge(full: dict[str, _Row], patches: dict[str, _Row], key: str, values: _Row) -> None:
+    row = full.get(key)
+    if row is None:
+        row = patches.setdefault(key, {})
+        for col, value in values.items():
+            if col.startswith("++"):
+                row[col] = row.get(col, ()) + tuple(value)
+            elif col.startswith("+"):
+                row[col] = row.get(col, 0) + value
+            else:
+                row[col] = value
+        return
+    for col, value in values.items():
+        if col.startswith("++"):
+            name = col[2:]
+            row[name] = ",".join(filter(None, (row[name], *value)))
+        elif col.startswith("+"):
+            row[col[1:]] += value
+        else:
+            row[col] = value
+
+
+class _Fold:
+    """The row changes of a run of events, each region's events in sequence order."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Row] = {}
+        self.node_patches: dict[str, _Row] = {}
+        self.bids: dict[str, _Row] = {}
+        self.bid_patches: dict[str, _Row] = {}
+        self.contracts: dict[str, _Row] = {}
+        self.contract_patches: dict[str, _Row] = {}
+        self.spend: dict[str, int] = {}
+        self.metrics: list[tuple[Any, ...]] = []
+        self.rollup: dict[tuple[str, int], list[Any]] = {}
+        self.node_regions: set[str] = set()
+
+    def apply(self, stored: StoredEvent) -> None:
+        ev = stored.event
+        at = _ts(ev.ts_ms)
+        match ev:
+            case HeartbeatsApplied():
+                self._heartbeats(ev, at)
+            case NodeRegistered() | NodeUpdated():
+                n = ev.node
+                row: _Row = {
+                    "id": n.node_id,
+                    "node_type": n.node_type,
+                    "name": n.name,
+                    "owner_id": n.owner_id,
+                    "region": n.region,
+                    "latitude": _dec(n.lat, 6),
+                    "longitude": _dec(n.lng, 6),
+                    "total_ram_gb": n.total_ram_gb,
+                    "total_vram_gb": n.total_vram_gb,
+                    "offered_ram_gb": n.offered_ram_gb,
+                    "offered_vram_gb": n.offered_vram_gb,
+                    "reserved_ram_gb": n.reserved_ram_gb,
+                    "reserved_vram_gb": n.reserved_vram_gb,
+                    "bandwidth_mbps": n.bandwidth_mbps,
+                    "base_latency_ms": _dec(n.base_latency_ms, 3),
+                    "uptime_score": _dec(n.uptime_score, 2),
+                    "reputation_score": n.reputation_score,
+                    "price_pusd": n.price_pusd,
+                    "egress_price_pusd": n.egress_price_pusd,
+                    "min_duration_sec": n.min_duration_s,
+                    "max_duration_sec": n.max_duration_s,
+                    "ask_expires_at": _ts_opt(n.ask_expires_ms),
+                    "metadata": msgspec.json.encode(n.metadata).decode(),
+                    "status": n.status,
+                    "heartbeat_interval_s": float(n.heartbeat_interval_s),
+                    "last_heartbeat": _ts_opt(n.last_heartbeat_ms),
+                    "arrival_seq": n.arrival_seq,
+                    "created_at": _ts(n.created_ms) if n.created_ms else at,
+                    "updated_at": at,
+                }
+                # A whole-node event replaces everything before it in this run, except the
+                # creation time (an update that does not carry it must not move it).
+                before = self.nodes.get(n.node_id)
+                if before is not None:
+                    row["created_at"] = min(row["created_at"], before["created_at"])
+                self.nodes[n.node_id] = row
+                self.node_patches.pop(n.node_id, None)
+                self.node_regions.add(ev.region)
+            case NodeDeactivated():
+                self._node(ev.node_id, ev.region, {"status": "deactivated", "updated_at": at})
+            case NodeOffline():
+                self._node(
+                    ev.node_id,
+                    ev.region,
+                    {
+                        "status": "offline",
+                        "last_heartbeat": _ts_opt(ev.last_heartbeat_ms),
+                        "updated_at": at,
+                    },
+                )
+            case BidPlaced():
+                b = ev.bid
+                self.bids[b.bid_id] = {
+                    "id": b.bid_id,
+                    "region": b.region,
+                    "client_id": b.client_id,
+                    "user_id": b.user_id,
+                    "ram_gb": b.ram_gb,
+                    "vram_gb": b.vram_gb,
+                    "duration_sec": b.duration_s,
+                    "max_price_pusd": b.max_price_pusd,
+                    "latitude": _dec(b.lat, 6),
+                    "longitude": _dec(b.lng, 6),
+                    "max_distance_km": b.max_distance_km,
+                    "min_uptime_score": _dec(b.min_uptime_score, 2),
+                    "prefer_local": b.prefer_local,
+                    "node_type": b.node_type,
+                    "allow_split": b.allow_split,
+                    "min_fill_gb": b.min_fill_gb,
+                    "filled_ram_gb": b.filled_ram_gb,
+                    "filled_vram_gb": b.filled_vram_gb,
+                    "status": b.status,
+                    "seq": b.seq,
+                    "contract_ids": ",".join(b.contract_ids),
+                    "created_at": _ts(b.created_ms) if b.created_ms else at,
+                    "expires_at": _ts_opt(b.expires_ms),
+                    "updated_at": at,
+                }
+                self.bid_patches.pop(b.bid_id, None)
+            case BidCancelled():
+                _merge(
+                    self.bids,
+                    self.bid_patches,
+                    ev.bid_id,
+                    {"status": "cancelled", "updated_at": at},
+                )
+            case BidExpired():
+                _merge(
+                    self.bids, self.bid_patches, ev.bid_id, {"status": "expired", "updated_at": at}
+                )
+            case ContractCreated():
+                c = ev.contract
+                self.contracts[c.contract_id] = {
+                    "id": c.contract_id,
+                    "client_id": c.client_id,
+                    "node_id": c.node_id,
+                    "user_id": c.user_id,
+                    "owner_id": c.owner_id,
+                    "region": c.region,
+                    "ram_gb": c.ram_gb,
+                    "vram_gb": c.vram_gb,
+                    "duration_sec": c.duration_s,
+                    "initial_duration_sec": c.duration_s,
+                    "start_time": _ts(c.start_ms),
+                    "end_time": _ts(c.end_ms),
+                    "extensions": c.extensions,
+                    "price_pusd": c.price_pusd,
+                    "egress_price_pusd": c.egress_price_pusd,
+                    "max_price_pusd": c.max_price_pusd,
+                    "total_cost_pusd": c.cost_pusd,
+                    "egress_mgb": c.egress_mgb,
+                    "used_sec": c.used_s,
+                    "status": c.status,
+                    "settlement_hash": c.settlement_hash,
+                    "bid_id": c.bid_id,
+                    "predecessor_id": c.predecessor_id,
+                    "successor_id": c.successor_id,
+                    "version": c.version,
+                    "created_seq": stored.seq,
+                    "created_at": at,
+                    "completed_at": _ts_opt(c.completed_ms),
+                    "updated_at": at,
+                }
+                self.contract_patches.pop(c.contract_id, None)
+                self._node(
+                    c.node_id,
+                    ev.region,
+                    {
+                        "reserved_ram_gb": ev.node_reserved_ram_gb,
+                        "reserved_vram_gb": ev.node_reserved_vram_gb,
+                        "updated_at": at,
+                    },
+                )
+                if ev.bid_id is not None:
+                    change: _Row = {
+                        "filled_ram_gb": ev.bid_filled_ram_gb,
+                        "filled_vram_gb": ev.bid_filled_vram_gb,
+                        "++contract_ids": (c.contract_id,),
+                        "updated_at": at,
+                    }
+                    if ev.bid_status is not None:
+                        change["status"] = ev.bid_status
+                    _merge(self.bids, self.bid_patches, ev.bid_id, change)
+            case ContractExtended():
+                _merge(
+                    self.contracts,
+                    self.contract_patches,
+                    ev.contract_id,
+                    {
+                        "duration_sec": ev.duration_s,
+                        "end_time": _ts(ev.end_ms),
+                        "version": ev.version,
+                        "+extensions": 1,
+                        "updated_at": at,
+                    },
+                )
+            case ContractSettled():
+                _merge(
+                    self.contracts,
+                    self.contract_patches,
+                    ev.contract_id,
+                    {
+                        "status": ev.status,
+                        "used_sec": ev.used_s,
+                        "egress_mgb": ev.egress_mgb,
+                        "total_cost_pusd": ev.cost_pusd,
+                        "settlement_hash": ev.settlement_hash,
+                        "completed_at": _ts(ev.completed_ms),
+                        "successor_id": ev.successor_id,
+                        "updated_at": at,
+                    },
+                )
+                self._node(
+                    ev.node_id,
+                    ev.region,
+                    {
+                        "reserved_ram_gb": ev.node_reserved_ram_gb,
+                        "reserved_vram_gb": ev.node_reserved_vram_gb,
+                        "updated_at": at,
+                    },
+                )
+                if ev.cost_pusd:
+                    self.spend[ev.client_id] = self.spend.get(ev.client_id, 0) + ev.cost_pusd
+
+    def _node(self, node_id: str, region: str, values: _Row) -> None:
+        _merge(self.nodes, self.node_patches, node_id, values)
+        self.node_regions.add(region)
+
+    def _heartbeats(self, ev: HeartbeatsApplied, at: datetime) -> None:
+        minute_ms = ev.ts_ms - ev.ts_ms % 60_000
+        region = ev.region
+        for b in ev.entries:
+            change: _Row = {
+                "offered_ram_gb": b.offered_ram_gb,
+                "offered_vram_gb": b.offered_vram_gb,
+                "status": b.status,
+                "last_heartbeat": at,
+                "updated_at": at,
+            }
+            bandwidth = _int4(b.bandwidth_mbps)
+            lat, lng = _dec(b.lat, 6), _dec(b.lng, 6)
+            if bandwidth is not None:
+                change["bandwidth_mbps"] = bandwidth
+            if lat is not None:
+                change["latitude"] = lat
+            if lng is not None:
+                change["longitude"] = lng
+            self._node(b.node_id, region, change)
+            cpu, gpu = _units(b.cpu_usage_pct, 2), _units(b.gpu_usage_pct, 2)
+            temp = _int4(b.temperature_c)
+            self.metrics.append(
+                (
+                    b.node_id,
+                    region,
+                    b.offered_ram_gb,
+                    b.offered_vram_gb,
+                    b.available_ram_gb,
+                    b.available_vram_gb,
+                    None if cpu is None else cpu / 100,
+                    None if gpu is None else gpu / 100,
+                    temp,
+                    bandwidth,
+                    lat,
+                    lng,
+                    at,
+                )
+            )
+            agg = self.rollup.get((b.node_id, minute_ms))
+            if agg is None:
+                self.rollup[(b.node_id, minute_ms)] = [
+                    region,
+                    1,
+                    b.offered_ram_gb,
+                    b.offered_vram_gb,
+                    b.available_ram_gb,
+                    b.available_vram_gb,
+                    b.available_ram_gb,
+                    b.available_ram_gb,
+                    b.available_vram_gb,
+                    b.available_vram_gb,
+                    0 if cpu is None else 1,
+                    cpu or 0,
+                    0 if gpu is None else 1,
+                    gpu or 0,
+                    temp,
+                ]
+                continue
+            agg[1] += 1
+            agg[2] += b.offered_ram_gb
+            agg[3] += b.offered_vram_gb
+            agg[4] += b.available_ram_gb
+            agg[5] += b.available_vram_gb
+            agg[6] = min(agg[6], b.available_ram_gb)
+            agg[7] = max(agg[7], b.available_ram_gb)
+            agg[8] = min(agg[8], b.available_vram_gb)
+            agg[9] = max(agg[9], b.available_vram_gb)
+            if cpu is not None:
+                agg[10] += 1
+                agg[11] += cpu
+            if gpu is not None:
+                agg[12] += 1
+                agg[13] += gpu
+            if temp is not None:
+                agg[14] = temp if agg[14] is None else max(agg[14], temp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a fold
+
+
+def _columns_arrays(rows: Sequence[_Row], cols: Sequence[str]) -> list[list[Any]]:
+    return [[row[c] for row in rows] for c in cols]
+
+
+def _alias(col: str) -> str:
+    if col.startswith("++"):
+        return "add_" + col[2:]
+    if col.startswith("+"):
+        return "inc_" + col[1:]
+    return col
+
+
+async def _upsert(
+    conn: asyncpg.Connection,
+    table: str,
+    types: dict[str, str],
+    rows: Iterable[_Row],
+    *,
+    keep_earliest: Sequence[str] = (),
+) -> None:
+    rows = list(rows)
+    if not rows:
+        return
+    cols = list(types)
+    unnest = ", ".join(f"${i}::{types[c]}[]" for i, c in enumerate(cols, 1))
+    select = ", ".join(
+        f"coalesce(string_to_array(u.{c}, ','), '{{}}')::uuid[]"
+        if c == "contract_ids"
+        else f"u.{c}"
+        for c in cols
+    )
+    sets = ", ".join(
+        f"{c} = least({table}.{c}, EXCLUDED.{c})" if c in keep_earliest else f"{c} = EXCLUDED.{c}"
+        for c in cols
+        if c != "id"
+    )
+    sql = (
+        f"INSERT INTO {table} ({', '.join(cols)}) "
+        f"SELECT {select} FROM unnest({unnest}) AS u({', '.join(cols)}) "
+        f"ON CONFLICT (id) DO UPDATE SET {sets}"
+    )
+    await conn.execute(sql, *_columns_arrays(rows, cols))
+
+
+async def _patch(
+    conn: asyncpg.Connection, table: str, types: dict[str, str], patches: dict[str, _Row]
+) -> None:
+    shapes: dict[tuple[str, ...], list[tuple[str, _Row]]] = {}
+    for key, patch in patches.items():
+        shapes.setdefault(tuple(sorted(patch)), []).append((key, patch))
+    for shape, items in shapes.items():
+        aliases = ["id", *(_alias(c) for c in shape)]
+        array_types = ["uuid"]
+        sets = []
+        for col in shape:
+            name = col.lstrip("+")
+            if col.startswith("++"):
+                array_types.append("text")
+                sets.append(f"{name} = t.{name} || string_to_array(u.{_alias(col)}, ',')::uuid[]")
+            elif col.startswith("+"):
+                array_types.append(types[name])
+                sets.append(f"{name} = t.{name} + u.{_alias(col)}")
+            else:
+                array_types.append(types[name])
+                sets.append(f"{name} = u.{name}")
+        unnest = ", ".join(f"${i}::{t}[]" for i, t in enumerate(array_types, 1))
+        sql = (
+            f"UPDATE {table} AS t SET {', '.join(sets)} "
+            f"FROM unnest({unnest}) AS u({', '.join(aliases)}) WHERE t.id = u.id"
+        )
+        args: list[list[Any]] = [[key for key, _ in items]]
+        for col in shape:
+            if col.startswith("++"):
+                args.append([",".join(p[col]) for _, p in items])
+            else:
+                args.append([p[col] for _, p in items])
+        await conn.execute(sql, *args)
+
+
+_SPEND_SQL = """
+UPDATE clients AS c
+SET current_spend_pusd = c.current_spend_pusd + u.amount,
+    current_spend_usd = least(round((c.current_spend_pusd + u.amount) * 0.000000000001, 2),
+                              99999999.99)
+FROM unnest($1::uuid[], $2::int8[]) AS u(id, amount)
+WHERE c.id = u.id
+"""
+
+_ROLLUP_SQL = """
+INSERT INTO node_metrics_1m AS t (
+    node_id, minute, region, samples, sum_offered_ram_gb, sum_offered_vram_gb,
+    sum_available_ram_gb, sum_available_vram_gb, min_available_ram_gb, max_available_ram_gb,
+    min_available_vram_gb, max_available_vram_gb, cpu_samples, sum_cpu_usage_pct, gpu_samples,
+    sum_gpu_usage_pct, max_temperature_c)
+SELECT a, b, c, d, e, f, g, h, i, j, k, l, m, n * 0.01, o, p * 0.01, q
+FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
+            $7::int8[], $8::int8[], $9::int4[], $10::int4[], $11::int4[], $12::int4[],
+            $13::int4[], $14::int8[], $15::int4[], $16::int8[], $17::int4[])
+     AS u(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q)
+ON CONFLICT (node_id, minute) DO UPDATE SET
+    samples = t.samples + EXCLUDED.samples,
+    sum_offered_ram_gb = t.sum_offered_ram_gb + EXCLUDED.sum_offered_ram_gb,
+    sum_offered_vram_gb = t.sum_offered_vram_gb + EXCLUDED.sum_offered_vram_gb,
+    sum_available_ram_gb = t.sum_available_ram_gb + EXCLUDED.sum_available_ram_gb,
+    sum_available_vram_gb = t.sum_available_vram_gb + EXCLUDED.sum_available_vram_gb,
+    min_available_ram_gb = least(t.min_available_ram_gb, EXCLUDED.min_available_ram_gb),
+    max_available_ram_gb = greatest(t.max_available_ram_gb, EXCLUDED.max_available_ram_gb),
+    min_available_vram_gb = least(t.min_available_vram_gb, EXCLUDED.min_available_vram_gb),
+    max_available_vram_gb = greatest(t.max_available_vram_gb, EXCLUDED.max_available_vram_gb),
+    cpu_samples = t.cpu_samples + EXCLUDED.cpu_samples,
+    sum_cpu_usage_pct = t.sum_cpu_usage_pct + EXCLUDED.sum_cpu_usage_pct,
+    gpu_samples = t.gpu_samples + EXCLUDED.gpu_samples,
+    sum_gpu_usage_pct = t.sum_gpu_usage_pct + EXCLUDED.sum_gpu_usage_pct,
+    max_temperature_c = greatest(t.max_temperature_c, EXCLUDED.max_temperature_c)
+"""
+
+
+async def _flush(conn: asyncpg.Connection, fold: _Fold) -> None:
+    # The foreign keys between these tables are deferred, so the order below does not matter;
+    # they are checked at the end (SET CONSTRAINTS ... IMMEDIATE) so that a refusal is raised
+    # here, inside the caller's savepoint, rather than at COMMIT.
+    await conn.execute("SET CONSTRAINTS ALL DEFERRED")
+    await _upsert(conn, "nodes", _NODE_COLS, fold.nodes.values(), keep_earliest=("created_at",))
+    await _patch(conn, "nodes", _NODE_COLS, fold.node_patches)
+    await _upsert(conn, "bids", _BID_COLS, fold.bids.values())
+    await _patch(conn, "bids", _BID_COLS, fold.bid_patches)
+    await _upsert(conn, "contracts", _CONTRACT_COLS, fold.contracts.values())
+    await _patch(conn, "contracts", _CONTRACT_COLS, fold.contract_patches)
+    if fold.spend:
+        await conn.execute(_SPEND_SQL, list(fold.spend), list(fold.spend.values()))
+    if fold.metrics:
+        await conn.copy_records_to_table("node_metrics", records=fold.metrics, columns=_METRIC_COLS)
+    if fold.rollup:
+        keys = list(fold.rollup)
+        aggs = list(fold.rollup.values())
+        await conn.execute(
+            _ROLLUP_SQL,
+            [k[0] for k in keys],
+            [_ts(k[1]) for k in keys],
+            *([a[i] for a in aggs] for i in range(15)),
+        )
+    await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+_CLUSTERS_SQL = """
+INSERT INTO clusters AS c (
+    region, total_nodes, active_nodes, datacenter_nodes, edge_nodes, mist_nodes,
+    total_ram_gb, available_ram_gb, total_vram_gb, available_vram_gb, offered_ram_gb,
+    offered_vram_gb, reserved_ram_gb, reserved_vram_gb, avg_price_pusd, center_latitude,
+    center_longitude, last_updated)
+SELECT r.region,
+       count(n.id),
+       count(n.id) FILTER (WHERE n.status = 'active'),
+       count(n.id) FILTER (WHERE n.node_type = 'datacenter'),
+       count(n.id) FILTER (WHERE n.node_type = 'edge_cluster'),
+       count(n.id) FILTER (WHERE n.node_type = 'mist_node'),
+       coalesce(sum(n.total_ram_gb), 0),
+       coalesce(sum(n.available_ram_gb) FILTER (WHERE n.status = 'active'), 0),
+       coalesce(sum(n.total_vram_gb), 0),
+       coalesce(sum(n.available_vram_gb) FILTER (WHERE n.status = 'active'), 0),
+       coalesce(sum(n.offered_ram_gb) FILTER (WHERE n.status = 'active'), 0),
+       coalesce(sum(n.offered_vram_gb) FILTER (WHERE n.status = 'active'), 0),
+       coalesce(sum(n.reserved_ram_gb), 0),
+       coalesce(sum(n.reserved_vram_gb), 0),
+       round(avg(n.price_pusd) FILTER (WHERE n.status = 'active'), 6),
+       round(avg(n.latitude), 6),
+       round(avg(n.longitude), 6),
+       now()
+FROM unnest($1::text[]) AS r(region)
+LEFT JOIN nodes n ON n.region = r.region AND n.status <> 'deactivated'
+GROUP BY r.region
+ON CONFLICT (region) DO UPDATE SET
+    total_nodes = EXCLUDED.total_nodes, active_nodes = EXCLUDED.active_nodes,
+    datacenter_nodes = EXCLUDED.datacenter_nodes, edge_nodes = EXCLUDED.edge_nodes,
+    mist_nodes = EXCLUDED.mist_nodes, total_ram_gb = EXCLUDED.total_ram_gb,
+    available_ram_gb = EXCLUDED.available_ram_gb, total_vram_gb = EXCLUDED.total_vram_gb,
+    available_vram_gb = EXCLUDED.available_vram_gb, offered_ram_gb = EXCLUDED.offered_ram_gb,
+    offered_vram_gb = EXCLUDED.offered_vram_gb, reserved_ram_gb = EXCLUDED.reserved_ram_gb,
+    reserved_vram_gb = EXCLUDED.reserved_vram_gb, avg_price_pusd = EXCLUDED.avg_price_pusd,
+    center_latitude = EXCLUDED.center_latitude, center_longitude = EXCLUDED.center_longitude,
+    last_updated = EXCLUDED.last_updated
+"""
+
+
+async def refresh_clusters(conn: asyncpg.Connection, regions: Iterable[str]) -> None:
+    """Recompute the `clusters` rows of `regions` from `nodes` (the journal does this at most
+    about once a second per changed region; call it to make them current now)."""
+    regions = sorted(set(regions))
+    if regions:
+        await conn.execute(_CLUSTERS_SQL, regions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics partitions
+
+
+async def metrics_partitions(conn: asyncpg.Connection) -> set[date]:
+    """The days (UTC) that have a `node_metrics` partition."""
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'node_metrics'::regclass"
+    )
+    days = set()
+    for (name,) in rows:
+        with contextlib.suppress(ValueError):
+            days.add(datetime.strptime(name[-8:], "%Y%m%d").date())
+    return days
+
+
+async def ensure_partitions(
+    conn: asyncpg.Connection, days: Iterable[date], known: set[date] | None = None
+) -> None:
+    """Create the `node_metrics` partitions of `days` that do not exist yet (`known`, when
+    given, is the caller's cache of existing ones and is updated)."""
+    if known is None:
+        known = await metrics_partitions(conn)
+    for day in sorted(set(days) - known):
+        await conn.fetchval("SELECT mnemo_ensure_metrics_partitions($1, $1)", day)
+        known.add(day)
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch: store, then apply each region's contiguous run
+
+
+def _pg_transient(exc: BaseException) -> bool:
+    """Errors that say "Postgres is not reachable right now", as opposed to "this data is bad"."""
+    return isinstance(
+        exc,
+        (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.exceptions.OperatorInterventionError,
+            asyncpg.exceptions.InsufficientResourcesError,
+            asyncpg.exceptions.TransactionRollbackError,
+        ),
+    )
+
+
+class BatchResult(msgspec.Struct, kw_only=True):
+    """What one transaction did. `waiting` lists regions with stored events left unapplied
+    (a gap before them, a blocked region, or more than one transaction's worth)."""
+
+    stored: int = 0
+    applied: int = 0
+    node_regions: list[str] = []
+    waiting: list[str] = []
+    blocked: list[str] = []
+
+
+# Events reach `events` through a temporary staging table: binary COPY is much cheaper than
+# array parameters, and the INSERT ... SELECT keeps ON CONFLICT DO NOTHING.
+_STAGING_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS journal_staging (
+    event_id text, region text, seq bigint, type text, ts_ms bigint, payload text
+) ON COMMIT DELETE ROWS
+"""
+_STAGING_COLS = ("event_id", "region", "seq", "type", "ts_ms", "payload")
+_INSERT_EVENTS_SQL = """
+INSERT INTO events (event_id, region, seq, type, ts, payload)
+SELECT event_id, region, seq, type, 'epoch'::timestamptz + ts_ms * interval '1 millisecond',
+       payload::json
+FROM journal_staging
+ON CONFLICT DO NOTHING
+"""
+
+_RUNS_SQL = """
+SELECT p.region, e.seq
+FROM unnest($1::text[], $2::int8[]) AS p(region, applied)
+CROSS JOIN LATERAL (
+    SELECT seq FROM events e WHERE e.region = p.region AND e.seq > p.applied
+    ORDER BY seq LIMIT $3
+) AS e
+ORDER BY p.region, e.seq
+"""
+
+
+async def _store(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> int:
+    if not events:
+        return 0
+    await conn.execute(_STAGING_SQL)
+    await conn.copy_records_to_table(
+        "journal_staging", records=[e[:6] for e in events], columns=_STAGING_COLS
+    )
+    status = await conn.execute(_INSERT_EVENTS_SQL)
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def _runs(
+    conn: asyncpg.Connection,
+    regions: Sequence[str],
+    memory: dict[tuple[str, int], StoredEvent],
+    *,
+    include_blocked: bool,
+    max_apply: int,
+) -> tuple[dict[str, list[StoredEvent]], set[str], set[str]]:
+    """Lock the regions' positions and find each one's contiguous run of unapplied events.
+
+    Returns (runs, waiting, blocked). Must run inside a transaction: the row locks serialise
+    workers per region until commit (taken in region order, so workers cannot deadlock on them).
+    """
+    regions = sorted(set(regions))
+    await conn.execute(
+        "INSERT INTO journal_positions (region) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        regions,
+    )
+    rows = await conn.fetch(
+        "SELECT region, applied_seq, error_seq FROM journal_positions "
+        "WHERE region = ANY($1::text[]) ORDER BY region FOR UPDATE",
+        regions,
+    )
+    blocked = {r["region"] for r in rows if r["error_seq"] is not None}
+    live = [r for r in rows if include_blocked or r["error_seq"] is None]
+    if not live:
+        return {}, set(), blocked
+    applied = {r["region"]: r["applied_seq"] for r in live}
+    found = await conn.fetch(_RUNS_SQL, list(applied), list(applied.values()), max_apply + 1)
+    wanted: dict[str, list[int]] = {}
+    waiting: set[str] = set()
+    for region, seq in found:
+        run = wanted.setdefault(region, [])
+        expected = applied[region] + len(run) + 1
+        if seq == expected and len(run) < max_apply:
+            run.append(seq)
+        else:
+            waiting.add(region)
+    missing = [(r, s) for r, seqs in wanted.items() for s in seqs if (r, s) not in memory]
+    if missing:
+        fetched = await conn.fetch(
+            "SELECT payload::text FROM events WHERE (region, seq) IN "
+            "(SELECT * FROM unnest($1::text[], $2::int8[]))",
+            [r for r, _ in missing],
+            [s for _, s in missing],
+        )
+        for (payload,) in fetched:
+            stored = decode_entry(payload)
+            memory[(stored.region, stored.seq)] = stored
+    runs = {r: [memory[(r, s)] for s in seqs] for r, seqs in wanted.items() if seqs}
+    return runs, waiting, blocked
+
+
+async def _advance(conn: asyncpg.Connection, runs: dict[str, list[StoredEvent]]) -> None:
+    if not runs:
+        return
+    await conn.execute(
+        "UPDATE journal_positions AS p SET applied_seq = u.seq, applied_ts = u.ts, "
+        "updated_at = now(), "
+        # An error is history once the region has been applied past the refused event.
+        "error = CASE WHEN u.seq >= p.error_seq THEN NULL ELSE p.error END, "
+        "error_at = CASE WHEN u.seq >= p.error_seq THEN NULL ELSE p.error_at END, "
+        "error_seq = CASE WHEN u.seq >= p.error_seq THEN NULL ELSE p.error_seq END "
+        "FROM unnest($1::text[], $2::int8[], $3::timestamptz[]) AS u(region, seq, ts) "
+        "WHERE p.region = u.region",
+        list(runs),
+        [run[-1].seq for run in runs.values()],
+        [_ts(run[-1].ts_ms) for run in runs.values()],
+    )
+
+
+async def _apply_one_by_one(
+    conn: asyncpg.Connection, runs: dict[str, list[StoredEvent]]
+) -> tuple[dict[str, list[StoredEvent]], set[str]]:
+    """Apply each event in its own savepoint; a region stops at its first refused event."""
+    done: dict[str, list[StoredEvent]] = {}
+    blocked: set[str] = set()
+    for region, run in runs.items():
+        ok: list[StoredEvent] = []
+        for stored in run:
+            fold = _Fold()
+            fold.apply(stored)
+            try:
+                async with conn.transaction():
+                    await _flush(conn, fold)
+            except asyncpg.PostgresError as e:
+                if _pg_transient(e):
+                    raise
+                log.error(
+                    "journal: region %s is held at event %s: %s: %s",
+                    region,
+                    stored.event_id,
+                    type(e).__name__,
+                    e,
+                )
+                await conn.execute(
+                    "UPDATE journal_positions SET error = $2, error_seq = $3, error_at = now(), "
+                    "updated_at = now() WHERE region = $1",
+                    region,
+                    f"{stored.event_id}: {type(e).__name__}: {e}",
+                    stored.seq,
+                )
+                blocked.add(region)
+                break
+            ok.append(stored)
+        if ok:
+            done[region] = ok
+    return done, blocked
+
+
+async def write_batch(
+    conn: asyncpg.Connection,
+    events: Sequence[StoredEvent],
+    *,
+    regions: Iterable[str] = (),
+    retry_blocked: bool = False,
+    max_apply: int = _MAX_APPLY,
+    partitions: set[date] | None = None,
+) -> BatchResult:
+    """Store `events` and apply every region's contiguous run, in ONE transaction.
+
+    Idempotent: any delivery of any events, any number of times, in any order, ends in the same
+    tables once every event has been delivered at least once. `regions` adds regions to apply
+    without new events (catch-up); `retry_blocked` retries regions held at a refused event.
+    `partitions` caches the days that have a `node_metrics` partition (the catalog is read when
+    it is None); missing ones are created first, in their own transaction.
+    Connection errors propagate (nothing was committed); an event the tables refuse holds its
+    region (see the module docstring) and does not raise.
+    """
+    memory: dict[tuple[str, int], StoredEvent] = {}
+    for e in events:
+        memory.setdefault((e.region, e.seq), e)
+    unique = list(memory.values())
+    all_regions = sorted({e.region for e in unique} | set(regions))
+    result = BatchResult()
+    if not all_regions:
+        return result
+    days = {_ts(e.ts_ms).date() for e in unique if isinstance(e.event, HeartbeatsApplied)}
+    if days:
+        await ensure_partitions(conn, days, partitions)
+    async with conn.transaction():
+        result.stored = await _store(conn, unique)
+        runs, waiting, blocked = await _runs(
+            conn, all_regions, memory, include_blocked=retry_blocked, max_apply=max_apply
+        )
+        blocked -= set(runs)  # retried: blocked again below if the same event is refused
+        fold = _Fold()
+        for run in runs.values():
+            for stored in run:
+                fold.apply(stored)
+        try:
+            async with conn.transaction():
+                await _flush(conn, fold)
+        except asyncpg.PostgresError as e:
+            if _pg_transient(e):
+                raise
+            # Some event in this batch is refused; find it, apply everything before it.
+            runs, newly_blocked = await _apply_one_by_one(conn, runs)
+            blocked |= newly_blocked
+            waiting |= newly_blocked
+            fold = _Fold()
+            for run in runs.values():
+                for stored in run:
+                    fold.apply(stored)
+        await _advance(conn, runs)
+    result.applied = sum(len(r) for r in runs.values())
+    result.node_regions = sorted(fold.node_regions)
+    result.waiting = sorted(waiting)
+    result.blocked = sorted(blocked)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+def _default_consumer() -> str:
+    # Stable across restarts on one host: a restarted worker first re-reads its own pending
+    # entries instead of waiting `claim_idle_s` for them to be claimed.
+    return f"journal-{socket.gethostname()}"
+
+
+class _Raw(NamedTuple):
+    stream: bytes
+    entry_id: bytes
+    data: bytes | None  # the `e` field; None when the entry has none or was deleted
+
+
+class _Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        consumer: str,
+        stop: asyncio.Event,
+        batch_size: int,
+        flush_interval_s: float,
+        claim_idle_s: float,
+        idle_block_s: float,
+    ) -> None:
+        if not settings.redis_url or not settings.database_url:
+            raise ConfigError(
+                "MNEMO_REDIS_URL" if not settings.redis_url else "MNEMO_DATABASE_URL",
+                "the journal needs both Redis and Postgres URLs (the CLI fills them in)",
+            )
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.consumer = consumer
+        self.stop = stop
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.claim_every_s = max(0.05, min(5.0, claim_idle_s / 2))
+        self.idle_block_ms = max(1, int(idle_block_s * 1000))
+        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        self.conn: asyncpg.Connection | None = None
+        self.streams: dict[bytes, str] = {}  # stream key -> region
+        self.pel_cursor: dict[bytes, bytes] = {}  # own pending entries not yet re-read
+        self.claim_cursor: dict[bytes, bytes] = {}
+        self.partitions: set[date] = set()
+        self.dirty_clusters: set[str] = set()
+        self.catch_up: set[str] = set()
+        self.waiting: set[str] = set()
+        self.warned_seq: set[str] = set()
+        self.next: dict[str, float] = {}
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _due(self, what: str, every_s: float) -> bool:
+        now = time.monotonic()
+        if now < self.next.get(what, 0.0):
+            return False
+        self.next[what] = now + every_s
+        return True
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+
+    async def _pg(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            assert self.settings.database_url is not None
+            self.conn = await asyncpg.connect(self.settings.database_url, timeout=10)
+            await self._load_partitions(self.conn)
+        return self.conn
+
+    async def _drop_pg(self) -> None:
+        if self.conn is not None:
+            self.conn.terminate()
+            self.conn = None
+
+    async def _with_pg(self, what: str, fn: Any) -> Any:
+        """Run `fn(conn)` until it succeeds or `stop` is set, reconnecting with backoff."""
+        delay = 0.5
+        while True:
+            try:
+                return await fn(await self._pg())
+            except Exception as e:
+                if not _pg_transient(e):
+                    raise
+                await self._drop_pg()
+                if self.stop.is_set():
+                    return None
+                log.warning(
+                    "journal: postgres unavailable (%s: %s); retrying %s in %.1f s",
+                    type(e).__name__,
+                    e,
+                    what,
+                    delay,
+                )
+                await self._sleep(delay)
+                if self.stop.is_set():
+                    return None
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    async def _with_redis(self, what: str, fn: Any) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                return await fn()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                if self.stop.is_set():
+                    return None
+                log.warning(
+                    "journal: redis unavailable (%s); retrying %s in %.1f s", e, what, delay
+                )
+                await self._sleep(delay)
+                if self.stop.is_set():
+                    return None
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                # The stream or the group vanished (Redis restarted empty, key deleted).
+                log.warning("journal: consumer group missing (%s); recreating", e)
+                await self._create_groups(list(self.streams))
+
+    # -- Redis side -----------------------------------------------------------------------------
+
+    async def _refresh_regions(self) -> None:
+        members = await self.redis.smembers(self.keys.regions)
+        regions = sorted(m.decode() for m in members) + list(self.settings.regions)
+        new = []
+        for region in regions:
+            key = self.keys.events(region).encode()
+            if key not in self.streams:
+                self.streams[key] = region
+                new.append(key)
+        if new:
+            await self._create_groups(new)
+
+    async def _create_groups(self, streams: list[bytes]) -> None:
+        for key in streams:
+            try:
+                await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+            self.pel_cursor[key] = b"0"
+            self.claim_cursor[key] = b"0-0"
+
+    @staticmethod
+    def _raws(reply: Any) -> list[_Raw]:
+        out = []
+        for stream, entries in reply or []:
+            for entry_id, fields in entries:
+                out.append(_Raw(stream, entry_id, (fields or {}).get(b"e")))
+        return out
+
+    async def _read_own_pending(self) -> list[_Raw]:
+        if not self.pel_cursor:
+            return []
+        reply = await self.redis.xreadgroup(
+            GROUP, self.consumer, dict(self.pel_cursor), count=self.batch_size
+        )
+        out = []
+        for stream, entries in reply or []:
+            if not entries:
+                self.pel_cursor.pop(stream, None)
+                continue
+            self.pel_cursor[stream] = entries[-1][0]
+            for entry_id, fields in entries:
+                out.append(_Raw(stream, entry_id, (fields or {}).get(b"e")))
+        # Streams absent from the reply have no pending entries of ours left.
+        for stream in list(self.pel_cursor):
+            if all(s != stream for s, _ in reply or []):
+                self.pel_cursor.pop(stream, None)
+        return out
+
+    async def _claim(self) -> list[_Raw]:
+        out: list[_Raw] = []
+        for stream in list(self.streams):
+            start = self.claim_cursor.get(stream, b"0-0")
+            reply = await self.redis.xautoclaim(
+                stream, GROUP, self.consumer, self.claim_idle_ms, start, count=self.batch_size
+            )
+            self.claim_cursor[stream] = reply[0]
+            for entry_id, fields in reply[1]:
+                out.append(_Raw(stream, entry_id, (fields or {}).get(b"e")))
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                # Entries trimmed away while pending: nothing left to journal, only to forget.
+                log.warning(
+                    "journal: %d pending entries of %s were deleted before being journaled",
+                    len(deleted),
+                    stream.decode(),
+                )
+                await self.redis.xack(stream, GROUP, *deleted)
+        if out:
+            log.info(
+                "journal: claimed %d entries idle for over %d ms", len(out), self.claim_idle_ms
+            )
+        return out
+
+    async def _read_batch(self) -> list[_Raw]:
+        out = await self._read_own_pending()
+        if self._due("claim", self.claim_every_s):
+            out += await self._claim()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.flush_interval_s if out else None
+        while len(out) < self.batch_size and self.streams and not self.stop.is_set():
+            if deadline is None:
+                block = self.idle_block_ms
+            else:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                block = max(1, int(remaining * 1000))
+            reply = await self.redis.xreadgroup(
+                GROUP,
+                self.consumer,
+                dict.fromkeys(self.streams, b">"),
+                count=self.batch_size - len(out),
+                block=block,
+            )
+            got = self._raws(reply)
+            if not got:
+                break
+            out += got
+            if deadline is None:
+                deadline = loop.time() + self.flush_interval_s
+        return out
+
+    async def _ack(self, raws: Sequence[_Raw]) -> None:
+        by_stream: dict[bytes, list[bytes]] = {}
+        for raw in raws:
+            by_stream.setdefault(raw.stream, []).append(raw.entry_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, GROUP, *ids)
+                await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            # Committed already; the entries will be delivered again and change nothing.
+            log.warning("journal: could not acknowledge %d entries (%s)", len(raws), e)
+
+    # -- Postgres side ------------------------------------------------------------------------
+
+    async def _load_partitions(self, conn: asyncpg.Connection) -> None:
+        self.partitions = await metrics_partitions(conn)
+
+    async def _maintain_partitions(self, conn: asyncpg.Connection) -> None:
+        today = datetime.now(UTC).date()
+        await conn.fetchval(
+            "SELECT mnemo_ensure_metrics_partitions($1, $2)",
+            today,
+            today + timedelta(days=_PARTITION_DAYS_AHEAD),
+        )
+        keep_from = today - timedelta(days=max(1, self.settings.metrics_retention_days))
+        dropped = await conn.fetchval("SELECT mnemo_drop_metrics_partitions($1)", keep_from)
+        if dropped:
+            log.info("journal: dropped %d node_metrics partitions before %s", dropped, keep_from)
+        await self._load_partitions(conn)
+
+    def _decode(self, raws: Sequence[_Raw]) -> tuple[list[StoredEvent], list[tuple[_Raw, str]]]:
+        events, rejects = [], []
+        for raw in raws:
+            if raw.data is None:
+                rejects.append((raw, "entry has no `e` field (or was deleted)"))
+                continue
+            try:
+                events.append(decode_entry(raw.data))
+            except (ValueError, UnicodeDecodeError) as e:
+                rejects.append((raw, str(e)))
+        return events, rejects
+
+    async def _commit(self, raws: Sequence[_Raw]) -> bool:
+        events, rejects = self._decode(raws)
+
+        async def attempt(conn: asyncpg.Connection) -> BatchResult:
+            if rejects:
+                await self._store_rejects(conn, rejects)
+            try:
+                return await write_batch(conn, events, partitions=self.partitions)
+            except asyncpg.PostgresError as e:
+                if _pg_transient(e):
+                    raise
+                # Storing itself failed (say, a payload jsonb refuses): isolate the culprits.
+                log.error(
+                    "journal: batch refused (%s: %s); storing one by one", type(e).__name__, e
+                )
+                total = BatchResult()
+                for stored in events:
+                    try:
+                        r = await write_batch(conn, [stored], partitions=self.partitions)
+                    except asyncpg.PostgresError as e1:
+                        if _pg_transient(e1):
+                            raise
+                        raw = next(x for x in raws if x.data and x.data.decode() == stored.payload)
+                        await self._store_rejects(conn, [(raw, f"{type(e1).__name__}: {e1}")])
+                        continue
+                    total.applied += r.applied
+                    total.node_regions = sorted({*total.node_regions, *r.node_regions})
+                    total.waiting = sorted({*total.waiting, *r.waiting})
+                return total
+
+        result = await self._with_pg(f"a batch of {len(raws)}", attempt)
+        if result is None:
+            return False
+        self._note(result)
+        return True
+
+    def _note(self, result: BatchResult) -> None:
+        self.dirty_clusters.update(result.node_regions)
+        for region in result.waiting:
+            (self.waiting if region in result.blocked else self.catch_up).add(region)
+
+    async def _store_rejects(
+        self, conn: asyncpg.Connection, rejects: list[tuple[_Raw, str]]
+    ) -> None:
+        for raw, problem in rejects:
+            log.error("journal: rejected entry %s %s: %s", raw.stream, raw.entry_id, problem)
+        await conn.executemany(
+            "INSERT INTO journal_rejects (stream, entry_id, raw, problem) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT DO NOTHING",
+            [(r.stream.decode(), r.entry_id.decode(), r.data, p) for r, p in rejects],
+        )
+
+    async def _maintain(self) -> None:
+        if self._due("regions", _REGIONS_REFRESH_S):
+            await self._with_redis("region discovery", self._refresh_regions)
+        if self._due("partitions", _PARTITIONS_EVERY_S):
+            await self._with_pg("partition maintenance", self._maintain_partitions)
+        while self.catch_up and not self.stop.is_set():
+            regions = sorted(self.catch_up)
+            self.catch_up.clear()
+            result = await self._with_pg(
+                "catch-up", lambda c, regions=regions: write_batch(c, [], regions=regions)
+            )
+            if result is None:
+                return
+            self._note(result)
+            if result.applied == 0:
+                self.waiting.update(result.waiting)
+                self.catch_up.difference_update(result.waiting)
+        if self.dirty_clusters and self._due("clusters", _CLUSTER_REFRESH_S):
+            regions = sorted(self.dirty_clusters)
+            self.dirty_clusters.clear()
+            await self._with_pg("clusters", lambda c: refresh_clusters(c, regions))
+        if self._due("gaps", _GAP_CHECK_S):
+            await self._with_pg("gap check", self._check_gaps)
+        if self._due("blocked", _BLOCKED_RETRY_S):
+            await self._with_pg("blocked regions", self._retry_blocked)
+
+    async def _check_gaps(self, conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch(
+            "SELECT p.region, p.applied_seq, "
+            "(SELECT min(seq) FROM events e WHERE e.region = p.region AND e.seq > p.applied_seq) "
+            "AS next_seq, (SELECT max(seq) FROM events e WHERE e.region = p.region) AS max_seq "
+            "FROM journal_positions p WHERE p.error_seq IS NULL"
+        )
+        for region, applied, next_seq, max_seq in rows:
+            await self._check_sequence(region, max_seq)
+            if next_seq is None or next_seq == applied + 1:
+                continue
+            if not await self._nothing_in_flight(region):
+                continue
+            async with conn.transaction():
+                now_applied = await conn.fetchval(
+                    "SELECT applied_seq FROM journal_positions WHERE region = $1 FOR UPDATE", region
+                )
+                first = await conn.fetchval(
+                    "SELECT min(seq) FROM events WHERE region = $1 AND seq > $2",
+                    region,
+                    now_applied,
+                )
+                if first is None or first <= now_applied + 1:
+                    continue
+                log.warning(
+                    "journal: events %s:%d..%d are gone (nothing pending, everything delivered); "
+                    "skipping them",
+                    region,
+                    now_applied + 1,
+                    first - 1,
+                )
+                await conn.execute(
+                    "UPDATE journal_positions SET applied_seq = $2, "
+                    "skipped = skipped + ($2 - applied_seq), updated_at = now() WHERE region = $1",
+                    region,
+                    first - 1,
+                )
+            self.catch_up.add(region)
+
+    async def _nothing_in_flight(self, region: str) -> bool:
+        """True when no entry of `region` can still reach the journal: the group has nothing
+        pending and has been delivered everything the stream holds."""
+        key = self.keys.events(region)
+        try:
+            groups = await self.redis.xinfo_groups(key)
+            info = await self.redis.xinfo_stream(key)
+        except ResponseError:
+            return False
+        group = next((g for g in groups if _text(g.get("name")) == GROUP), None)
+        if group is None or int(group.get("pending", 0)) != 0:
+            return False
+        return _text(group.get("last-delivered-id")) == _text(info.get("last-generated-id"))
+
+    async def _check_sequence(self, region: str, max_seq: int | None) -> None:
+        if max_seq is None or region in self.warned_seq:
+            return
+        raw = await self.redis.get(self.keys.seq(region))
+        if raw is not None and int(raw) < max_seq:
+            self.warned_seq.add(region)
+            log.error(
+                "journal: Redis's event sequence for %s (%d) is behind the journal (%d): Redis lost "
+                "acknowledged changes; new events would reuse journaled ids. Run `mnemo "
+                "rebuild-live` to restore the live market and its sequence.",
+                region,
+                int(raw),
+                max_seq,
+            )
+
+    async def _retry_blocked(self, conn: asyncpg.Connection) -> None:
+        regions = [
+            r
+            for (r,) in await conn.fetch(
+                "SELECT region FROM journal_positions WHERE error_seq IS NOT NULL"
+            )
+        ]
+        if regions:
+            result = await write_batch(
+                conn, [], regions=regions, retry_blocked=True, partitions=self.partitions
+            )
+            self._note(result)
+
+    # -- main loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("journal: consumer %s of group %s starting", self.consumer, GROUP)
+        try:
+            while not self.stop.is_set():
+                await self._maintain()
+                raws = await self._with_redis("reading the streams", self._read_batch)
+                if not raws:
+                    continue
+                if await self._commit(raws):
+                    await self._ack(raws)
+        finally:
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.conn is not None:
+                await self.conn.close(timeout=2)
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode()
+    return None if value is None else str(value)
+
+
+async def run_journal(
+    settings: Settings,
+    *,
+    consumer: str | None = None,
+    stop: asyncio.Event | None = None,
+    batch_size: int = 5000,
+    flush_interval_s: float = 0.05,
+    claim_idle_s: float = 30.0,
+    idle_block_s: float = 0.25,
+) -> None:
+    """Journal every region's event stream into Postgres until `stop` is set.
+
+    `consumer` names this worker in the `journal` group (default: `journal-<hostname>`, stable
+    across restarts so a restarted worker re-reads its own pending entries first). Entries another
+    worker left pending for `claim_idle_s` are claimed. A batch is flushed at `batch_size` entries
+    or `flush_interval_s` after its first entry, whichever comes first.
+    """
+    worker = _Worker(
+        settings,
+        consumer=consumer or _default_consumer(),
+        stop=stop or asyncio.Event(),
+        batch_size=batch_size,
+        flush_interval_s=flush_interval_s,
+        claim_idle_s=claim_idle_s,
+        idle_block_s=idle_block_s,
+    )
+    await worker.run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lag and status
+
+
+class RegionLag(msgspec.Struct, kw_only=True):
+    """One region's stream as the journal's consumer group sees it."""
+
+    region: str
+    stream_length: int
+    pending: int
+    """Delivered to a worker, not yet acknowledged."""
+    undelivered: int
+    """In the stream, not yet read by any worker."""
+    oldest_unacked_age_s: float
+    """Age of the oldest event not yet acknowledged (0 when everything is)."""
+    last_event_id: str | None
+
+
+class JournalLag(msgspec.Struct, kw_only=True):
+    """The journal's lag across regions (for `/metrics` and `mnemo journal-status`)."""
+
+    regions: list[RegionLag]
+    pending: int
+    undelivered: int
+    oldest_unacked_age_s: float
+
+
+async def _entry_ts_ms(redis: aioredis.Redis, key: str, entry_id: Any) -> int | None:
+    entries = await redis.xrange(key, min=entry_id, max=entry_id, count=1)
+    if not entries or not entries[0][1]:
+        return None
+    raw = entries[0][1].get(b"e") or entries[0][1].get("e")
+    try:
+        return decode_entry(raw).ts_ms if raw is not None else None
+    except ValueError:
+        return None
+
+
+async def journal_lag(
+    redis: aioredis.Redis, keys: Keys, *, now_ms: int | None = None, group: str = GROUP
+) -> JournalLag:
+    """The journal's lag, read from Redis: per region, entries pending (read, not acknowledged)
+    and undelivered, and the age of the oldest unacknowledged event. Cheap (a few commands per
+    region); works with either `decode_responses` setting."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    members = await redis.smembers(keys.regions)
+    regions = sorted(_text(m) or "" for m in members)
+    out = []
+    for region in regions:
+        key = keys.events(region)
+        try:
+            info = await redis.xinfo_stream(key)
+            groups = await redis.xinfo_groups(key)
+        except ResponseError:
+            continue
+        length = int(info.get("length", 0))
+        g = next((x for x in groups if _text(x.get("name")) == group), None)
+        if g is None:
+            pending, delivered_id = 0, "0-0"
+        else:
+            pending, delivered_id = int(g.get("pending", 0)), _text(g.get("last-delivered-id"))
+        undelivered_entries = await redis.xrange(key, min=f"({delivered_id}", count=1)
+        if g is not None and g.get("lag") is not None:
+            undelivered = int(g["lag"])
+        else:
+            undelivered = (
+                len(await redis.xrange(key, min=f"({delivered_id}")) if undelivered_entries else 0
+            )
+        oldest_id = None
+        if pending:
+            summary = await redis.xpending(key, group)
+            oldest_id = summary.get("min")
+        elif undelivered_entries:
+            oldest_id = undelivered_entries[0][0]
+        age_s = 0.0
+        if oldest_id is not None:
+            ts = await _entry_ts_ms(redis, key, oldest_id)
+            if ts is not None:
+                age_s = max(0.0, (now_ms - ts) / 1000)
+        last_event_id = None
+        last_entry = info.get("last-entry")
+        if last_entry and last_entry[1]:
+            raw = last_entry[1].get(b"e") or last_entry[1].get("e")
+            with contextlib.suppress(ValueError, TypeError):
+                last_event_id = decode_entry(raw).event_id
+        out.append(
+            RegionLag(
+                region=region,
+                stream_length=length,
+                pending=pending,
+                undelivered=undelivered,
+                oldest_unacked_age_s=age_s,
+                last_event_id=last_event_id,
+            )
+        )
+    return JournalLag(
+        regions=out,
+        pending=sum(r.pending for r in out),
+        undelivered=sum(r.undelivered for r in out),
+        oldest_unacked_age_s=max((r.oldest_unacked_age_s for r in out), default=0.0),
+    )
+
+
+class RegionPosition(msgspec.Struct, kw_only=True):
+    """How far Postgres has applied a region's events."""
+
+    region: str
+    applied_seq: int
+    applied_at: datetime | None
+    stored_max_seq: int | None
+    waiting: int
+    """Events stored but not yet applied (waiting for a gap to fill, or behind an error)."""
+    skipped: int
+    error: str | None
+
+
+async def positions(conn: asyncpg.Connection) -> list[RegionPosition]:
+    """Every region's journal position in Postgres."""
+    rows = await conn.fetch(
+        "SELECT p.region, p.applied_seq, p.applied_ts, p.skipped, p.error, "
+        "(SELECT max(seq) FROM events e WHERE e.region = p.region) AS max_seq, "
+        "(SELECT count(*) FROM events e WHERE e.region = p.region AND e.seq > p.applied_seq) "
+        "AS waiting FROM journal_positions p ORDER BY p.region"
+    )
+    return [
+        RegionPosition(
+            region=r["region"],
+            applied_seq=r["applied_seq"],
+            applied_at=r["applied_ts"],
+            stored_max_seq=r["max_seq"],
+            waiting=r["waiting"],
+            skipped=r["skipped"],
+            error=r["error"],
+        )
+        for r in rows
+    ]
+
+
+async def status(settings: Settings) -> tuple[JournalLag, list[RegionPosition]]:
+    """The journal's lag in Redis and its positions in Postgres."""
+    assert settings.redis_url and settings.database_url
+    redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+    try:
+        lag = await journal_lag(redis, Keys(settings.key_prefix))
+    finally:
+        await redis.aclose()
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        return lag, await positions(conn)
+    finally:
+        await conn.close()
+
+
+async def print_status(settings: Settings) -> int:
+    """`mnemo journal-status`: print the lag and positions; exit status 1 if a region is held
+    at a refused event, else 0."""
+    lag, pos = await status(settings)
+    out = sys.stdout
+    out.write(
+        f"journal group {GROUP!r}: {lag.pending} pending, {lag.undelivered} undelivered, "
+        f"oldest unacknowledged event {lag.oldest_unacked_age_s:.1f} s old\n"
+    )
+    by_region = {p.region: p for p in pos}
+    header = f"{'region':<20} {'stream':>9} {'pending':>8} {'undeliv':>8} {'age_s':>8} "
+    header += f"{'applied':>10} {'waiting':>8} {'skipped':>8}  error\n"
+    out.write(header)
+    for r in lag.regions:
+        p = by_region.pop(r.region, None)
+        out.write(
+            f"{r.region:<20} {r.stream_length:>9} {r.pending:>8} {r.undelivered:>8} "
+            f"{r.oldest_unacked_age_s:>8.1f} {p.applied_seq if p else 0:>10} "
+            f"{p.waiting if p else 0:>8} {p.skipped if p else 0:>8}  {(p.error if p else '') or ''}\n"
+        )
+    for p in by_region.values():
+        out.write(
+            f"{p.region:<20} {'-':>9} {'-':>8} {'-':>8} {'-':>8} {p.applied_seq:>10} "
+            f"{p.waiting:>8} {p.skipped:>8}  {p.error or ''}\n"
+        )
+    return 1 if any(p.error for p in pos) else 0

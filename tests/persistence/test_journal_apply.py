@@ -1,0 +1,159 @@
+"""The journal's batch write: idempotent, order-independent, exact."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import asyncpg
+import msgspec
+
+from engine.types import ContractCreated, NodeRegistered
+from persistence.journal import decode_entry, refresh_clusters, write_batch
+from tests.conftest import _SEED
+from tests.persistence.conftest import digest, reset_journal
+from tests.persistence.history import History, seed_accounts
+
+ROUNDS = int(os.environ.get("MNEMO_TEST_JOURNAL_ROUNDS", "3"))
+
+
+async def _apply_until_quiet(conn: asyncpg.Connection, regions: list[str]) -> None:
+    while (await write_batch(conn, [], regions=regions, max_apply=500)).applied:
+        pass
+    await refresh_clusters(conn, regions)
+
+
+async def _reference(conn: asyncpg.Connection, h: History) -> dict[str, tuple[int, str]]:
+    events = [decode_entry(p) for _, p in h.encoded()]
+    await write_batch(conn, events)
+    await refresh_clusters(conn, h.regions)
+    return await digest(conn)
+
+
+async def test_any_delivery_order_with_duplicates_gives_the_same_tables(
+    conn: asyncpg.Connection,
+) -> None:
+    """Each event delivered 1-5 times, shuffled across batches: same tables as one clean pass."""
+    h = History.generate(_SEED, 400)
+    await seed_accounts(conn, h)
+    expected = await _reference(conn, h)
+    assert expected["events"][0] == len(h.events)
+    events = [decode_entry(p) for _, p in h.encoded()]
+    for round_ in range(ROUNDS):
+        rng = random.Random(f"{_SEED}-{round_}")
+        await reset_journal(conn)
+        deliveries = [e for e in events for _ in range(rng.randint(1, 5))]
+        rng.shuffle(deliveries)
+        i = 0
+        while i < len(deliveries):
+            size = rng.randint(1, 120)
+            # One read returns each stream's entries in stream order.
+            batch = sorted(deliveries[i : i + size], key=lambda e: (e.region, e.seq))
+            await write_batch(conn, batch, max_apply=rng.choice([5, 50, 20_000]))
+            i += size
+        await _apply_until_quiet(conn, h.regions)
+        assert await digest(conn) == expected, f"round {round_} (seed {_SEED})"
+
+
+async def test_redelivery_after_commit_changes_nothing(conn: asyncpg.Connection) -> None:
+    """A batch delivered again after it committed is a no-op, counters included."""
+    h = History.generate(_SEED + 1, 200)
+    await seed_accounts(conn, h)
+    events = [decode_entry(p) for _, p in h.encoded()]
+    first = await write_batch(conn, events)
+    assert (first.stored, first.applied) == (len(events), len(events))
+    await refresh_clusters(conn, h.regions)
+    before = await digest(conn)
+    again = await write_batch(conn, events[50:150])
+    assert (again.stored, again.applied) == (0, 0)
+    await refresh_clusters(conn, h.regions)
+    assert await digest(conn) == before
+
+
+async def test_an_event_ahead_of_a_gap_waits_for_it(conn: asyncpg.Connection) -> None:
+    """Events after a missing one are stored but not applied until the gap is filled."""
+    h = History.generate(_SEED + 2, 60, regions=("r1",))
+    await seed_accounts(conn, h)
+    events = [decode_entry(p) for _, p in h.encoded()]
+    result = await write_batch(conn, events[10:])
+    n = len(events)
+    assert (result.stored, result.applied, result.waiting) == (n - 10, 0, ["r1"])
+    assert await conn.fetchval("SELECT applied_seq FROM journal_positions") == 0
+    result = await write_batch(conn, events[:10])
+    assert (result.stored, result.applied, result.waiting) == (10, n, [])
+    assert await conn.fetchval("SELECT applied_seq FROM journal_positions") == n
+
+
+async def test_money_and_capacity_are_exact(conn: asyncpg.Connection) -> None:
+    """Spend, costs and capacity in Postgres equal the integers the events carry."""
+    h = History.generate(_SEED + 3, 300)
+    await seed_accounts(conn, h)
+    await write_batch(conn, [decode_entry(p) for _, p in h.encoded()])
+    spend: dict[str, int] = {}
+    for e in h.events:
+        if e.__struct_config__.tag == "contract_settled":
+            spend[e.client_id] = spend.get(e.client_id, 0) + e.cost_pusd  # type: ignore[attr-defined]
+    rows = await conn.fetch("SELECT id, current_spend_pusd, current_spend_usd FROM clients")
+    for r in rows:
+        expected = spend.get(r["id"].hex, 0)
+        assert r["current_spend_pusd"] == expected
+        assert (
+            str(r["current_spend_usd"]) == f"{expected / 10**12:.2f}"
+            or abs(float(r["current_spend_usd"]) - expected / 10**12) <= 0.005
+        )
+    total = await conn.fetchval("SELECT sum(total_cost_pusd) FROM contracts")
+    assert total == sum(spend.values())
+    assert await conn.fetchval(
+        "SELECT bool_and(total_cost_usd = total_cost_pusd::numeric / 1e12) FROM contracts"
+    )
+    # Node capacity: reserved equals the sum of its active contracts, available = offered - it.
+    bad = await conn.fetch(
+        "SELECT n.id FROM nodes n LEFT JOIN contracts c ON c.node_id = n.id AND c.status = 'active' "
+        "GROUP BY n.id HAVING n.reserved_ram_gb <> coalesce(sum(c.ram_gb), 0) "
+        "OR n.available_ram_gb <> n.offered_ram_gb - n.reserved_ram_gb"
+    )
+    assert bad == []
+
+
+async def test_a_refused_event_holds_only_its_region(conn: asyncpg.Connection) -> None:
+    """A contract for an unknown client holds its region at that event; others go on."""
+    h = History.generate(_SEED + 4, 120, regions=("good", "bad"))
+    await seed_accounts(conn, h)
+    events = [decode_entry(p) for _, p in h.encoded()]
+    victim = next(e for e in events if isinstance(e.event, ContractCreated) and e.region == "bad")
+    stranger = "0" * 31 + "1"
+    contract = msgspec.structs.replace(victim.event.contract, client_id=stranger)
+    poisoned = msgspec.structs.replace(victim.event, contract=contract)
+    raw = msgspec.json.encode(poisoned)
+    events = [decode_entry(raw) if e.event_id == victim.event_id else e for e in events]
+    result = await write_batch(conn, events)
+    assert result.blocked == ["bad"]
+    rows = {r["region"]: r for r in await conn.fetch("SELECT * FROM journal_positions")}
+    assert rows["good"]["applied_seq"] == max(e.seq for e in events if e.region == "good")
+    assert rows["bad"]["applied_seq"] == victim.seq - 1
+    assert rows["bad"]["error_seq"] == victim.seq
+    assert "ForeignKeyViolation" in rows["bad"]["error"]
+    # Held regions are skipped until retried; once the client exists, the retry goes through.
+    assert (await write_batch(conn, [], regions=["bad"])).applied == 0
+    user = h.renters[0][0]
+    await conn.execute(
+        "INSERT INTO clients (id, user_id, org_name) VALUES ($1, $2, 'late')", stranger, user
+    )
+    result = await write_batch(conn, [], regions=["bad"], retry_blocked=True)
+    assert result.blocked == []
+    row = await conn.fetchrow("SELECT * FROM journal_positions WHERE region = 'bad'")
+    assert row["applied_seq"] == max(e.seq for e in events if e.region == "bad")
+    assert row["error"] is None
+
+
+async def test_node_rows_follow_the_last_whole_node_event(conn: asyncpg.Connection) -> None:
+    """A node's row holds the registration's terms, then each later change, in order."""
+    h = History.generate(_SEED + 5, 150, regions=("r",))
+    await seed_accounts(conn, h)
+    await write_batch(conn, [decode_entry(p) for _, p in h.encoded()])
+    first = next(e for e in h.events if isinstance(e, NodeRegistered))
+    row = await conn.fetchrow("SELECT * FROM nodes WHERE id = $1", first.node.node_id)
+    assert row["owner_id"].hex == first.node.owner_id
+    assert row["total_ram_gb"] == first.node.total_ram_gb
+    assert row["created_at"].timestamp() * 1000 == first.node.created_ms
+    assert row["price_per_gb_sec"] * 10**12 == row["price_pusd"]
