@@ -6,14 +6,16 @@ import asyncio
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,20 +29,30 @@ from scripts.cli import PROCFILE
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(tmp_path: Path, **values: str) -> dict[str, str]:
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A folder of this test's own outside pytest's tmp_path (see tests/test_embedded.py)."""
+    path = Path(tempfile.mkdtemp(prefix="mnemo-cli-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(home: Path, **values: str) -> dict[str, str]:
     """This environment without any MNEMO_* setting, plus `values`, with a private data folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMO_")}
-    env["MNEMO_DATA_DIR"] = str(tmp_path / "data")
+    env["MNEMO_DATA_DIR"] = str(home / "data")
     env.update(values)
     return env
 
 
 def _mnemo(
-    tmp_path: Path, *args: str, timeout: float = 120, **values: str
+    home: Path, *args: str, timeout: float = 120, **values: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "scripts.cli", *args],
-        env=_env(tmp_path, **values),
+        env=_env(home, **values),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -60,10 +72,10 @@ def _leftovers(folder: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.parametrize("command", ["migrate", "up", "journal", "gateway"])
-def test_bad_database_url_is_one_line(tmp_path: Path, command: str) -> None:
+def test_bad_database_url_is_one_line(folder: Path, command: str) -> None:
     """An unreachable MNEMO_DATABASE_URL gives one line naming it and exit status 2."""
     done = _mnemo(
-        tmp_path,
+        folder,
         command,
         MNEMO_DATABASE_URL="postgresql://nobody@127.0.0.1:1/x",
         MNEMO_REDIS_URL="redis://127.0.0.1:1/0" if command != "up" else "",
@@ -77,7 +89,7 @@ def test_bad_database_url_is_one_line(tmp_path: Path, command: str) -> None:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("mnemo: error: MNEMO_DATABASE_URL: cannot connect")
     assert "Traceback" not in done.stderr + done.stdout
-    assert _leftovers(tmp_path) == []  # `up` started embedded Valkey, and stopped it again
+    assert _leftovers(folder) == []  # `up` started embedded Valkey, and stopped it again
 
 
 def test_malformed_setting_is_one_line(tmp_path: Path) -> None:
@@ -134,11 +146,11 @@ async def _count_migrations(url: str) -> int:
         await conn.close()
 
 
-def test_servers_command_runs_until_sigterm(tmp_path: Path) -> None:
+def test_servers_command_runs_until_sigterm(folder: Path) -> None:
     """`mnemo servers` prints usable URLs, and SIGTERM stops it and both servers."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "scripts.cli", "servers", "--migrate"],
-        env=_env(tmp_path),
+        env=_env(folder),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -146,7 +158,7 @@ def test_servers_command_runs_until_sigterm(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        urls = {}
+        urls: dict[str, str] = {}
         while len(urls) < 2:
             line = proc.stdout.readline()
             assert line, proc.stderr.read() if proc.stderr else "no output"
@@ -167,7 +179,7 @@ def test_servers_command_runs_until_sigterm(tmp_path: Path) -> None:
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(folder) == []
 
 
 def test_procfile_matches_what_up_runs() -> None:
@@ -205,12 +217,12 @@ def _have(module: str) -> bool:
 @pytest.mark.skipif(
     not all(_have(m) for m in _STACK), reason=f"needs {', '.join(_STACK)} in this checkout"
 )
-def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(folder: Path) -> None:
     """`mnemo up` on the embedded default serves /healthz; Ctrl-C stops every process it started."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "scripts.cli", "up", "--no-demo"],
-        env=_env(tmp_path, MNEMO_PORT=str(port)),
+        env=_env(folder, MNEMO_PORT=str(port)),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -246,4 +258,4 @@ def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
         except psutil.NoSuchProcess:
             pass
     assert still == []
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(folder) == []

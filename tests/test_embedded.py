@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -21,6 +24,21 @@ from scripts.embedded import EmbeddedError, EmbeddedServers
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the embedded servers' process handling is Linux's"
 )
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A data folder of this test's own, outside pytest's folder.
+
+    Postgres runs as an unprivileged user when the tests run as root, so it must be able to pass
+    through every parent folder; pytest makes its base temp folder private again whenever another
+    session starts, which would lock a running test's Postgres out of its own data.
+    """
+    path = Path(tempfile.mkdtemp(prefix="mnemo-emb-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _leftovers(folder: Path) -> list[psutil.Process]:
@@ -76,29 +94,29 @@ async def _read(servers: EmbeddedServers) -> tuple[list[str], list[str]]:
         rows = await conn.fetch("SELECT value FROM kept")
     finally:
         await conn.close()
-    return in_redis, sorted(r["value"] for r in rows)
+    return [str(v) for v in in_redis], sorted(r["value"] for r in rows)
 
 
-async def test_data_survives_stop_and_start(tmp_path: Path) -> None:
+async def test_data_survives_stop_and_start(folder: Path) -> None:
     """A key and a row written before a stop are read back after the next start, on the same URLs."""
-    with EmbeddedServers(tmp_path) as servers:
+    with EmbeddedServers(folder) as servers:
         await _write(servers, "before")
         urls = (servers.redis_url, servers.database_url)
         pids = servers.pids
     assert len(pids) == 2
     assert not [p for p in pids if _running(p)]
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(folder) == []
 
-    with EmbeddedServers(tmp_path) as servers:
+    with EmbeddedServers(folder) as servers:
         assert (servers.redis_url, servers.database_url) == urls
         assert await _read(servers) == (["before"], ["before"])
         await _write(servers, "after")
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(folder) == []
 
 
-async def test_valkey_persists_with_aof_everysec(tmp_path: Path) -> None:
+async def test_valkey_persists_with_aof_everysec(folder: Path) -> None:
     """Valkey runs with the append-only file on and fsync every second."""
-    with EmbeddedServers(tmp_path, want_postgres=False) as servers:
+    with EmbeddedServers(folder, want_postgres=False) as servers:
         client = redis.Redis.from_url(servers.redis_url, decode_responses=True)
         try:
             config = client.config_get("append*")
@@ -111,40 +129,40 @@ async def test_valkey_persists_with_aof_everysec(tmp_path: Path) -> None:
             servers.database_url  # noqa: B018 - not started, so not available
 
 
-def test_database_mnemo_exists(tmp_path: Path) -> None:
+def test_database_mnemo_exists(folder: Path) -> None:
     """The URL names a `mnemo` database on 127.0.0.1 as the postgres superuser."""
-    with EmbeddedServers(tmp_path, want_redis=False) as servers:
+    with EmbeddedServers(folder, want_redis=False) as servers:
         assert servers.database_url.startswith("postgresql://postgres@127.0.0.1:")
         assert servers.database_url.endswith("/mnemo")
         with pytest.raises(RuntimeError):
             servers.redis_url  # noqa: B018 - not started, so not available
 
 
-def test_one_process_per_data_folder(tmp_path: Path) -> None:
+def test_one_process_per_data_folder(folder: Path) -> None:
     """A second user of the same data folder is refused with one line naming the first."""
-    with EmbeddedServers(tmp_path, want_postgres=False):
+    with EmbeddedServers(folder, want_postgres=False):
         with pytest.raises(EmbeddedError) as caught:
-            with EmbeddedServers(tmp_path, want_postgres=False):
+            with EmbeddedServers(folder, want_postgres=False):
                 pass
         assert "in use" in str(caught.value)
         assert str(os.getpid()) in str(caught.value)
 
 
-def test_start_failure_is_one_line_and_stops_the_other(tmp_path: Path) -> None:
+def test_start_failure_is_one_line_and_stops_the_other(folder: Path) -> None:
     """A server that cannot start gives one line with its reason and log tail; nothing is left."""
-    with EmbeddedServers(tmp_path):
+    with EmbeddedServers(folder):
         pass
-    conf = tmp_path / "postgres" / "postgresql.auto.conf"
+    conf = folder / "postgres" / "postgresql.auto.conf"
     conf.write_text(conf.read_text() + "no_such_setting_at_all = 1\n")
     with pytest.raises(EmbeddedError) as caught:
-        with EmbeddedServers(tmp_path):
+        with EmbeddedServers(folder):
             pass
     text = str(caught.value)
     assert "\n" not in text
     assert text.startswith("embedded PostgreSQL: ")
     assert "postgresql.auto.conf" in text
     assert caught.value.log_tail
-    assert _leftovers(tmp_path) == []  # Valkey, started first, was stopped again
+    assert _leftovers(folder) == []  # Valkey, started first, was stopped again
 
 
 _HOLDER = textwrap.dedent(
@@ -192,31 +210,31 @@ def _reap(proc: subprocess.Popen[str]) -> None:
             pipe.close()
 
 
-async def test_kill_9_of_the_owner_stops_the_servers(tmp_path: Path) -> None:
+async def test_kill_9_of_the_owner_stops_the_servers(folder: Path) -> None:
     """If the owning process is killed outright, both servers shut down by themselves."""
-    proc, pids = _holder(tmp_path)
+    proc, pids = _holder(folder)
     proc.kill()
     _reap(proc)
-    assert _wait_gone(tmp_path) == []
+    assert _wait_gone(folder) == []
     assert not [p for p in pids if _running(p)]
-    assert (tmp_path / "postgres" / "postmaster.pid").exists() is False
-    with EmbeddedServers(tmp_path) as servers:
+    assert (folder / "postgres" / "postmaster.pid").exists() is False
+    with EmbeddedServers(folder) as servers:
         assert await _read(servers) == (["from-killed-run"], ["from-killed-run"])
 
 
-async def test_stale_pid_files_from_a_killed_run(tmp_path: Path) -> None:
+async def test_stale_pid_files_from_a_killed_run(folder: Path) -> None:
     """Owner and servers all killed with -9: the stale pid files do not stop the next start."""
-    proc, pids = _holder(tmp_path)
+    proc, pids = _holder(folder)
     for pid in [*pids, proc.pid]:
         os.kill(pid, signal.SIGKILL)
     _reap(proc)
-    assert _wait_gone(tmp_path) == []
-    assert (tmp_path / "postgres" / "postmaster.pid").exists()
-    assert (tmp_path / "valkey" / "valkey.pid").exists()
-    with EmbeddedServers(tmp_path) as servers:
+    assert _wait_gone(folder) == []
+    assert (folder / "postgres" / "postmaster.pid").exists()
+    assert (folder / "valkey" / "valkey.pid").exists()
+    with EmbeddedServers(folder) as servers:
         # Committed before the kill, so recovered from the WAL; the AOF was written (everysec)
         # but a key written within the last second of a SIGKILLed Valkey may be lost by design.
         in_redis, in_postgres = await _read(servers)
         assert in_postgres == ["from-killed-run"]
         assert in_redis in ([], ["from-killed-run"])
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(folder) == []
