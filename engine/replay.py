@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -298,23 +300,13 @@ async def replay(
     return images
 
 
-_ZSETS = frozenset({"asks", "ask-exp", "hb", "bids", "bid-exp", "ends", "fills", "geo"})
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _kind(suffix: str) -> str:
-    if suffix in _ZSETS:
-        return "zset"
-    if suffix in ("seq", "arrival"):
-        return "string"
-    if suffix == "events":
-        return "stream"
-    if suffix.endswith(":contracts"):
-        return "set"
-    return "hash"
+@cache
+def _snapshot_source() -> str:
+    return (Path(__file__).with_name("lua") / "snapshot.lua").read_text()
 
 
 async def region_snapshot(
@@ -330,8 +322,8 @@ async def region_snapshot(
 
     Hashes are dicts, sets sorted lists, sorted sets `[member, score]` lists in their order,
     strings strings; missing or empty keys are left out. `suffixes` names the keys to read
-    (else the region's keys are found by SCAN, which walks the whole key space).
-    `geo_scores=False` lists the GEO set's members only.
+    (else the region's keys are found by SCAN, which walks the whole key space); they are read
+    in one server-side call. `geo_scores=False` lists the GEO set's members only.
     """
     tag = keys.tag(region)
     if suffixes is None:
@@ -339,39 +331,28 @@ async def region_snapshot(
         names = sorted(k[len(tag) :] for k in found)
     else:
         names = sorted(set(suffixes))
-    names = [n for n in names if _kind(n) != "stream"]
+    names = [n for n in names if n != "events"]
     pipe = redis.pipeline(transaction=False)
-    for name in names:
-        key = tag + name
-        kind = _kind(name)
-        if kind == "hash":
-            pipe.hgetall(key)
-        elif kind == "set":
-            pipe.smembers(key)
-        elif kind == "zset":
-            pipe.zrange(key, 0, -1, withscores=True)
-        else:
-            pipe.get(key)
+    pipe.eval(_snapshot_source(), 0, tag, *names)
     pipe.hgetall(keys.directory)
     pipe.sismember(keys.regions, region)
-    answers = await pipe.execute()
+    contents, directory, member = await pipe.execute()
     out: dict[str, Any] = {}
-    for name, value in zip(names, answers, strict=False):
-        kind = _kind(name)
-        if kind == "hash" and value:
-            out[name] = {_text(k): _text(v) for k, v in sorted(value.items())}
-        elif kind == "set" and value:
-            out[name] = sorted(_text(v) for v in value)
-        elif kind == "zset" and value:
-            if name == "geo" and not geo_scores:
-                out[name] = sorted(_text(m) for m, _ in value)
-            else:
-                out[name] = [[_text(m), float(s)] for m, s in value]
-        elif kind == "string" and value is not None:
-            out[name] = _text(value)
-    directory = answers[-2]
+    for name, (kind, data) in zip(names, contents, strict=True):
+        kind, data = _text(kind), [_text(d) for d in data]
+        if kind == "hash":
+            out[name] = dict(sorted(zip(data[::2], data[1::2], strict=True)))
+        elif kind == "set":
+            out[name] = sorted(data)
+        elif kind == "zset":
+            pairs = [[m, float(s)] for m, s in zip(data[::2], data[1::2], strict=True)]
+            out[name] = sorted(m for m, _ in pairs) if name == "geo" and not geo_scores else pairs
+        elif kind == "string":
+            out[name] = data[0]
+        elif kind != "none":
+            out[name] = {"unexpected type": kind}
     out["@dir"] = {_text(k): region for k, v in sorted(directory.items()) if _text(v) == region}
-    out["@regions"] = bool(answers[-1])
+    out["@regions"] = bool(member)
     return out
 
 

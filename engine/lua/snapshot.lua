@@ -1,0 +1,20 @@
+-- Read-only (engine.replay.region_snapshot): the contents of the named keys of one region.
+-- ARGV: tag, then key suffixes. Returns, per suffix, {type, data}: a hash as a flat field/value
+-- list, a set's members, a sorted set's member/score list in order, a string, or nothing.
+local out = {}
+for i = 2, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  local kind = redis.call('TYPE', key)['ok']
+  local data = {}
+  if kind == 'hash' then
+    data = redis.call('HGETALL', key)
+  elseif kind == 'set' then
+    data = redis.call('SMEMBERS', key)
+  elseif kind == 'zset' then
+    data = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  elseif kind == 'string' then
+    data = {redis.call('GET', key)}
+  end
+  out[#out + 1] = {kind, data}
+end
+return out
