@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
 
     gw = sub.add_parser("gateway", help="serve the HTTP/WebSocket API")
     gw.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    gw.add_argument(
+        "--no-access-log", dest="access_log", action="store_false", help="no line per request"
+    )
     gw.set_defaults(func=_cmd_gateway)
 
     eng = sub.add_parser("engine", help="run the matching engine loop")
@@ -210,6 +213,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level.lower(),
+        access_log=args.access_log,
         server_header=False,
     )
     return 0
@@ -275,6 +279,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 PYTHONUNBUFFERED="1",
             )
             core = [_command(spec) for spec in PROCFILE if spec.name != "agent"]
+            if settings.log_level != "DEBUG":
+                # A line per request of the demo fleet and bot would drown everything else.
+                core = [
+                    ProcessSpec(p.name, (*p.argv, "--no-access-log")) if p.name == "gateway" else p
+                    for p in core
+                ]
             demo = [] if args.no_demo else _demo_processes(args.fleet, base)
             supervisor = _Supervisor(env)
             try:
