@@ -29,6 +29,7 @@ import inspect
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -255,6 +256,7 @@ def _cmd_rebuild_live(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     data_dir = settings.data_dir.resolve()
+    _check_port_free(settings)
     with _stop_on_sigterm():
         with _embedded(
             settings, settings.redis_url is None, settings.database_url is None
@@ -268,7 +270,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             if applied:
                 print(f"mnemo: applied migrations {', '.join(applied)}", flush=True)
             host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-            base = f"http://{host}:{settings.port}"
+            base = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
             env = dict(os.environ)
             env.update(
                 MNEMO_REDIS_URL=redis_url,
@@ -397,6 +399,19 @@ def _check_redis(settings: Settings) -> None:
         ) from None
     finally:
         client.close()
+
+
+def _check_port_free(settings: Settings) -> None:
+    """Fail before starting anything if the gateway's address is taken (say, by another `up`)."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((settings.host, settings.port))
+        except OSError as e:
+            raise ConfigError(
+                "MNEMO_PORT", f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}"
+            ) from None
 
 
 def _connection_problem(e: BaseException) -> str | None:

@@ -101,6 +101,19 @@ def test_malformed_setting_is_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """`mnemo up` on a taken port says so before starting anything."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _mnemo(tmp_path, "up", MNEMO_PORT=str(port))
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"mnemo: error: MNEMO_PORT: cannot listen on 127.0.0.1:{port}")
+    assert not (tmp_path / "data" / "valkey").exists()
+
+
 def test_single_process_needs_urls(tmp_path: Path) -> None:
     """`mnemo engine` alone, without URLs, says which variable is missing."""
     done = _mnemo(tmp_path, "engine")
