@@ -1,0 +1,1 @@
+"""Operations: the `mnemo` command, the embedded servers, the demo renter bot."""
