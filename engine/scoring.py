@@ -686,11 +686,12 @@ def _exact_score(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _rank_kernel(  # type: ignore[no-untyped-def]
+def _top_rows(  # type: ignore[no-untyped-def]
     fc,
     ic,
     hc,
-    n,
+    lo,
+    hi,
     ram,
     vram,
     cap,
@@ -710,8 +711,7 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
     loose_out2,
     k,
 ):
-    """Top-k rows; returns (rows, table) best first, table columns: score, proximity, price,
-    reliability, capacity, bonus, distance (NaN: no location).
+    """The top k of rows [lo, hi) as a heap: (scores, prices, arrivals, rows, size).
 
     Block by block: a branch-free float32 pass writes an upper bound of every row's score
     (-inf where a cheap filter surely fails); rows whose bound reaches the current K-th best
@@ -762,8 +762,8 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
     h_uy = hc[_H_UY]
     h_uz = hc[_H_UZ]
     buf = np.empty(_BLOCK, np.float32)
-    for base in range(0, n, _BLOCK):
-        m = min(_BLOCK, n - base)
+    for base in range(lo, hi, _BLOCK):
+        m = min(_BLOCK, hi - base)
         thr32 = np.float32(h_s[0] - _BOUND_MARGIN) if size == k else lowest
         hits = 0
         # block views: indexing by j in range(m) (provably >= 0) lets LLVM vectorise
@@ -810,7 +810,7 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
                 )
                 ub = ub if ok else ninf
                 buf[j] = ub
-                hits += ub >= thr32
+                hits += ub >= thr32  # type: ignore[assignment]
         else:
             for j in range(m):
                 ar = b_ram[j]
@@ -836,7 +836,7 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
                 )
                 ub = ub if ok else ninf
                 buf[j] = ub
-                hits += ub >= thr32
+                hits += ub >= thr32  # type: ignore[assignment]
         if hits == 0:
             continue
         for j in range(m):
@@ -886,6 +886,13 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
                 continue
             if size == k:
                 thr32 = np.float32(h_s[0] - _BOUND_MARGIN)
+    return h_s, h_p, h_a, h_i, size
+
+
+@njit(cache=True, nogil=True)
+def _finish(fc, ic, h_s, h_p, h_a, h_i, size, cap, need, has_loc, qlat, qlng):  # type: ignore[no-untyped-def]
+    """(rows, table) best first; table columns: score, proximity, price, reliability,
+    capacity, bonus, distance (NaN: no location)."""
     order = _sorted_heap(h_s, h_p, h_a, h_i, size)
     rows = np.empty(size, np.int64)
     table = np.empty((size, 7), np.float64)
@@ -909,6 +916,39 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
         table[x, 5] = 20.0 if ic[_I_TYPE, r] == _MIST else 0.0
         table[x, 6] = dist
     return rows, table
+
+
+@njit(cache=True, nogil=True)
+def _rank_kernel(  # type: ignore[no-untyped-def]
+    fc,
+    ic,
+    hc,
+    n,
+    ram,
+    vram,
+    cap,
+    now_ms,
+    duration_s,
+    min_uptime,
+    type_code,
+    has_loc,
+    qlat,
+    qlng,
+    qx,
+    qy,
+    qz,
+    weight,
+    max_dist,
+    chord_out2,
+    loose_out2,
+    k,
+):
+    """Top-k rows of the book, best first: (rows, table) as `_finish` gives them."""
+    h_s, h_p, h_a, h_i, size = _top_rows(
+        fc, ic, hc, 0, n, ram, vram, cap, now_ms, duration_s, min_uptime, type_code, has_loc,
+        qlat, qlng, qx, qy, qz, weight, max_dist, chord_out2, loose_out2, k,
+    )  # fmt: skip
+    return _finish(fc, ic, h_s, h_p, h_a, h_i, size, cap, float(ram + vram), has_loc, qlat, qlng)
 
 
 @njit(cache=True, nogil=True)

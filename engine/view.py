@@ -221,7 +221,9 @@ class MarketView:
                     await self._discover()
                     next_poll = time.monotonic() + self.regions_poll_s
                     now = time.monotonic()
-                streams = {self.keys.events(r): last for r, last in self._last_id.items()}
+                streams: dict[Any, Any] = {
+                    self.keys.events(r): last for r, last in self._last_id.items()
+                }
                 block = max(1, min(self.block_ms, int((next_poll - now) * 1000)))
                 if not streams:
                     await asyncio.sleep(block / 1000)
