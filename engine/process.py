@@ -9,7 +9,8 @@ then tails the region's event stream and keeps its own view current from it:
 - an `AskBook` (engine.scoring) of the region's nodes, for ranking;
 - the open bids, in price-time priority (`engine.core.bid_priority`);
 - a `Notifier` (engine.notify) that turns every event into pub/sub messages;
-- a small supply table for the `market` summary and to tell when capacity appeared.
+- a `QuoteBook` (engine.quotes): the region's quote and supply summary, and whether an event
+  made room for a resting bid.
 
 Duties, each an atomic `Market` script call (the scripts are the truth; the view may be a few
 milliseconds stale, so a refused reserve is a normal result and the next candidate is tried):
@@ -23,12 +24,14 @@ milliseconds stale, so a refused reserve is a normal result and the next candida
   cheapest live ask. Reserves of a pass go out concurrently in batches; the view is debited at
   once, so later bids of the same batch see the capacity as taken (`Market.reserve_many`).
 - Expiry of bids (`expire_bids`) and settlement of contracts whose end passed (`due_contracts`
-  then `settle(..., egress 0)`), due when the view knows of one, and on a periodic sweep.
+  then `settle(..., egress 0)`), due when the view knows of one, and on a periodic sweep, which
+  also delists expired asks (`expire_asks`).
 - Liveness: `stale_nodes` -> `mark_offline` -> each active contract moves to the best other node
   of the region that can hold it for the remaining time within the contract's price cap
   (`failover`), else ends pro-rated (`fail_contract`).
-- Quotes (`Market.quote`) on `quotes_channel(region)`, at most `QUOTE_MIN_INTERVAL_S` apart and
-  only when something other than the timestamp changed; the `market` summary at most once a
+- Quotes on `quotes_channel(region)`, computed from the view (the same answer as
+  `Market.quote`, without reading Redis), at most `QUOTE_MIN_INTERVAL_S` apart and only when
+  something other than the timestamp changed; the `market` summary at most once a
   second (when it changed, and every `SUMMARY_KEEPALIVE_S` regardless).
 - Notifications for every event (engine.notify), including `contract_ending` notices.
 
@@ -74,7 +77,8 @@ from engine.errors import (
 )
 from engine.keys import Keys
 from engine.market import Market, ReserveRequest
-from engine.notify import Message, Notifier, encode_message, market_summary
+from engine.notify import Message, Notifier, encode_message
+from engine.quotes import QuoteBook
 from engine.scoring import AskBook, MatchRequest, browse, merge_matches, rank
 from engine.settings import ConfigError, Settings
 from engine.types import (
@@ -88,12 +92,7 @@ from engine.types import (
     ContractExtended,
     ContractSettled,
     Event,
-    HeartbeatsApplied,
     Node,
-    NodeDeactivated,
-    NodeOffline,
-    NodeRegistered,
-    NodeUpdated,
     Quote,
 )
 
@@ -123,20 +122,32 @@ SUMMARY_MIN_INTERVAL_S = 1.0
 SUMMARY_KEEPALIVE_S = 10.0
 REGION_RESCAN_S = 2.0
 STREAM_BATCH = 1_000
-RANK_K = 16
-"""Candidates ranked per bid; a bid falls through them in order."""
+RANK_K = 4
+"""Candidates ranked per bid at first (each costs ~5 us to materialise; the view is debited as
+fills are planned, so the best few almost always take it); a bid that loses races ranks again
+wider, `RANK_K` more per node excluded."""
 SPLIT_K = 64
-RESERVE_BATCH = 64
-"""Reserves sent concurrently within a crossing pass."""
+RESERVE_BATCH = 256
+"""Reserves per pipelined round trip within a crossing pass."""
+MAX_FALL_THROUGH = 8
+"""Reserves one bid tries, one after another, after losing a race in a batch; then it waits for
+the next pass."""
+SETTLE_CONCURRENCY = 32
+FAILOVER_K = 16
 SCRIPT_LIMIT = 500
 """Page size of the list-returning scripts (expire, due, stale)."""
 PUBLISH_QUEUE = 100_000
 PUBLISH_BATCH = 500
+MAX_CONNECTIONS = 1024
 _RETRY_PAUSE_S = 1.0
 
 _LOST_RACE = (CapacityTaken, Unavailable)
 _GONE = (Conflict, NotFound)
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def wall_clock_ms() -> int:
@@ -160,7 +171,12 @@ async def run_engine(
     """
     if settings.redis_url is None:
         raise ConfigError("MNEMO_REDIS_URL", "the engine needs a Redis URL")
-    redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+    # A blocking pool: past the cap a command waits for a free connection instead of failing
+    # (each served region holds one for its blocking stream read).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=30
+    )
+    redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     try:
         await _connect(redis)
         engine = Engine(
@@ -237,7 +253,7 @@ class Engine:
             wanted: Iterable[str] = self.fixed_regions
         else:
             try:
-                wanted = sorted(r.decode() for r in await self.redis.smembers(self.keys.regions))
+                wanted = sorted(_text(r) for r in await self.redis.smembers(self.keys.regions))
             except _CONNECTION_ERRORS as exc:
                 log.warning("cannot read the regions set: %s", exc)
                 return
@@ -311,12 +327,22 @@ class Lease:
 # Publishing
 
 
-class Publisher:
-    """Fan-out that never blocks its callers: a bounded queue, one writer, pipelined PUBLISH.
+_FAN_OUT = """
+for i = 1, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
+"""
 
-    `publish` only appends (dropping, and counting, what does not fit); the writer sends
-    whatever accumulated in one pipeline per round. A failed write is logged and dropped (pub/sub
-    is fire-and-forget; subscribers resynchronise from the API)."""
+
+class Publisher:
+    """Fan-out that never blocks its callers: a bounded queue and one writer.
+
+    `publish` only appends (dropping, and counting, what does not fit); the writer sends whatever
+    accumulated, up to `PUBLISH_BATCH` messages per call of a tiny script that PUBLISHes each
+    pair (one command instead of one per message: a quarter of the client's cost). A failed
+    write is logged and dropped: pub/sub is fire-and-forget, and subscribers resynchronise from
+    the API."""
 
     def __init__(self, redis: aioredis.Redis, maxsize: int = PUBLISH_QUEUE) -> None:
         self.redis = redis
@@ -326,6 +352,7 @@ class Publisher:
         self._queue: deque[Message] = deque()
         self._wake = asyncio.Event()
         self._closing = False
+        self._fan_out = redis.register_script(_FAN_OUT)
 
     def publish(self, messages: Iterable[Message]) -> None:
         queue = self._queue
@@ -348,18 +375,15 @@ class Publisher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            pipe = self.redis.pipeline(transaction=False)
-            n = 0
-            while queue and n < PUBLISH_BATCH:
-                channel, payload = queue.popleft()
-                pipe.publish(channel, payload)
-                n += 1
+            args: list[str | bytes] = []
+            while queue and len(args) < 2 * PUBLISH_BATCH:
+                args.extend(queue.popleft())
             try:
-                await pipe.execute()
-                self.sent += n
+                await self._fan_out(keys=[], args=args)
+                self.sent += len(args) // 2
             except _CONNECTION_ERRORS as exc:
-                self.dropped += n
-                log.warning("publish failed, %d notifications dropped: %s", n, exc)
+                self.dropped += len(args) // 2
+                log.warning("publish failed, %d notifications dropped: %s", len(args) // 2, exc)
                 await asyncio.sleep(0.2)
 
     async def close(self, task: asyncio.Task[None]) -> None:
@@ -372,100 +396,6 @@ class Publisher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-# ---------------------------------------------------------------------------------------------
-# Supply: the region's aggregate free capacity (market summary, "did capacity appear?")
-
-
-class _Supply:
-    """Per node: status, offered, reserved, price, ask expiry. Kept from the same events as
-    the AskBook; answers what the book does not: totals, and whether an event added capacity."""
-
-    __slots__ = ("nodes",)
-
-    def __init__(self) -> None:
-        # node id -> [status, offered_ram, offered_vram, reserved_ram, reserved_vram, price, expires]
-        self.nodes: dict[str, list[Any]] = {}
-
-    def upsert(self, n: Node) -> bool:
-        old = self.nodes.get(n.node_id)
-        new = [
-            n.status,
-            n.offered_ram_gb,
-            n.offered_vram_gb,
-            n.reserved_ram_gb,
-            n.reserved_vram_gb,
-            n.price_pusd,
-            n.ask_expires_ms,
-        ]
-        self.nodes[n.node_id] = new
-        return old is None or old != new
-
-    def apply(self, event: Event) -> bool:
-        """Apply one event; True when it may let a bid fill that could not before."""
-        match event:
-            case NodeRegistered(node=node) | NodeUpdated(node=node):
-                return self.upsert(node)
-            case HeartbeatsApplied(entries=entries):
-                more = False
-                for e in entries:
-                    row = self.nodes.get(e.node_id)
-                    if row is None:
-                        continue
-                    was_active = row[0] == "active"
-                    free_ram, free_vram = row[1] - row[3], row[2] - row[4]
-                    row[0] = e.status
-                    row[1], row[2] = e.offered_ram_gb, e.offered_vram_gb
-                    row[3] = e.offered_ram_gb - e.available_ram_gb
-                    row[4] = e.offered_vram_gb - e.available_vram_gb
-                    if e.status == "active" and (
-                        not was_active
-                        or e.available_ram_gb > free_ram
-                        or e.available_vram_gb > free_vram
-                    ):
-                        more = True
-                return more
-            case ContractCreated():
-                self.set_reserved(
-                    event.contract.node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb
-                )
-                return False
-            case ContractSettled():
-                self.set_reserved(
-                    event.node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb
-                )
-                return True
-            case NodeOffline(node_id=node_id) | NodeDeactivated(node_id=node_id):
-                row = self.nodes.get(node_id)
-                if row is not None:
-                    row[0] = "offline" if isinstance(event, NodeOffline) else "deactivated"
-                return False
-            case _:
-                return False
-
-    def set_reserved(self, node_id: str, ram: int, vram: int) -> None:
-        row = self.nodes.get(node_id)
-        if row is not None:
-            row[3], row[4] = ram, vram
-
-    def summary(self, region: str, now_ms: int) -> dict[str, Any]:
-        nodes = ram = vram = 0
-        best: int | None = None
-        for status, o_ram, o_vram, r_ram, r_vram, price, expires in self.nodes.values():
-            if status != "active":
-                continue
-            nodes += 1
-            if expires and now_ms >= expires:
-                continue
-            free_ram, free_vram = max(0, o_ram - r_ram), max(0, o_vram - r_vram)
-            if free_ram + free_vram == 0:
-                continue
-            ram += free_ram
-            vram += free_vram
-            if best is None or price < best:
-                best = price
-        return market_summary(region, nodes, ram, vram, best)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,10 +425,10 @@ class RegionWorker:
 
     def _reset(self) -> None:
         self.book = AskBook(self.region)
-        self.supply = _Supply()
+        self.quotes = QuoteBook(self.region)
         self.notifier = Notifier(self.keys, self.region)
         self.bids: dict[str, Bid] = {}
-        self.last_id: bytes = b"0-0"
+        self.last_id: bytes | str = b"0-0"
         self._fresh: list[str] = []
         self._ask_dirty = True
         self._retry: set[str] = set()
@@ -567,7 +497,7 @@ class RegionWorker:
         crossed_at = time.monotonic()
         while self._running() and self.lease.valid():
             block_ms = None if (self._fresh or self._retry) else max(1, int(TICK_S * 1000))
-            reply = await self.redis.xread(
+            reply: Any = await self.redis.xread(
                 {self.stream: self.last_id}, count=STREAM_BATCH, block=block_ms
             )
             n = 0
@@ -589,16 +519,20 @@ class RegionWorker:
     async def _snapshot(self) -> None:
         """Load the region as it is; the stream is then read from a point at or before it
         (events set absolute values, so re-applying the overlap converges)."""
-        last = await self.redis.xrevrange(self.stream, count=1)
+        last: Any = await self.redis.xrevrange(self.stream, count=1)
         self.last_id = last[0][0] if last else b"0-0"
-        nodes, bids, contracts = await asyncio.gather(
+        fills: Any
+        nodes, bids, contracts, fills = await asyncio.gather(
             self.market.nodes(self.region),
             self.market.bids(self.region),
             self.market.contracts(region=self.region),
+            self.redis.zrange(self.keys.fills(self.region), 0, -1, withscores=True),
         )
         for node in nodes:
             self.book.upsert(node)
-            self.supply.upsert(node)
+            self.quotes.upsert_node(node)
+        for member, ts in fills:
+            self.quotes.load_fill(_text(member), int(ts))
         for bid in bids:
             self._add_bid(bid)
         for contract in contracts:
@@ -609,17 +543,18 @@ class RegionWorker:
 
     def _add_bid(self, bid: Bid) -> None:
         self.bids[bid.bid_id] = bid
+        self.quotes.add_bid(bid)
         self.notifier.remember(bid)
         if bid.expires_ms:
             heapq.heappush(self._bid_expiry, (bid.expires_ms, bid.bid_id))
 
-    async def _on_entry(self, fields: dict[bytes, bytes]) -> None:
+    async def _on_entry(self, fields: dict[Any, Any]) -> None:
         try:
-            event = EVENT_DECODER.decode(fields[b"e"])
+            event = EVENT_DECODER.decode(fields[b"e"] if b"e" in fields else fields["e"])
         except (KeyError, msgspec.DecodeError) as exc:
             log.error("region %s: undecodable stream entry skipped: %s", self.region, exc)
             return
-        if self.supply.apply(event):
+        if self.quotes.apply(event):
             self._ask_dirty = True
         self.book.apply(event)
         self._quote_dirty = True
@@ -689,6 +624,7 @@ class RegionWorker:
             await self._settle_ended(now_ms)
         if sweep:
             await self._check_liveness(now_ms)
+            await self._expire_asks(now_ms)
         self.publisher.publish(self.notifier.due_notices(now_ms))
 
     def _due(self, heap: list[tuple[int, str]], now_ms: int, live: dict[str, Any] | None) -> bool:
@@ -709,11 +645,19 @@ class RegionWorker:
             if len(expired) < SCRIPT_LIMIT:
                 return
 
+    async def _expire_asks(self, now_ms: int) -> None:
+        """Delist asks whose expiry passed with no change since (the scripts read no clock)."""
+        while (
+            len(await self.market.expire_asks(self.region, now_ms, limit=SCRIPT_LIMIT))
+            == SCRIPT_LIMIT
+        ):
+            pass
+
     async def _settle_ended(self, now_ms: int) -> None:
         while True:
             due = await self.market.due_contracts(self.region, now_ms, limit=SCRIPT_LIMIT)
-            for start in range(0, len(due), RESERVE_BATCH):
-                chunk = due[start : start + RESERVE_BATCH]
+            for start in range(0, len(due), SETTLE_CONCURRENCY):
+                chunk = due[start : start + SETTLE_CONCURRENCY]
                 results = await asyncio.gather(
                     *(self.market.settle(cid, 0, now_ms) for cid in chunk), return_exceptions=True
                 )
@@ -737,9 +681,7 @@ class RegionWorker:
         except _GONE:
             return  # a heartbeat arrived meanwhile, or the node is gone
         self.book.set_status(node_id, "offline")
-        row = self.supply.nodes.get(node_id)
-        if row is not None:
-            row[0] = "offline"
+        self.quotes.set_status(node_id, "offline")
         node = self.book.node(node_id) or await self.market.get_node(node_id)
         for contract in contracts:
             if contract.status == "active":
@@ -759,9 +701,9 @@ class RegionWorker:
                 lng=node.lng if node is not None else None,
                 prefer_local=True,
                 region=self.region,
-                limit=RANK_K,
+                limit=FAILOVER_K,
             )
-            for match in rank(self.book, req, now_ms, RANK_K + 1):
+            for match in rank(self.book, req, now_ms, FAILOVER_K + 1):
                 if match.node_id == contract.node_id:
                     continue
                 try:
@@ -799,7 +741,7 @@ class RegionWorker:
             return
         ram, vram = node.reserved_ram_gb + ram_gb, node.reserved_vram_gb + vram_gb
         self.book.set_reserved(node_id, ram, vram)
-        self.supply.set_reserved(node_id, ram, vram)
+        self.quotes.set_reserved(node_id, ram, vram)
 
     def _best_ask(self, now_ms: int) -> int | None:
         offers, _total = browse(self.book, now_ms=now_ms, limit=1)
@@ -838,6 +780,7 @@ class RegionWorker:
             if len(batch) >= RESERVE_BATCH:
                 await self._execute(batch, now_ms)
                 batch = []
+                now_ms = self.clock()  # a long pass must not date contracts in the past
         if batch:
             await self._execute(batch, now_ms)
 
@@ -850,7 +793,9 @@ class RegionWorker:
             return []
         skip = set(excluded)
         try:
-            matches = rank(self.book, self._request(bid, ram, vram), now_ms, RANK_K + len(skip))
+            matches = rank(
+                self.book, self._request(bid, ram, vram), now_ms, RANK_K * (1 + len(skip))
+            )
             if not bid.allow_split:
                 for m in matches:
                     node = None if m.node_id in skip else self.book.node(m.node_id)
@@ -945,7 +890,7 @@ class RegionWorker:
             self.bids[bid_id] = bid
 
     async def _fall_through(self, bid_id: str, excluded: set[str], now_ms: int) -> None:
-        for _ in range(RANK_K):
+        for _ in range(MAX_FALL_THROUGH):
             bid = self.bids.get(bid_id)
             if bid is None or not self.lease.valid():
                 return
@@ -1009,7 +954,7 @@ class RegionWorker:
         ):
             self._quote_at = now
             self._quote_dirty = False
-            quote = await self.market.quote(self.region, now_ms)
+            quote = self.quotes.quote(now_ms)
             last = self._last_quote
             if last is None or msgspec.structs.replace(last, ts_ms=quote.ts_ms) != quote:
                 self._last_quote = quote
@@ -1023,7 +968,7 @@ class RegionWorker:
                 )
         if now - self._summary_checked_at >= SUMMARY_MIN_INTERVAL_S:
             self._summary_checked_at = now
-            summary = self.supply.summary(self.region, now_ms)
+            summary = self.quotes.summary(now_ms)
             if summary != self._last_summary or now - self._summary_at >= SUMMARY_KEEPALIVE_S:
                 self._summary_at = now
                 self._last_summary = summary
