@@ -27,6 +27,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ class NodeAgent:
     """One machine's agent. `await agent.run(stop)` until `stop` is set; see the module docstring.
 
     `config_path` is where the `node_id` is written back (None: not persisted, e.g. in tests).
+    `gpus` and `sample` replace NVML and psutil (tests make the machine's memory steady).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class NodeAgent:
         gpus: GpuProbe | None = None,
         gateway: Gateway | None = None,
         rng: random.Random | None = None,
+        sample: Callable[[GpuProbe], MachineReading] = read_machine,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -137,6 +140,7 @@ class NodeAgent:
         self._gpus = gpus
         self._own_gpus = gpus is None
         self._rng = rng or random.Random()
+        self._read_machine = sample
         self._socket: GatewaySocket | None = None
         self._resync_buffer: list[tuple[str, dict[str, Any]]] | None = None
         self._idle: bool | None = None
@@ -187,7 +191,7 @@ class NodeAgent:
 
     def _sample(self) -> MachineReading:
         assert self._gpus is not None
-        return read_machine(self._gpus)
+        return self._read_machine(self._gpus)
 
     async def _ensure_registered(self, stop: asyncio.Event) -> None:
         if self.node_id is not None:

@@ -1,0 +1,378 @@
+"""The node agent against a real gateway (uvicorn on a loopback port) over real Redis/Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from agent.client import Gateway, GatewaySocket
+from agent.config import AgentConfig, save_config
+from agent.detect import GpuProbe, MachineReading
+from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet
+from agent.runner import NodeAgent
+from engine.keys import Keys
+from engine.settings import Settings
+from tests.agent.test_agent_detect import FakeNVML, _gpu
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str, timeout_s: float = 30.0
+) -> None:
+    """Poll `check` until it holds (a generous bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.05)
+
+
+class Exchange:
+    """A gateway served by uvicorn in this event loop (restartable), plus an optional engine."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._engine: asyncio.Task[None] | None = None
+        self._engine_stop = asyncio.Event()
+
+    async def start(self) -> None:
+        from gateway.app import create_app
+
+        config = uvicorn.Config(
+            create_app(self.settings),
+            host="127.0.0.1",
+            port=self.settings.port,
+            log_level="warning",
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = server
+        self._task = asyncio.create_task(server.serve())
+        await eventually(lambda: server.started, "the gateway started")
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+        self._server = self._task = None
+
+    async def start_engine(self) -> None:
+        from engine.process import run_engine
+
+        self._engine_stop.clear()
+        self._engine = asyncio.create_task(run_engine(self.settings, stop=self._engine_stop))
+
+    async def stop_engine(self) -> None:
+        if self._engine is not None:
+            self._engine_stop.set()
+            await self._engine
+            self._engine = None
+
+
+@pytest.fixture
+async def exchange(
+    redis_url: str, db_url: str, keys: Keys, tmp_path: Path
+) -> AsyncIterator[Exchange]:
+    settings = Settings(
+        redis_url=redis_url,
+        database_url=db_url,
+        key_prefix=keys.prefix,
+        jwt_secret="agent-tests-" + "x" * 40,
+        data_dir=tmp_path / "data",
+        port=_free_port(),
+        heartbeat_interval_s=1.0,
+        heartbeat_min_interval_s=0.2,
+    )
+    ex = Exchange(settings)
+    await ex.start()
+    try:
+        yield ex
+    finally:
+        await ex.stop_engine()
+        await ex.stop()
+
+
+Account = Callable[[str], Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def account(exchange: Exchange) -> AsyncIterator[Account]:
+    """Sign up a new account of a role; its REST client is closed after the test."""
+    made: list[Gateway] = []
+
+    async def make(role: str) -> Gateway:
+        gateway = Gateway(exchange.url)
+        made.append(gateway)
+        email = f"{role}-{uuid.uuid4().hex[:10]}@example.com"
+        await gateway.signup(email, "pw-" + uuid.uuid4().hex, role=role)
+        return gateway
+
+    try:
+        yield make
+    finally:
+        for gateway in made:
+            await gateway.aclose()
+
+
+def _config(url: str, api_key: str, **overrides: Any) -> AgentConfig:
+    values: dict[str, Any] = {
+        "api_url": url,
+        "api_key": api_key,
+        "name": "Alice_RTX4090",
+        "region": "us-east-2",
+        "latitude": 40.7282,
+        "longitude": -73.7949,
+        "price_per_gb_sec": 0.0000008,
+        "max_ram_gb": 4,
+        # Below the file's 5 s floor on purpose: the test gateway allows 0.2 s.
+        "heartbeat_interval": 0.5,
+    }
+    values.update(overrides)
+    return AgentConfig(**values)
+
+
+def _probe() -> GpuProbe:
+    # One 24 GiB card with 20 GiB free, steady, so capacity is predictable.
+    return GpuProbe.open(FakeNVML([_gpu("NVIDIA GeForce RTX 4090", 24, 20, util=5, temp=50)]))
+
+
+def _steady(gpus: GpuProbe) -> MachineReading:
+    # 64 GB of RAM with 48 free, whatever else this shared test machine is doing.
+    return MachineReading(total_ram_gb=64, free_ram_gb=48, cpu_usage_pct=12.5, gpu=gpus.read())
+
+
+def _agent(config: AgentConfig, path: Path | None = None) -> NodeAgent:
+    return NodeAgent(config, path, gpus=_probe(), sample=_steady)
+
+
+async def _engine_serving(exchange: Exchange, who: Gateway, region: str) -> None:
+    """Wait until the engine serves `region` (its `market` summaries arrive): notices of what
+    happens before that are not sent (the engine starts from a snapshot)."""
+    seen = asyncio.Event()
+
+    def on_event(channel: str, data: Any) -> None:
+        if channel == "market" and isinstance(data, dict) and data.get("region") == region:
+            seen.set()
+
+    socket = await GatewaySocket.open(exchange.url, who.api_key or "", on_event=on_event)
+    try:
+        await socket.subscribe(["market"])
+        await asyncio.wait_for(seen.wait(), 30)
+    finally:
+        await socket.close()
+
+
+class _Running:
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(agent.run(self.stop))
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await self.task
+
+
+@contextlib.asynccontextmanager
+async def running(agent: NodeAgent) -> AsyncIterator[_Running]:
+    run = _Running(agent)
+    try:
+        yield run
+    finally:
+        if not run.task.done():
+            await run.finish()
+
+
+async def test_agent_registers_heartbeats_and_records_node_id(
+    exchange: Exchange, account: Account, tmp_path: Path
+) -> None:
+    """A fresh agent registers, writes node_id to its own config file, heartbeats over the
+    socket, and the node's capacity follows what it reports."""
+    provider = await account("provider")
+    path = tmp_path / "conf" / "node_config.json"
+    save_config(path, _config(exchange.url, provider.api_key or ""))
+    agent = _agent(_config(exchange.url, provider.api_key or ""), path)
+    async with running(agent) as run:
+        await eventually(lambda: agent.beats_sent >= 2, "two heartbeats")
+        await eventually(lambda: agent.connected.is_set(), "the socket is up")
+        node_id = json.loads(path.read_text())["node_id"]
+        assert node_id == agent.node_id
+        node = await provider.get_node(node_id)
+        assert node["status"] == "active"
+        assert node["total_vram_gb"] == 24
+        assert node["metadata"]["gpu_model"] == "GeForce RTX 4090"
+        # max_ram_gb 4 caps RAM; VRAM is the 20 GiB the card has free.
+        assert (node["offered_ram_gb"], node["offered_vram_gb"]) == (4, 20)
+        assert (node["available_ram_gb"], node["available_vram_gb"]) == (4, 20)
+        await run.finish()
+    node = await provider.get_node(node_id)
+    assert node["status"] == "maintenance"
+
+
+async def test_restarted_agent_resumes_its_node(
+    exchange: Exchange, account: Account, tmp_path: Path
+) -> None:
+    """An agent restarted with the saved node_id resumes that node (no second registration)
+    and brings it back from maintenance."""
+    provider = await account("provider")
+    path = tmp_path / "node_config.json"
+    save_config(path, _config(exchange.url, provider.api_key or ""))
+    first = _agent(_config(exchange.url, provider.api_key or ""), path)
+    async with running(first):
+        await eventually(lambda: first.beats_sent >= 1, "a heartbeat")
+    node_id = first.node_id
+    assert node_id is not None
+    assert (await provider.get_node(node_id))["status"] == "maintenance"
+    config = _config(
+        exchange.url, provider.api_key or "", node_id=node_id, price_per_gb_sec=0.000001
+    )
+    second = _agent(config, path)
+    async with running(second):
+        await eventually(lambda: second.beats_sent >= 1, "a heartbeat after restart")
+        node = await provider.get_node(node_id)
+        assert node["status"] == "active"
+        assert node["price_per_gb_sec"] == pytest.approx(0.000001)
+    listed = await provider.request("GET", "/api/nodes", params={"mine": "true"})
+    assert [n["node_id"] for n in listed["nodes"]] == [node_id]
+
+
+async def test_agent_survives_a_gateway_restart(
+    exchange: Exchange, account: Account, tmp_path: Path
+) -> None:
+    """With the gateway gone the agent backs off; when it returns the agent reconnects and its
+    heartbeats bring the node back to active."""
+    provider = await account("provider")
+    agent = _agent(_config(exchange.url, provider.api_key or ""), None)
+    async with running(agent):
+        await eventually(lambda: agent.connected.is_set() and agent.beats_sent >= 1, "connected")
+        await exchange.stop()
+        await eventually(lambda: not agent.connected.is_set(), "the socket noticed")
+        before = agent.beats_sent
+        await asyncio.sleep(1.0)  # a few failed beats while the gateway is away
+        assert agent.beats_sent == before
+        await exchange.start()
+        await eventually(lambda: agent.beats_sent > before + 1, "heartbeats resumed", 60)
+        await eventually(lambda: agent.connected.is_set(), "the socket reconnected", 60)
+        assert agent.node_id is not None
+        node = await provider.get_node(agent.node_id)
+        assert node["status"] == "active"
+
+
+async def test_contract_notices_keep_capacity_consistent_with_the_engine(
+    exchange: Exchange, account: Account, tmp_path: Path
+) -> None:
+    """A contract on the node reaches the agent as a notice; the agent stops offering the leased
+    memory, and the engine's reserved + available == offered <= the owner's limit holds."""
+    await exchange.start_engine()
+    provider = await account("provider")
+    renter = await account("user")
+    agent = _agent(_config(exchange.url, provider.api_key or ""), None)
+    async with running(agent):
+        await eventually(lambda: agent.connected.is_set() and agent.beats_sent >= 1, "connected")
+        node_id = agent.node_id
+        assert node_id is not None
+        await _engine_serving(exchange, renter, "us-east-2")
+        client = await renter.request("POST", "/api/clients", body={"org_name": "Renter"})
+        contract = await renter.request(
+            "POST",
+            "/api/contracts/create",
+            body={
+                "client_id": client["id"],
+                "node_id": node_id,
+                "ram_gb": 2,
+                "vram_gb": 8,
+                "duration_sec": 600,
+            },
+        )
+        cid = contract["contract_id"]
+        await eventually(lambda: cid in agent.leases, "the contract_started notice")
+        assert ("contract_started", cid) in [(n, c.get("contract_id")) for n, c in agent.notices]
+        assert (agent.leases.leased_ram_gb, agent.leases.leased_vram_gb) == (2, 8)
+        beats = agent.beats_sent
+        await eventually(lambda: agent.beats_sent >= beats + 2, "heartbeats after the lease")
+        beat = agent.make_beat()
+        assert (beat.available_ram_gb, beat.available_vram_gb) == (2, 12)
+        node = await provider.get_node(node_id)
+        assert (node["reserved_ram_gb"], node["reserved_vram_gb"]) == (2, 8)
+        assert (node["available_ram_gb"], node["available_vram_gb"]) == (2, 12)
+        assert (node["offered_ram_gb"], node["offered_vram_gb"]) == (4, 20)
+        for kind in ("ram", "vram"):
+            assert (
+                node[f"reserved_{kind}_gb"] + node[f"available_{kind}_gb"]
+                == node[f"offered_{kind}_gb"]
+            )
+            assert node[f"offered_{kind}_gb"] <= node[f"total_{kind}_gb"]
+        # The renter ends it early: the agent hears of it and offers the memory again.
+        await renter.request("POST", f"/api/contracts/{cid}/settle", body={})
+        await eventually(lambda: cid not in agent.leases, "the contract_ended notice")
+        assert "contract_ended" in [n for n, _ in agent.notices]
+        beats = agent.beats_sent
+        await eventually(lambda: agent.beats_sent >= beats + 2, "heartbeats after the end")
+        node = await provider.get_node(node_id)
+        assert (node["reserved_ram_gb"], node["offered_ram_gb"], node["available_ram_gb"]) == (
+            0,
+            4,
+            4,
+        )
+
+
+async def test_fleet_registers_and_beats_within_the_rate_limit(
+    exchange: Exchange, account: Account
+) -> None:
+    """A small simulated fleet registers over one account and heartbeats over one socket; no
+    beat is refused as too soon and every node is live at the exchange."""
+    provider = await account("provider")
+    nodes = make_fleet(40, seed=7)
+    ids = await register_fleet(provider, nodes, concurrency=8)
+    assert len(set(ids)) == 40
+    fleet = Fleet(nodes, ids, seed=7, churn=False)
+    stats = FleetStats()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        drive_fleet(
+            fleet,
+            api_url=exchange.url,
+            api_key=provider.api_key or "",
+            stop=stop,
+            interval_s=1.0,
+            min_gap_s=0.5,
+            tick_s=0.1,
+            stats=stats,
+        )
+    )
+    try:
+        await eventually(lambda: stats.outcomes["ok"] >= 80, "two rounds of beats", 60)
+    finally:
+        stop.set()
+        await task
+    assert stats.outcomes["too_soon"] == 0
+    assert set(stats.outcomes) == {"ok"}
+    assert stats.notices == {} and stats.reconnects == 0
+    listed = await provider.request("GET", "/api/nodes", params={"mine": "true", "limit": 100})
+    assert listed["total_count"] == 40
+    assert all(n["last_heartbeat_ms"] > 0 for n in listed["nodes"])
+    assert {n["region"] for n in listed["nodes"]} >= {"us-east-2"}
