@@ -311,6 +311,9 @@ _NI = 16
     _H_UZ,
 ) = range(11)
 _NH = 11
+# columns of the result table after the 7 score/distance ones (ints < 2**53: exact as floats)
+_T_PRICE_PUSD, _T_AVAIL_RAM, _T_AVAIL_VRAM, _T_UPTIME, _T_LATENCY, _T_ARRIVAL = range(7, 13)
+_NT = 13
 _BLOCK = 256
 _BOUND_SLACK_KM = 0.05  # > 10x the float32 chord error (~4 m)
 _BOUND_MARGIN = 0.05  # score points; > 1000x the float32 error of the bound
@@ -891,11 +894,11 @@ def _top_rows(  # type: ignore[no-untyped-def]
 
 @njit(cache=True, nogil=True)
 def _finish(fc, ic, h_s, h_p, h_a, h_i, size, cap, need, has_loc, qlat, qlng):  # type: ignore[no-untyped-def]
-    """(rows, table) best first; table columns: score, proximity, price, reliability,
-    capacity, bonus, distance (NaN: no location)."""
+    """(rows, table) best first; table columns (`_T_*`): the score and its components, the
+    distance (NaN: no location), and the row's values a Match reports (all exact in float64)."""
     order = _sorted_heap(h_s, h_p, h_a, h_i, size)
     rows = np.empty(size, np.int64)
-    table = np.empty((size, 7), np.float64)
+    table = np.empty((size, _NT), np.float64)
     for x in range(size):
         r = h_i[order[x]]
         rows[x] = r
@@ -915,6 +918,12 @@ def _finish(fc, ic, h_s, h_p, h_a, h_i, size, cap, need, has_loc, qlat, qlng):  
         table[x, 4] = min(30.0, avail / need * 10.0)
         table[x, 5] = 20.0 if ic[_I_TYPE, r] == _MIST else 0.0
         table[x, 6] = dist
+        table[x, _T_PRICE_PUSD] = ic[_I_PRICE_PUSD, r]
+        table[x, _T_AVAIL_RAM] = ic[_I_AVAIL_RAM, r]
+        table[x, _T_AVAIL_VRAM] = ic[_I_AVAIL_VRAM, r]
+        table[x, _T_UPTIME] = uptime
+        table[x, _T_LATENCY] = fc[_F_LATENCY, r]
+        table[x, _T_ARRIVAL] = ic[_I_ARRIVAL, r]
     return rows, table
 
 
@@ -1086,11 +1095,11 @@ def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) ->
     )
     total_gb = req.ram_gb + req.vram_gb
     out: list[Match] = []
-    ic = book._i
-    for x, row in enumerate(rows.tolist()):
+    # one conversion for the whole table: numpy scalar access per field costs more than the kernel
+    for row, values in zip(rows.tolist(), table.tolist(), strict=True):
         node = book._nodes[row]
-        score, prox, price_s, rel_s, cap_s, bonus, dist = table[x].tolist()
-        price_pusd = int(ic[_I_PRICE_PUSD, row])
+        score, prox, price_s, rel_s, cap_s, bonus, dist, price, ram, vram, up, lat_ms, arr = values
+        price_pusd = int(price)
         out.append(
             Match(
                 node_id=node.node_id,
@@ -1105,12 +1114,12 @@ def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) ->
                 type_bonus=bonus,
                 distance_km=dist if has_loc else None,
                 estimated_cost_pusd=total_gb * req.duration_s * price_pusd,
-                estimated_latency_ms=float(book._f[_F_LATENCY, row]),
+                estimated_latency_ms=lat_ms,
                 price_pusd=price_pusd,
-                available_ram_gb=int(ic[_I_AVAIL_RAM, row]),
-                available_vram_gb=int(ic[_I_AVAIL_VRAM, row]),
-                uptime_score=float(book._f[_F_UPTIME, row]),
-                arrival_seq=int(ic[_I_ARRIVAL, row]),
+                available_ram_gb=int(ram),
+                available_vram_gb=int(vram),
+                uptime_score=up,
+                arrival_seq=int(arr),
             )
         )
     return out
