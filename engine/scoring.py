@@ -19,19 +19,26 @@ within a region). Two deliberate fixes to the spec's sketch: a coordinate of 0.0
 and the haversine term `a` is clamped to [0, 1] (rounding near antipodes made `sqrt(1 - a)` fail).
 
 `AskBook` holds one region's nodes as columns of NumPy arrays (upsert/remove in O(1): swap-remove
-plus an id -> row dict; the arrays double when full). `rank` runs a Numba kernel over them:
-1. cheap filters on integer/float columns, no trigonometry;
-2. a score bound: a node whose best possible score (its trig-free components plus the largest
-   proximity it could have) is below the current K-th best is skipped without any geometry;
-3. distance with a trig-free chord: every node carries its unit vector on the sphere (computed
-   once at upsert), the chord to the request's point is exact to ~1e-15, and the great-circle
-   distance is a monotone function of it. Thresholds computed once per request (with a 1 m
-   margin) decide "surely outside max distance", "surely inside" and "surely >= 1000 km, so
-   proximity 0"; only the rest (near the boundary, or close enough to score proximity) take the
-   spec's exact haversine. No true candidate is ever dropped by the bound: see `_chord2`.
-4. a K-slot binary heap keeps the top K without sorting the book: O(n log K).
-Cost: O(n) over the columns, typically ~1 ns per ask, plus O(K) to build the results.
-`rank_reference` is the plain-Python twin (same contract, no NumPy); tests hold them equal.
+plus an id -> row dict; the arrays double when full): exact float64/int64 columns, and float32
+copies of every field a filter or the score reads, plus each node's unit vector on the sphere
+(trigonometry once per upsert, never per request). `rank` runs a Numba kernel, block by block
+(256 rows):
+1. bound pass, branch-free float32 (vectorised): for every row, -inf if a filter surely fails,
+   else an upper bound of its score. Filters on the copies never drop a true candidate, because
+   rounding to nearest is monotone (x >= y implies f32(x) >= f32(y)). Distance needs no trig:
+   the great-circle distance is increasing in the chord |u_node - u_request|, so "within
+   max_distance" is `chord^2 <= (2 sin(D / 2R))^2`, widened for float32 error (< 1e-6 on the
+   unit sphere, i.e. < 7 m), and proximity is bounded with d >= R * chord (asin x >= x) less a
+   50 m slack. The bound's own rounding (< 1e-4 points) is far inside the 0.05-point margin.
+2. exact pass, float64, only for rows whose bound reaches the K-th best score so far (less the
+   margin): the spec's filters and formula (its haversine; chord only as a sure early-out with
+   a 1 m margin), into a K-slot binary heap keyed (score, -price, -arrival). O(n log K), no sort
+   of the book; the K winners' components are recomputed with the same expressions.
+Cost: the bound pass reads 44 bytes per ask and is memory-bound: ~1.5-1.8 ms of CPU for 1M asks
+on this 2-core dev box (~30 GB/s), ~0.15 ms for 100k (bench/bench_scoring.py). A two-thread
+`prange` variant was measured slower on 2 shared cores (p50 9-17 ms vs 1.6 ms), so it is serial.
+`rank_reference` is the plain-Python twin (same contract, no NumPy); tests hold them equal, and
+both to the spec's `match_nodes` (tests/engine/oracle.py).
 """
 
 from __future__ import annotations
@@ -76,7 +83,6 @@ __all__ = [
 EARTH_RADIUS_KM = 6371.0
 DEFAULT_MAX_DISTANCE_KM = 10_000.0
 """The spec's default `max_distance_km` when a request with a location names none."""
-_PROXIMITY_ZERO_KM = 1000.0  # 100 - d/10 reaches 0 here
 _MARGIN_KM = 1e-3  # far above the ~1e-11 km float error of either distance formula
 _STATUSES: tuple[str, ...] = ("active", "maintenance", "offline", "deactivated")
 _MIST = NODE_TYPES.index("mist_node")
