@@ -685,3 +685,41 @@ def test_browse_filters_orders_and_pages() -> None:
     assert [o.node_id for o in offers] == ["n7", "n8", "n2"] and total == 5
     with pytest.raises(InvalidRequest):
         browse(book, now_ms=NOW, lat=100.0, lng=0.0)
+
+
+def test_magnitudes_float32_cannot_tell_apart_are_decided_exactly() -> None:
+    """Real timestamps (ms), prices up to 1e15 pico-USD, 1M GB, ten-year terms: neighbours that
+    float32 rounds together (expiry now +-1 ms, price cap +-1) are still told apart exactly."""
+    now = 1_700_000_000_123
+    rng = random.Random(3)
+    nodes = []
+    for i in range(900):
+        price = rng.choice([10**15, 10**15 - 1, 10**12 + 1, 10**12, 7])
+        nodes.append(
+            node(
+                i,
+                lat=rng.choice([0.0, 10.0, 10.0000001]),
+                lng=rng.choice([0.0, 0.0000001]),
+                total_ram_gb=1_000_000,
+                offered_ram_gb=rng.choice([1_000_000, 999_999]),
+                price_pusd=price,
+                ask_expires_ms=rng.choice([0, now - 1, now, now + 1]),
+                min_duration_s=rng.choice([1, 315_000_000, 315_000_001]),
+                max_duration_s=316_224_000,
+                uptime_score=rng.choice([99.99999, 100.0]),
+                arrival_seq=i,
+            )
+        )
+    book = book_of(nodes)
+    for req in [
+        MatchRequest(ram_gb=1_000_000, vram_gb=0, max_price_pusd=10**12, duration_s=315_000_000),
+        MatchRequest(ram_gb=999_999, vram_gb=1, max_price_pusd=10**15 - 1, duration_s=315_000_001),
+        MatchRequest(
+            ram_gb=1, vram_gb=0, max_price_pusd=10**15, lat=10.0, lng=0.0, max_distance_km=0.0
+        ),
+        MatchRequest(ram_gb=1, vram_gb=0, max_price_pusd=10**15, min_uptime_score=100.0, limit=40),
+        MatchRequest(
+            ram_gb=1, vram_gb=0, max_price_pusd=10**15, lat=0.0, lng=0.0, max_distance_km=0.012
+        ),
+    ]:
+        check_all(nodes, book, req, now, req.limit)
