@@ -233,14 +233,15 @@ def _have(module: str) -> bool:
 def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(folder: Path) -> None:
     """`mnemo up` on the embedded default serves /healthz; Ctrl-C stops every process it started."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.cli", "up", "--no-demo"],
-        env=_env(folder, MNEMO_PORT=str(port)),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    output = folder / "up.log"
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scripts.cli", "up", "--no-demo"],
+            env=_env(folder, MNEMO_PORT=str(port)),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     descendants: set[int] = set()
     try:
         deadline = time.monotonic() + 180
@@ -253,7 +254,7 @@ def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(folder: Path) -> None:
                     break
             except OSError:
                 time.sleep(0.5)
-        assert status == 200, proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+        assert status == 200, "\n".join(output.read_text().splitlines()[-30:])
         descendants |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
@@ -261,8 +262,6 @@ def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(folder: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
     still = []
     for pid in descendants:
         try:
