@@ -9,9 +9,11 @@ sequence number and the last stream entry id are read first, atomically (one MUL
 region's slot), then the node hashes; tailing starts after that entry. Events set absolute values
 (whole node, offered/available, reserved after a reserve or settle), so an event the snapshot
 already reflects is re-applied harmlessly and the book converges to the live state.
-Event ids are `"<region>:<seq>"` with seq increasing by exactly one per event: a jump (entries
-trimmed before this view read them, e.g. after a long disconnection) makes the view re-snapshot
-that region, so it never silently misses a change.
+Event ids are `"<region>:<seq>"` with seq increasing by exactly one per event: any other step
+(entries trimmed before this view read them after a long disconnection, or a region rebuilt
+under it) makes the view re-snapshot that region, so it never silently misses a change. A
+snapshot (a new region, or a re-snapshot) pauses event application for its duration, roughly
+10-20 us per node of the region.
 
 Staleness bound. While the view keeps up, an event is in the book one round trip after the
 script that wrote it returned: XREAD BLOCK returns as soon as an entry is appended, and a batch
@@ -126,21 +128,24 @@ class MarketView:
         Raises TimeoutError if the view does not catch up in `timeout_s`.
         """
         await self._discover()
-        targets: dict[str, int] = {}
+        targets: dict[str, tuple[int, int]] = {}
         for region in list(self._books):
-            raw = await self.redis.get(self.keys.seq(region))
-            targets[region] = int(_text(raw)) if raw is not None else 0
+            last = await self.redis.xrevrange(self.keys.events(region), "+", "-", count=1)
+            targets[region] = _stream_id(_text(last[0][0])) if last else (0, 0)
+
+        def behind() -> dict[str, tuple[str, str]]:
+            return {
+                r: (self._last_id[r], f"{t[0]}-{t[1]}")
+                for r, t in targets.items()
+                if r in self._resnapshot or _stream_id(self._last_id[r]) < t
+            }
+
         deadline = time.monotonic() + timeout_s
-        while any(self._seq.get(r, 0) < seq for r, seq in targets.items()):
+        while lagging := behind():
             if self._task is None or self._task.done():
                 raise RuntimeError("the view is not tailing (start() it)")
             if time.monotonic() > deadline:
-                behind = {
-                    r: (self._seq.get(r, 0), s)
-                    for r, s in targets.items()
-                    if self._seq.get(r, 0) < s
-                }
-                raise TimeoutError(f"market view behind (applied, wanted): {behind}")
+                raise TimeoutError(f"market view behind (applied, wanted): {lagging}")
             await asyncio.sleep(0.002)
 
     # -- reads -----------------------------------------------------------------------------------
@@ -264,20 +269,20 @@ class MarketView:
             raw = fields.get(b"e") if b"e" in fields else fields.get("e")
             event = EVENT_DECODER.decode(raw)
             seq = _event_seq(event.event_id)
-            if seq > self._seq[region] + 1:
+            if seq != self._seq[region] + 1:
+                # after the snapshot's position every entry is the next event; anything else
+                # means entries were trimmed unread, or the region was rebuilt under us
                 log.warning(
-                    "market view: region %s jumped from event %d to %d (trimmed before read); "
-                    "re-snapshotting",
+                    "market view: region %s went from event %d to %d; re-snapshotting",
                     region,
                     self._seq[region],
                     seq,
                 )
                 self._resnapshot.add(region)
                 return
-            if seq > self._seq[region]:
-                book.apply(event)
-                self._seq[region] = seq
-                self._last_ts_ms[region] = event.ts_ms
-                self.events_applied += 1
+            book.apply(event)
+            self._seq[region] = seq
+            self._last_ts_ms[region] = event.ts_ms
+            self.events_applied += 1
             self._last_id[region] = entry_id
             last = _stream_id(entry_id)

@@ -194,3 +194,21 @@ async def test_rank_all_merges_regions_and_respects_region_filter(
         view.rank_all(MatchRequest(ram_gb=4, vram_gb=0, max_price_pusd=1, region="nowhere"), T0)
         == []
     )
+
+
+async def test_a_region_rebuilt_under_the_view_is_read_again(
+    view: MarketView, market: Market, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """The region's keys wiped and written anew (sequence restarting at 1): the view notices the
+    sequence going backwards and re-reads the region instead of ignoring the new events."""
+    old = await market.register_node(new_node(EAST), T0)
+    await market.register_node(new_node(EAST, name="second"), T0)
+    await view.start()
+    async for key in redis.scan_iter(match=f"{keys.tag(EAST)}*"):
+        await redis.delete(key)
+    fresh = await market.register_node(new_node(EAST, name="fresh"), T0 + 5)
+    await view.sync()
+    book = view.book(EAST)
+    assert book is not None
+    assert book.node_ids() == [fresh.node_id] and old.node_id not in book
+    await assert_view_equals_redis(view, market, [fresh.node_id])
