@@ -212,3 +212,31 @@ async def test_a_region_rebuilt_under_the_view_is_read_again(
     assert book is not None
     assert book.node_ids() == [fresh.node_id] and old.node_id not in book
     await assert_view_equals_redis(view, market, [fresh.node_id])
+
+
+async def test_changes_during_the_snapshot_converge(
+    market: Market, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """Writes racing with the snapshot (read in small chunks) end up in the books exactly."""
+    nodes = [await market.register_node(new_node(EAST, name=f"n{i}"), T0) for i in range(300)]
+    view = MarketView(redis, keys, block_ms=200, regions_poll_s=0.05, snapshot_chunk=7)
+    try:
+        starting = asyncio.create_task(view.start())
+        now = T0
+        while not starting.done() or now < T0 + 40:
+            now += 1
+            target = nodes[now % len(nodes)]
+            if now % 2:
+                await market.update_node(
+                    target.node_id, NodeChanges(price_pusd=500_000 + now % 997), now
+                )
+            else:
+                beat = Heartbeat(
+                    node_id=target.node_id, available_ram_gb=now % 60, available_vram_gb=now % 20
+                )
+                await market.heartbeat("owner-1", [beat], now, min_interval_ms=0)
+        await starting
+        await view.sync()
+        await assert_view_equals_redis(view, market, [n.node_id for n in nodes])
+    finally:
+        await view.stop()
