@@ -255,55 +255,62 @@ def _cmd_rebuild_live(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    data_dir = settings.data_dir.resolve()
     _check_port_free(settings)
     with _stop_on_sigterm():
-        with _embedded(
-            settings, settings.redis_url is None, settings.database_url is None
-        ) as embedded:
-            redis_url = settings.redis_url or embedded[0]
-            database_url = settings.database_url or embedded[1]
-            assert redis_url is not None and database_url is not None
-            if settings.redis_url is not None:
-                _check_redis(settings)
-            applied = _migrate(database_url)
-            if applied:
-                print(f"mnemo: applied migrations {', '.join(applied)}", flush=True)
-            host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-            base = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
-            env = dict(os.environ)
-            env.update(
-                MNEMO_REDIS_URL=redis_url,
-                MNEMO_DATABASE_URL=database_url,
-                MNEMO_DATA_DIR=str(data_dir),
-                MNEMO_API_URL=base,
-                MNEMO_AGENT_API_URL=base,
-                PYTHONUNBUFFERED="1",
-            )
-            core = [_command(spec) for spec in PROCFILE if spec.name != "agent"]
-            if settings.log_level != "DEBUG":
-                # A line per request of the demo fleet and bot would drown everything else.
-                core = [
-                    ProcessSpec(p.name, (*p.argv, "--no-access-log")) if p.name == "gateway" else p
-                    for p in core
-                ]
-            demo = [] if args.no_demo else _demo_processes(args.fleet, base)
-            supervisor = _Supervisor(env)
-            try:
-                supervisor.start(core)
-                if not _wait_healthy(f"{base}/healthz", supervisor):
-                    gone = supervisor.exited()
-                    reason = (
-                        f"{gone[0]} exited ({_exit_text(gone[1])})"
-                        if gone is not None
-                        else f"the gateway did not answer {base}/healthz within {_HEALTH_WAIT_S:.0f} s"
-                    )
-                    return supervisor.stop(reason=reason)
-                print(_banner(base, redis_url, database_url, data_dir, demo), flush=True)
-                supervisor.start(demo)
-                return supervisor.wait()
-            finally:
-                supervisor.stop()
+        try:
+            return _up(settings, args)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM while still starting: what had started was stopped on the way
+            # out, and the user asked for exactly that.
+            return 0
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> int:
+    data_dir = settings.data_dir.resolve()
+    with _embedded(settings, settings.redis_url is None, settings.database_url is None) as embedded:
+        redis_url = settings.redis_url or embedded[0]
+        database_url = settings.database_url or embedded[1]
+        assert redis_url is not None and database_url is not None
+        if settings.redis_url is not None:
+            _check_redis(settings)
+        applied = _migrate(database_url)
+        if applied:
+            print(f"mnemo: applied migrations {', '.join(applied)}", flush=True)
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        base = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+        env = dict(os.environ)
+        env.update(
+            MNEMO_REDIS_URL=redis_url,
+            MNEMO_DATABASE_URL=database_url,
+            MNEMO_DATA_DIR=str(data_dir),
+            MNEMO_API_URL=base,
+            MNEMO_AGENT_API_URL=base,
+            PYTHONUNBUFFERED="1",
+        )
+        core = [_command(spec) for spec in PROCFILE if spec.name != "agent"]
+        if settings.log_level != "DEBUG":
+            # A line per request of the demo fleet and bot would drown everything else.
+            core = [
+                ProcessSpec(p.name, (*p.argv, "--no-access-log")) if p.name == "gateway" else p
+                for p in core
+            ]
+        demo = [] if args.no_demo else _demo_processes(args.fleet, base)
+        supervisor = _Supervisor(env)
+        try:
+            supervisor.start(core)
+            if not _wait_healthy(f"{base}/healthz", supervisor):
+                gone = supervisor.exited()
+                reason = (
+                    f"{gone[0]} exited ({_exit_text(gone[1])})"
+                    if gone is not None
+                    else f"the gateway did not answer {base}/healthz within {_HEALTH_WAIT_S:.0f} s"
+                )
+                return supervisor.stop(reason=reason)
+            print(_banner(base, redis_url, database_url, data_dir, demo), flush=True)
+            supervisor.start(demo)
+            return supervisor.wait()
+        finally:
+            supervisor.stop()
 
 
 # --- pieces ---------------------------------------------------------------------------------
