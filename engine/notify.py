@@ -95,13 +95,15 @@ class Notifier:
     # -- state ------------------------------------------------------------------------------
 
     def remember(self, obj: Bid | Contract) -> None:
-        """Learn an open bid or a live contract (start-up snapshot or a lookup on a miss)."""
+        """Learn a bid or a contract (start-up snapshot, or a lookup when an event names one the
+        Notifier never saw: then it may already be closed, and the event's message still goes
+        out). Only an active contract is armed for its ending notice."""
         if isinstance(obj, Bid):
-            if obj.status == "open":
-                self._bid_users[obj.bid_id] = obj.user_id
-        elif obj.status == "active":
+            self._bid_users[obj.bid_id] = obj.user_id
+        else:
             self._contracts[obj.contract_id] = obj
-            self._arm(obj)
+            if obj.status == "active":
+                self._arm(obj)
 
     def knows_bid(self, bid_id: str) -> bool:
         return bid_id in self._bid_users

@@ -270,3 +270,20 @@ def test_market_summary_shape() -> None:
         "available_vram_gb": 4,
         "best_ask_pusd": 500,
     }
+
+
+def test_lookups_of_closed_objects_still_address_their_messages() -> None:
+    """A settlement or cancellation of something the Notifier never saw goes out once the
+    engine looked the object up (already closed by then)."""
+    n = Notifier(KEYS, R)
+    assert n.on_event(_settled()) == []
+    n.remember(_contract(status="completed"))
+    assert n.next_notice_ms() is None  # a closed contract is never announced as ending
+    got = _decode(n.on_event(_settled()))
+    assert [(ch, m["channel"]) for ch, m in got] == [
+        (KEYS.user_channel("u1"), "contracts"),
+        (KEYS.node_channel("n1"), "node:n1"),
+    ]
+    n.remember(_bid(bid_id="b9", user_id="u9", status="cancelled"))
+    got = _decode(n.on_event(BidCancelled(event_id=f"{R}:9", region=R, ts_ms=1, bid_id="b9")))
+    assert [ch for ch, _ in got] == [KEYS.user_channel("u9")]
