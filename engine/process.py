@@ -79,7 +79,7 @@ from engine.keys import Keys
 from engine.market import Market, ReserveRequest
 from engine.notify import Message, Notifier, encode_message
 from engine.quotes import QuoteBook
-from engine.scoring import AskBook, MatchRequest, browse, merge_matches, rank
+from engine.scoring import AskBook, MatchRequest, browse, merge_matches, rank, warm_up
 from engine.settings import ConfigError, Settings
 from engine.types import (
     EVENT_DECODER,
@@ -233,6 +233,7 @@ class Engine:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve regions until `stop` is set; cleans up on return and on cancellation."""
         await self.market.load_scripts()
+        warm_up()  # compile or load the Numba kernels now, not in the first crossing
         publisher = asyncio.create_task(self.publisher.run(), name="mnemo-engine-publisher")
         try:
             while not stop.is_set():
@@ -519,14 +520,17 @@ class RegionWorker:
     async def _snapshot(self) -> None:
         """Load the region as it is; the stream is then read from a point at or before it
         (events set absolute values, so re-applying the overlap converges)."""
-        last: Any = await self.redis.xrevrange(self.stream, count=1)
+        # The fills (quotes' last price and volume) are not idempotent to replay, so they are
+        # read in one transaction with the stream position the replay starts from.
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xrevrange(self.stream, count=1)
+        pipe.zrange(self.keys.fills(self.region), 0, -1, withscores=True)
+        last, fills = await pipe.execute()
         self.last_id = last[0][0] if last else b"0-0"
-        fills: Any
-        nodes, bids, contracts, fills = await asyncio.gather(
+        nodes, bids, contracts = await asyncio.gather(
             self.market.nodes(self.region),
             self.market.bids(self.region),
             self.market.contracts(region=self.region),
-            self.redis.zrange(self.keys.fills(self.region), 0, -1, withscores=True),
         )
         for node in nodes:
             self.book.upsert(node)

@@ -510,6 +510,12 @@ async def test_two_engines_never_serve_one_region_at_once(
                 lambda _ch, m: m["channel"] == "fills" and m["data"]["bid_id"] == late.bid_id
             )
             assert b.workers[R].fills == 1 and a.workers[R].fills == 10
+            # the new holder's quotes carry the fills made under the old one
+            await inbox.wait_for(
+                lambda ch, m: (
+                    ch == keys.quotes_channel(R) and m["data"]["volume_24h_gb_s"] == 11 * 10 * 3600
+                )
+            )
         finally:
             stop_b.set()
             await asyncio.wait_for(task_b, WAIT_S)
