@@ -113,7 +113,7 @@ def _pubsub_client(client: aioredis.Redis, client_name: str) -> aioredis.Redis:
     new_pool = aioredis.ConnectionPool(
         connection_class=pool.connection_class, max_connections=2, **kwargs
     )
-    return aioredis.Redis(connection_pool=new_pool)
+    return aioredis.Redis.from_pool(new_pool)  # closing the client closes the pool
 
 
 class Hub:

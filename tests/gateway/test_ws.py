@@ -412,3 +412,68 @@ async def test_slow_socket_is_closed_1013_and_fast_ones_get_everything(
     for ws in fast:
         assert (await request(ws, {"op": "ping"}))["type"] == "pong"
         await ws.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole loop: engine process -> Redis pub/sub -> hub -> socket
+
+
+async def test_resting_bid_fills_and_the_bot_sees_it_on_its_socket(live: Live) -> None:
+    """A bid rests; a provider brings capacity; the engine crosses them and the bot's socket gets
+    the `bids` update and the `fills` event, the provider's socket the node notice."""
+    from engine.process import run_engine
+    from tests.gateway.conftest import create_client
+
+    bot, provider = await signup(live.gw, "user"), await signup(live.gw, "provider")
+    client_id = await create_client(live.gw, bot)
+    region = f"ws-{uuid.uuid4().hex[:6]}"
+    stop = asyncio.Event()
+    engine = asyncio.create_task(run_engine(live.gw.settings, regions=[region], stop=stop))
+    try:
+        bot_ws = await live.socket(bot)
+        assert (await subscribe(bot_ws, "fills", "bids"))["type"] == "subscribed"
+        r = await live.gw.client.post(
+            "/api/bids",
+            headers=bot.headers,
+            json={
+                "client_id": client_id,
+                "region": region,
+                "ram_gb": 8,
+                "vram_gb": 0,
+                "duration_sec": 600,
+                "max_price_per_gb_sec": 0.000001,
+            },
+        )
+        assert r.status_code == 201, r.text
+        bid_id = r.json()["bid_id"]
+
+        # The ask starts above the bid's cap, so the provider can subscribe to its node first;
+        # lowering the price makes it cross.
+        node_id = await register_node(live.gw, provider, region=region, price_per_gb_sec=0.00001)
+        provider_ws = await live.socket(provider)
+        assert (await subscribe(provider_ws, f"node:{node_id}"))["type"] == "subscribed"
+        r = await live.gw.client.put(
+            f"/api/nodes/{node_id}", headers=provider.headers, json={"price_per_gb_sec": 0.0000008}
+        )
+        assert r.status_code == 200, r.text
+
+        # (`bid_placed` comes too if the engine was already tailing the stream when the bid
+        # was placed; an engine that starts later picks the bid up from its snapshot.)
+        events: dict[str, dict[str, Any]] = {}
+        async with asyncio.timeout(WAIT_S):
+            while "fills" not in events or events.get("bids", {}).get("type") != "contract_created":
+                msg = await recv(bot_ws)
+                events[msg["channel"]] = msg["data"]
+        fill = events["fills"]
+        assert fill["type"] == "contract_created"
+        assert fill["contract"]["node_id"] == node_id and fill["bid_id"] == bid_id
+        assert events["bids"]["bid_id"] == bid_id and events["bids"]["bid_status"] == "filled"
+        notice = await recv(provider_ws)
+        assert notice["channel"] == f"node:{node_id}"
+        assert notice["data"]["notice"] == "contract_started"
+        assert notice["data"]["contract"]["contract_id"] == fill["contract"]["contract_id"]
+        for ws in (bot_ws, provider_ws):
+            await ws.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(engine, WAIT_S)
