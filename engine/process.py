@@ -15,14 +15,16 @@ then tails the region's event stream and keeps its own view current from it:
 Duties, each an atomic `Market` script call (the scripts are the truth; the view may be a few
 milliseconds stale, so a refused reserve is a normal result and the next candidate is tried):
 
-- Crossing. A bid is tried when it arrives; every open bid, in priority order, when capacity
-  appears or frees (a node registers, changes terms, comes back, reports more free memory, or a
-  contract ends) and on a periodic tick. For a bid, `engine.scoring.rank` orders the eligible asks
+- Crossing, in price-time priority. A bid is tried when it arrives; when an ask gets better (a
+  node registers, changes terms or price, comes back, reports more free memory, or a contract on
+  it ends), the resting bids that ask could serve are tried again (`QuoteBook.take_improved`
+  bounds them; the others already failed against the rest of the book); every open bid is
+  tried on a slow periodic tick as a backstop. For a bid, `engine.scoring.rank` orders the eligible asks
   under the bid's constraints and `engine.core.plan_fills` decides the fills (one node for the
   whole bid, or several of at least `min_fill_gb` with `allow_split`); each is one
   `Market.reserve(..., bid_id=...)`. A pass stops early at the first bid whose cap is below the
-  cheapest live ask. Reserves of a pass go out concurrently in batches; the view is debited at
-  once, so later bids of the same batch see the capacity as taken (`Market.reserve_many`).
+  cheapest live ask. A pass's reserves go out in pipelined batches (`Market.reserve_many`); the
+  view is debited as fills are planned, so later bids of the batch see the capacity as taken.
 - Expiry of bids (`expire_bids`) and settlement of contracts whose end passed (`due_contracts`
   then `settle(..., egress 0)`), due when the view knows of one, and on a periodic sweep, which
   also delists expired asks (`expire_asks`).
@@ -113,8 +115,9 @@ TICK_S = 0.1
 """The longest a region loop waits without reading the clock."""
 SWEEP_MS = 1_000
 """Market-time interval of the backstop sweeps: stale nodes, due contracts, expired bids."""
-CROSS_TICK_S = 1.0
-"""Every open bid is retried at least this often (asks can change without an event, e.g. by time)."""
+CROSS_TICK_S = 10.0
+"""Every open bid is tried again at least this often, whatever happened (a backstop: between
+these, a bid is tried when it arrives and when an ask it could use gets better)."""
 QUOTE_MIN_INTERVAL_S = 0.1
 QUOTE_REFRESH_S = 1.0
 """Quotes are recomputed this often even without events (the 24 h window slides)."""
@@ -144,6 +147,17 @@ _RETRY_PAUSE_S = 1.0
 _LOST_RACE = (CapacityTaken, Unavailable)
 _GONE = (Conflict, NotFound)
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def _may_use(bid: Bid, improved: tuple[int, int, int, int]) -> bool:
+    """Whether some ask within `improved` (QuoteBook.take_improved's bounds) might fill the bid."""
+    price, ram, vram, total = improved
+    if bid.max_price_pusd < price:
+        return False
+    if bid.allow_split:
+        rest = bid.remaining_ram_gb + bid.remaining_vram_gb
+        return total >= min(rest, max(bid.min_fill_gb, 1))
+    return bid.remaining_ram_gb <= ram and bid.remaining_vram_gb <= vram
 
 
 def _text(value: bytes | str) -> str:
@@ -558,8 +572,7 @@ class RegionWorker:
         except (KeyError, msgspec.DecodeError) as exc:
             log.error("region %s: undecodable stream entry skipped: %s", self.region, exc)
             return
-        if self.quotes.apply(event):
-            self._ask_dirty = True
+        self.quotes.apply(event)
         self.book.apply(event)
         self._quote_dirty = True
         match event:
@@ -753,19 +766,24 @@ class RegionWorker:
 
     async def _cross(self, now_ms: int) -> None:
         now = time.monotonic()
+        improved = self.quotes.take_improved(now_ms)
         if self._ask_dirty or now >= self._next_full_cross:
             self._ask_dirty = False
             self._next_full_cross = now + CROSS_TICK_S
-            self._fresh.clear()
-            self._retry.clear()
             candidates = list(self.bids.values())
-        elif self._fresh or self._retry:
-            wanted = set(self._fresh) | self._retry
-            self._fresh.clear()
-            self._retry.clear()
-            candidates = [self.bids[i] for i in wanted if i in self.bids]
         else:
-            return
+            wanted = set(self._fresh) | self._retry
+            candidates = [self.bids[i] for i in wanted if i in self.bids]
+            if improved is not None:
+                # Only a bid that one of the asks that got better could serve may cross now:
+                # the others were tried against the rest of the book already.
+                candidates += [
+                    b
+                    for b in self.bids.values()
+                    if b.bid_id not in wanted and _may_use(b, improved)
+                ]
+        self._fresh.clear()
+        self._retry.clear()
         if not candidates:
             return
         best_ask = self._best_ask(now_ms)

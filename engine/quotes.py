@@ -82,6 +82,7 @@ class QuoteBook:
         self._volume = 0
         self._last_fill: tuple[int, str] | None = None
         self._now_ms = 0  # latest time seen by `_advance`
+        self._improved: set[str] = set()
 
     # -- asks ---------------------------------------------------------------------------------
 
@@ -127,10 +128,8 @@ class QuoteBook:
         self._ask(row, 1)
         if expires and not row[_EXPIRED]:
             heapq.heappush(self._ask_expiry, (expires, node.node_id))
-        after = self._offer(row)
-        return after is not None and (
-            before is None or after[0] < before[0] or after[1] > before[1] or after[2] > before[2]
-        )
+        # a registration or a change of terms (durations, expiry) may widen who can fill here
+        return self._note(node.node_id, before, self._offer(row), terms=True)
 
     @staticmethod
     def _offer(row: list[Any] | None) -> tuple[int, int, int] | None:
@@ -151,9 +150,43 @@ class QuoteBook:
         for index, value in values.items():
             row[_FIELDS[index]] = value
         self._ask(row, 1)
-        after = self._offer(row)
-        return after is not None and (
-            before is None or after[1] > before[1] or after[2] > before[2]
+        return self._note(node_id, before, self._offer(row))
+
+    def _note(
+        self,
+        node_id: str,
+        before: tuple[int, int, int] | None,
+        after: tuple[int, int, int] | None,
+        terms: bool = False,
+    ) -> bool:
+        """Whether the node's ask got better (listed anew, cheaper, more free capacity, or new
+        terms); remembered for `take_improved`."""
+        better = after is not None and (
+            terms
+            or before is None
+            or after[0] < before[0]
+            or after[1] > before[1]
+            or after[2] > before[2]
+        )
+        if better:
+            self._improved.add(node_id)
+        return better
+
+    def take_improved(self, now_ms: int) -> tuple[int, int, int, int] | None:
+        """Bounds over the asks that got better since the last call and are still listed:
+        (lowest price, most free RAM, most free VRAM, most free RAM + VRAM); None if there are
+        none. A resting bid that none of these bounds admit cannot have been helped."""
+        self._advance(now_ms)
+        offers = [self._offer(self._nodes.get(i)) for i in self._improved]
+        self._improved.clear()
+        listed = [o for o in offers if o is not None]
+        if not listed:
+            return None
+        return (
+            min(o[0] for o in listed),
+            max(o[1] for o in listed),
+            max(o[2] for o in listed),
+            max(o[1] + o[2] for o in listed),
         )
 
     def set_reserved(self, node_id: str, reserved_ram_gb: int, reserved_vram_gb: int) -> bool:

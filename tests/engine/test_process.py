@@ -538,3 +538,45 @@ async def test_engine_discovers_new_regions_and_survives_a_bad_stream_entry(
         await inbox.wait_for(
             lambda _ch, m: m["channel"] == "fills" and m["data"]["bid_id"] == b.bid_id
         )
+
+
+async def test_resting_bid_fills_when_a_contract_ends_or_a_heartbeat_frees_memory(
+    redis: aioredis.Redis, keys: Keys, market: Market, inbox: Inbox, clock: FakeClock
+) -> None:
+    """Capacity that frees up (a contract ending, a heartbeat reporting more free memory)
+    crosses the resting bids it can serve, and only those."""
+    full = await market.register_node(node(ram=32, price=600, heartbeat_interval_s=3600.0), clock())
+    lean = await market.register_node(
+        node(ram=64, price=650, offered_ram_gb=4, heartbeat_interval_s=3600.0), clock()
+    )
+    lease = await _contract_on(market, full, clock, ram=32, duration_s=60)
+    async with running_engine(redis, keys, clock, [R]):
+        first = await market.place_bid(bid(ram=24, cap=1000), clock())
+        big = await market.place_bid(bid(ram=100, cap=1000, user_id="user-2"), clock())
+        await inbox.wait_for(
+            lambda _ch, m: (
+                m["channel"] == "bids" and m["data"].get("bid", {}).get("bid_id") == big.bid_id
+            )
+        )
+        assert {b.bid_id for b in await market.bids(R)} == {first.bid_id, big.bid_id}
+        clock.advance(61_000)  # the lease ends, settles, and its 32 GB come back
+        fill = await inbox.wait_for(lambda _ch, m: m["channel"] == "fills")
+        assert fill["data"]["bid_id"] == first.bid_id
+        assert fill["data"]["contract"]["node_id"] == full.node_id
+        ended = await market.get_contract(lease.contract_id)
+        assert ended is not None and ended.status == "completed"
+        second = await market.place_bid(bid(ram=40, cap=1000, user_id="user-3"), clock())
+        await inbox.wait_for(
+            lambda _ch, m: (
+                m["channel"] == "bids" and m["data"].get("bid", {}).get("bid_id") == second.bid_id
+            )
+        )
+        beat = Heartbeat(node_id=lean.node_id, available_ram_gb=64, available_vram_gb=0)
+        assert (await market.heartbeat("owner-1", [beat], clock(), min_interval_ms=0))[
+            0
+        ].outcome == "ok"
+        fill = await inbox.wait_for(
+            lambda _ch, m: m["channel"] == "fills" and m["data"]["bid_id"] == second.bid_id
+        )
+        assert fill["data"]["contract"]["node_id"] == lean.node_id
+        assert [b.bid_id for b in await market.bids(R)] == [big.bid_id]  # 100 GB fits nowhere

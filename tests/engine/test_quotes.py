@@ -176,3 +176,30 @@ async def test_summary_counts_active_nodes_and_listed_capacity() -> None:
     assert book.set_reserved(full.node_id, 2, 0)  # capacity freed: a bid may now fill
     assert book.summary(T0 + 1000)["best_ask_pusd"] == 500
     assert not book.set_reserved(full.node_id, 5, 0)
+
+
+def test_take_improved_bounds_the_asks_that_got_better() -> None:
+    """Only asks that got better since the last call are reported, as bounds; worse ones not."""
+    book = QuoteBook(R)
+    a = Node(
+        node_id="a",
+        owner_id="o",
+        region=R,
+        node_type="datacenter",
+        name="a",
+        lat=0.0,
+        lng=0.0,
+        total_ram_gb=64,
+        total_vram_gb=8,
+        offered_ram_gb=16,
+        offered_vram_gb=8,
+        price_pusd=700,
+    )
+    assert book.upsert_node(a)
+    assert book.take_improved(T0) == (700, 16, 8, 24)
+    assert book.take_improved(T0) is None
+    assert not book.set_reserved("a", 4, 0)  # less free: not better
+    assert book.take_improved(T0) is None
+    assert book.set_reserved("a", 0, 0)
+    assert book.set_status("a", "offline") is False
+    assert book.take_improved(T0) is None  # no longer listed
