@@ -36,7 +36,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -264,16 +264,69 @@ def make_fleet(n: int, *, seed: int = 0, regions: Sequence[str] | None = None) -
 # Registration
 
 
-async def _register_one(
-    gateway: Gateway, body: dict[str, Any], stop: asyncio.Event | None, key: str | None
-) -> str:
-    async def call() -> tuple[str, dict[str, Any]]:
-        return await gateway.register_node(body, idempotency_key=key)
+Post = Callable[[dict[str, Any], str | None], Awaitable[str]]
+"""Registers one node body (with an optional idempotency key); returns its node id."""
 
-    node_id, _ = await retrying(
-        "registering a virtual node", call, backoff=Backoff(0.2, 10.0), stop=stop
-    )
-    return node_id
+
+def _httpx_post(gateway: Gateway) -> Post:
+    async def post(body: dict[str, Any], key: str | None) -> str:
+        node_id, _ = await gateway.register_node(body, idempotency_key=key)
+        return node_id
+
+    return post
+
+
+@contextlib.asynccontextmanager
+async def _aiohttp_post(gateway: Gateway, concurrency: int) -> AsyncIterator[Post | None]:
+    """A bulk poster on aiohttp when it is installed (None otherwise).
+
+    httpx costs about 1-2 ms of client CPU per request here (its pool polls every idle
+    connection per request), aiohttp about 0.1 ms: for a fleet of 100k nodes that is the
+    difference between minutes and seconds of the simulator's own time. The single-node agent
+    sends a request a minute and keeps httpx.
+    """
+    try:
+        import aiohttp
+    except ImportError:
+        yield None
+        return
+    headers = {"Content-Type": "application/json", "User-Agent": "mnemo-agent-fleet/0.1"}
+    if gateway.api_key:
+        headers["X-API-Key"] = gateway.api_key
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(total=30)
+    url = f"{gateway.api_url}/api/nodes/register"
+    encode = msgspec.json.encode
+    async with aiohttp.ClientSession(
+        headers=headers, connector=connector, timeout=timeout
+    ) as session:
+
+        async def post(body: dict[str, Any], key: str | None) -> str:
+            extra = {"Idempotency-Key": key} if key else None
+            try:
+                async with session.post(url, data=encode(body), headers=extra) as response:
+                    raw = await response.read()
+                    status = response.status
+                    retry_after = response.headers.get("Retry-After")
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise GatewayUnavailable(f"register: {type(exc).__name__}: {exc}") from exc
+            if status in (502, 503, 504):
+                raise GatewayUnavailable(f"register: HTTP {status}")
+            if status >= 400:
+                try:
+                    error = msgspec.json.decode(raw).get("error", {})
+                except (msgspec.DecodeError, AttributeError):
+                    error = {}
+                raise ApiError(
+                    status,
+                    str(error.get("code", "http_error")),
+                    str(error.get("message", raw[:200])),
+                    error.get("field"),
+                    float(retry_after) if retry_after and retry_after.isdigit() else None,
+                )
+            return str(msgspec.json.decode(raw)["node_id"])
+
+        yield post
 
 
 async def register_fleet(
@@ -287,6 +340,7 @@ async def register_fleet(
 ) -> list[str]:
     """Register every node (`concurrency` requests in flight); their ids, in order.
 
+    Uses aiohttp when installed (much cheaper per request), else the gateway's httpx client.
     Transient failures (connection lost, 502/503/504, 429) are retried with backoff; any other
     refusal raises `ApiError` for the first node refused. `idempotent` sends an
     `Idempotency-Key` per node so that a retry after a lost reply cannot register a node twice
@@ -298,24 +352,33 @@ async def register_fleet(
     done = 0
     started = time.perf_counter()
 
-    async def worker() -> None:
-        nonlocal done
-        for i in cursor:
-            if stop is not None and stop.is_set():
-                return
-            key = f"{key_prefix}-{i}" if key_prefix else None
-            node_id = await _register_one(gateway, nodes[i].registration_body(), stop, key)
-            ids[i] = node_id
-            done += 1
-            if progress is not None and done % 1000 == 0:
-                progress(done, time.perf_counter() - started)
+    async with _aiohttp_post(gateway, concurrency) as fast:
+        post = fast or _httpx_post(gateway)
 
-    workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
-    try:
-        await asyncio.gather(*workers)
-    finally:
-        for w in workers:
-            w.cancel()
+        async def worker() -> None:
+            nonlocal done
+            for i in cursor:
+                if stop is not None and stop.is_set():
+                    return
+                key = f"{key_prefix}-{i}" if key_prefix else None
+                body = nodes[i].registration_body()
+
+                async def call(body: dict[str, Any] = body, key: str | None = key) -> str:
+                    return await post(body, key)
+
+                ids[i] = await retrying(
+                    "registering a virtual node", call, backoff=Backoff(0.2, 10.0), stop=stop
+                )
+                done += 1
+                if progress is not None and done % 1000 == 0:
+                    progress(done, time.perf_counter() - started)
+
+        workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
     if any(i is None for i in ids):
         raise asyncio.CancelledError("registration stopped")
     return [i for i in ids if i is not None]
@@ -429,7 +492,8 @@ class Fleet:
                 self.silent_left[i] = self.OUTAGE_BEATS - 1
                 return None
         f = self.free[i]
-        f += 0.15 * (self.mean_free[i] - f) + rng.gauss(0.0, 0.05)
+        # Mean-reverting walk; the noise is a cheap triangular variate (sd ~0.05), not gauss().
+        f += 0.15 * (self.mean_free[i] - f) + (rng.random() + rng.random() - 1.0) * 0.12
         f = 0.0 if f < 0.0 else 1.0 if f > 1.0 else f
         self.free[i] = f
         if self.reprice_per_beat and rng.random() < self.reprice_per_beat:
