@@ -51,6 +51,7 @@ import msgspec
 import redis.asyncio as aioredis
 from msgspec import Meta
 from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from engine.errors import MarketError
@@ -65,9 +66,9 @@ from gateway.schemas import HeartbeatRequest, Id
 
 __all__ = [
     "STATE_KEY",
+    "WsEndpoint",
     "WsOptions",
     "WsServices",
-    "ws_endpoint",
     "ws_routes",
     "ws_services",
 ]
@@ -246,27 +247,34 @@ class _ChannelRefused(Exception):
 # The endpoint
 
 
-async def ws_endpoint(websocket: WebSocket) -> None:
-    """Serve one WebSocket: authenticate before accept, then run the session to its end."""
-    services: WsServices = getattr(websocket.state, STATE_KEY)
-    try:
-        principal = await authenticate(websocket)
-    except Unauthorized as exc:
-        await websocket.close(code=CLOSE_AUTH, reason=exc.code)
-        return
-    if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
-        await websocket.close(code=CLOSE_AUTH, reason="token_expired")
-        return
-    await websocket.accept()
-    session = _Session(websocket, principal, services)
-    services.sockets += 1
-    try:
-        await session.run()
-    finally:
-        services.sockets -= 1
+class WsEndpoint:
+    """The ASGI app behind `/ws`: authenticate before accept, then run the session to its end.
+
+    A plain ASGI callable rather than a Starlette function endpoint so the writer can hand
+    frames to the server's `send` directly: at fan-out rates the per-frame wrappers matter.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        services: WsServices = getattr(websocket.state, STATE_KEY)
+        try:
+            principal = await authenticate(websocket)
+        except Unauthorized as exc:
+            await websocket.close(code=CLOSE_AUTH, reason=exc.code)
+            return
+        if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
+            await websocket.close(code=CLOSE_AUTH, reason="token_expired")
+            return
+        await websocket.accept()
+        session = _Session(websocket, send, principal, services)
+        services.sockets += 1
+        try:
+            await session.run()
+        finally:
+            services.sockets -= 1
 
 
-ws_routes: list[BaseRoute] = [WebSocketRoute("/ws", ws_endpoint, name="ws")]
+ws_routes: list[BaseRoute] = [WebSocketRoute("/ws", WsEndpoint(), name="ws")]
 """Routes to mount in the app (`routes=[..., *ws_routes]`)."""
 
 
@@ -277,8 +285,11 @@ def _now_ms() -> int:
 class _Session:
     """One open socket: a reader (client messages), a writer (the hub queue), a deadline."""
 
-    def __init__(self, websocket: WebSocket, principal: Principal, services: WsServices) -> None:
+    def __init__(
+        self, websocket: WebSocket, send: Send, principal: Principal, services: WsServices
+    ) -> None:
         self.ws = websocket
+        self._send = send
         self.principal = principal
         self.services = services
         self.hub = services.hub
@@ -337,7 +348,7 @@ class _Session:
 
     async def _write_loop(self) -> None:
         queue = self.sub.queue
-        send = self.ws.send
+        send = self._send  # the server's own: the socket is accepted and only this task sends
         try:
             while True:
                 frame = await queue.get()

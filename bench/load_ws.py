@@ -1,0 +1,709 @@
+"""Load test of the WebSocket endpoint against a real gateway (uvicorn) on loopback.
+
+    python -m bench.load_ws heartbeats [--seconds 10] [--owners 8] [--nodes 2000] [--batch 500]
+    python -m bench.load_ws fanout     [--seconds 10] [--connections 1000] [--per-conn 10]
+                                       [--channels 100] [--rate 1000]
+    python -m bench.load_ws all        (both, default sizes)
+
+What it does:
+- Creates a database of its own (migrated) and a Redis key prefix of its own on the servers named
+  by MNEMO_REDIS_URL / MNEMO_DATABASE_URL (default: the local dev servers), starts one gateway
+  process (`uvicorn gateway.app:app_from_env`, uvloop, httptools, no per-message deflate) on a free
+  loopback port, signs users up over HTTP, and removes everything afterwards.
+- heartbeats: `--owners` providers, each with `--nodes` nodes registered directly in the market
+  (as the engine would), each on a socket of its own, send `{"op":"heartbeat"}` batches of
+  `--batch` beats with up to `--inflight` batches awaiting their ack. The gateway runs with a 1 ms
+  per-node minimum interval so nodes can beat again at once. Counted: beats acked `ok` per second
+  of the measured window (after `--warmup`); also the ack latency of a batch.
+- fanout: `--connections` sockets each subscribe to `--per-conn` of `--channels` channels
+  (`quotes:bench-<i>`), so connections x per-conn subscriptions, each channel with the same number
+  of subscribers. A publisher process publishes `--rate` messages a second round-robin over the
+  channels on Redis (as the engine does), each carrying its publish time; every delivered
+  message is one WebSocket frame to one subscription. Counted: frames received per second and
+  the publish-to-receive latency (p50/p99/max) of every frame in the measured window, plus frames
+  expected vs received and sockets closed by the server.
+  Clients run in `--client-procs` processes (default 1) so the load generator's own work is
+  visible in the figures rather than hidden: on a 2-core machine gateway, Redis, publisher and
+  clients share the same two cores.
+
+Bounded: every phase has a time limit; only 127.0.0.1 is used. Prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import msgspec
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway under test
+
+
+@dataclass
+class Gateway:
+    url: str
+    ws_url: str
+    redis_url: str
+    prefix: str
+    pid: int
+
+
+@contextlib.contextmanager
+def gateway(
+    redis_url: str, database_url: str, *, env: dict[str, str] | None = None
+) -> Iterator[Gateway]:
+    """A migrated database and key prefix of our own, one uvicorn gateway; all removed after."""
+    from persistence.migrations import migrate
+
+    db = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
+    prefix = f"bench{uuid.uuid4().hex[:8]}:"
+    db_url = _with_database(database_url, db)
+
+    async def create() -> None:
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{db}"')
+        finally:
+            await admin.close()
+        await migrate(db_url)
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        r = aioredis.from_url(redis_url)
+        try:
+            batch = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
+            for i in range(0, len(batch), 500):
+                await r.unlink(*batch[i : i + 500])
+        finally:
+            await r.aclose()
+
+    asyncio.run(create())
+    port = _free_port()
+    child_env = {
+        **os.environ,
+        "MNEMO_REDIS_URL": redis_url,
+        "MNEMO_DATABASE_URL": db_url,
+        "MNEMO_KEY_PREFIX": prefix,
+        "MNEMO_JWT_SECRET": uuid.uuid4().hex + uuid.uuid4().hex,
+        "MNEMO_LOG_LEVEL": "WARNING",
+        "MNEMO_DATA_DIR": f"/tmp/{db}",
+        **(env or {}),
+    }
+    argv = [
+        sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+        "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
+        "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=ROOT, env=child_env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway not ready after 60 s")
+            time.sleep(0.2)
+        yield Gateway(base, f"ws://127.0.0.1:{port}/ws", redis_url, prefix, proc.pid)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        asyncio.run(drop())
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+async def _signup(http: httpx.AsyncClient, role: str) -> tuple[str, str]:
+    """(user id, API key) of a fresh account."""
+    body = {
+        "email": f"{uuid.uuid4().hex[:12]}@bench.example",
+        "password": "bench-password-1",
+        "role": role,
+    }
+    r = await http.post("/api/auth/signup", json=body)
+    r.raise_for_status()
+    out = r.json()
+    return out["user"]["id"], out["api_key"]["key"]
+
+
+async def _redis_cpu_s(redis_url: str) -> float:
+    """CPU seconds the Redis server has used (INFO cpu, user + system, main thread included)."""
+    r = aioredis.from_url(redis_url)
+    try:
+        info = await r.info("cpu")
+    finally:
+        await r.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) heartbeats over the WebSocket batch path
+
+
+async def _register_nodes(gw: Gateway, owner_id: str, n: int, region: str) -> list[str]:
+    from engine.keys import Keys
+    from engine.market import Market
+    from engine.types import Node, pusd
+
+    r = aioredis.from_url(gw.redis_url)
+    try:
+        market = Market(r, Keys(gw.prefix))
+        await market.load_scripts()
+        ids = [uuid.uuid4().hex for _ in range(n)]
+        now_ms = time.time_ns() // 1_000_000
+        sem = asyncio.Semaphore(64)
+
+        async def one(node_id: str, i: int) -> None:
+            node = Node(
+                node_id=node_id, owner_id=owner_id, region=region, node_type="mist_node",
+                name=f"bench-{i}", lat=40.0 + i % 90 / 100, lng=-73.0, total_ram_gb=64,
+                total_vram_gb=16, offered_ram_gb=64, offered_vram_gb=16, price_pusd=pusd("0.000001"),
+                heartbeat_interval_s=1.0,
+            )  # fmt: skip
+            async with sem:
+                await market.register_node(node, now_ms)
+
+        await asyncio.gather(*(one(node_id, i) for i, node_id in enumerate(ids)))
+        return ids
+    finally:
+        await r.aclose()
+
+
+@dataclass
+class _BeatStats:
+    ok: int = 0
+    other: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+async def _beat_socket(
+    gw: Gateway, key: str, nodes: list[str], batch: int, inflight: int, t_start: float,
+    t_measure: float, t_end: float, stats: _BeatStats,
+) -> None:  # fmt: skip
+    encode = msgspec.json.Encoder().encode
+    sent_at: dict[int, float] = {}
+    slots = asyncio.Semaphore(inflight)
+    async with connect(
+        f"{gw.ws_url}?api_key={key}", compression=None, max_size=None, open_timeout=30
+    ) as ws:
+
+        async def receive() -> None:
+            async for raw in ws:
+                msg = json.loads(raw)
+                now = time.perf_counter()
+                if msg["type"] == "heartbeat_ack":
+                    t0 = sent_at.pop(msg["ref"])
+                    slots.release()
+                    if t0 >= t_measure and now <= t_end:
+                        stats.latencies_ms.append((now - t0) * 1000)
+                        for res in msg["results"]:
+                            if res["outcome"] == "ok":
+                                stats.ok += 1
+                            else:
+                                stats.other[res["outcome"]] = stats.other.get(res["outcome"], 0) + 1
+                    if not sent_at and time.perf_counter() >= t_end:
+                        return
+                elif msg["type"] == "error":
+                    stats.errors += 1
+                    if "ref" in msg:
+                        sent_at.pop(msg["ref"], None)
+                        slots.release()
+
+        reader = asyncio.create_task(receive())
+        ref = 0
+        pos = 0
+        while time.perf_counter() < t_end:
+            await slots.acquire()
+            beats = []
+            for _ in range(batch):
+                beats.append({"node_id": nodes[pos], "available_ram_gb": 48, "available_vram_gb": 12,
+                              "cpu_usage_pct": 12.5})  # fmt: skip
+                pos = (pos + 1) % len(nodes)
+            ref += 1
+            sent_at[ref] = time.perf_counter()
+            await ws.send(encode({"op": "heartbeat", "beats": beats, "ref": ref}).decode())
+        async with asyncio.timeout(30):
+            await reader
+
+
+def run_heartbeats(args: argparse.Namespace) -> dict[str, Any]:
+    redis_url = os.environ.get("MNEMO_REDIS_URL", DEFAULT_REDIS)
+    database_url = os.environ.get("MNEMO_DATABASE_URL", DEFAULT_DATABASE)
+    env = {"MNEMO_HEARTBEAT_MIN_INTERVAL_S": "0.001"}
+    with gateway(redis_url, database_url, env=env) as gw:
+
+        async def main() -> dict[str, Any]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+                owners = [await _signup(http, "provider") for _ in range(args.owners)]
+            node_sets = await asyncio.gather(
+                *(_register_nodes(gw, uid, args.nodes, "bench-hb") for uid, _ in owners)
+            )
+            stats = _BeatStats()
+            t_start = time.perf_counter()
+            t_measure = t_start + args.warmup
+            t_end = t_measure + args.seconds
+            cpu0, rcpu0, own0 = (
+                _cpu_s(gw.pid),
+                await _redis_cpu_s(gw.redis_url),
+                time.process_time(),
+            )
+            await asyncio.gather(
+                *(
+                    _beat_socket(
+                        gw, key, nodes, args.batch, args.inflight, t_start, t_measure, t_end, stats
+                    )
+                    for (_, key), nodes in zip(owners, node_sets, strict=True)
+                )
+            )
+            cpu = _cpu_s(gw.pid) - cpu0
+            rcpu = await _redis_cpu_s(gw.redis_url) - rcpu0
+            own = time.process_time() - own0
+            elapsed = time.perf_counter() - t_start
+            return {
+                "bench": "ws_heartbeats",
+                "owners": args.owners,
+                "nodes_per_owner": args.nodes,
+                "batch": args.batch,
+                "inflight": args.inflight,
+                "seconds": args.seconds,
+                "beats_ok_per_s": round(stats.ok / args.seconds),
+                "other_outcomes": stats.other,
+                "errors": stats.errors,
+                "ack_ms_p50": round(_pct(stats.latencies_ms, 0.5), 2),
+                "ack_ms_p99": round(_pct(stats.latencies_ms, 0.99), 2),
+                "gateway_cpu_share": round(cpu / elapsed, 2),
+                "redis_cpu_share": round(rcpu / elapsed, 2),
+                "client_cpu_share": round(own / elapsed, 2),
+            }
+
+        return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) fan-out
+
+
+class _Probe(msgspec.Struct):
+    t: int
+    s: int
+
+
+class _Frame(msgspec.Struct):
+    data: _Probe
+
+
+_decode_frame = msgspec.json.Decoder(_Frame).decode
+
+
+class _Tally:
+    """What one client process saw."""
+
+    def __init__(self) -> None:
+        self.t_measure_ns = 1 << 62
+        self.t_end_ns = 1 << 62
+        self.received = 0
+        self.outside = 0
+        self.latencies: list[int] = []
+        self.closes: dict[str, int] = {}
+
+
+class _FanoutSocket(asyncio.Protocol):
+    """A minimal RFC 6455 client for the fan-out load: one subscribe, then count frames.
+
+    The `websockets` client costs a task switch and a queue per message; at 100k frames/s on a
+    2-core machine that would measure the load generator, not the gateway. This protocol parses
+    frames straight out of `data_received` (server frames are unmasked and, with per-message
+    deflate off, uncompressed), decodes each event once with msgspec and records its latency.
+    It answers pings and records the server's close code.
+    """
+
+    def __init__(self, host: str, port: int, target: str, channels: list[str], tally: _Tally):
+        self._request = (
+            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}"
+            "\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self._subscribe = json.dumps({"op": "subscribe", "channels": channels}).encode()
+        self._tally = tally
+        self._buf = bytearray()
+        self._open = False
+        self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self._request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.subscribed.done():
+            self.subscribed.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        # Client frames must be masked (RFC 6455 5.3).
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, 0x80 | n])
+        elif n < 65536:
+            head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+        key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+        masked = (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big") if n else b""
+        assert self.transport is not None
+        self.transport.write(head + mask + masked)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        if not self._open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            if b" 101 " not in status:
+                self.subscribed.set_exception(ConnectionError(status.decode(errors="replace")))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            del buf[: end + 4]
+            self._open = True
+            self._send(0x1, self._subscribe)
+        tally = self._tally
+        pos, n = 0, len(buf)
+        while n - pos >= 2:
+            b0, ln = buf[pos], buf[pos + 1] & 0x7F
+            hdr = 2
+            if ln == 126:
+                if n - pos < 4:
+                    break
+                ln, hdr = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif ln == 127:
+                if n - pos < 10:
+                    break
+                ln, hdr = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if n - pos < hdr + ln:
+                break
+            payload = bytes(buf[pos + hdr : pos + hdr + ln])
+            pos += hdr + ln
+            opcode = b0 & 0x0F
+            if opcode == 0x1:
+                if self.subscribed.done():
+                    now = time.time_ns()
+                    t = _decode_frame(payload).data.t
+                    if tally.t_measure_ns <= t < tally.t_end_ns:
+                        tally.received += 1
+                        tally.latencies.append(now - t)
+                    else:
+                        tally.outside += 1
+                elif b'"subscribed"' in payload:
+                    self.subscribed.set_result(None)
+                else:
+                    self.subscribed.set_exception(RuntimeError(payload.decode()))
+            elif opcode == 0x9:
+                self._send(0xA, payload)
+            elif opcode == 0x8:
+                code = str(int.from_bytes(payload[:2], "big")) if len(payload) >= 2 else "none"
+                tally.closes[code] = tally.closes.get(code, 0) + 1
+                self._send(0x8, payload[:2])
+                assert self.transport is not None
+                self.transport.close()
+        del buf[:pos]
+
+
+async def _clients(
+    ws_url: str, key: str, conns: list[list[str]], timing: Any, ready: Any, go: Any
+) -> dict[str, Any]:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(ws_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    target = f"{url.path}?api_key={key}"
+    tally = _Tally()
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(200)
+
+    async def open_one(channels: list[str]) -> _FanoutSocket:
+        async with sem:
+            _, proto = await loop.create_connection(
+                lambda: _FanoutSocket(host, port, target, channels, tally), host, port
+            )
+            async with asyncio.timeout(120):
+                await proto.subscribed
+            return proto
+
+    sockets = await asyncio.gather(*(open_one(chs) for chs in conns))
+    ready.put(len(sockets))
+    await loop.run_in_executor(None, go.wait)
+    tally.t_measure_ns, tally.t_end_ns = int(timing[0]), int(timing[1])  # written before `go`
+    cpu0 = time.process_time()
+    # let the last messages of the window arrive, then stop
+    await asyncio.sleep(max(0.0, (tally.t_end_ns - time.time_ns()) / 1e9) + 2.0)
+    for proto in sockets:
+        if proto.transport is not None:
+            proto.transport.close()
+    return {
+        "cpu_s": time.process_time() - cpu0,
+        "received": tally.received,
+        "outside": tally.outside,
+        "latencies": tally.latencies,
+        "closes": tally.closes,
+    }
+
+
+def _publisher_proc(
+    redis_url: str, prefix: str, channels: int, rate: int, timing: Any, go: Any, out: Any
+) -> None:
+    """Publishes `rate` messages a second, round-robin over the channels, between the window's
+    start and end (read after `go`), each stamped with its publish time."""
+
+    async def main() -> int:
+        from engine.keys import Keys
+        from engine.notify import encode_message
+
+        keys = Keys(prefix)
+        r = aioredis.from_url(redis_url)
+        names = [(keys.quotes_channel(f"bench-{i}"), f"quotes:bench-{i}") for i in range(channels)]
+        pad = "x" * 120  # a quote-sized payload
+        sent = 0
+        tick_s = 0.002
+        per_tick = max(1, round(rate * tick_s))
+        i = 0
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        t_start_ns, t_end_ns = int(timing[2]), int(timing[1])
+        await asyncio.sleep(max(0.0, (t_start_ns - time.time_ns()) / 1e9))
+        next_tick = time.perf_counter()
+        try:
+            while time.time_ns() < t_end_ns:
+                async with r.pipeline(transaction=False) as pipe:
+                    for _ in range(per_tick):
+                        ch, ws = names[i % channels]
+                        pipe.publish(
+                            ch, encode_message(ws, {"t": time.time_ns(), "s": i, "p": pad})
+                        )
+                        i += 1
+                    await pipe.execute()
+                sent += per_tick
+                next_tick += tick_s
+                delay = next_tick - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        finally:
+            await r.aclose()
+        return sent
+
+    out.put(asyncio.run(main()))
+
+
+def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
+    redis_url = os.environ.get("MNEMO_REDIS_URL", DEFAULT_REDIS)
+    database_url = os.environ.get("MNEMO_DATABASE_URL", DEFAULT_DATABASE)
+    nofile = _raise_nofile()
+    need = args.connections + 1000
+    if nofile < need:
+        raise SystemExit(f"open-file limit {nofile} < {need}: raise `ulimit -n`")
+    if args.per_conn > args.channels:
+        raise SystemExit("--per-conn cannot exceed --channels")
+    with gateway(redis_url, database_url) as gw:
+
+        async def account() -> str:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+                return (await _signup(http, "user"))[1]
+
+        key = asyncio.run(account())
+        # connection c subscribes to channels c*per_conn .. (mod channels): equal subscribers each
+        conns = [
+            [
+                f"quotes:bench-{(c * args.per_conn + k) % args.channels}"
+                for k in range(args.per_conn)
+            ]
+            for c in range(args.connections)
+        ]
+        subs_per_channel = args.connections * args.per_conn / args.channels
+        ctx = mp.get_context("spawn")
+        ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        shares = [conns[i :: args.client_procs] for i in range(args.client_procs)]
+        # The measurement window is fixed once every socket is up, and read after `go`.
+        timing = ctx.Array("q", 3)  # measure start, end, publish start
+        procs = [
+            ctx.Process(target=_client_entry, args=(gw.ws_url, key, share, timing, ready, go, out))
+            for share in shares
+        ]
+        pub_out = ctx.Queue()
+        pub = ctx.Process(
+            target=_publisher_proc,
+            args=(redis_url, gw.prefix, args.channels, args.rate, timing, go, pub_out),
+        )
+        for p in [*procs, pub]:
+            p.start()
+        opened = sum(ready.get(timeout=300) for _ in procs)
+        t_start_ns = time.time_ns() + 300_000_000
+        t_measure_ns = t_start_ns + int(args.warmup * 1e9)
+        t_end_ns = t_measure_ns + int(args.seconds * 1e9)
+        timing[0], timing[1], timing[2] = t_measure_ns, t_end_ns, t_start_ns
+        cpu0 = _cpu_s(gw.pid)
+        go.set()
+        published = pub_out.get(timeout=args.warmup + args.seconds + 60)
+        cpu = _cpu_s(gw.pid) - cpu0
+        results = [out.get(timeout=120) for _ in procs]
+        for p in [*procs, pub]:
+            p.join(30)
+    received = sum(r["received"] for r in results)
+    lat_ms = [ns / 1e6 for r in results for ns in r["latencies"]]
+    closes: dict[str, int] = {}
+    for r in results:
+        for k, v in r["closes"].items():
+            closes[k] = closes.get(k, 0) + v
+    expected = args.rate * args.seconds * subs_per_channel
+    return {
+        "bench": "ws_fanout",
+        "connections": opened,
+        "subscriptions": args.connections * args.per_conn,
+        "channels": args.channels,
+        "subscribers_per_channel": subs_per_channel,
+        "publish_rate": args.rate,
+        "published_total": published,
+        "seconds": args.seconds,
+        "delivered_per_s": round(received / args.seconds),
+        "expected_per_s": round(expected / args.seconds),
+        "received_vs_expected": round(received / expected, 4) if expected else None,
+        "latency_ms_p50": round(_pct(lat_ms, 0.5), 2),
+        "latency_ms_p99": round(_pct(lat_ms, 0.99), 2),
+        "latency_ms_max": round(max(lat_ms), 2) if lat_ms else None,
+        "latency_ms_mean": round(statistics.fmean(lat_ms), 2) if lat_ms else None,
+        "closed_by_server": closes,
+        "received_outside_window": sum(r["outside"] for r in results),
+        "gateway_cpu_share": round(cpu / (args.warmup + args.seconds + 0.5), 2),
+        "gateway_cpu_us_per_frame": round(
+            cpu * 1e6 / max(1, received + sum(r["outside"] for r in results)), 2
+        ),
+        "clients_cpu_share": round(
+            sum(r["cpu_s"] for r in results) / (args.warmup + args.seconds + 2.5), 2
+        ),
+        "client_procs": args.client_procs,
+    }
+
+
+def _client_entry(
+    ws_url: str, key: str, conns: list[list[str]], timing: Any, ready: Any, go: Any, out: Any
+) -> None:
+    """One client process: opens its sockets, subscribes, receives until the end, reports."""
+    _raise_nofile()
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    out.put(asyncio.run(_clients(ws_url, key, conns, timing, ready, go)))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load_ws", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="what", required=True)
+    hb = sub.add_parser("heartbeats")
+    fo = sub.add_parser("fanout")
+    both = sub.add_parser("all")
+    for p in (hb, fo, both):
+        p.add_argument("--seconds", type=float, default=10.0)
+        p.add_argument("--warmup", type=float, default=2.0)
+        p.add_argument("--repeat", type=int, default=1, help="runs; the median is reported too")
+    for p in (hb, both):
+        p.add_argument("--owners", type=int, default=8)
+        p.add_argument("--nodes", type=int, default=2000, help="nodes per owner")
+        p.add_argument("--batch", type=int, default=500)
+        p.add_argument("--inflight", type=int, default=4)
+    for p in (fo, both):
+        p.add_argument("--connections", type=int, default=1000)
+        p.add_argument("--per-conn", type=int, default=10)
+        p.add_argument("--channels", type=int, default=100)
+        p.add_argument("--rate", type=int, default=1000, help="messages published per second")
+        p.add_argument("--client-procs", type=int, default=1)
+    args = parser.parse_args(argv)
+    runs = []
+    for _ in range(args.repeat):
+        if args.what in ("heartbeats", "all"):
+            runs.append(run_heartbeats(args))
+            print(json.dumps(runs[-1]), flush=True)
+        if args.what in ("fanout", "all"):
+            runs.append(run_fanout(args))
+            print(json.dumps(runs[-1]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
