@@ -136,6 +136,8 @@ MAX_FALL_THROUGH = 8
 """Reserves one bid tries, one after another, after losing a race in a batch; then it waits for
 the next pass."""
 SETTLE_CONCURRENCY = 32
+YIELD_EVERY = 500
+"""Bids planned between two yields to the event loop in a long crossing pass."""
 FAILOVER_K = 16
 SCRIPT_LIMIT = 500
 """Page size of the list-returning scripts (expire, due, stale)."""
@@ -247,7 +249,8 @@ class Engine:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve regions until `stop` is set; cleans up on return and on cancellation."""
         await self.market.load_scripts()
-        warm_up()  # compile or load the Numba kernels now, not in the first crossing
+        # compile (or load) the Numba kernels now, not in the first crossing
+        await asyncio.to_thread(warm_up)
         publisher = asyncio.create_task(self.publisher.run(), name="mnemo-engine-publisher")
         try:
             while not stop.is_set():
@@ -707,39 +710,46 @@ class RegionWorker:
     async def _fail_over(self, contract: Contract, node: Node | None, now_ms: int) -> None:
         """Move the contract to the best other node that can hold it, else fail it pro-rated."""
         remaining_s = successor_duration_s(contract, now_ms)
-        if remaining_s > 0:
-            cap = contract.max_price_pusd or contract.price_pusd
-            req = MatchRequest(
-                ram_gb=contract.ram_gb,
-                vram_gb=contract.vram_gb,
-                duration_s=remaining_s,
-                max_price_pusd=cap,
-                lat=node.lat if node is not None else None,
-                lng=node.lng if node is not None else None,
-                prefer_local=True,
-                region=self.region,
-                limit=FAILOVER_K,
-            )
-            for match in rank(self.book, req, now_ms, FAILOVER_K + 1):
-                if match.node_id == contract.node_id:
-                    continue
-                try:
-                    _old, new = await self.market.failover(
-                        contract.contract_id, match.node_id, now_ms
-                    )
-                except _LOST_RACE:
-                    continue
-                except _GONE:
-                    return  # settled or moved meanwhile
-                self._debit(new.node_id, new.ram_gb, new.vram_gb)
-                log.info(
-                    "region %s: contract %s failed over from %s to %s",
-                    self.region,
-                    contract.contract_id,
-                    contract.node_id,
-                    new.node_id,
+        if remaining_s <= 0:
+            # its whole term is served (the node died as it ended): that is a completion
+            with contextlib.suppress(*_GONE):
+                await self.market.settle(contract.contract_id, 0, now_ms)
+            return
+        cap = contract.max_price_pusd or contract.price_pusd
+        req = MatchRequest(
+            ram_gb=contract.ram_gb,
+            vram_gb=contract.vram_gb,
+            duration_s=remaining_s,
+            max_price_pusd=cap,
+            lat=node.lat if node is not None else None,
+            lng=node.lng if node is not None else None,
+            prefer_local=True,
+            region=self.region,
+            limit=FAILOVER_K,
+        )
+        for match in rank(self.book, req, now_ms, FAILOVER_K + 1):
+            if match.node_id == contract.node_id:
+                continue
+            try:
+                _old, new = await self.market.failover(contract.contract_id, match.node_id, now_ms)
+            except _LOST_RACE:
+                continue
+            except _GONE:
+                return  # settled or moved meanwhile
+            except MarketError as exc:
+                log.warning(
+                    "region %s: failover to %s refused: %s", self.region, match.node_id, exc
                 )
-                return
+                continue
+            self._debit(new.node_id, new.ram_gb, new.vram_gb)
+            log.info(
+                "region %s: contract %s failed over from %s to %s",
+                self.region,
+                contract.contract_id,
+                contract.node_id,
+                new.node_id,
+            )
+            return
         try:
             await self.market.fail_contract(contract.contract_id, now_ms)
             log.info(
@@ -791,9 +801,11 @@ class RegionWorker:
             return
         candidates.sort(key=bid_priority)
         batch: list[tuple[Bid, Fill]] = []
-        for bid in candidates:
+        for i, bid in enumerate(candidates):
             if bid.max_price_pusd < best_ask:
                 break  # every later bid has a lower cap still
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a long pass lets the other regions' loops run
             if not self.lease.valid() or not self._running():
                 return
             for fill in self._plan(bid, now_ms, ()):
