@@ -144,3 +144,30 @@ def test_default_path_is_never_the_working_directory(tmp_path: Path) -> None:
         default_config_path({"MNEMO_AGENT_CONFIG": str(tmp_path / "x.json")}) == tmp_path / "x.json"
     )
     assert default_config_path({}).parent.parent == Path.home() / ".config"
+
+
+def test_init_writes_a_valid_config_from_flags(tmp_path: Path) -> None:
+    """`mnemo-agent init` with flags writes a file `run` can load; missing flags exit 2."""
+    from agent.cli import main
+
+    path = tmp_path / "cfg" / "node.json"
+    common = ["--config", str(path), "init", "--no-input"]
+    assert main([*common, "--api-url", "http://127.0.0.1:8000", "--api-key", "k"]) == 2
+    assert not path.exists()
+    flags = [
+        "--api-url", "http://127.0.0.1:8000", "--api-key", "mk_test", "--name", "Bob_3090",
+        "--region", "us-west-1", "--lat", "37.77", "--lng", "-122.42", "--price", "0.0000009",
+        "--max-vram-gb", "12", "--idle-schedule", "11pm-7am", "--timezone", "America/Los_Angeles",
+    ]  # fmt: skip
+    assert main([*common, *flags]) == 0
+    cfg = load_config(path, env={})
+    assert (cfg.name, cfg.region, cfg.max_vram_gb, cfg.node_type) == (
+        "Bob_3090",
+        "us-west-1",
+        12,
+        "mist_node",
+    )
+    assert cfg.schedule.is_idle(0) and not cfg.schedule.is_idle(12 * 60)
+    assert main([*common, *flags]) == 2  # exists: --force needed
+    assert main([*common, *flags, "--force", "--price", "-1"]) == 2  # invalid: file untouched
+    assert load_config(path, env={}).price_per_gb_sec == pytest.approx(0.0000009)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import socket
 import time
 import uuid
@@ -18,10 +19,11 @@ import uvicorn
 from agent.client import Gateway, GatewaySocket
 from agent.config import AgentConfig, save_config
 from agent.detect import GpuProbe, MachineReading
-from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet
+from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet, run_fleet
 from agent.runner import NodeAgent
 from engine.keys import Keys
 from engine.settings import Settings
+from scripts.renter_bot import RenterBot
 from tests.agent.test_agent_detect import FakeNVML, _gpu
 
 
@@ -376,3 +378,93 @@ async def test_fleet_registers_and_beats_within_the_rate_limit(
     assert listed["total_count"] == 40
     assert all(n["last_heartbeat_ms"] > 0 for n in listed["nodes"])
     assert {n["region"] for n in listed["nodes"]} >= {"us-east-2"}
+
+
+async def test_simulate_signs_up_registers_and_resumes_from_its_state(
+    exchange: Exchange, tmp_path: Path
+) -> None:
+    """`--simulate N` signs up its own provider, registers N nodes and beats them; restarted
+    with the same state file it resumes the same nodes instead of registering new ones."""
+    state = tmp_path / "fleet.json"
+
+    async def run_until(condition: Callable[[Gateway], Awaitable[bool]]) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            run_fleet(
+                exchange.url,
+                12,
+                stop=stop,
+                seed=5,
+                interval_s=1.0,
+                min_gap_s=0.5,
+                churn=False,
+                reprice_per_beat=0.0,
+                state_path=state,
+            )
+        )
+        try:
+            await eventually(lambda: state.exists() or task.done(), "the fleet registered")
+            key = json.loads(state.read_text())["api_key"]
+            async with Gateway(exchange.url, key) as owner:
+                await eventually(lambda: condition(owner), "the fleet is live", 60)
+        finally:
+            stop.set()
+            await task
+
+    seen: dict[str, int] = {}
+
+    async def all_beating(owner: Gateway) -> bool:
+        listed = await owner.request("GET", "/api/nodes", params={"mine": "true"})
+        seen.update({n["node_id"]: n["last_heartbeat_ms"] for n in listed["nodes"]})
+        return listed["total_count"] == 12 and all(n["last_heartbeat_ms"] for n in listed["nodes"])
+
+    await run_until(all_beating)
+    first = dict(seen)
+
+    async def beating_again(owner: Gateway) -> bool:
+        listed = await owner.request("GET", "/api/nodes", params={"mine": "true"})
+        assert listed["total_count"] == 12  # resumed, not registered anew
+        return all(n["last_heartbeat_ms"] > first[n["node_id"]] for n in listed["nodes"])
+
+    await run_until(beating_again)
+
+
+async def test_renter_bot_takes_contracts_on_a_simulated_fleet(
+    exchange: Exchange, account: Account
+) -> None:
+    """The demo renter bot, against a small fleet and the engine, takes contracts (RFQ) and
+    places bids, so a newcomer sees fills."""
+    await exchange.start_engine()
+    provider = await account("provider")
+    nodes = make_fleet(20, seed=11, regions=["us-east-2"])
+    ids = await register_fleet(provider, nodes, concurrency=4)
+    fleet = Fleet(nodes, ids, seed=11, churn=False)
+    stop = asyncio.Event()
+    driver = asyncio.create_task(
+        drive_fleet(
+            fleet,
+            api_url=exchange.url,
+            api_key=provider.api_key or "",
+            stop=stop,
+            interval_s=1.0,
+            min_gap_s=0.5,
+            tick_s=0.1,
+        )
+    )
+    renter = await account("user")
+    bot = RenterBot(
+        renter, rng=random.Random(3), rate_per_min=600, budget_usd=1000, regions=["us-east-2"]
+    )
+    bot_task = asyncio.create_task(bot.run(stop))
+    try:
+        await eventually(
+            lambda: bot.counts.get("contracts", 0) >= 2 and bot.counts.get("bids", 0) >= 1,
+            "the bot took contracts and placed a bid",
+            60,
+        )
+        listed = await renter.request("GET", "/api/contracts")
+        assert listed["total_count"] >= 2
+        assert all(c["node_id"] in set(ids) for c in listed["contracts"])
+    finally:
+        stop.set()
+        await asyncio.gather(driver, bot_task)
