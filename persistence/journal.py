@@ -830,6 +830,8 @@ def _pg_transient(exc: BaseException) -> bool:
             OSError,
             asyncio.TimeoutError,
             asyncpg.InterfaceError,
+            # A connection cut in the middle of a COPY is left in a state asyncpg refuses.
+            asyncpg.exceptions.InternalClientError,
             asyncpg.PostgresConnectionError,
             asyncpg.exceptions.OperatorInterventionError,
             asyncpg.exceptions.InsufficientResourcesError,
@@ -1390,6 +1392,8 @@ class _Worker:
             await self._with_redis("region discovery", self._refresh_regions)
         if self._due("partitions", _PARTITIONS_EVERY_S):
             await self._with_pg("partition maintenance", self._maintain_partitions)
+        if self._due("gaps", _GAP_CHECK_S):
+            await self._with_pg("gap check", self._check_gaps)
         while self.catch_up and not self.stop.is_set():
             regions = sorted(self.catch_up)
             self.catch_up.clear()
@@ -1406,8 +1410,6 @@ class _Worker:
             regions = sorted(self.dirty_clusters)
             self.dirty_clusters.clear()
             await self._with_pg("clusters", lambda c: refresh_clusters(c, regions))
-        if self._due("gaps", _GAP_CHECK_S):
-            await self._with_pg("gap check", self._check_gaps)
         if self._due("blocked", _BLOCKED_RETRY_S):
             await self._with_pg("blocked regions", self._retry_blocked)
 
