@@ -2,7 +2,8 @@
 
 Connect with credentials (`Authorization: Bearer <jwt|api key>`, `X-API-Key`, or `?token=` /
 `?api_key=`); without valid ones the handshake is refused before accept (close code 4401, which the
-server sends as HTTP 403). A socket opened with a JWT is closed with 4401 when the token expires.
+server sends as HTTP 403). A socket opened with a JWT is closed with 4401 when the token expires;
+one opened with an API key is closed with 4401 within `reauth_interval_s` of the key's revocation.
 
 Client -> server (JSON text or binary frames, at most `max_message_bytes`):
     {"op": "subscribe",   "channels": [...]}     -> {"type": "subscribed",   "channels": [...]}
@@ -105,6 +106,9 @@ class WsOptions(msgspec.Struct, frozen=True, kw_only=True):
     subscribe_timeout_s: float = 5.0
     close_timeout_s: float = 5.0
     """How long a close waits for a socket whose send buffer is full."""
+    reauth_interval_s: float = 60.0
+    """How often a socket opened with an API key checks that the key is still valid (a revoked
+    key closes its sockets with 4401 within this time). JWT sockets close at the token's expiry."""
 
 
 class WsServices:
@@ -319,19 +323,22 @@ class _Session:
         loop = asyncio.get_running_loop()
         reader = asyncio.create_task(self._read_loop(), name=f"ws-read {self.sub.name}")
         writer = asyncio.create_task(self._write_loop(), name=f"ws-write {self.sub.name}")
+        tasks = [reader, writer]
         deadline = None
         if self.principal.expires_ms is not None:
             delay_s = max(0.0, (self.principal.expires_ms - _now_ms()) / 1000)
             deadline = loop.call_later(delay_s, self.finish, CLOSE_AUTH, "token expired")
+        if self.principal.via == "api_key":
+            tasks.append(asyncio.create_task(self._recheck_key(), name=f"ws-auth {self.sub.name}"))
         try:
             await self._done.wait()
         finally:
             if deadline is not None:
                 deadline.cancel()
             self.hub.detach(self.sub)
-            for task in (reader, writer):
+            for task in tasks:
                 task.cancel()
-            for task in (reader, writer):
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await asyncio.shield(self._close())
@@ -345,6 +352,19 @@ class _Session:
                 await self.ws.close(code=self._close_code, reason=self._close_reason)
         except (TimeoutError, WebSocketDisconnect, OSError, RuntimeError) as exc:
             log.debug("closing %s: %r", self.sub.name, exc)
+
+    async def _recheck_key(self) -> None:
+        interval_s = self.services.options.reauth_interval_s
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await authenticate(self.ws)
+            except Unauthorized:
+                self.finish(CLOSE_AUTH, "credentials revoked")
+                return
+            except Exception as exc:
+                # An outage of the accounts database is not the client's fault: keep serving.
+                log.warning("re-checking the key of %s failed: %r", self.sub.name, exc)
 
     async def _write_loop(self) -> None:
         queue = self.sub.queue

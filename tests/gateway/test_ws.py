@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import jwt
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 import uvicorn
@@ -168,6 +169,18 @@ async def test_socket_closes_with_4401_when_its_jwt_expires(live: Live) -> None:
     other = await live.socket(user)
     assert (await request(other, {"op": "ping"}))["type"] == "pong"
     await other.close()
+
+
+async def test_socket_closes_with_4401_when_its_api_key_is_revoked(live: Live) -> None:
+    """Revoking the key a socket was opened with closes it (4401) at the next re-check."""
+    services = live.state["ws"]
+    services.options = msgspec.structs.replace(services.options, reauth_interval_s=0.05)
+    user = await signup(live.gw, "user")
+    ws = await live.socket(user)
+    assert (await request(ws, {"op": "ping"}))["type"] == "pong"
+    r = await live.gw.client.delete(f"/api/auth/api-keys/{user.key_id}", headers=user.headers)
+    assert r.status_code == 200, r.text
+    assert await closed_with(ws) == 4401
 
 
 # ---------------------------------------------------------------------------------------------
