@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -468,3 +471,84 @@ async def test_renter_bot_takes_contracts_on_a_simulated_fleet(
     finally:
         stop.set()
         await asyncio.gather(driver, bot_task)
+
+
+class _NoSocketAgent(NodeAgent):
+    """An agent whose WebSocket never comes up (a proxy that blocks upgrades, say)."""
+
+    async def _connection_loop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+
+async def test_heartbeats_fall_back_to_http_without_a_socket(
+    exchange: Exchange, account: Account
+) -> None:
+    """Without a WebSocket the agent heartbeats over `POST /api/nodes/{id}/heartbeat` and learns
+    the exchange's view of its capacity from the replies."""
+    provider = await account("provider")
+    agent = _NoSocketAgent(
+        _config(exchange.url, provider.api_key or ""), None, gpus=_probe(), sample=_steady
+    )
+    async with running(agent):
+        await eventually(lambda: agent.beats_sent >= 2, "heartbeats over HTTP")
+        assert not agent.connected.is_set()
+        reply = agent.last_reply
+        assert reply is not None and reply["status"] == "ok"
+        assert (reply["offered_ram_gb"], reply["offered_vram_gb"]) == (4, 20)
+        assert agent.server_min_interval_s == pytest.approx(0.2)
+
+
+async def test_cli_run_registers_and_sigterm_sets_maintenance(
+    exchange: Exchange, account: Account, tmp_path: Path
+) -> None:
+    """`mnemo-agent run` in its own process registers (node_id written to its config file) and
+    on SIGTERM marks the node as in maintenance and exits 0; `status --json` then shows it."""
+    provider = await account("provider")
+    path = tmp_path / "node_config.json"
+    save_config(path, _config(exchange.url, provider.api_key or "", heartbeat_interval=5.0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMO_AGENT_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "run",
+        "--config",
+        str(path),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await eventually(lambda: "node_id" in json.loads(path.read_text()), "registered", 60)
+        node_id = json.loads(path.read_text())["node_id"]
+        await eventually(
+            lambda: _last_heartbeat(provider, node_id), "the first heartbeat arrived", 60
+        )
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, output.decode()
+    assert (await provider.get_node(node_id))["status"] == "maintenance"
+    status = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "status",
+        "--json",
+        "--config",
+        str(path),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    shown, _ = await asyncio.wait_for(status.communicate(), 60)
+    assert status.returncode == 0
+    report = json.loads(shown)
+    assert report["node"]["node_id"] == node_id and report["node"]["status"] == "maintenance"
+    assert report["config"]["api_key"].endswith("***")
+
+
+async def _last_heartbeat(who: Gateway, node_id: str) -> bool:
+    return bool((await who.get_node(node_id))["last_heartbeat_ms"])
