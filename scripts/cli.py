@@ -181,7 +181,7 @@ def _cmd_servers(args: argparse.Namespace) -> int:
     want_postgres = settings.database_url is None
     if not (want_redis or want_postgres):
         raise StartupError("MNEMO_REDIS_URL and MNEMO_DATABASE_URL are both set: nothing to start")
-    with _stop_on_sigterm(), _embedded(settings, want_redis, want_postgres) as urls:
+    with _stop_on_signals(), _embedded(settings, want_redis, want_postgres) as urls:
         redis_url, database_url = urls
         if args.migrate and database_url:
             _migrate(database_url)
@@ -259,7 +259,7 @@ def _cmd_rebuild_live(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     _check_port_free(settings)
-    with _stop_on_sigterm():
+    with _stop_on_signals():
         try:
             return _up(settings, args)
         except KeyboardInterrupt:
@@ -497,17 +497,25 @@ def _run_until_signal(run: Callable[[asyncio.Event], Awaitable[Any]]) -> None:
 
 
 @contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt), so every `finally` runs."""
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt, so every `finally` runs.
+
+    SIGINT explicitly too: a shell starting us in the background hands us SIGINT ignored, and
+    a supervisor must still stop on `kill -INT`.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, handler),
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _command(spec: ProcessSpec) -> ProcessSpec:
