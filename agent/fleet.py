@@ -652,10 +652,14 @@ class _Shard:
                     "virtual node %s: %s; no longer simulated", result.node_id, result.outcome
                 )
 
-    async def beat_loop(self, stop: asyncio.Event, idle_of: Callable[[], list[bool]]) -> None:
+    async def beat_loop(
+        self, stop: asyncio.Event, idle_of: Callable[[], list[bool]], phase: float = 0.0
+    ) -> None:
+        """Send this shard's due beats every tick; `phase` (0..1) offsets its ticks so that
+        shards do not all send at the same instant."""
         fleet, stats, wheel = self.fleet, self.stats, self.wheel
         slots = len(wheel)
-        start = time.monotonic()
+        start = time.monotonic() + phase * self.tick_s
         tick = 0
         while not stop.is_set():
             target = start + tick * self.tick_s
@@ -819,7 +823,10 @@ async def drive_fleet(
         tasks.append(asyncio.create_task(link.run(stop), name=link.name))
     for shard in shards:
         tasks.append(
-            asyncio.create_task(shard.beat_loop(stop, idle_of), name=f"fleet-hb-{shard.number}")
+            asyncio.create_task(
+                shard.beat_loop(stop, idle_of, shard.number / len(shards)),
+                name=f"fleet-hb-{shard.number}",
+            )
         )
     if gateway is not None and fleet.reprice_per_beat:
         tasks.append(
