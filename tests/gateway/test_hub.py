@@ -250,3 +250,23 @@ async def test_stop_drops_every_subscriber(redis: aioredis.Redis, keys: Keys) ->
     await h.stop()
     assert drops == ["shutdown"]
     assert h.subscriber_count() == 0
+
+
+async def test_subscribe_right_after_the_last_unsubscribe_is_live(
+    hub: Hub, redis: aioredis.Redis, keys: Keys
+) -> None:
+    """SUBSCRIBE/UNSUBSCRIBE/SUBSCRIBE of one channel in quick succession: whatever is published
+    after the last subscribe() returns is delivered."""
+    ch = keys.quotes_channel("churn")
+    for i in range(20):
+        first = hub.attach(f"first{i}")
+        await hub.subscribe(first, [(ch, "quotes:churn")])
+        hub.detach(first)
+        for _ in range(i % 4):  # let the unsubscriber get to (or not yet to) its UNSUBSCRIBE
+            await asyncio.sleep(0)
+        c = Consumer(hub, f"second{i}")
+        await hub.subscribe(c.sub, [(ch, "quotes:churn")])
+        await redis.publish(ch, encode_message("quotes:churn", {"i": i}))
+        assert [m["data"]["i"] for m in await c.wait_for(1)] == [i]
+        hub.detach(c.sub)
+        await c.close()
