@@ -380,9 +380,10 @@ class NodeAgent:
                 left = self.schedule.minutes_until_change(minute)
                 until = f" for {left // 60}h{left % 60:02d}" if left is not None else ""
                 log.info(
-                    "%s idle window (%s)%s",
-                    "inside" if idle else "outside: offering nothing,",
+                    "%s the idle schedule '%s': %s%s",
+                    "inside" if idle else "outside",
                     self.config.idle_schedule,
+                    "lending" if idle else "offering nothing",
                     until,
                 )
             self._idle = idle
