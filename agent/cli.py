@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -338,7 +339,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     node = report.get("node")
     if node:
-        print(f"status      {node['status']}, last heartbeat ms {node['last_heartbeat_ms']}")
+        last_ms = node["last_heartbeat_ms"]
+        ago = f"{max(0.0, time.time() - last_ms / 1000):.0f} s ago" if last_ms else "never"
+        print(f"status      {node['status']}, last heartbeat {ago}")
         print(
             f"capacity    offered {node['offered_ram_gb']} GB RAM + {node['offered_vram_gb']} GB VRAM, "
             f"leased {node['reserved_ram_gb']} + {node['reserved_vram_gb']}, "
