@@ -42,7 +42,7 @@ from agent.client import (
     GatewayUnavailable,
     retrying,
 )
-from agent.config import AgentConfig, save_node_id
+from agent.config import AgentConfig, ConfigError, save_node_id
 from agent.detect import GpuProbe, MachineReading, read_machine, system_metadata
 from agent.leases import LeaseBook, available_gb
 
@@ -168,6 +168,7 @@ class NodeAgent:
             await self._ensure_registered(stop)
             registered = True
             connection = asyncio.create_task(self._connection_loop(stop), name="agent-ws")
+            connection.add_done_callback(_log_failure)
             await self._heartbeat_loop(stop)
         except asyncio.CancelledError:
             if not stop.is_set():
@@ -203,10 +204,8 @@ class NodeAgent:
                         "the exchange does not know node %s; registering anew", self.node_id
                     )
                     self.node_id = None
-                elif exc.status in (401, 403):
-                    raise AgentStopped(f"node {self.node_id}: {exc}") from None
                 else:
-                    raise
+                    raise AgentStopped(f"node {self.node_id}: {exc}") from None
             else:
                 await self._resume(node, stop)
                 return
@@ -232,7 +231,14 @@ class NodeAgent:
         self.node_id = node_id
         self.server_interval_s = float(node.get("heartbeat_interval_sec") or 0) or None
         if self.config_path is not None:
-            save_node_id(self.config_path, node_id)
+            try:
+                save_node_id(self.config_path, node_id)
+            except (OSError, ConfigError) as exc:
+                # Going on would register this machine again at the next start.
+                raise AgentStopped(
+                    f"registered node {node_id} but could not record it in "
+                    f'{self.config_path} ({exc}); add "node_id": "{node_id}" to the file'
+                ) from None
             log.info("registered node %s (saved to %s)", node_id, self.config_path)
         else:
             log.info("registered node %s", node_id)
@@ -485,6 +491,13 @@ class NodeAgent:
     async def _reconnect(self) -> None:
         if self._socket is not None:
             await self._socket.close()  # the connection loop reconnects with the new node id
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    # Nobody awaits the socket task until shutdown: say at once if it died (heartbeats go on
+    # over HTTP, but notices stop).
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("the gateway socket task failed; contract notices stop", exc_info=exc)
 
 
 def _outcome_of(exc: ApiError) -> str:
