@@ -87,6 +87,8 @@ _MARGIN_KM = 1e-3  # far above the ~1e-11 km float error of either distance form
 _STATUSES: tuple[str, ...] = ("active", "maintenance", "offline", "deactivated")
 _MIST = NODE_TYPES.index("mist_node")
 _NO_EXPIRY = np.iinfo(np.int64).max
+_JSON = msgspec.json.Encoder()
+_META_DECODER = msgspec.json.Decoder(dict[str, str])
 
 
 class MatchRequest(msgspec.Struct, kw_only=True):
@@ -276,9 +278,19 @@ def _chord2(distance_km: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Columns
 
+
+def _liveness(status: str, ask_expires_ms: int) -> tuple[int, float]:
+    """(_I_LIVE_UNTIL, _H_LIVE): one comparison with `now` answers "active and ask not expired"."""
+    if status != "active":
+        return -1, -math.inf
+    if ask_expires_ms > 0:
+        return ask_expires_ms, float(ask_expires_ms)
+    return _NO_EXPIRY, math.inf
+
+
 # float64 columns
-_F_PRICE, _F_UPTIME, _F_LAT, _F_LNG, _F_UX, _F_UY, _F_UZ, _F_LATENCY = range(8)
-_NF = 8
+_F_PRICE, _F_UPTIME, _F_LAT, _F_LNG, _F_UX, _F_UY, _F_UZ, _F_LATENCY, _F_HB_INTERVAL = range(9)
+_NF = 9
 # int64 columns
 (
     _I_AVAIL_RAM,
@@ -297,8 +309,13 @@ _NF = 8
     _I_PRICE_PUSD,
     _I_BANDWIDTH,
     _I_LAST_HB,
-) = range(16)
-_NI = 16
+    _I_TOTAL_RAM,
+    _I_TOTAL_VRAM,
+    _I_REPUTATION,
+    _I_EGRESS_PUSD,
+    _I_CREATED,
+) = range(21)
+_NI = 21
 # float32 copies of every field a filter or the score reads, for the bound pass (never used for a
 # score). Rounding to nearest is monotone, so `x >= y` implies `f32(x) >= f32(y)`: a filter
 # applied to the copies never drops a row the exact filter keeps. _H_LIVE is +inf for an active
@@ -318,8 +335,10 @@ _NI = 16
 ) = range(11)
 _NH = 11
 # columns of the result table after the 7 score/distance ones (ints < 2**53: exact as floats)
-_T_PRICE_PUSD, _T_AVAIL_RAM, _T_AVAIL_VRAM, _T_UPTIME, _T_LATENCY, _T_ARRIVAL = range(7, 13)
-_NT = 13
+_T_PRICE_PUSD, _T_AVAIL_RAM, _T_AVAIL_VRAM, _T_UPTIME, _T_LATENCY, _T_ARRIVAL, _T_TYPE = range(
+    7, 14
+)
+_NT = 14
 _BLOCK = 256
 _BOUND_SLACK_KM = 0.05  # > 10x the float32 chord error (~4 m)
 _BOUND_MARGIN = 0.05  # score points; > 1000x the float32 error of the bound
@@ -332,9 +351,25 @@ class AskBook:
     heartbeat); the kernels filter. Row order is arbitrary (swap-remove); ties never depend on
     it. Not thread-safe: one owner applies events and ranks (the asyncio loop of a process).
     `version` increases with every change, for callers that cache results.
+
+    The book holds nothing Python's cyclic GC must walk: arrays, and dicts of strings and ints
+    only (CPython leaves such dicts untracked; metadata is kept as JSON bytes). A million Node
+    objects made every full collection take 0.7 s, and lists of a million scattered strings
+    0.3 s: a pause for whatever request was running. `node()` builds a Node on demand.
     """
 
-    __slots__ = ("_f", "_h", "_i", "_ids", "_nodes", "_row", "region", "version")
+    __slots__ = (
+        "_f",
+        "_h",
+        "_i",
+        "_id_at",
+        "_meta",
+        "_name",
+        "_owner",
+        "_row",
+        "region",
+        "version",
+    )
 
     def __init__(self, region: str, capacity: int = 1024) -> None:
         self.region = region
@@ -342,86 +377,110 @@ class AskBook:
         self._f = np.zeros((_NF, capacity), dtype=np.float64)
         self._i = np.zeros((_NI, capacity), dtype=np.int64)
         self._h = np.zeros((_NH, capacity), dtype=np.float32)
-        self._ids: list[str] = []
-        self._nodes: list[Node] = []  # static fields; dynamic ones live in the columns
-        self._row: dict[str, int] = {}
+        self._row: dict[str, int] = {}  # node id -> row
+        self._id_at: dict[int, str] = {}  # row -> node id
+        self._name: dict[str, str] = {}  # node id -> name
+        self._owner: dict[str, str] = {}  # node id -> owner id
+        self._meta: dict[str, bytes] = {}  # node id -> metadata JSON, when not empty
         self.version = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._row)
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._row
 
     def node_ids(self) -> list[str]:
-        return list(self._ids)
+        return [self._id_at[row] for row in range(len(self._row))]
 
     def node(self, node_id: str) -> Node | None:
-        """The node as the book sees it now (static fields plus current columns)."""
+        """The node as the book sees it now."""
         row = self._row.get(node_id)
         return None if row is None else self._materialise(row)
 
     def nodes(self) -> list[Node]:
-        return [self._materialise(row) for row in range(len(self._ids))]
+        return [self._materialise(row) for row in range(len(self._row))]
 
     def upsert(self, node: Node) -> None:
         """Insert or replace a node (the whole node, as in NodeRegistered/NodeUpdated)."""
         if node.region != self.region:
             raise ValueError(f"node {node.node_id} is in {node.region}, not {self.region}")
-        row = self._row.get(node.node_id)
+        node_id = node.node_id
+        row = self._row.get(node_id)
         if row is None:
-            row = len(self._ids)
+            row = len(self._row)
             if row == self._f.shape[1]:
                 self._grow()
-            self._ids.append(node.node_id)
-            self._nodes.append(node)
-            self._row[node.node_id] = row
+            self._row[node_id] = row
+            self._id_at[row] = node_id
+        self._name[node_id] = node.name
+        self._owner[node_id] = node.owner_id
+        if node.metadata:
+            self._meta[node_id] = _JSON.encode(node.metadata)
         else:
-            self._nodes[row] = node
-        f, i = self._f, self._i
-        f[_F_PRICE, row] = float(node.price_pusd)
-        f[_F_UPTIME, row] = node.uptime_score
-        h = self._h
-        h[_H_PRICE, row] = node.price_pusd
-        h[_H_UPTIME, row] = node.uptime_score
-        h[_H_TYPE, row] = NODE_TYPES.index(node.node_type)
-        h[_H_MIN_DUR, row] = node.min_duration_s
-        h[_H_MAX_DUR, row] = node.max_duration_s
-        f[_F_LATENCY, row] = node.base_latency_ms
-        i[_I_MIN_DUR, row] = node.min_duration_s
-        i[_I_MAX_DUR, row] = node.max_duration_s
-        i[_I_TYPE, row] = NODE_TYPES.index(node.node_type)
-        i[_I_ARRIVAL, row] = node.arrival_seq
-        i[_I_PRICE_PUSD, row] = node.price_pusd
-        i[_I_BANDWIDTH, row] = node.bandwidth_mbps
-        i[_I_LAST_HB, row] = node.last_heartbeat_ms
-        i[_I_EXPIRES, row] = node.ask_expires_ms
-        self._set_location(row, node.lat, node.lng)
-        self._set_capacity(
-            row,
-            node.offered_ram_gb,
-            node.offered_vram_gb,
-            node.reserved_ram_gb,
-            node.reserved_vram_gb,
-        )
-        self._set_status(row, node.status)
+            self._meta.pop(node_id, None)
+        node_type = NODE_TYPES.index(node.node_type)
+        ux, uy, uz = _unit_vector(node.lat, node.lng)
+        avail_ram = max(0, node.offered_ram_gb - node.reserved_ram_gb)
+        avail_vram = max(0, node.offered_vram_gb - node.reserved_vram_gb)
+        live_until, live32 = _liveness(node.status, node.ask_expires_ms)
+        # whole columns of the row at once: one conversion each instead of a numpy call per field
+        f = [0.0] * _NF
+        f[_F_PRICE] = float(node.price_pusd)
+        f[_F_UPTIME] = node.uptime_score
+        f[_F_LAT], f[_F_LNG] = node.lat, node.lng
+        f[_F_UX], f[_F_UY], f[_F_UZ] = ux, uy, uz
+        f[_F_LATENCY] = node.base_latency_ms
+        f[_F_HB_INTERVAL] = node.heartbeat_interval_s
+        self._f[:, row] = f
+        i = [0] * _NI
+        i[_I_AVAIL_RAM], i[_I_AVAIL_VRAM] = avail_ram, avail_vram
+        i[_I_LIVE_UNTIL] = live_until
+        i[_I_MIN_DUR] = node.min_duration_s
+        i[_I_MAX_DUR] = node.max_duration_s
+        i[_I_TYPE] = node_type
+        i[_I_ARRIVAL] = node.arrival_seq
+        i[_I_OFFERED_RAM], i[_I_OFFERED_VRAM] = node.offered_ram_gb, node.offered_vram_gb
+        i[_I_RESERVED_RAM], i[_I_RESERVED_VRAM] = node.reserved_ram_gb, node.reserved_vram_gb
+        i[_I_STATUS] = _STATUSES.index(node.status)
+        i[_I_EXPIRES] = node.ask_expires_ms
+        i[_I_PRICE_PUSD] = node.price_pusd
+        i[_I_BANDWIDTH] = node.bandwidth_mbps
+        i[_I_LAST_HB] = node.last_heartbeat_ms
+        i[_I_TOTAL_RAM] = node.total_ram_gb
+        i[_I_TOTAL_VRAM] = node.total_vram_gb
+        i[_I_REPUTATION] = node.reputation_score
+        i[_I_EGRESS_PUSD] = node.egress_price_pusd
+        i[_I_CREATED] = node.created_ms
+        self._i[:, row] = i
+        h = [0.0] * _NH
+        h[_H_RAM], h[_H_VRAM] = avail_ram, avail_vram
+        h[_H_PRICE] = node.price_pusd
+        h[_H_UPTIME] = node.uptime_score
+        h[_H_TYPE] = node_type
+        h[_H_LIVE] = live32
+        h[_H_MIN_DUR] = node.min_duration_s
+        h[_H_MAX_DUR] = node.max_duration_s
+        h[_H_UX], h[_H_UY], h[_H_UZ] = ux, uy, uz
+        self._h[:, row] = h
+        self.version += 1
 
     def remove(self, node_id: str) -> bool:
         """Drop a node; False if it was not there. O(1): the last row moves into its place."""
         row = self._row.pop(node_id, None)
         if row is None:
             return False
-        last = len(self._ids) - 1
+        last = len(self._row)  # the last row, now that the node's entry is gone
         if row != last:
             self._f[:, row] = self._f[:, last]
             self._i[:, row] = self._i[:, last]
             self._h[:, row] = self._h[:, last]
-            moved = self._ids[last]
-            self._ids[row] = moved
-            self._nodes[row] = self._nodes[last]
+            moved = self._id_at[last]
+            self._id_at[row] = moved
             self._row[moved] = row
-        self._ids.pop()
-        self._nodes.pop()
+        del self._id_at[last]
+        del self._name[node_id], self._owner[node_id]
+        self._meta.pop(node_id, None)
         self.version += 1
         return True
 
@@ -495,7 +554,7 @@ class AskBook:
         f = np.zeros((_NF, capacity), dtype=np.float64)
         i = np.zeros((_NI, capacity), dtype=np.int64)
         h = np.zeros((_NH, capacity), dtype=np.float32)
-        n = len(self._ids)
+        n = len(self._row)
         f[:, :n] = self._f[:, :n]
         i[:, :n] = self._i[:, :n]
         h[:, :n] = self._h[:, :n]
@@ -528,32 +587,43 @@ class AskBook:
     def _set_status(self, row: int, status: str) -> None:
         i = self._i
         i[_I_STATUS, row] = _STATUSES.index(status)
-        # one column answers "status active and ask not expired" with a single comparison
-        expires = int(i[_I_EXPIRES, row])
-        if status != "active":
-            i[_I_LIVE_UNTIL, row] = -1
-            self._h[_H_LIVE, row] = -np.inf
-        elif expires > 0:
-            i[_I_LIVE_UNTIL, row] = expires
-            self._h[_H_LIVE, row] = expires
-        else:
-            i[_I_LIVE_UNTIL, row] = _NO_EXPIRY
-            self._h[_H_LIVE, row] = np.inf
+        i[_I_LIVE_UNTIL, row], self._h[_H_LIVE, row] = _liveness(status, int(i[_I_EXPIRES, row]))
         self.version += 1
 
     def _materialise(self, row: int) -> Node:
-        f, i = self._f, self._i
-        return msgspec.structs.replace(
-            self._nodes[row],
-            lat=float(f[_F_LAT, row]),
-            lng=float(f[_F_LNG, row]),
-            offered_ram_gb=int(i[_I_OFFERED_RAM, row]),
-            offered_vram_gb=int(i[_I_OFFERED_VRAM, row]),
-            reserved_ram_gb=int(i[_I_RESERVED_RAM, row]),
-            reserved_vram_gb=int(i[_I_RESERVED_VRAM, row]),
-            status=_STATUSES[int(i[_I_STATUS, row])],
-            bandwidth_mbps=int(i[_I_BANDWIDTH, row]),
-            last_heartbeat_ms=int(i[_I_LAST_HB, row]),
+        f = self._f[:, row].tolist()
+        i = self._i[:, row].tolist()
+        node_id = self._id_at[row]
+        meta = self._meta.get(node_id)
+        return Node(
+            node_id=node_id,
+            owner_id=self._owner[node_id],
+            region=self.region,
+            node_type=NODE_TYPES[i[_I_TYPE]],  # type: ignore[arg-type]
+            name=self._name[node_id],
+            lat=f[_F_LAT],
+            lng=f[_F_LNG],
+            total_ram_gb=i[_I_TOTAL_RAM],
+            total_vram_gb=i[_I_TOTAL_VRAM],
+            offered_ram_gb=i[_I_OFFERED_RAM],
+            offered_vram_gb=i[_I_OFFERED_VRAM],
+            reserved_ram_gb=i[_I_RESERVED_RAM],
+            reserved_vram_gb=i[_I_RESERVED_VRAM],
+            bandwidth_mbps=i[_I_BANDWIDTH],
+            base_latency_ms=f[_F_LATENCY],
+            uptime_score=f[_F_UPTIME],
+            reputation_score=i[_I_REPUTATION],
+            price_pusd=i[_I_PRICE_PUSD],
+            egress_price_pusd=i[_I_EGRESS_PUSD],
+            min_duration_s=i[_I_MIN_DUR],
+            max_duration_s=i[_I_MAX_DUR],
+            status=_STATUSES[i[_I_STATUS]],  # type: ignore[arg-type]
+            ask_expires_ms=i[_I_EXPIRES],
+            heartbeat_interval_s=f[_F_HB_INTERVAL],
+            last_heartbeat_ms=i[_I_LAST_HB],
+            arrival_seq=i[_I_ARRIVAL],
+            created_ms=i[_I_CREATED],
+            metadata=_META_DECODER.decode(meta) if meta else {},
         )
 
 
@@ -930,6 +1000,7 @@ def _finish(fc, ic, h_s, h_p, h_a, h_i, size, cap, need, has_loc, qlat, qlng):  
         table[x, _T_UPTIME] = uptime
         table[x, _T_LATENCY] = fc[_F_LATENCY, r]
         table[x, _T_ARRIVAL] = ic[_I_ARRIVAL, r]
+        table[x, _T_TYPE] = ic[_I_TYPE, r]
     return rows, table
 
 
@@ -1103,14 +1174,15 @@ def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) ->
     out: list[Match] = []
     # one conversion for the whole table: numpy scalar access per field costs more than the kernel
     for row, values in zip(rows.tolist(), table.tolist(), strict=True):
-        node = book._nodes[row]
-        score, prox, price_s, rel_s, cap_s, bonus, dist, price, ram, vram, up, lat_ms, arr = values
+        score, prox, price_s, rel_s, cap_s, bonus, dist, price, ram, vram, up, lat_ms, arr, t = (
+            values
+        )
         price_pusd = int(price)
         out.append(
             Match(
-                node_id=node.node_id,
-                node_name=node.name,
-                node_type=node.node_type,
+                node_id=(node_id := book._id_at[row]),
+                node_name=book._name[node_id],
+                node_type=NODE_TYPES[int(t)],  # type: ignore[arg-type]
                 region=book.region,
                 match_score=score,
                 proximity_score=prox,
@@ -1289,23 +1361,24 @@ def browse(
 
 
 def _offer(book: AskBook, row: int, distance_km: float | None) -> Offer:
-    node = book._nodes[row]
-    f, i = book._f, book._i
+    f = book._f[:, row].tolist()
+    i = book._i[:, row].tolist()
+    node_id = book._id_at[row]
     return Offer(
-        node_id=node.node_id,
-        node_name=node.name,
-        node_type=node.node_type,
+        node_id=node_id,
+        node_name=book._name[node_id],
+        node_type=NODE_TYPES[i[_I_TYPE]],  # type: ignore[arg-type]
         region=book.region,
-        available_ram_gb=int(i[_I_AVAIL_RAM, row]),
-        available_vram_gb=int(i[_I_AVAIL_VRAM, row]),
-        price_pusd=int(i[_I_PRICE_PUSD, row]),
-        egress_price_pusd=node.egress_price_pusd,
-        min_duration_s=int(i[_I_MIN_DUR, row]),
-        max_duration_s=int(i[_I_MAX_DUR, row]),
-        uptime_score=float(f[_F_UPTIME, row]),
+        available_ram_gb=i[_I_AVAIL_RAM],
+        available_vram_gb=i[_I_AVAIL_VRAM],
+        price_pusd=i[_I_PRICE_PUSD],
+        egress_price_pusd=i[_I_EGRESS_PUSD],
+        min_duration_s=i[_I_MIN_DUR],
+        max_duration_s=i[_I_MAX_DUR],
+        uptime_score=f[_F_UPTIME],
         distance_km=distance_km,
-        estimated_latency_ms=float(f[_F_LATENCY, row]),
-        bandwidth_mbps=int(i[_I_BANDWIDTH, row]),
+        estimated_latency_ms=f[_F_LATENCY],
+        bandwidth_mbps=i[_I_BANDWIDTH],
     )
 
 

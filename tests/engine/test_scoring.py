@@ -546,7 +546,10 @@ def test_merge_matches_orders_across_regions() -> None:
 def test_book_upsert_remove_grow_keep_rows_consistent() -> None:
     """Swap-remove and growth keep every id on its own row; remove of an absent id is False."""
     book = AskBook(R, capacity=16)
-    nodes = {f"n{i}": node(i, price_pusd=100 + i) for i in range(100)}
+    nodes = {
+        f"n{i}": node(i, price_pusd=100 + i, metadata={"gpu": f"g{i}"} if i % 2 else {})
+        for i in range(100)
+    }
     for n in nodes.values():
         book.upsert(n)
     for i in range(0, 100, 3):
