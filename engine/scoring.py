@@ -1139,6 +1139,7 @@ def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) ->
     n = len(book)
     if k <= 0 or n == 0 or (req.region is not None and req.region != book.region):
         return []
+    k = min(k, n)  # the kernel allocates k slots: a huge limit must not allocate a huge heap
     has_loc = req.has_location
     qlat = float(req.lat) if req.lat is not None else 0.0
     qlng = float(req.lng) if req.lng is not None else 0.0
@@ -1350,7 +1351,7 @@ def browse(
             max_dist,
             chord_out2,
             chord_in2,
-            m,
+            min(m, len(book)),
         )
         total += int(count)
         for row, dist in zip(rows.tolist(), dists.tolist(), strict=True):

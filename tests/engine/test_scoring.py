@@ -726,3 +726,12 @@ def test_magnitudes_float32_cannot_tell_apart_are_decided_exactly() -> None:
         ),
     ]:
         check_all(nodes, book, req, now, req.limit)
+
+
+def test_huge_limits_allocate_nothing_huge() -> None:
+    """A limit or page far beyond the book is bounded by the book's size."""
+    nodes = [node(i) for i in range(3)]
+    req = MatchRequest(ram_gb=1, vram_gb=0, max_price_pusd=1000, limit=10**12)
+    assert len(rank(book_of(nodes), req, NOW)) == 3
+    offers, total = browse(book_of(nodes), now_ms=NOW, offset=1, limit=10**12)
+    assert (len(offers), total) == (2, 3)
