@@ -13,8 +13,9 @@ Rules:
 - Encode once: the envelope is decoded once per message, the outgoing frame
   `{"type": "event", "channel", "data"}` is encoded once (the `data` bytes are copied, never
   re-parsed) and the same `str` goes to every subscriber.
-- Fan-out never waits: delivery is `put_nowait` into each subscriber's bounded queue. A subscriber
-  whose queue is full is dropped on the spot (its subscriptions released, `on_drop` called, a
+- Fan-out never waits: delivery is `put_nowait` into each subscriber's bounded queue (the reader
+  yields to the writers every `burst` messages). A subscriber whose queue is full is dropped on
+  the spot (its subscriptions released, `on_drop` called, a
   warning logged); the others are not delayed by it. Its owner closes the socket (code 1013).
 - `subscribe()` returns once Redis has confirmed every channel: whatever is published after it
   returns reaches the subscriber. Commands and confirmations on one connection are ordered, so
@@ -122,7 +123,9 @@ class Hub:
     `queue_size` is the default for `attach()`. `subscribe_timeout_s` bounds how long
     `subscribe()` waits for Redis to confirm. `idle_ping_s`: with no traffic for that long the
     reader pings Redis, and reconnects when two intervals pass in silence (a dead TCP peer).
-    `client_name` names the connection in Redis's CLIENT LIST.
+    `client_name` names the connection in Redis's CLIENT LIST. `burst`: messages dispatched
+    between two yields to the event loop; a subscriber can be up to `burst` frames behind without
+    being slow, so queues should hold several times that.
     """
 
     def __init__(
@@ -134,9 +137,13 @@ class Hub:
         idle_ping_s: float = 15.0,
         max_backoff_s: float = 5.0,
         client_name: str = "mnemo-gateway-hub",
+        burst: int = 16,
     ) -> None:
+        if not 1 <= burst <= queue_size:
+            raise ValueError("burst must be between 1 and queue_size")
         self._source = redis
         self.client_name = client_name
+        self.burst = burst
         self.queue_size = queue_size
         self.subscribe_timeout_s = subscribe_timeout_s
         self.idle_ping_s = idle_ping_s
@@ -460,6 +467,7 @@ class Hub:
 
     async def _pump(self, ps: Any) -> None:
         silent = 0
+        run = 0
         while True:
             msg = await ps.get_message(timeout=self.idle_ping_s)
             if msg is None:
@@ -472,10 +480,14 @@ class Hub:
             kind = msg["type"]
             if kind == b"message" or kind == "message":
                 self._dispatch(msg["channel"], msg["data"])
-                # The parser may hold many buffered messages; yielding after each lets writers
-                # drain between them, so a burst longer than a queue drops only subscribers
-                # that really cannot keep up.
-                await asyncio.sleep(0)
+                # The parser may hold many buffered messages and reading them does not yield.
+                # Yielding every `burst` messages lets writers drain between runs, so only a
+                # subscriber that really cannot keep up overflows; and under load each writer
+                # wakes once for several frames instead of once per frame.
+                run += 1
+                if run >= self.burst:
+                    run = 0
+                    await asyncio.sleep(0)
             elif kind == b"subscribe" or kind == "subscribe":
                 self._confirmed(msg["channel"])
             elif kind == b"unsubscribe" or kind == "unsubscribe":

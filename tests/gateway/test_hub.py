@@ -167,7 +167,7 @@ async def test_slow_subscriber_is_dropped_and_fast_ones_get_everything(
 ) -> None:
     """A subscriber that never drains is dropped when its queue fills; the others miss nothing."""
     ch = keys.quotes_channel("busy")
-    fast = [Consumer(hub, f"fast{i}", queue_size=8) for i in range(3)]
+    fast = [Consumer(hub, f"fast{i}", queue_size=hub.burst * 2) for i in range(3)]
     slow = Consumer(hub, "slow", drain=False, queue_size=8)
     for c in [*fast, slow]:
         await hub.subscribe(c.sub, [(ch, "quotes:busy")])

@@ -385,7 +385,7 @@ async def test_slow_socket_is_closed_1013_and_fast_ones_get_everything(
 ) -> None:
     """A socket that stops reading is dropped (1013); the others miss nothing meanwhile."""
     hub = live.state["ws"].hub
-    hub.queue_size = 8  # sockets opened from now on get small queues: quick to overflow
+    hub.queue_size = 4 * hub.burst  # sockets opened from now on get small queues
     user = await signup(live.gw, "user")
     fast = [await live.socket(user, max_queue=None) for _ in range(2)]
     # The slow client's library stops reading the TCP socket after 2 queued messages.
