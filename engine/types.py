@@ -231,17 +231,17 @@ class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     ts_ms: int
 
 
-class NodeRegistered(_Event, tag="node_registered"):
+class NodeRegistered(_Event, frozen=True, tag="node_registered"):
     node: Node
 
 
-class NodeUpdated(_Event, tag="node_updated"):
+class NodeUpdated(_Event, frozen=True, tag="node_updated"):
     """The provider changed the node's terms; `node` is the whole node after the change."""
 
     node: Node
 
 
-class NodeDeactivated(_Event, tag="node_deactivated"):
+class NodeDeactivated(_Event, frozen=True, tag="node_deactivated"):
     node_id: str
 
 
@@ -260,30 +260,30 @@ class HeartbeatEntry(msgspec.Struct, frozen=True, kw_only=True):
     status: NodeStatus = "active"
 
 
-class HeartbeatsApplied(_Event, tag="heartbeats"):
+class HeartbeatsApplied(_Event, frozen=True, tag="heartbeats"):
     """One batched heartbeat call: every accepted entry (rejected ones are not in the log)."""
 
     entries: list[HeartbeatEntry]
 
 
-class NodeOffline(_Event, tag="node_offline"):
+class NodeOffline(_Event, frozen=True, tag="node_offline"):
     node_id: str
     last_heartbeat_ms: int
 
 
-class BidPlaced(_Event, tag="bid_placed"):
+class BidPlaced(_Event, frozen=True, tag="bid_placed"):
     bid: Bid
 
 
-class BidCancelled(_Event, tag="bid_cancelled"):
+class BidCancelled(_Event, frozen=True, tag="bid_cancelled"):
     bid_id: str
 
 
-class BidExpired(_Event, tag="bid_expired"):
+class BidExpired(_Event, frozen=True, tag="bid_expired"):
     bid_id: str
 
 
-class ContractCreated(_Event, tag="contract_created"):
+class ContractCreated(_Event, frozen=True, tag="contract_created"):
     """A reserve succeeded. With `bid_id`, the bid's fill state after this fill is given too."""
 
     contract: Contract
@@ -296,14 +296,14 @@ class ContractCreated(_Event, tag="contract_created"):
     bid_status: BidStatus | None = None
 
 
-class ContractExtended(_Event, tag="contract_extended"):
+class ContractExtended(_Event, frozen=True, tag="contract_extended"):
     contract_id: str
     duration_s: int
     end_ms: int
     version: int
 
 
-class ContractSettled(_Event, tag="contract_settled"):
+class ContractSettled(_Event, frozen=True, tag="contract_settled"):
     """The contract ended (`completed`, `failed`, `failed_over`) and its capacity returned."""
 
     contract_id: str

@@ -48,7 +48,9 @@ def servers() -> Iterator[tuple[str, str]]:
     from scripts.embedded import EmbeddedServers
 
     with tempfile.TemporaryDirectory(prefix="mnemo-test-") as tmp:
-        with EmbeddedServers(Path(tmp), want_redis=not redis_url, want_postgres=not database_url) as emb:
+        with EmbeddedServers(
+            Path(tmp), want_redis=not redis_url, want_postgres=not database_url
+        ) as emb:
             yield redis_url or emb.redis_url, database_url or emb.database_url
 
 
