@@ -72,6 +72,7 @@ from engine.types import (
 
 __all__ = [
     "GROUP",
+    "Batch",
     "BatchResult",
     "JournalLag",
     "RegionLag",
@@ -81,6 +82,7 @@ __all__ = [
     "journal_lag",
     "metrics_partitions",
     "positions",
+    "prepare",
     "print_status",
     "refresh_clusters",
     "run_journal",
@@ -999,9 +1001,35 @@ async def _apply_one_by_one(
     return done, blocked
 
 
+class Batch:
+    """Events deduplicated, ordered and folded ahead of their transaction (`prepare`), so that
+    a worker can do this CPU work while the previous batch is being written."""
+
+    __slots__ = ("days", "events", "fold", "memory")
+
+    def __init__(self, events: Iterable[StoredEvent]) -> None:
+        self.memory: dict[tuple[str, int], StoredEvent] = {}
+        for e in events:
+            self.memory.setdefault((e.region, e.seq), e)
+        self.events = sorted(self.memory.values(), key=lambda e: (e.region, e.seq))
+        # Folded on the guess that these events are exactly the runs to apply (the usual case:
+        # in-order delivery, nothing waiting); write_batch checks the guess and refolds if not.
+        self.fold = _Fold()
+        for e in self.events:
+            self.fold.apply(e)
+        self.days = {
+            _ts(e.ts_ms).date() for e in self.events if isinstance(e.event, HeartbeatsApplied)
+        }
+
+
+def prepare(events: Iterable[StoredEvent]) -> Batch:
+    """Decoded events -> a `Batch` for `write_batch`."""
+    return Batch(events)
+
+
 async def write_batch(
     conn: asyncpg.Connection,
-    events: Sequence[StoredEvent],
+    events: Sequence[StoredEvent] | Batch,
     *,
     regions: Iterable[str] = (),
     retry_blocked: bool = False,
@@ -1018,27 +1046,28 @@ async def write_batch(
     Connection errors propagate (nothing was committed); an event the tables refuse holds its
     region (see the module docstring) and does not raise.
     """
-    memory: dict[tuple[str, int], StoredEvent] = {}
-    for e in events:
-        memory.setdefault((e.region, e.seq), e)
-    unique = list(memory.values())
-    all_regions = sorted({e.region for e in unique} | set(regions))
+    batch = events if isinstance(events, Batch) else Batch(events)
+    memory = dict(batch.memory)
+    all_regions = sorted({e.region for e in batch.events} | set(regions))
     result = BatchResult()
     if not all_regions:
         return result
-    days = {_ts(e.ts_ms).date() for e in unique if isinstance(e.event, HeartbeatsApplied)}
-    if days:
-        await ensure_partitions(conn, days, partitions)
+    if batch.days:
+        await ensure_partitions(conn, batch.days, partitions)
     async with conn.transaction():
-        result.stored = await _store(conn, unique)
+        result.stored = await _store(conn, batch.events)
         runs, waiting, blocked = await _runs(
             conn, all_regions, memory, include_blocked=retry_blocked, max_apply=max_apply
         )
         blocked -= set(runs)  # retried: blocked again below if the same event is refused
-        fold = _Fold()
-        for run in runs.values():
-            for stored in run:
-                fold.apply(stored)
+        planned = [(e.region, e.seq) for e in batch.events]
+        if [(s.region, s.seq) for run in runs.values() for s in run] == planned:
+            fold = batch.fold
+        else:
+            fold = _Fold()
+            for run in runs.values():
+                for stored in run:
+                    fold.apply(stored)
         try:
             async with conn.transaction():
                 await _flush(conn, fold)
@@ -1264,6 +1293,9 @@ class _Worker:
         return out
 
     async def _read_batch(self) -> list[_Raw]:
+        if not self.streams:
+            await self._sleep(self.idle_block_ms / 1000)  # no region yet: nothing to read
+            return []
         out = await self._read_own_pending()
         if self._due("claim", self.claim_every_s):
             out += await self._claim()
@@ -1335,14 +1367,23 @@ class _Worker:
                 rejects.append((raw, str(e)))
         return events, rejects
 
-    async def _commit(self, raws: Sequence[_Raw]) -> bool:
+    async def _read_prepared(self) -> tuple[list[_Raw], list[tuple[_Raw, str]], Batch] | None:
+        raws = await self._with_redis("reading the streams", self._read_batch)
+        if not raws:
+            return None
         events, rejects = self._decode(raws)
+        return raws, rejects, Batch(events)
+
+    async def _commit(
+        self, raws: Sequence[_Raw], rejects: list[tuple[_Raw, str]], batch: Batch
+    ) -> bool:
+        events = batch.events
 
         async def attempt(conn: asyncpg.Connection) -> BatchResult:
             if rejects:
                 await self._store_rejects(conn, rejects)
             try:
-                return await write_batch(conn, events, partitions=self.partitions)
+                return await write_batch(conn, batch, partitions=self.partitions)
             except asyncpg.PostgresError as e:
                 if _pg_transient(e):
                     raise
@@ -1498,15 +1539,27 @@ class _Worker:
 
     async def run(self) -> None:
         log.info("journal: consumer %s of group %s starting", self.consumer, GROUP)
+        ahead: asyncio.Task[Any] | None = None
         try:
             while not self.stop.is_set():
                 await self._maintain()
-                raws = await self._with_redis("reading the streams", self._read_batch)
-                if not raws:
+                if ahead is None:
+                    ahead = asyncio.create_task(self._read_prepared())
+                got = await ahead
+                ahead = None
+                if got is None:
                     continue
-                if await self._commit(raws):
+                # Read and fold the next batch while this one is written: the CPU work of one
+                # overlaps the database work of the other. At most one batch is read ahead.
+                ahead = asyncio.create_task(self._read_prepared())
+                raws, rejects, batch = got
+                if await self._commit(raws, rejects, batch):
                     await self._ack(raws)
         finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
             await asyncio.shield(self._close())
 
     async def _close(self) -> None:

@@ -1,0 +1,117 @@
+"""Journal throughput: events per second from Redis streams into Postgres, end to end.
+
+Each round: a fresh migrated database and key prefix, a market history XADDed to the region
+streams beforehand (not timed), then one `run_journal` worker is started and timed until every
+region's `applied_seq` reaches its last event (stored, applied to every table, acknowledged
+afterwards). Reports each round and the median.
+
+    .venv/bin/python -m bench.bench_journal --events 200000 --rounds 5
+
+Servers: MNEMO_BENCH_REDIS_URL / MNEMO_BENCH_DATABASE_URL (default: the local dev servers,
+redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/postgres; the database named
+in the URL is only used to create and drop one scratch database per round).
+
+The default mix is the generator's (tests/persistence/history.py): about a third heartbeat
+events (1-4 entries each), the rest registrations, updates, bids, fills, extensions, settlements
+and failovers over two regions and up to 2000 nodes per region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from engine.keys import Keys
+from engine.settings import Settings
+from persistence.journal import run_journal
+from persistence.migrations import migrate
+from tests.persistence.history import History, seed_accounts, xadd_all
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+async def _round(
+    redis_url: str, admin_url: str, h: History, encoded: list, batch: int
+) -> tuple[float, int]:
+    name = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    db_url = _with_database(admin_url, name)
+    keys = Keys(f"bench{uuid.uuid4().hex[:8]}:")
+    redis = aioredis.from_url(redis_url)
+    try:
+        await migrate(db_url)
+        conn = await asyncpg.connect(db_url)
+        await seed_accounts(conn, h)
+        await xadd_all(redis, keys, encoded)
+        last: dict[str, int] = {}
+        for e in h.events:
+            last[e.region] = max(last.get(e.region, 0), int(e.event_id.rsplit(":", 1)[1]))
+        settings = Settings(redis_url=redis_url, database_url=db_url, key_prefix=keys.prefix)
+        stop = asyncio.Event()
+        started = time.perf_counter()
+        worker = asyncio.create_task(
+            run_journal(settings, consumer="bench", stop=stop, batch_size=batch)
+        )
+        while True:
+            rows = await conn.fetch("SELECT region, applied_seq FROM journal_positions")
+            if {r["region"]: r["applied_seq"] for r in rows} == last:
+                break
+            if worker.done():
+                worker.result()
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await worker
+        metrics = await conn.fetchval("SELECT count(*) FROM node_metrics")
+        await conn.close()
+        return elapsed, metrics
+    finally:
+        async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
+            await redis.unlink(key)
+        await redis.aclose()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=5000, help="journal batch size")
+    parser.add_argument("--entries", type=int, default=4, help="max entries per heartbeat event")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    redis_url = os.environ.get("MNEMO_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    admin_url = os.environ.get(
+        "MNEMO_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    t = time.perf_counter()
+    h = History.generate(args.seed, args.events, max_nodes=2000, max_entries=args.entries)
+    encoded = h.encoded()
+    n = len(encoded)
+    print(f"history: {n} events generated in {time.perf_counter() - t:.1f} s", flush=True)
+    rates = []
+    for i in range(args.rounds):
+        elapsed, metrics = await _round(redis_url, admin_url, h, encoded, args.batch)
+        rates.append(n / elapsed)
+        print(
+            f"round {i + 1}: {n} events ({metrics} heartbeat entries) in {elapsed:.2f} s = "
+            f"{n / elapsed:,.0f} events/s",
+            flush=True,
+        )
+    print(f"median: {statistics.median(rates):,.0f} events/s over {args.rounds} rounds")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
