@@ -556,6 +556,7 @@ class RegionWorker:
             self.quotes.load_fill(_text(member), int(ts))
         for bid in bids:
             self._add_bid(bid)
+            self.quotes.add_bid(bid)
         for contract in contracts:
             if contract.status == "active":
                 self.notifier.remember(contract)
@@ -563,8 +564,8 @@ class RegionWorker:
         self._ask_dirty = True
 
     def _add_bid(self, bid: Bid) -> None:
+        """Track an open bid (the QuoteBook learns it from the snapshot or its event)."""
         self.bids[bid.bid_id] = bid
-        self.quotes.add_bid(bid)
         self.notifier.remember(bid)
         if bid.expires_ms:
             heapq.heappush(self._bid_expiry, (bid.expires_ms, bid.bid_id))
@@ -763,10 +764,10 @@ class RegionWorker:
     def _debit(self, node_id: str, ram_gb: int, vram_gb: int) -> None:
         """Count a reserve in the view before its event arrives (the event then sets the same
         absolute value), so later decisions of this pass see the capacity as taken."""
-        node = self.book.node(node_id)
-        if node is None:
+        reserved = self.quotes.reserved(node_id)
+        if reserved is None:
             return
-        ram, vram = node.reserved_ram_gb + ram_gb, node.reserved_vram_gb + vram_gb
+        ram, vram = reserved[0] + ram_gb, reserved[1] + vram_gb
         self.book.set_reserved(node_id, ram, vram)
         self.quotes.set_reserved(node_id, ram, vram)
 

@@ -189,6 +189,11 @@ class QuoteBook:
             max(o[1] + o[2] for o in listed),
         )
 
+    def reserved(self, node_id: str) -> tuple[int, int] | None:
+        """(reserved RAM, reserved VRAM) of a known node."""
+        row = self._nodes.get(node_id)
+        return None if row is None else (row[_R_RAM], row[_R_VRAM])
+
     def set_reserved(self, node_id: str, reserved_ram_gb: int, reserved_vram_gb: int) -> bool:
         """A node's reserved capacity changed; True if that freed some."""
         return self._change(node_id, r_ram=reserved_ram_gb, r_vram=reserved_vram_gb)
