@@ -38,7 +38,8 @@ milliseconds stale, so a refused reserve is a normal result and the next candida
 - Notifications for every event (engine.notify), including `contract_ending` notices.
 
 Publishing never blocks a region loop: messages go to a bounded queue drained by one writer task
-that pipelines PUBLISH commands; when the queue is full, messages are dropped and counted.
+(one small script call PUBLISHes a whole batch); when the queue is full, messages are dropped and
+counted.
 
 Time: market time (expiry, ends, heartbeat deadlines, quote windows) comes from the injected
 `clock` (Unix ms); pacing (lease renewal, quote and summary rates, how long a loop may sleep)
