@@ -1,10 +1,16 @@
-"""The live market in Redis: one atomic Lua script call per state change.
+"""The live market in Redis: one atomic Lua script per kind of state change.
 
 `Market` is a thin adapter. The rules and the exact arithmetic live in `engine.core`; the scripts
 in `engine/lua/` (each prefixed with `_lib.lua`) check every precondition before their first
 write, mutate, bump the region's sequence number and append one event per change to the region's
 stream (`{"e": <event JSON>}`, decodable by `engine.types.EVENT_DECODER`, event id
 `"<region>:<seq>"`). A refusal raises an `engine.errors` subclass; nothing was written.
+
+Most calls make one change and append one event. Batches are one call too: a heartbeat batch
+appends one `HeartbeatsApplied` for all its accepted beats; a reserve batch (`reserve_many`),
+`expire_bids` and `expire_asks` append one event per item they change (each item is checked and
+applied on its own, in order); `failover` appends the old contract's `ContractSettled` and the
+successor's `ContractCreated`.
 
 - Time is always an argument (`now_ms`); no clock is read here or in the scripts.
 - Scripts are loaded once (`load_scripts()`) and called by SHA; a server that lost them
@@ -26,8 +32,9 @@ stream (`{"e": <event JSON>}`, decodable by `engine.types.EVENT_DECODER`, event 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import uuid
+import os
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
@@ -52,7 +59,6 @@ from engine.types import (
     Bid,
     BidPlaced,
     Contract,
-    ContractCreated,
     Event,
     Heartbeat,
     Node,
@@ -64,6 +70,7 @@ from engine.types import (
 
 __all__ = [
     "HEARTBEAT_BATCH",
+    "RESERVE_BATCH",
     "TERMINAL_RETENTION_MS",
     "HeartbeatOutcome",
     "Market",
@@ -74,11 +81,14 @@ TERMINAL_RETENTION_MS = 86_400_000
 """How long a closed bid or contract stays readable in Redis."""
 HEARTBEAT_BATCH = 1000
 """Heartbeats per script call: a bigger batch is split into several calls, pipelined."""
+RESERVE_BATCH = 200
+"""Reserves per script call in `reserve_many` (a call holds the server for its whole batch)."""
 QUOTE_LEVELS = 20
 QUOTE_SCAN_LIMIT = 5000
 """A quote reads at most this many asks and this many bids (the top of each book)."""
 
 _VERSION_RETRIES = 16
+_CALLS_IN_FLIGHT = 4  # concurrent heartbeat calls of one batch: enough to overlap client and server
 _REGION_CACHE_MAX = 200_000
 _LUA = Path(__file__).with_name("lua")
 _SCRIPTS = (
@@ -135,6 +145,11 @@ def _sha(name: str) -> str:
     return hashlib.sha1(_source(name).encode()).hexdigest()
 
 
+def _new_id() -> str:
+    """A random 128-bit id as 32 hex digits (the shape of `uuid4().hex`)."""
+    return os.urandom(16).hex()
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -153,9 +168,13 @@ def _refusal(result: Sequence[Any]) -> MarketError:
 
 
 def _beat_text(value: Any) -> str:
+    # validate_heartbeat made float fields floats: repr is their exact, stored text.
     if value is None:
         return ""
-    return repr(float(value)) if isinstance(value, float) else str(value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+_json = msgspec.json.Encoder().encode
 
 
 _O = TypeVar("_O", Node, Bid, Contract)
@@ -444,8 +463,13 @@ class Market:
         self, owner_id: str, beats: Sequence[Heartbeat], now_ms: int, min_interval_ms: int
     ) -> list[HeartbeatOutcome]:
         """Apply a batch of beats from one owner: one script call per region (per
-        `HEARTBEAT_BATCH` beats), all pipelined. One outcome per beat, in order. A malformed
-        beat refuses the whole batch (InvalidRequest) before anything is applied."""
+        `HEARTBEAT_BATCH` beats). One outcome per beat, in order. A malformed beat refuses the
+        whole batch (InvalidRequest) before anything is applied.
+
+        The calls of a big batch run concurrently (each prepared while the server runs the
+        previous one) when no node appears twice; otherwise they run in order, pipelined, so a
+        node's later beat always meets its earlier one.
+        """
         beats = [core.validate_heartbeat(b) for b in beats]
         regions = await self._regions_of([b.node_id for b in beats])
         outcomes: list[HeartbeatOutcome | None] = [None] * len(beats)
@@ -460,17 +484,10 @@ class Market:
             for region, idx in groups.items()
             for start in range(0, len(idx), HEARTBEAT_BATCH)
         ]
-        requests = []
-        for region, idx in calls:
-            args = [
-                *self._head(region, now_ms),
-                int(min_interval_ms),
-                self.missed_heartbeats_offline,
-                owner_id,
-            ]
-            for i in idx:
-                b = beats[i]
-                args += [
+
+        def request(region: str, idx: list[int]) -> tuple[list[str], list[Any]]:
+            entries = [
+                [
                     b.node_id,
                     b.available_ram_gb,
                     b.available_vram_gb,
@@ -481,13 +498,34 @@ class Market:
                     _beat_text(b.lat),
                     _beat_text(b.lng),
                 ]
-            requests.append(([self.keys.seq(region)], args))
-        for (_, idx), result in zip(
-            calls, await self._eval_many("heartbeat", requests), strict=True
-        ):
+                for b in (beats[i] for i in idx)
+            ]
+            args = [
+                *self._head(region, now_ms),
+                int(min_interval_ms),
+                self.missed_heartbeats_offline,
+                owner_id,
+                _json(entries),
+            ]
+            return [self.keys.seq(region)], args
+
+        def record(idx: list[int], result: Any) -> None:
             for j, i in enumerate(idx):
                 code, wait = int(result[2 + 2 * j]), int(result[3 + 2 * j])
                 outcomes[i] = HeartbeatOutcome(beats[i].node_id, _OUTCOMES[code], wait)
+
+        gate = asyncio.Semaphore(_CALLS_IN_FLIGHT)
+
+        async def call(region: str, idx: list[int]) -> None:
+            async with gate:
+                record(idx, await self._eval("heartbeat", *request(region, idx)))
+
+        if len(calls) > 1 and len({b.node_id for b in beats}) == len(beats):
+            await asyncio.gather(*(call(region, idx) for region, idx in calls))
+        else:
+            results = await self._eval_many("heartbeat", [request(r, idx) for r, idx in calls])
+            for (_, idx), result in zip(calls, results, strict=True):
+                record(idx, result)
         return outcomes  # type: ignore[return-value]
 
     async def mark_offline(self, node_id: str, now_ms: int) -> list[Contract]:
@@ -558,24 +596,27 @@ class Market:
     # -- contracts ---------------------------------------------------------------------------
 
     def _reserve_call(
-        self, region: str, now_ms: int, contract_id: str, r: ReserveRequest
+        self, region: str, now_ms: int, entries: list[list[str]]
     ) -> tuple[list[str], list[Any]]:
         return (
             [self.keys.seq(region), self.keys.directory],
-            [
-                *self._head(region, now_ms),
-                r.node_id,
-                contract_id,
-                r.client_id,
-                r.user_id,
-                r.ram_gb,
-                r.vram_gb,
-                r.duration_s,
-                r.max_price_pusd,
-                r.bid_id or "",
-                self.retention_ms,
-            ],
+            [*self._head(region, now_ms), self.retention_ms, _json(entries)],
         )
+
+    @staticmethod
+    def _reserve_entry(contract_id: str, r: ReserveRequest) -> list[str]:
+        # Strings throughout: the script stores them as they are (exact, even past 2**53).
+        return [
+            r.node_id,
+            contract_id,
+            r.client_id,
+            r.user_id,
+            str(r.ram_gb),
+            str(r.vram_gb),
+            str(r.duration_s),
+            str(r.max_price_pusd),
+            r.bid_id or "",
+        ]
 
     async def _reserve_region(self, r: ReserveRequest) -> str:
         core.validate_reserve(
@@ -596,13 +637,32 @@ class Market:
                 )
         return region
 
-    def _created(self, result: Any, contract_id: str) -> Contract:
+    def _created(
+        self, result: Any, contract_id: str, r: ReserveRequest, region: str, now_ms: int
+    ) -> Contract:
+        # The script answers with the node's terms only (owner, price, egress price): the rest
+        # of the contract is the request's, and a small answer keeps big batches cheap.
         if result[0] == 0:
             raise _refusal(result)
-        event = EVENT_DECODER.decode(result[1])
-        assert isinstance(event, ContractCreated)
-        self._remember(contract_id, event.region)
-        return event.contract
+        self._remember(contract_id, region)
+        return Contract(
+            contract_id=contract_id,
+            region=region,
+            client_id=r.client_id,
+            user_id=r.user_id,
+            node_id=r.node_id,
+            owner_id=_text(result[1]),
+            ram_gb=r.ram_gb,
+            vram_gb=r.vram_gb,
+            duration_s=r.duration_s,
+            start_ms=now_ms,
+            end_ms=now_ms + r.duration_s * 1000,
+            price_pusd=int(result[2]),
+            egress_price_pusd=int(result[3]),
+            max_price_pusd=r.max_price_pusd,
+            bid_id=r.bid_id,
+            version=1,
+        )
 
     async def reserve(
         self,
@@ -636,37 +696,51 @@ class Market:
             bid_id=bid_id,
         )
         region = await self._reserve_region(request)
-        contract_id = uuid.uuid4().hex
-        keys, args = self._reserve_call(region, now_ms, contract_id, request)
-        return self._created(await self._eval("reserve", keys, args), contract_id)
+        contract_id = _new_id()
+        keys, args = self._reserve_call(region, now_ms, [self._reserve_entry(contract_id, request)])
+        [result] = await self._eval("reserve", keys, args)
+        return self._created(result, contract_id, request, region, now_ms)
 
     async def reserve_many(
         self, requests: Sequence[ReserveRequest], now_ms: int
     ) -> list[Contract | MarketError]:
-        """Many reserves pipelined in one round trip (each its own atomic script call, in
-        order). Each slot holds the contract or the refusal; nothing is raised for a refusal."""
+        """Many reserves in one round trip: each applies on its own (its checks, then its
+        writes and event), in request order within a region, `RESERVE_BATCH` to a script call,
+        the calls pipelined. Each slot holds the contract or the refusal (nothing is raised
+        for a refusal), so a later request of the batch sees the leases of earlier ones."""
         out: list[Contract | MarketError | None] = [None] * len(requests)
         await self._regions_of(
             [r.node_id for r in requests] + [r.bid_id for r in requests if r.bid_id]
         )
-        calls, slots, ids = [], [], []
+        groups: dict[str, list[tuple[int, str, list[str]]]] = {}
         for i, r in enumerate(requests):
             try:
                 region = await self._reserve_region(r)
             except MarketError as exc:
                 out[i] = exc
                 continue
-            contract_id = uuid.uuid4().hex
-            calls.append(self._reserve_call(region, now_ms, contract_id, r))
-            slots.append(i)
-            ids.append(contract_id)
-        if calls:
-            results = await self._eval_many("reserve", calls)
-            for i, contract_id, result in zip(slots, ids, results, strict=True):
-                try:
-                    out[i] = self._created(result, contract_id)
-                except MarketError as exc:
-                    out[i] = exc
+            contract_id = _new_id()
+            groups.setdefault(region, []).append(
+                (i, contract_id, self._reserve_entry(contract_id, r))
+            )
+        batches = [
+            (region, items[start : start + RESERVE_BATCH])
+            for region, items in groups.items()
+            for start in range(0, len(items), RESERVE_BATCH)
+        ]
+        if batches:
+            calls = [
+                self._reserve_call(region, now_ms, [entry for _, _, entry in items])
+                for region, items in batches
+            ]
+            for (region, items), results in zip(
+                batches, await self._eval_many("reserve", calls), strict=True
+            ):
+                for (i, contract_id, _), result in zip(items, results, strict=True):
+                    try:
+                        out[i] = self._created(result, contract_id, requests[i], region, now_ms)
+                    except MarketError as exc:
+                        out[i] = exc
         return out  # type: ignore[return-value]
 
     async def extend(self, contract_id: str, extra_s: int, now_ms: int) -> Contract:
@@ -756,7 +830,7 @@ class Market:
                 raise InvalidRequest("failover stays in the contract's region", field="node_id")
             if new_node_id == old.node_id:
                 raise InvalidRequest(core.SAME_NODE, field="node_id")
-            new_id = uuid.uuid4().hex
+            new_id = _new_id()
             closed = core.close_contract(
                 old, now_ms=now_ms, status="failed_over", successor_id=new_id
             )

@@ -142,7 +142,8 @@ local function lease_refusal(n, ram, vram, duration, max_price)
 end
 
 -- Writes a new active contract `c` (a table of its fields) on node `id` (NODE_TERMS in `n`,
--- updated in place); `fill` records it as a trade for quotes. Returns the node's reserved GB.
+-- updated in place); `fill` records it as a trade for quotes (the caller then trims the fills
+-- older than FILLS_WINDOW_MS). Returns the node's reserved GB.
 local function open_contract(id, n, c, fill)
   local rr = n0(n.reserved_ram_gb) + n0(c.ram_gb)
   local rv = n0(n.reserved_vram_gb) + n0(c.vram_gb)
@@ -157,7 +158,6 @@ local function open_contract(id, n, c, fill)
   if fill then
     local gbs = (n0(c.ram_gb) + n0(c.vram_gb)) * n0(c.duration_s)
     redis.call('ZADD', TAG .. 'fills', NOW, c.contract_id .. ':' .. c.price_pusd .. ':' .. int(gbs))
-    redis.call('ZREMRANGEBYSCORE', TAG .. 'fills', '-inf', NOW - FILLS_WINDOW_MS)
   end
   return rr, rv
 end

@@ -1,0 +1,194 @@
+"""Benchmarks of the live market's scripts: pipelined reserves and batched heartbeats.
+
+pytest-benchmark, not part of the test suite (CI does not run `bench/`):
+
+    .venv/bin/pytest bench/bench_market.py --benchmark-only -q -p no:cacheprovider -s
+
+The server is a private embedded Valkey started for the run (append-only file, fsync every
+second: the production setting), unless `MNEMO_BENCH_REDIS_URL` names one. Each benchmark
+records in `extra_info`, and prints:
+
+- the rate from the median round (wall clock, the figure to compare with the targets: >= 20,000
+  contracts/s pipelined, >= 100,000 heartbeats/s in batched script calls);
+- CPU microseconds per item in this client process and in the server (from the server's
+  `INFO cpu`; meaningful only on a server nobody else is using, like the private one), which
+  say what the rate would be on idle cores when the wall clock is disturbed by other load.
+
+Figures are end to end from one Python process: request validation, script calls, decoding
+every answer. `reserve` is measured with one pipelined client and with four concurrent ones
+(as several gateways or engines would be); requests stay in order within each client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.keys import Keys
+from engine.market import Market, ReserveRequest
+from engine.types import Contract, Heartbeat, Node
+
+T0 = 1_700_000_000_000
+RESERVES_PER_ROUND = 5_000
+FLEET = 10_000
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    given = os.environ.get("MNEMO_BENCH_REDIS_URL")
+    if given:
+        yield given
+        return
+    from scripts.embedded import EmbeddedServers
+
+    with tempfile.TemporaryDirectory(prefix="mnemo-bench-") as tmp:
+        with EmbeddedServers(Path(tmp), want_redis=True, want_postgres=False) as servers:
+            yield servers.redis_url
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def market(loop: asyncio.AbstractEventLoop, redis_url: str) -> Iterator[Market]:
+    client = aioredis.from_url(redis_url, max_connections=64)
+    keys = Keys(f"bench{uuid.uuid4().hex[:10]}:")
+    m = Market(client, keys)
+    loop.run_until_complete(m.load_scripts())
+    try:
+        yield m
+    finally:
+        loop.run_until_complete(_drop(client, keys.prefix))
+        loop.run_until_complete(client.aclose())
+
+
+async def _drop(client: aioredis.Redis, prefix: str) -> None:
+    batch = []
+    async for key in client.scan_iter(match=f"{prefix}*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await client.unlink(*batch)
+
+
+def _node(i: int) -> Node:
+    return Node(
+        node_id=f"n{i}", owner_id="fleet", region="us-east-2", node_type="mist_node",
+        name=f"node {i}", lat=40.0 + i % 100 / 100, lng=-74.0, total_ram_gb=1_000_000,
+        total_vram_gb=1_000_000, offered_ram_gb=1_000_000, offered_vram_gb=1_000_000,
+        price_pusd=800_000 + i % 50,
+    )  # fmt: skip
+
+
+async def _register(market: Market, count: int) -> None:
+    for start in range(0, count, 50):
+        await asyncio.gather(
+            *(market.register_node(_node(i), T0) for i in range(start, min(count, start + 50)))
+        )
+
+
+async def _server_cpu_s(client: aioredis.Redis) -> float:
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _measure(
+    benchmark: Any,
+    loop: asyncio.AbstractEventLoop,
+    market: Market,
+    round_: Callable[[], Awaitable[None]],
+    per_round: int,
+    name: str,
+) -> None:
+    """Run the rounds; record the median rate and CPU per item (client, server)."""
+    cpu = {"client": 0.0, "server": 0.0, "rounds": 0}
+
+    def run() -> None:
+        server = loop.run_until_complete(_server_cpu_s(market.redis))
+        client = time.process_time()
+        loop.run_until_complete(round_())
+        cpu["client"] += time.process_time() - client
+        cpu["server"] += loop.run_until_complete(_server_cpu_s(market.redis)) - server
+        cpu["rounds"] += 1
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    items = per_round * cpu["rounds"]
+    report = {
+        name: round(per_round / median),
+        "client_cpu_us_per_item": round(cpu["client"] / items * 1e6, 2),
+        "server_cpu_us_per_item": round(cpu["server"] / items * 1e6, 2),
+    }
+    benchmark.extra_info.update(report)
+    print(f"\n{benchmark.name}: {report} (median round {median * 1000:.1f} ms)")
+
+
+def _reserves(count: int) -> list[ReserveRequest]:
+    return [
+        ReserveRequest(
+            node_id=f"n{i % 100}",
+            client_id=f"c{i % 37}",
+            user_id="u",
+            ram_gb=1,
+            vram_gb=1,
+            duration_s=3600,
+            max_price_pusd=1_000_000,
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("clients", [1, 4])
+def test_reserve_pipelined(benchmark: Any, loop: Any, market: Market, clients: int) -> None:
+    """Contracts created per second by `reserve_many` (RESERVES_PER_ROUND per round, split
+    over `clients` concurrent pipelines)."""
+    loop.run_until_complete(_register(market, 100))
+    batch = _reserves(RESERVES_PER_ROUND // clients)
+
+    async def round_() -> None:
+        outs = await asyncio.gather(*(market.reserve_many(batch, T0 + 1) for _ in range(clients)))
+        assert all(isinstance(c, Contract) for out in outs for c in out)
+
+    _measure(benchmark, loop, market, round_, len(batch) * clients, "contracts_per_s")
+
+
+def test_heartbeat_batches(benchmark: Any, loop: Any, market: Market) -> None:
+    """Heartbeats applied per second: one owner's fleet of FLEET nodes per round, in batched
+    script calls."""
+    loop.run_until_complete(_register(market, FLEET))
+    beats = [
+        Heartbeat(
+            node_id=f"n{i}",
+            available_ram_gb=100 + i % 7,
+            available_vram_gb=i % 5,
+            cpu_usage_pct=12.5,
+            temperature_c=40,
+        )
+        for i in range(FLEET)
+    ]
+    now = [T0]
+
+    async def round_() -> None:
+        now[0] += 1
+        out = await market.heartbeat("fleet", beats, now[0], 0)
+        assert all(o.outcome == "ok" for o in out)
+
+    _measure(benchmark, loop, market, round_, FLEET, "heartbeats_per_s")
