@@ -7,8 +7,9 @@ its user's (or an admin's): another caller gets 404, as for an unknown client, s
 private. Time series take `start`, `end` (ISO 8601; default: the last 24 hours) and `bucket`
 (`1m`, `5m`, `15m`, `1h`, `6h`, `1d`; default `1h`), validated with the field named on error.
 
-The journal writes Postgres a moment after the live market changes (its lag is on `/metrics` as
-`mnemo_journal_*`), so these answers trail the live endpoints by that much.
+The journal writes Postgres a moment after the live market changes (its lag: `mnemo
+journal-status`, or `persistence.journal.journal_lag` for `/metrics`), so these answers trail the
+live endpoints by that much.
 """
 
 from __future__ import annotations

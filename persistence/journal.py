@@ -286,7 +286,13 @@ _Row = dict[str, Any]
 def _merge(full: dict[str, _Row], patches: dict[str, _Row], key: str, values: _Row) -> None:
     row = full.get(key)
     if row is None:
-        row = patches.setdefault(key, {})
+        row = patches.get(key)
+        if row is None:
+            patches[key] = dict(values)
+            return
+        if not any(col[0] == "+" for col in values):
+            row.update(values)  # the common case (heartbeats): plain assignments
+            return
         for col, value in values.items():
             if col.startswith("++"):
                 row[col] = row.get(col, ()) + tuple(value)
@@ -1160,7 +1166,11 @@ class _Worker:
     async def _pg(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
             assert self.settings.database_url is not None
-            self.conn = await asyncpg.connect(self.settings.database_url, timeout=10)
+            self.conn = await asyncpg.connect(
+                self.settings.database_url,
+                timeout=10,
+                server_settings={"application_name": f"mnemo-journal:{self.consumer}"[:63]},
+            )
             await self._load_partitions(self.conn)
         return self.conn
 
