@@ -23,6 +23,9 @@ Rules (DESIGN.md, "State and the atomic core"):
   key to a missing user, a value out of a column's range) is stored like any other; its region's
   application stops just before it with the error in `journal_positions.error` (see
   `mnemo journal-status`), is retried every `_BLOCKED_RETRY_S`, and every other region carries on.
+- **The journal trims the streams** (nothing else does): entries acknowledged, so stored in
+  Postgres, and older than `stream_keep_s` (slack for the other readers) are removed; an entry
+  still pending is never removed.
 - **Postgres going away** (connection lost, server restarting, `pg_terminate_backend`) is retried
   at the connection edge with backoff and a logged countdown; nothing is acknowledged before it
   has been committed.
@@ -103,6 +106,7 @@ _BLOCKED_RETRY_S = 10.0
 _PARTITIONS_EVERY_S = 3600.0
 _PARTITION_DAYS_AHEAD = 2
 _BACKOFF_MAX_S = 10.0
+_TRIM_EVERY_S = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -1123,6 +1127,7 @@ class _Worker:
         flush_interval_s: float,
         claim_idle_s: float,
         idle_block_s: float,
+        stream_keep_s: float,
     ) -> None:
         if not settings.redis_url or not settings.database_url:
             raise ConfigError(
@@ -1138,6 +1143,7 @@ class _Worker:
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.claim_every_s = max(0.05, min(5.0, claim_idle_s / 2))
         self.idle_block_ms = max(1, int(idle_block_s * 1000))
+        self.stream_keep_ms = int(stream_keep_s * 1000)
         self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, decode_responses=False)
         self.conn: asyncpg.Connection | None = None
         self.streams: dict[bytes, str] = {}  # stream key -> region
@@ -1463,6 +1469,8 @@ class _Worker:
             await self._with_pg("clusters", lambda c: refresh_clusters(c, regions))
         if self._due("blocked", _BLOCKED_RETRY_S):
             await self._with_pg("blocked regions", self._retry_blocked)
+        if self._due("trim", _TRIM_EVERY_S):
+            await self._with_redis("trimming the streams", self._trim_streams)
 
     async def _check_gaps(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch(
@@ -1516,6 +1524,29 @@ class _Worker:
         if group is None or int(group.get("pending", 0)) != 0:
             return False
         return _text(group.get("last-delivered-id")) == _text(info.get("last-generated-id"))
+
+    async def _trim_streams(self) -> None:
+        """Drop stream entries the journal no longer needs: acknowledged (so stored in
+        Postgres) and older than `stream_keep_s`, which other readers tailing the stream (the
+        market views, the engine's notifier) get as slack. Never past the group's oldest
+        pending entry, whoever holds it."""
+        keep_from = (int(time.time() * 1000) - self.stream_keep_ms, 0)
+        for key in list(self.streams):
+            try:
+                groups = await self.redis.xinfo_groups(key)
+            except ResponseError:
+                continue
+            group = next((g for g in groups if _text(g.get("name")) == GROUP), None)
+            if group is None:
+                continue
+            if int(group.get("pending", 0)):
+                summary = await self.redis.xpending(key, GROUP)
+                bound = _stream_id(summary.get("min"))
+            else:
+                bound = _stream_id(group.get("last-delivered-id"))
+            minid = min(bound, keep_from)
+            if minid > (0, 0):
+                await self.redis.xtrim(key, minid=f"{minid[0]}-{minid[1]}", approximate=True)
 
     async def _check_sequence(self, region: str, max_seq: int | None) -> None:
         if max_seq is None or region in self.warned_seq:
@@ -1580,6 +1611,12 @@ class _Worker:
             await self.redis.aclose()
 
 
+def _stream_id(value: Any) -> tuple[int, int]:
+    text = _text(value) or "0-0"
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode()
@@ -1595,13 +1632,15 @@ async def run_journal(
     flush_interval_s: float = 0.05,
     claim_idle_s: float = 30.0,
     idle_block_s: float = 0.25,
+    stream_keep_s: float = 600.0,
 ) -> None:
     """Journal every region's event stream into Postgres until `stop` is set.
 
     `consumer` names this worker in the `journal` group (default: `journal-<hostname>`, stable
     across restarts so a restarted worker re-reads its own pending entries first). Entries another
     worker left pending for `claim_idle_s` are claimed. A batch is flushed at `batch_size` entries
-    or `flush_interval_s` after its first entry, whichever comes first.
+    or `flush_interval_s` after its first entry, whichever comes first. Journaled entries older
+    than `stream_keep_s` are trimmed from the streams (never one still pending).
     """
     worker = _Worker(
         settings,
@@ -1611,6 +1650,7 @@ async def run_journal(
         flush_interval_s=flush_interval_s,
         claim_idle_s=claim_idle_s,
         idle_block_s=idle_block_s,
+        stream_keep_s=stream_keep_s,
     )
     await worker.run()
 

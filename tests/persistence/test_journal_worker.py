@@ -332,3 +332,38 @@ async def test_lag_counts_pending_and_undelivered(redis: aioredis.Redis, keys: K
     lag = await journal_lag(redis, keys, now_ms=h.events[10].ts_ms + 1000)
     assert (lag.pending, lag.undelivered, lag.oldest_unacked_age_s) == (0, n - 10, 1.0)
     assert lag.regions[0].last_event_id == h.events[-1].event_id
+
+
+async def test_journaled_entries_are_trimmed_but_never_pending_ones(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, db_url: str, conn: asyncpg.Connection
+) -> None:
+    """The journal trims the streams of what it has stored, but keeps every entry still
+    pending (here: held by a consumer that died, before it is claimed)."""
+    h = History.generate(_SEED + 5, 1200, regions=("trim",))
+    await seed_accounts(conn, h)
+    await xadd_all(redis, keys, h.encoded())
+    stream = keys.events("trim")
+    await redis.xgroup_create(stream, GROUP, id="0")
+    # A dead consumer holds entries in the middle of the stream.
+    await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=400)
+    held = await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=10)
+    first_held = held[0][1][0][0]
+    total = await redis.xlen(stream)
+    settings = _settings(redis_url, db_url, keys)
+    async with _worker_task(
+        settings, consumer="w", batch_size=100, claim_idle_s=3600, stream_keep_s=0
+    ):
+        # The worker claims nothing for an hour: it journals what nobody holds.
+        async def rest_stored() -> bool:
+            return await conn.fetchval("SELECT count(*) FROM events") == total - 410
+
+        await _eventually(rest_stored, 60, "the entries nobody holds to be stored")
+        # The first 400 entries' holder comes back and acknowledges them (they were journaled
+        # by nobody: this only frees them for trimming); the 10 after stay pending.
+        await redis.xack(stream, GROUP, *[i for i, _ in await redis.xrange(stream, count=400)])
+
+        async def trimmed() -> bool:
+            return await redis.xlen(stream) < total - 300
+
+        await _eventually(trimmed, 30, "the stream to be trimmed")
+    assert await redis.xrange(stream, min=first_held, max=first_held)
