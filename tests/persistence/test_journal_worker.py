@@ -25,6 +25,7 @@ from persistence.journal import (
     GROUP,
     decode_entry,
     journal_lag,
+    print_status,
     refresh_clusters,
     run_journal,
     write_batch,
@@ -367,3 +368,35 @@ async def test_journaled_entries_are_trimmed_but_never_pending_ones(
 
         await _eventually(trimmed, 30, "the stream to be trimmed")
     assert await redis.xrange(stream, min=first_held, max=first_held)
+
+
+async def test_journal_status_prints_lag_and_positions(
+    redis: aioredis.Redis,
+    keys: Keys,
+    redis_url: str,
+    db_url: str,
+    conn: asyncpg.Connection,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`mnemo journal-status` shows each region's stream, lag and applied position, and exits
+    non-zero while a region is held at a refused event."""
+    h = History.generate(_SEED + 6, 100, regions=("st-a", "st-b"))
+    await seed_accounts(conn, h)
+    await xadd_all(redis, keys, h.encoded())
+    settings = _settings(redis_url, db_url, keys)
+    async with _worker_task(settings, consumer="w"):
+        await _eventually(lambda: _all_applied(conn, h), 30, "every event applied")
+        await _eventually(lambda: _no_lag(redis, keys), 30, "every entry acknowledged")
+    assert await print_status(settings) == 0
+    out = capsys.readouterr().out
+    assert "0 pending, 0 undelivered" in out
+    for region in h.regions:
+        last = max(int(e.event_id.rsplit(":", 1)[1]) for e in h.events if e.region == region)
+        (line,) = [x for x in out.splitlines() if x.startswith(region)]
+        assert str(last) in line.split()
+    await conn.execute(
+        "UPDATE journal_positions SET error = 'st-a:7: refused', error_seq = 7 "
+        "WHERE region = 'st-a'"
+    )
+    assert await print_status(settings) == 1
+    assert "st-a:7: refused" in capsys.readouterr().out
