@@ -26,6 +26,7 @@ import asyncio
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
 import shutil
 import signal
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mnemo` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    _configure_logging()
     try:
         result: int = args.func(args)
         return result
@@ -90,6 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), e.details)
     except KeyboardInterrupt:
         return 130
+
+
+def _configure_logging() -> None:
+    # Settings validates MNEMO_LOG_LEVEL later (one clear line); an invalid value logs at INFO.
+    level = os.environ.get("MNEMO_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
