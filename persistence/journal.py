@@ -1235,7 +1235,7 @@ class _Worker:
 
     async def _refresh_regions(self) -> None:
         members = await self.redis.smembers(self.keys.regions)
-        regions = sorted(m.decode() for m in members) + list(self.settings.regions)
+        regions = sorted(_text(m) or "" for m in members) + list(self.settings.regions)
         new = []
         for region in regions:
             key = self.keys.events(region).encode()
@@ -1266,8 +1266,11 @@ class _Worker:
     async def _read_own_pending(self) -> list[_Raw]:
         if not self.pel_cursor:
             return []
-        reply = await self.redis.xreadgroup(
-            GROUP, self.consumer, dict(self.pel_cursor), count=self.batch_size
+        reply: Any = await self.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            dict(self.pel_cursor),  # type: ignore[arg-type]
+            count=self.batch_size,
         )
         out = []
         for stream, entries in reply or []:
@@ -1715,13 +1718,16 @@ async def journal_lag(
         if g is None:
             pending, delivered_id = 0, "0-0"
         else:
-            pending, delivered_id = int(g.get("pending", 0)), _text(g.get("last-delivered-id"))
+            pending = int(g.get("pending", 0))
+            delivered_id = _text(g.get("last-delivered-id")) or "0-0"
         undelivered_entries = await redis.xrange(key, min=f"({delivered_id}", count=1)
         if g is not None and g.get("lag") is not None:
             undelivered = int(g["lag"])
         else:
             undelivered = (
-                len(await redis.xrange(key, min=f"({delivered_id}")) if undelivered_entries else 0
+                len(await redis.xrange(key, min=f"({delivered_id}") or [])
+                if undelivered_entries
+                else 0
             )
         oldest_id = None
         if pending:
