@@ -327,7 +327,6 @@ class _Fold:
         self.contract_patches: dict[str, _Row] = {}
         self.spend: dict[str, int] = {}
         self.metrics: list[tuple[Any, ...]] = []
-        self.rollup: dict[tuple[str, int], list[Any]] = {}
         self.node_regions: set[str] = set()
 
     def apply(self, stored: StoredEvent) -> None:
@@ -528,7 +527,6 @@ class _Fold:
         self.node_regions.add(region)
 
     def _heartbeats(self, ev: HeartbeatsApplied, at: datetime) -> None:
-        minute_ms = ev.ts_ms - ev.ts_ms % 60_000
         region = ev.region
         for b in ev.entries:
             change: _Row = {
@@ -566,43 +564,6 @@ class _Fold:
                     at,
                 )
             )
-            agg = self.rollup.get((b.node_id, minute_ms))
-            if agg is None:
-                self.rollup[(b.node_id, minute_ms)] = [
-                    region,
-                    1,
-                    b.offered_ram_gb,
-                    b.offered_vram_gb,
-                    b.available_ram_gb,
-                    b.available_vram_gb,
-                    b.available_ram_gb,
-                    b.available_ram_gb,
-                    b.available_vram_gb,
-                    b.available_vram_gb,
-                    0 if cpu is None else 1,
-                    cpu or 0,
-                    0 if gpu is None else 1,
-                    gpu or 0,
-                    temp,
-                ]
-                continue
-            agg[1] += 1
-            agg[2] += b.offered_ram_gb
-            agg[3] += b.offered_vram_gb
-            agg[4] += b.available_ram_gb
-            agg[5] += b.available_vram_gb
-            agg[6] = min(agg[6], b.available_ram_gb)
-            agg[7] = max(agg[7], b.available_ram_gb)
-            agg[8] = min(agg[8], b.available_vram_gb)
-            agg[9] = max(agg[9], b.available_vram_gb)
-            if cpu is not None:
-                agg[10] += 1
-                agg[11] += cpu
-            if gpu is not None:
-                agg[12] += 1
-                agg[13] += gpu
-            if temp is not None:
-                agg[14] = temp if agg[14] is None else max(agg[14], temp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,17 +658,35 @@ FROM unnest($1::uuid[], $2::int8[]) AS u(id, amount)
 WHERE c.id = u.id
 """
 
+# Heartbeat metrics go through a temporary table: one COPY, then two set-based statements
+# append them to the partitioned table and fold them into the per-minute rollup (so the worker
+# does no per-row aggregation and sends no arrays for it). The sums are of exact numerics.
+_METRICS_STAGING_SQL = """
+CREATE TEMP TABLE IF NOT EXISTS journal_metrics_staging (
+    node_id uuid, region text, offered_ram_gb integer, offered_vram_gb integer,
+    available_ram_gb integer, available_vram_gb integer, cpu_usage_pct numeric(5, 2),
+    gpu_usage_pct numeric(5, 2), temperature_c integer, bandwidth_mbps integer,
+    latitude numeric(9, 6), longitude numeric(9, 6), "timestamp" timestamptz
+) ON COMMIT DELETE ROWS
+"""
+_METRICS_SQL = f"""
+INSERT INTO node_metrics ({", ".join(f'"{c}"' for c in _METRIC_COLS)})
+SELECT {", ".join(f'"{c}"' for c in _METRIC_COLS)} FROM journal_metrics_staging
+"""
 _ROLLUP_SQL = """
 INSERT INTO node_metrics_1m AS t (
     node_id, minute, region, samples, sum_offered_ram_gb, sum_offered_vram_gb,
     sum_available_ram_gb, sum_available_vram_gb, min_available_ram_gb, max_available_ram_gb,
     min_available_vram_gb, max_available_vram_gb, cpu_samples, sum_cpu_usage_pct, gpu_samples,
     sum_gpu_usage_pct, max_temperature_c)
-SELECT a, b, c, d, e, f, g, h, i, j, k, l, m, n * 0.01, o, p * 0.01, q
-FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
-            $7::int8[], $8::int8[], $9::int4[], $10::int4[], $11::int4[], $12::int4[],
-            $13::int4[], $14::int8[], $15::int4[], $16::int8[], $17::int4[])
-     AS u(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q)
+SELECT node_id, date_bin('1 minute', "timestamp", 'epoch'::timestamptz), min(region), count(*),
+       sum(offered_ram_gb), sum(offered_vram_gb), sum(available_ram_gb),
+       sum(available_vram_gb), min(available_ram_gb), max(available_ram_gb),
+       min(available_vram_gb), max(available_vram_gb), count(cpu_usage_pct),
+       coalesce(sum(cpu_usage_pct), 0), count(gpu_usage_pct), coalesce(sum(gpu_usage_pct), 0),
+       max(temperature_c)
+FROM journal_metrics_staging
+GROUP BY 1, 2
 ON CONFLICT (node_id, minute) DO UPDATE SET
     samples = t.samples + EXCLUDED.samples,
     sum_offered_ram_gb = t.sum_offered_ram_gb + EXCLUDED.sum_offered_ram_gb,
@@ -740,16 +719,15 @@ async def _flush(conn: asyncpg.Connection, fold: _Fold) -> None:
     if fold.spend:
         await conn.execute(_SPEND_SQL, list(fold.spend), list(fold.spend.values()))
     if fold.metrics:
-        await conn.copy_records_to_table("node_metrics", records=fold.metrics, columns=_METRIC_COLS)
-    if fold.rollup:
-        keys = list(fold.rollup)
-        aggs = list(fold.rollup.values())
-        await conn.execute(
-            _ROLLUP_SQL,
-            [k[0] for k in keys],
-            [_ts(k[1]) for k in keys],
-            *([a[i] for a in aggs] for i in range(15)),
+        await conn.execute(_METRICS_STAGING_SQL)
+        await conn.copy_records_to_table(
+            "journal_metrics_staging", records=fold.metrics, columns=_METRIC_COLS
         )
+        await conn.execute(_METRICS_SQL)
+        await conn.execute(_ROLLUP_SQL)
+        # Several batches may flush in one transaction (one event at a time, when isolating a
+        # refused event): each must see only its own rows.
+        await conn.execute("DELETE FROM journal_metrics_staging")
     await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
