@@ -177,6 +177,14 @@ async def _client(world: World) -> Built:
     return f"/api/clients/{world.client_id}", None
 
 
+async def _node_earnings(world: World) -> Built:
+    return f"/api/analytics/node/{await world.node()}/earnings", None
+
+
+async def _client_spending(world: World) -> Built:
+    return f"/api/analytics/client/{world.client_id}/spending", None
+
+
 P, R = "provider", "renter"
 
 TABLE: dict[tuple[str, str], Rule] = {
@@ -229,6 +237,23 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("GET", "/api/bids/{bid_id}"): Rule(R, 200, 404, _bid),
     ("DELETE", "/api/bids/{bid_id}"): Rule(R, 200, 404, _bid),
     ("GET", "/api/book/{region}"): Rule(R, 200, 200, _const("/api/book/us-east-2")),
+    # Clusters and analytics (gateway/analytics.py): public aggregates to any principal; a
+    # node's earnings to its owner (403 otherwise), a client's spending to its user (404).
+    ("GET", "/api/clusters"): Rule(R, 200, 200, _const("/api/clusters")),
+    ("GET", "/api/clusters/{region}/nodes"): Rule(
+        R, 200, 200, _const("/api/clusters/us-east-2/nodes")
+    ),
+    ("GET", "/api/clusters/{region}/stats"): Rule(
+        R, 200, 200, _const("/api/clusters/us-east-2/stats")
+    ),
+    ("GET", "/api/analytics/node/{node_id}/earnings"): Rule(P, 200, 403, _node_earnings),
+    ("GET", "/api/analytics/client/{client_id}/spending"): Rule(R, 200, 404, _client_spending),
+    ("GET", "/api/analytics/market/supply"): Rule(
+        R, 200, 200, _const("/api/analytics/market/supply")
+    ),
+    ("GET", "/api/analytics/market/pricing"): Rule(
+        R, 200, 200, _const("/api/analytics/market/pricing")
+    ),
 }
 
 WEBSOCKET_ROUTES = {
