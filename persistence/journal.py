@@ -30,9 +30,13 @@ Rules (DESIGN.md, "State and the atomic core"):
   at the connection edge with backoff and a logged countdown; nothing is acknowledged before it
   has been committed.
 
-Throughput: events are decoded once (msgspec), folded in memory per row (a node's ten heartbeats
-in a batch are one UPDATE), and written with one multi-row statement per table and row shape
-(`unnest` arrays) plus a binary COPY of the heartbeat metrics.
+Throughput: events are decoded once (msgspec) and folded in memory per row (a node's ten
+heartbeats in a batch are one UPDATE), while the previous batch is being written (one batch is
+read ahead); the events and the heartbeat metrics reach Postgres by binary COPY into temporary
+tables and set-based INSERTs from them (which also fold the per-minute rollup), the other tables by
+one multi-row statement per table and row shape (`unnest` arrays). One region's events are applied
+by one worker at a time (its position row is locked), so more workers add throughput across
+regions, not within one.
 """
 
 from __future__ import annotations
