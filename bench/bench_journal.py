@@ -11,6 +11,7 @@ with the database's, so about 1e6 / max(worker, backend) events/s with two free 
 1e6 / (worker + backend) on one.
 
     .venv/bin/python -m bench.bench_journal --events 200000 --rounds 5
+    .venv/bin/python -m bench.bench_journal --events 100000 --rate 2000 --duration 30   # lag
 
 Servers: MNEMO_BENCH_REDIS_URL / MNEMO_BENCH_DATABASE_URL (default: the local dev servers,
 redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/postgres; the database named
@@ -33,6 +34,7 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import msgspec
 import redis.asyncio as aioredis
 
 from engine.keys import Keys
@@ -108,6 +110,76 @@ async def _round(
         await admin.close()
 
 
+async def _lag_run(
+    redis_url: str, admin_url: str, h: History, rate: float, duration_s: float, batch: int
+) -> list[float]:
+    """Events XADDed at `rate` per second for `duration_s` while one worker journals them;
+    every 20 ms, the age of the oldest event not yet applied in Postgres (0 when none).
+    Returns the samples in seconds."""
+    name = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    db_url = _with_database(admin_url, name)
+    keys = Keys(f"bench{uuid.uuid4().hex[:8]}:")
+    redis = aioredis.from_url(redis_url)
+    sent: dict[str, list[float]] = {r: [] for r in h.regions}  # seq - 1 -> time XADDed
+    try:
+        await migrate(db_url)
+        conn = await asyncpg.connect(db_url)
+        await seed_accounts(conn, h)
+        await redis.sadd(keys.regions, *h.regions)
+        settings = Settings(redis_url=redis_url, database_url=db_url, key_prefix=keys.prefix)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_journal(settings, consumer="bench", stop=stop, batch_size=batch)
+        )
+        encoder = msgspec.json.Encoder()
+
+        async def produce() -> None:
+            started = time.monotonic()
+            i = 0
+            while (elapsed := time.monotonic() - started) < duration_s and i < len(h.events):
+                due = min(len(h.events), int(elapsed * rate) + 1)
+                if due > i:
+                    now_ms = int(time.time() * 1000)
+                    async with redis.pipeline(transaction=False) as pipe:
+                        for e in h.events[i:due]:
+                            # Stamped now, so that the lag is measured from the XADD.
+                            pipe.xadd(
+                                keys.events(e.region),
+                                {"e": encoder.encode(msgspec.structs.replace(e, ts_ms=now_ms))},
+                            )
+                            sent[e.region].append(time.monotonic())
+                        await pipe.execute()
+                    i = due
+                await asyncio.sleep(0.005)
+
+        samples: list[float] = []
+        producer = asyncio.create_task(produce())
+        while not producer.done():
+            rows = await conn.fetch("SELECT region, applied_seq FROM journal_positions")
+            applied = {r["region"]: r["applied_seq"] for r in rows}
+            now = time.monotonic()
+            ages = [
+                now - times[applied.get(region, 0)]
+                for region, times in sent.items()
+                if len(times) > applied.get(region, 0)
+            ]
+            samples.append(max(ages, default=0.0))
+            await asyncio.sleep(0.02)
+        await producer
+        stop.set()
+        await worker
+        await conn.close()
+        return samples
+    finally:
+        async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
+            await redis.unlink(key)
+        await redis.aclose()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -118,6 +190,13 @@ async def main() -> None:
         "--heartbeat-weight", type=int, default=6, help="weight of heartbeat events in the mix"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="instead of throughput: XADD this many events/s and report the journal's lag",
+    )
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds, with --rate")
     args = parser.parse_args()
     redis_url = os.environ.get("MNEMO_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
     admin_url = os.environ.get(
@@ -138,6 +217,18 @@ async def main() -> None:
     gc.freeze()
     n = len(encoded)
     print(f"history: {n} events generated in {time.perf_counter() - t:.1f} s", flush=True)
+    if args.rate:
+        samples = sorted(
+            await _lag_run(redis_url, admin_url, h, args.rate, args.duration, args.batch)
+        )
+        p50 = samples[len(samples) // 2]
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        print(
+            f"lag at {args.rate:,.0f} events/s for {args.duration:.0f} s: "
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {samples[-1] * 1000:.0f} ms "
+            f"({len(samples)} samples of the oldest event not yet applied in Postgres)"
+        )
+        return
     rates, own, backend = [], [], []
     for i in range(args.rounds):
         elapsed, metrics, own_cpu, backend_cpu = await _round(
