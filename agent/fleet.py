@@ -18,8 +18,10 @@ each connection subscribes to its nodes' `node:<id>` channels and keeps their le
 Scale: a node is a row in parallel lists (no object per node); a connection owns a shard of
 nodes and a timing wheel of `interval / tick` slots, each node in one slot by its phase, so each
 tick sends one batched `heartbeat` message per up-to-`batch` nodes. Every node beats at most once
-per `min_gap_s` (the gateway's per-node limit): `next_ok[i]` is checked before each beat and
-pushed back by a `too_soon` answer. While a connection is down its nodes' beats are skipped (an
+per `min_gap_s` (the gateway's per-node limit) *as the gateway measures it*: the gap is counted
+from the ack of the node's previous beat (the script that checked the limit ran before the ack
+left), and a node whose beat is still unacknowledged sends no other, so no delay between the
+simulator and Redis can squeeze two beats together; a `too_soon` answer pushes the node back too. While a connection is down its nodes' beats are skipped (an
 HTTP fallback for thousands of nodes would be a storm); it reconnects with jittered backoff.
 
 Registration: `POST /api/nodes/register` for each node, `concurrency` at a time over one
@@ -406,6 +408,32 @@ class FleetStats:
         self.repriced = 0
         self.late_ticks = 0
         """Ticks that started more than one tick late (the process could not keep up)."""
+        self._latencies: list[float] = []
+        self._seen_acks = 0
+        self._rng = random.Random(0)
+
+    LATENCY_SAMPLES = 10_000
+
+    def ack_latency(self, seconds: float) -> None:
+        """Record one batch's send-to-ack time (a uniform reservoir of the last run)."""
+        self._seen_acks += 1
+        if len(self._latencies) < self.LATENCY_SAMPLES:
+            self._latencies.append(seconds)
+        else:
+            k = self._rng.randrange(self._seen_acks)
+            if k < self.LATENCY_SAMPLES:
+                self._latencies[k] = seconds
+
+    def ack_latency_ms(self) -> dict[str, float]:
+        """p50/p90/p99/max of the batches' send-to-ack time, in ms."""
+        if not self._latencies:
+            return {}
+        ordered = sorted(self._latencies)
+
+        def at(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+        return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -418,6 +446,7 @@ class FleetStats:
             "reconnects": self.reconnects,
             "repriced": self.repriced,
             "late_ticks": self.late_ticks,
+            "ack_latency_ms": self.ack_latency_ms(),
         }
 
 
@@ -451,7 +480,8 @@ class Fleet:
         self.p_outage = [(1.0 - v.reliability) / self.OUTAGE_BEATS for v in nodes]
         self.silent_left = [0] * len(nodes)
         self.last_sent = [-math.inf] * len(nodes)
-        """Monotonic time of each node's last beat (the rate-limit guard)."""
+        """Monotonic time of each node's last beat, moved to its ack's arrival when that comes
+        (the rate-limit guard: see `_Shard._on_ack`)."""
         self.leased_ram = [0] * len(nodes)
         self.leased_vram = [0] * len(nodes)
         self.books: dict[int, LeaseBook] = {}
@@ -605,6 +635,7 @@ class _Shard:
         self.fleet = fleet
         self.members = members
         self.min_gap_s = min_gap_s
+        self.in_flight_hold_s = max(30.0, 10 * interval_s)
         self.tick_s = tick_s
         self.batch = min(batch, GatewaySocket.MAX_BEATS_PER_MESSAGE)
         self.stats = stats
@@ -615,6 +646,7 @@ class _Shard:
         self.next_ok: dict[int, float] = {}
         """Node -> monotonic time before which it must not beat (sparse: only nodes held back)."""
         self.pending: dict[int, list[int]] = {}
+        self.sent_at: dict[int, float] = {}
         """ref -> the nodes of that batch, in order (the ack's results come in the same order)."""
         self._refs = 0
         self.link = _Link(
@@ -624,16 +656,26 @@ class _Shard:
             channels=[],
             stats=stats,
             on_ack=self._on_ack,
-            on_down=self.pending.clear,
+            on_down=self._on_down,
         )
 
     def _on_ack(self, ref: Any, results: list[BeatOutcome] | None) -> None:
         sent = self.pending.pop(ref, None) if isinstance(ref, int) else None
         outcomes = self.stats.outcomes
+        now = time.monotonic()
+        started = self.sent_at.pop(ref, None) if isinstance(ref, int) else None
+        if started is not None:
+            self.stats.ack_latency(now - started)
+        if sent is not None:
+            # The script that applied these beats ran before this ack arrived: measuring the
+            # next beat's gap from here keeps every node within the limit as the gateway
+            # measures it, whatever the delays in between.
+            last_sent = self.fleet.last_sent
+            for i in sent:
+                last_sent[i] = now
         if results is None:  # the whole batch was refused (the gateway could not apply it)
             outcomes["batch_refused"] += len(sent or ())
             return
-        now = time.monotonic()
         for k, result in enumerate(results):
             outcomes[result.outcome] += 1
             if result.outcome == "ok":
@@ -651,6 +693,17 @@ class _Shard:
                 log.warning(
                     "virtual node %s: %s; no longer simulated", result.node_id, result.outcome
                 )
+
+    def _on_down(self) -> None:
+        # Beats in flight when the socket went down may or may not have been applied: count
+        # their gap from now.
+        now = time.monotonic()
+        last_sent = self.fleet.last_sent
+        for sent in self.pending.values():
+            for i in sent:
+                last_sent[i] = now
+        self.pending.clear()
+        self.sent_at.clear()
 
     async def beat_loop(
         self, stop: asyncio.Event, idle_of: Callable[[], list[bool]], phase: float = 0.0
@@ -682,6 +735,7 @@ class _Shard:
             group = fleet.group
             next_ok, last_sent = self.next_ok, fleet.last_sent
             min_gap = self.min_gap_s
+            in_flight_hold = self.in_flight_hold_s
             beats: list[Beat] = []
             sent: list[int] = []
             for i in members:
@@ -691,7 +745,7 @@ class _Shard:
                         continue
                     del next_ok[i]
                 if now - last_sent[i] < min_gap:
-                    # The loop ran late and caught up: this node's last beat is too recent.
+                    # Too recent: its last beat's ack came late, or the loop ran late.
                     stats.skipped_rate += 1
                     continue
                 beat = fleet.beat(i, idle[group[i]])
@@ -700,16 +754,20 @@ class _Shard:
                     continue
                 beats.append(beat)
                 sent.append(i)
-                last_sent[i] = now
+                # In flight: no next beat until its ack comes (which resets this), or, should
+                # an ack never come, until well past any sane delay.
+                last_sent[i] = now + in_flight_hold
             for lo in range(0, len(beats), self.batch):
                 self._refs += 1
                 ref = self._refs
                 chunk = beats[lo : lo + self.batch]
                 self.pending[ref] = sent[lo : lo + self.batch]
+                self.sent_at[ref] = time.monotonic()
                 try:
                     await socket.send_heartbeats(chunk, ref)
                 except GatewayUnavailable:
                     self.pending.pop(ref, None)
+                    self.sent_at.pop(ref, None)
                     stats.skipped_disconnected += len(beats) - lo
                     break
                 stats.sent += len(chunk)
