@@ -23,7 +23,6 @@ from typing import Any, TypedDict, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
-from engine.view import MarketView
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -33,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from engine.keys import Keys
 from engine.market import Market
 from engine.settings import ConfigError, Settings
+from engine.view import MarketView
 from gateway.auth import Authenticator
 from gateway.errors import ERROR_HANDLERS
 from gateway.idempotency import IdempotencyStore
