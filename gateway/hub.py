@@ -193,6 +193,13 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # A cancellation can be lost inside redis-py's pub/sub read (the reader was seen
+            # "cancelling" yet blocked in a fresh read, and stop() waited forever): cancel
+            # again until the task has ended.
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if not task.done():
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
