@@ -27,8 +27,9 @@ gateway's `too_soon` answers (they must be 0). 1M nodes at a 50 s interval under
 limit is 20k beats/s; the same load is `nodes / interval` for any pair, which is how a smaller
 fleet on a 2-core machine reaches it (the defaults: 60k nodes at 2.5 s under a 1.5 s limit, the
 same 60% ratio of limit to interval; 24k beats/s offered). The simulator counts a node's gap
-from the ack of its previous beat, so no delay can make the gateway see two beats too close. The Redis working set is smaller than with 1M nodes; the per-beat work
-(one entry of a batched script call) is the same.
+from the ack of its previous beat, so no delay can make the gateway see two beats too close.
+The Redis working set is smaller than with 1M nodes; the per-beat work (one entry of a batched
+script call) is the same.
 
 The pytest-benchmark test at the bottom measures the simulator's own cost per beat (no server):
 `pytest bench/bench_fleet.py --benchmark-only`.
