@@ -97,7 +97,7 @@ class Gateway:
 
 @contextlib.contextmanager
 def gateway(
-    redis_url: str, database_url: str, *, env: dict[str, str] | None = None
+    redis_url: str, database_url: str, *, env: dict[str, str] | None = None, workers: int = 1
 ) -> Iterator[Gateway]:
     """A migrated database and key prefix of our own, one uvicorn gateway; all removed after."""
     from persistence.migrations import migrate
@@ -144,7 +144,7 @@ def gateway(
         sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
         "--ws", "websockets-sansio", "--ws-per-message-deflate", "false",
-        "--log-level", "warning", "--no-access-log",
+        "--log-level", "warning", "--no-access-log", "--workers", str(workers),
     ]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=ROOT, env=child_env)
     try:
@@ -202,9 +202,19 @@ async def _redis_cpu_s(redis_url: str) -> float:
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds used so far by a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds used so far by a process and its children alive now (the
+    gateway's workers), from Linux /proc."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +312,7 @@ def run_heartbeats(args: argparse.Namespace) -> dict[str, Any]:
     redis_url = os.environ.get("MNEMO_REDIS_URL", DEFAULT_REDIS)
     database_url = os.environ.get("MNEMO_DATABASE_URL", DEFAULT_DATABASE)
     env = {"MNEMO_HEARTBEAT_MIN_INTERVAL_S": "0.001"}
-    with gateway(redis_url, database_url, env=env) as gw:
+    with gateway(redis_url, database_url, env=env, workers=args.workers) as gw:
 
         async def main() -> dict[str, Any]:
             async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
@@ -333,6 +343,7 @@ def run_heartbeats(args: argparse.Namespace) -> dict[str, Any]:
             elapsed = time.perf_counter() - t_start
             return {
                 "bench": "ws_heartbeats",
+                "workers": args.workers,
                 "owners": args.owners,
                 "nodes_per_owner": args.nodes,
                 "batch": args.batch,
@@ -395,7 +406,12 @@ class _FanoutSocket(asyncio.Protocol):
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}"
             "\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
-        self._subscribe = json.dumps({"op": "subscribe", "channels": channels}).encode()
+        # the gateway takes at most 64 channels per subscribe message
+        self._subscribes = [
+            json.dumps({"op": "subscribe", "channels": channels[i : i + 64]}).encode()
+            for i in range(0, len(channels), 64)
+        ]
+        self._acks_due = len(self._subscribes)
         self._tally = tally
         self._buf = bytearray()
         self._open = False
@@ -440,7 +456,8 @@ class _FanoutSocket(asyncio.Protocol):
                 return
             del buf[: end + 4]
             self._open = True
-            self._send(0x1, self._subscribe)
+            for message in self._subscribes:
+                self._send(0x1, message)
         tally = self._tally
         pos, n = 0, len(buf)
         while n - pos >= 2:
@@ -469,7 +486,9 @@ class _FanoutSocket(asyncio.Protocol):
                     else:
                         tally.outside += 1
                 elif b'"subscribed"' in payload:
-                    self.subscribed.set_result(None)
+                    self._acks_due -= 1
+                    if self._acks_due == 0:
+                        self.subscribed.set_result(None)
                 else:
                     self.subscribed.set_exception(RuntimeError(payload.decode()))
             elif opcode == 0x9:
@@ -576,7 +595,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"open-file limit {nofile} < {need}: raise `ulimit -n`")
     if args.per_conn > args.channels:
         raise SystemExit("--per-conn cannot exceed --channels")
-    with gateway(redis_url, database_url) as gw:
+    with gateway(redis_url, database_url, workers=args.workers) as gw:
 
         async def account() -> str:
             async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
@@ -629,6 +648,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     expected = args.rate * args.seconds * subs_per_channel
     return {
         "bench": "ws_fanout",
+        "workers": args.workers,
         "connections": opened,
         "subscriptions": args.connections * args.per_conn,
         "channels": args.channels,
@@ -682,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seconds", type=float, default=10.0)
         p.add_argument("--warmup", type=float, default=2.0)
         p.add_argument("--repeat", type=int, default=1, help="runs; the median is reported too")
+        p.add_argument("--workers", type=int, default=1, help="gateway processes (uvicorn)")
     for p in (hb, both):
         p.add_argument("--owners", type=int, default=8)
         p.add_argument("--nodes", type=int, default=2000, help="nodes per owner")
@@ -694,14 +715,32 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rate", type=int, default=1000, help="messages published per second")
         p.add_argument("--client-procs", type=int, default=1)
     args = parser.parse_args(argv)
-    runs = []
+    print(json.dumps({"loadavg_before": os.getloadavg(), "argv": sys.argv[1:]}), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"ws_heartbeats": [], "ws_fanout": []}
     for _ in range(args.repeat):
         if args.what in ("heartbeats", "all"):
-            runs.append(run_heartbeats(args))
-            print(json.dumps(runs[-1]), flush=True)
+            result = run_heartbeats(args)
+            runs["ws_heartbeats"].append(result)
+            print(json.dumps(result), flush=True)
         if args.what in ("fanout", "all"):
-            runs.append(run_fanout(args))
-            print(json.dumps(runs[-1]), flush=True)
+            result = run_fanout(args)
+            runs["ws_fanout"].append(result)
+            print(json.dumps(result), flush=True)
+    if args.repeat > 1:
+        medians = {
+            "ws_heartbeats": ("beats_ok_per_s", "ack_ms_p50", "ack_ms_p99", "gateway_cpu_share"),
+            "ws_fanout": (
+                "delivered_per_s",
+                "latency_ms_p50",
+                "latency_ms_p99",
+                "gateway_cpu_us_per_frame",
+            ),
+        }
+        for bench, fields in medians.items():
+            if runs[bench]:
+                summary = {f: statistics.median(r[f] for r in runs[bench]) for f in fields}
+                print(json.dumps({"bench": bench, "median_of": len(runs[bench]), **summary}))
+    print(json.dumps({"loadavg_after": os.getloadavg()}), flush=True)
     return 0
 
 

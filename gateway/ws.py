@@ -34,7 +34,8 @@ Keepalive: the server (uvicorn) pings every socket and closes it when pongs stop
 there for clients that cannot see protocol pings (browsers).
 
 Close codes: 4401 auth missing/invalid/expired, 1013 too slow, 1012 server shutting down,
-1011 internal error.
+1011 internal error. If credentials cannot be checked at all (accounts database down), the
+handshake gets HTTP 503 with the usual error body.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from engine.keys import Keys
 from engine.settings import Settings
 from engine.types import Heartbeat
 from gateway.auth import Principal, authenticate
-from gateway.errors import ErrorDetail, Unauthorized, from_msgspec
+from gateway.errors import ErrorDetail, Unauthorized, error_response, from_msgspec
 from gateway.heartbeats import HeartbeatBatcher, HeartbeatSink
 from gateway.hub import Hub, HubUnavailable, Subscriber
 from gateway.schemas import HeartbeatRequest, Id
@@ -265,6 +266,16 @@ class WsEndpoint:
             principal = await authenticate(websocket)
         except Unauthorized as exc:
             await websocket.close(code=CLOSE_AUTH, reason=exc.code)
+            return
+        except Exception:
+            # The accounts database is down, say: a retryable 503, not a refusal.
+            log.exception("authenticating a WebSocket failed")
+            if "websocket.http.response" in scope.get("extensions", {}):
+                await websocket.send_denial_response(
+                    error_response(503, "unavailable", "authentication unavailable; retry")
+                )
+            else:
+                await websocket.close(code=CLOSE_INTERNAL, reason="unavailable")
             return
         if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
             await websocket.close(code=CLOSE_AUTH, reason="token_expired")

@@ -183,6 +183,16 @@ async def test_socket_closes_with_4401_when_its_api_key_is_revoked(live: Live) -
     assert await closed_with(ws) == 4401
 
 
+async def test_handshake_gets_503_when_credentials_cannot_be_checked(live: Live) -> None:
+    """With the accounts database gone, a key cannot be checked: 503 (retry), not 403."""
+    user = await signup(live.gw, "user")
+    await live.state["pool"].close()
+    with pytest.raises(InvalidStatus) as info:
+        await live.socket(user)
+    assert info.value.response.status_code == 503
+    assert json.loads(info.value.response.body)["error"]["code"] == "unavailable"
+
+
 # ---------------------------------------------------------------------------------------------
 # channels
 
