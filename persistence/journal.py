@@ -1139,7 +1139,6 @@ class _Worker:
         self.partitions: set[date] = set()
         self.dirty_clusters: set[str] = set()
         self.catch_up: set[str] = set()
-        self.waiting: set[str] = set()
         self.warned_seq: set[str] = set()
         self.next: dict[str, float] = {}
 
@@ -1421,8 +1420,10 @@ class _Worker:
 
     def _note(self, result: BatchResult) -> None:
         self.dirty_clusters.update(result.node_regions)
-        for region in result.waiting:
-            (self.waiting if region in result.blocked else self.catch_up).add(region)
+        # Regions with events left to apply: more than one transaction's worth, or a gap
+        # (the catch-up then applies nothing and waits for the next batch or the gap check).
+        # Held regions wait for their own retry.
+        self.catch_up.update(r for r in result.waiting if r not in result.blocked)
 
     async def _store_rejects(
         self, conn: asyncpg.Connection, rejects: list[tuple[_Raw, str]]
@@ -1452,7 +1453,6 @@ class _Worker:
                 return
             self._note(result)
             if result.applied == 0:
-                self.waiting.update(result.waiting)
                 self.catch_up.difference_update(result.waiting)
         if self.dirty_clusters and self._due("clusters", _CLUSTER_REFRESH_S):
             regions = sorted(self.dirty_clusters)
