@@ -400,3 +400,26 @@ async def test_journal_status_prints_lag_and_positions(
     )
     assert await print_status(settings) == 1
     assert "st-a:7: refused" in capsys.readouterr().out
+
+
+async def test_several_workers_share_the_streams(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, db_url: str, conn: asyncpg.Connection
+) -> None:
+    """Three workers in one consumer group, reading the same streams in small batches while
+    events arrive: each event applied once, in order: the tables equal one clean pass."""
+    h = History.generate(_SEED + 7, 1500, regions=("w-a", "w-b", "w-c"))
+    await seed_accounts(conn, h)
+    expected = await _reference(conn, h)
+    encoded = h.encoded()
+    settings = _settings(redis_url, db_url, keys)
+    async with contextlib.AsyncExitStack() as stack:
+        for name in ("one", "two", "three"):
+            await stack.enter_async_context(
+                _worker_task(settings, consumer=name, batch_size=40, claim_idle_s=0.5)
+            )
+        for i in range(0, len(encoded), 100):
+            await xadd_all(redis, keys, encoded[i : i + 100])
+            await asyncio.sleep(0.02)
+        await _eventually(lambda: _all_applied(conn, h), 120, "every event applied")
+        await _eventually(lambda: _no_lag(redis, keys), 30, "every entry acknowledged")
+    assert await _settled_digest(conn, h) == expected
