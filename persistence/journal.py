@@ -111,6 +111,7 @@ _PARTITIONS_EVERY_S = 3600.0
 _PARTITION_DAYS_AHEAD = 2
 _BACKOFF_MAX_S = 10.0
 _TRIM_EVERY_S = 10.0
+_LAG_COUNT_MAX = 100_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_DAY = date(1970, 1, 1)
 
@@ -1738,12 +1739,12 @@ async def journal_lag(
         undelivered_entries = await redis.xrange(key, min=f"({delivered_id}", count=1)
         if g is not None and g.get("lag") is not None:
             undelivered = int(g["lag"])
+        elif undelivered_entries:
+            # The server cannot tell (entries deleted mid-stream): count, up to a bound.
+            counted = await redis.xrange(key, min=f"({delivered_id}", count=_LAG_COUNT_MAX)
+            undelivered = len(counted or [])
         else:
-            undelivered = (
-                len(await redis.xrange(key, min=f"({delivered_id}") or [])
-                if undelivered_entries
-                else 0
-            )
+            undelivered = 0
         oldest_id = None
         if pending:
             summary = await redis.xpending(key, group)
