@@ -10,6 +10,9 @@ JWTs are HS256 (PyJWT) with `sub`, `role`, `iat`, `exp`, `iss`, `aud`, `jti`; th
 algorithm, issuer and audience are fixed server-side, never read from the token. A token's role is
 the role at issue time (a role change takes effect on the next token).
 
+A verified token is remembered in process (by its exact text, bounded) so that a client's next
+requests skip the signature check; its expiry is checked on every use.
+
 API keys are `mnm_` + 43 url-safe characters (256 random bits). Only their SHA-256 (hex) is stored,
 with a short prefix so the owner can tell keys apart. A key found in Postgres is cached in process
 for `key_cache_ttl_s` (5 s): a revocation is immediate in the worker that served it and takes at
@@ -114,7 +117,7 @@ async def verify_password(password_hash: str | None, password: str) -> tuple[boo
 class Authenticator:
     """Issues and checks credentials for one app (built in the lifespan, kept in its state)."""
 
-    __slots__ = ("_cache", "_cache_max", "_pool", "_settings", "key_cache_ttl_s")
+    __slots__ = ("_cache", "_cache_max", "_pool", "_settings", "_tokens", "key_cache_ttl_s")
 
     def __init__(
         self,
@@ -129,6 +132,9 @@ class Authenticator:
         self.key_cache_ttl_s = key_cache_ttl_s
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._cache_max = key_cache_max
+        # Tokens already verified (signature, issuer, audience, claims), by their exact text:
+        # a hit needs the very same token, and expiry is still checked on every use.
+        self._tokens: dict[str, Principal] = {}
 
     # -- JWT ---------------------------------------------------------------------------------
 
@@ -149,6 +155,20 @@ class Authenticator:
 
     def decode_token(self, token: str) -> Principal:
         """The principal a JWT names, or Unauthorized (`token_expired` / `invalid_token`)."""
+        known = self._tokens.get(token)
+        if known is not None:
+            assert known.expires_ms is not None
+            if known.expires_ms > time.time_ns() // 1_000_000:
+                return known
+            del self._tokens[token]
+            raise Unauthorized("token expired", code="token_expired")
+        principal = self._verify_token(token)
+        if len(self._tokens) >= self._cache_max:
+            self._tokens.clear()
+        self._tokens[token] = principal
+        return principal
+
+    def _verify_token(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token,

@@ -625,8 +625,15 @@ def to_pusd(amount_usd: float) -> int:
     return pusd(amount_usd)
 
 
+_EXACT = 2**53
+
+
 def to_usd(amount_pusd: int) -> float:
-    """Integer pico-USD to USD for the wire."""
+    """Integer pico-USD to USD for the wire (the double nearest the exact decimal amount)."""
+    if -_EXACT < amount_pusd < _EXACT:
+        # Both operands are exact doubles and IEEE division rounds correctly, so this is the
+        # same double as float(Decimal): the nearest to amount / 10**12, without the Decimal.
+        return amount_pusd / 1e12
     return float(usd(amount_pusd))
 
 

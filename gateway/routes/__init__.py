@@ -12,11 +12,12 @@ from gateway.routes import accounts, bids, contracts, health, marketplace, nodes
 
 __all__ = ["OPERATIONS"]
 
+# The router tries routes in this order: the busiest (matching, heartbeats) come first.
 OPERATIONS: list[Operation] = [
-    *health.OPERATIONS,
-    *accounts.OPERATIONS,
-    *nodes.OPERATIONS,
     *marketplace.OPERATIONS,
+    *nodes.OPERATIONS,
     *contracts.OPERATIONS,
     *bids.OPERATIONS,
+    *accounts.OPERATIONS,
+    *health.OPERATIONS,
 ]

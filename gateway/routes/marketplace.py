@@ -129,7 +129,8 @@ async def request_matches(call: Call) -> MatchResponse:
         node_type=body.node_type,
         region=body.region,
         limit=body.limit,
-    ).validate()
+    )
+    # rank_all validates the request (InvalidRequest -> 422).
     matches = call.state.view.rank_all(req, call.now_ms(), body.limit)
     return MatchResponse(
         request_id=uuid.uuid4().hex,
