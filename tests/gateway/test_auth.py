@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -195,3 +196,15 @@ async def test_login_failures_are_rate_limited(gw: Gateway) -> None:
     r = await api.post("/api/auth/token", json={"email": user.email, "password": user.password})
     assert_error(r, 429, "rate_limited")
     assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_a_remembered_token_still_expires(gw: Gateway) -> None:
+    """A verified JWT is remembered, but a later use after its expiry is refused all the same."""
+    auth = gw.state["auth"]
+    user = await signup(gw)
+    now = int(time.time())
+    token, _ = auth.issue_token(user.user_id, "user", now_s=now - gw.settings.jwt_ttl_s + 2)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert (await gw.client.get("/api/auth/me", headers=headers)).status_code == 200
+    await asyncio.sleep(max(0.0, now + 2 - time.time()) + 0.05)
+    assert_error(await gw.client.get("/api/auth/me", headers=headers), 401, "token_expired")
