@@ -375,7 +375,12 @@ class _Frame(msgspec.Struct):
     data: _Probe
 
 
+class _Batch(msgspec.Struct):
+    messages: list[_Frame]
+
+
 _decode_frame = msgspec.json.Decoder(_Frame).decode
+_decode_batch = msgspec.json.Decoder(_Batch).decode
 
 
 class _Tally:
@@ -479,18 +484,22 @@ class _FanoutSocket(asyncio.Protocol):
             if opcode == 0x1:
                 if self.subscribed.done():
                     now = time.time_ns()
-                    t = _decode_frame(payload).data.t
-                    if tally.t_measure_ns <= t < tally.t_end_ns:
-                        tally.received += 1
-                        tally.latencies.append(now - t)
+                    if payload.startswith(b'{"type":"batch"'):
+                        probes = [m.data for m in _decode_batch(payload).messages]
                     else:
-                        tally.outside += 1
-                elif b'"subscribed"' in payload:
-                    self._acks_due -= 1
-                    if self._acks_due == 0:
-                        self.subscribed.set_result(None)
-                else:
+                        probes = [_decode_frame(payload).data]
+                    for probe in probes:
+                        if tally.t_measure_ns <= probe.t < tally.t_end_ns:
+                            tally.received += 1
+                            tally.latencies.append(now - probe.t)
+                        else:
+                            tally.outside += 1
+                elif b'"type":"error"' in payload:
                     self.subscribed.set_exception(RuntimeError(payload.decode()))
+                else:
+                    self._acks_due -= payload.count(b'"type":"subscribed"')
+                    if self._acks_due <= 0:
+                        self.subscribed.set_result(None)
             elif opcode == 0x9:
                 self._send(0xA, payload)
             elif opcode == 0x8:
@@ -509,7 +518,7 @@ async def _clients(
 
     url = urlsplit(ws_url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    target = f"{url.path}?api_key={key}"
+    target = f"{url.path}?{url.query + '&' if url.query else ''}api_key={key}"
     tally = _Tally()
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(200)
@@ -614,10 +623,11 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         ctx = mp.get_context("spawn")
         ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
         shares = [conns[i :: args.client_procs] for i in range(args.client_procs)]
+        ws_url = gw.ws_url + ("?batch=1" if args.coalesce else "")
         # The measurement window is fixed once every socket is up, and read after `go`.
         timing = ctx.Array("q", 3)  # measure start, end, publish start
         procs = [
-            ctx.Process(target=_client_entry, args=(gw.ws_url, key, share, timing, ready, go, out))
+            ctx.Process(target=_client_entry, args=(ws_url, key, share, timing, ready, go, out))
             for share in shares
         ]
         pub_out = ctx.Queue()
@@ -673,6 +683,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
             sum(r["cpu_s"] for r in results) / (args.warmup + args.seconds + 2.5), 2
         ),
         "client_procs": args.client_procs,
+        "coalesce": args.coalesce,
     }
 
 
@@ -714,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--channels", type=int, default=100)
         p.add_argument("--rate", type=int, default=1000, help="messages published per second")
         p.add_argument("--client-procs", type=int, default=1)
+        p.add_argument(
+            "--coalesce", action="store_true", help="open sockets with ?batch=1 (batch frames)"
+        )
     args = parser.parse_args(argv)
     print(json.dumps({"loadavg_before": os.getloadavg(), "argv": sys.argv[1:]}), flush=True)
     runs: dict[str, list[dict[str, Any]]] = {"ws_heartbeats": [], "ws_fanout": []}

@@ -16,6 +16,10 @@ Server -> client:
     {"type": "event", "channel", "data"} for each notification of a subscribed channel
     {"type": "error", "error": {"code", "message", "field"?}, "channel"?, "ref"?} for a bad
     message, an unknown or forbidden channel, or a failed heartbeat batch; the socket stays open.
+    {"type": "batch", "messages": [<any of the above>, ...]} only on sockets opened with
+    `?batch=1`: when several messages are already queued for the socket they go in one frame,
+    in order (nothing is held back to fill a batch; a lone message is sent as itself). For
+    high-rate consumers: one frame and one write instead of one per message.
 
 Channels and who may subscribe:
     quotes:<region>, trades:<region>, market   any authenticated caller
@@ -107,6 +111,8 @@ class WsOptions(msgspec.Struct, frozen=True, kw_only=True):
     subscribe_timeout_s: float = 5.0
     close_timeout_s: float = 5.0
     """How long a close waits for a socket whose send buffer is full."""
+    max_batch_bytes: int = 256 * 1024
+    """Largest batch message a `?batch=1` socket is sent (a single larger frame goes alone)."""
     reauth_interval_s: float = 60.0
     """How often a socket opened with an API key checks that the key is still valid (a revoked
     key closes its sockets with 4401 within this time). JWT sockets close at the token's expiry."""
@@ -297,6 +303,23 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _batch(first: str, queue: asyncio.Queue[str], max_bytes: int) -> str:
+    """`first` and the frames queued behind it (up to about `max_bytes`) as one batch message.
+
+    Each element is a server message exactly as it would have been sent alone (already encoded,
+    so this is a join, not a re-encode). Nothing waits for a batch to fill.
+    """
+    frames = [first]
+    size = len(first)
+    while size < max_bytes and not queue.empty():
+        frame = queue.get_nowait()
+        frames.append(frame)
+        size += len(frame) + 1
+    if len(frames) == 1:
+        return first
+    return '{"type":"batch","messages":[' + ",".join(frames) + "]}"
+
+
 class _Session:
     """One open socket: a reader (client messages), a writer (the hub queue), a deadline."""
 
@@ -317,6 +340,7 @@ class _Session:
         self._close_code: int | None = None
         self._close_reason = ""
         self._inflight = asyncio.Semaphore(services.options.max_inflight_heartbeats)
+        self.batch = websocket.query_params.get("batch", "").lower() in ("1", "true")
 
     def finish(self, code: int | None, reason: str = "") -> None:
         """End the session; `code` None means the client is gone (nothing to close)."""
@@ -380,9 +404,12 @@ class _Session:
     async def _write_loop(self) -> None:
         queue = self.sub.queue
         send = self._send  # the server's own: the socket is accepted and only this task sends
+        batch_bytes = self.services.options.max_batch_bytes if self.batch else 0
         try:
             while True:
                 frame = await queue.get()
+                if batch_bytes and not queue.empty():
+                    frame = _batch(frame, queue, batch_bytes)
                 await send({"type": "websocket.send", "text": frame})
         except (WebSocketDisconnect, OSError, RuntimeError) as exc:
             log.debug("writer of %s stopped: %r", self.sub.name, exc)

@@ -233,6 +233,35 @@ async def test_events_reach_the_subscribers_of_their_channel_only(
         await ws.close()
 
 
+async def test_batch_socket_gets_queued_messages_in_one_frame_in_order(
+    live: Live, redis: aioredis.Redis
+) -> None:
+    """With ?batch=1, messages already queued together arrive as one `batch` frame; flattened,
+    the stream is exactly what a plain socket gets."""
+    user = await signup(live.gw, "user")
+    plain = await live.socket(user)
+    batched = await connect(f"{live.ws_url}?api_key={user.key}&batch=1", open_timeout=WAIT_S)
+    for ws in (plain, batched):
+        assert (await subscribe(ws, "market"))["type"] == "subscribed"
+    n = 200
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.publish(live.keys.market_channel, encode_message("market", {"i": i}))
+        await pipe.execute()
+    frames = []
+    flat: list[dict[str, Any]] = []
+    while len(flat) < n:
+        msg = await recv(batched)
+        frames.append(msg)
+        flat.extend(msg["messages"] if msg["type"] == "batch" else [msg])
+    expected = [{"type": "event", "channel": "market", "data": {"i": i}} for i in range(n)]
+    assert flat == expected
+    assert [await recv(plain) for _ in range(n)] == expected
+    assert any(f["type"] == "batch" for f in frames)  # a burst of 200 coalesces somewhere
+    for ws in (plain, batched):
+        await ws.close()
+
+
 async def test_unsubscribe_stops_delivery(live: Live, redis: aioredis.Redis) -> None:
     """After `unsubscribed`, nothing more arrives from that channel."""
     user = await signup(live.gw, "user")
