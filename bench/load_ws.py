@@ -566,8 +566,8 @@ def _publisher_proc(
         names = [(keys.quotes_channel(f"bench-{i}"), f"quotes:bench-{i}") for i in range(channels)]
         pad = "x" * 120  # a quote-sized payload
         sent = 0
-        tick_s = 0.002
-        per_tick = max(1, round(rate * tick_s))
+        per_tick = max(1, round(rate * 0.002))  # a pipeline every ~2 ms
+        tick_s = per_tick / rate
         i = 0
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
         t_start_ns, t_end_ns = int(timing[2]), int(timing[1])
