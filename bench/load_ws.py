@@ -676,7 +676,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         "closed_by_server": closes,
         "received_outside_window": sum(r["outside"] for r in results),
         "gateway_cpu_share": round(cpu / (args.warmup + args.seconds + 0.5), 2),
-        "gateway_cpu_us_per_frame": round(
+        "gateway_cpu_us_per_message": round(
             cpu * 1e6 / max(1, received + sum(r["outside"] for r in results)), 2
         ),
         "clients_cpu_share": round(
@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
                 "delivered_per_s",
                 "latency_ms_p50",
                 "latency_ms_p99",
-                "gateway_cpu_us_per_frame",
+                "gateway_cpu_us_per_message",
             ),
         }
         for bench, fields in medians.items():
