@@ -20,6 +20,7 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from engine.errors import MarketError
 from engine.keys import Keys
 from engine.notify import encode_message
 from engine.settings import Settings
@@ -529,3 +530,32 @@ async def test_resting_bid_fills_and_the_bot_sees_it_on_its_socket(live: Live) -
     finally:
         stop.set()
         await asyncio.wait_for(engine, WAIT_S)
+
+
+async def test_batcher_isolates_a_batch_the_market_refuses(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """One owner's batches share a market call; if the market refuses the call for one bad beat,
+    only the batch that carried it fails and the others are applied."""
+    from engine.market import Market
+    from engine.types import Heartbeat, Node
+    from gateway.heartbeats import HeartbeatBatcher
+
+    market = Market(redis, keys)
+    await market.load_scripts()
+    now_ms = int(time.time() * 1000)
+    node = Node(node_id=uuid.uuid4().hex, owner_id="owner", region="r1", node_type="mist_node",
+                name="n", lat=1.0, lng=1.0, total_ram_gb=8, total_vram_gb=0, offered_ram_gb=8,
+                price_pusd=1000)  # fmt: skip
+    await market.register_node(node, now_ms)
+    batcher = HeartbeatBatcher(market, min_interval_ms=0, window_ms=50)
+    good = batcher.submit("owner", [Heartbeat(node_id=node.node_id, available_ram_gb=4,
+                                              available_vram_gb=0)])  # fmt: skip
+    bad = batcher.submit("owner", [Heartbeat(node_id=node.node_id, available_ram_gb=4,
+                                             available_vram_gb=0, lat=10.0)])  # fmt: skip
+    [outcome] = await good
+    assert outcome.outcome == "ok"
+    with pytest.raises(MarketError):
+        await bad
+    assert batcher.calls >= 1
+    await batcher.aclose()
