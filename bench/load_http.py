@@ -128,7 +128,7 @@ async def _seed(redis_url: str, prefix: str, nodes: int, regions: int, seed: int
     """Register `nodes` nodes in the market; returns the seconds it took."""
     from engine.keys import Keys
     from engine.market import Market
-    from engine.types import Node
+    from engine.types import Node, NodeType
 
     rng = random.Random(seed)
     r = aioredis.from_url(redis_url, max_connections=300)
@@ -141,7 +141,7 @@ async def _seed(redis_url: str, prefix: str, nodes: int, regions: int, seed: int
     def node(i: int) -> Node:
         region, lat, lng = cities[i % len(cities)]
         kind = rng.random()
-        node_type = (
+        node_type: NodeType = (
             "mist_node" if kind < 0.85 else ("edge_cluster" if kind < 0.97 else "datacenter")
         )
         scale = {"mist_node": 1, "edge_cluster": 4, "datacenter": 16}[node_type]

@@ -126,6 +126,7 @@ def create_app(settings: Settings) -> Starlette:
         )
     if len(settings.jwt_secret) < 32:
         raise ConfigError("MNEMO_JWT_SECRET", "must be at least 32 characters")
+    redis_url, database_url = settings.redis_url, settings.database_url
     analytics_routes, ws_routes, ws = _mounted()
     metrics = Metrics()
     openapi = OpenApiEndpoints(
@@ -137,13 +138,13 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
         keys = Keys(settings.key_prefix)
-        redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        redis = aioredis.from_url(redis_url, decode_responses=False)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
             await _with_retry("Redis", redis.ping)
             pool = await _with_retry(
                 "Postgres",
-                lambda: asyncpg.create_pool(settings.database_url, min_size=1, max_size=10),
+                lambda: asyncpg.create_pool(database_url, min_size=1, max_size=10),
             )
             assert pool is not None
             stack.push_async_callback(pool.close)

@@ -13,6 +13,7 @@ oldest client profile; `location_source` in the response says which was used.
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from engine.scoring import Match, MatchRequest, browse
 from gateway.errors import ValidationFailed
@@ -95,7 +96,8 @@ async def request_matches(call: Call) -> MatchResponse:
         raise ValidationFailed(
             "price cap below 1e-12 USD per GB-second", field="max_price_per_gb_sec"
         )
-    lat, lng, source = body.client_lat, body.client_lng, "body"
+    source: Literal["body", "client_profile", "none"] = "body"
+    lat, lng = body.client_lat, body.client_lng
     if lat is None:
         pool = call.state.pool
         if body.client_id is not None:
