@@ -87,6 +87,32 @@ async def gw(settings: Settings) -> AsyncIterator[Gateway]:
         yield gateway
 
 
+@pytest.fixture
+async def journal(settings: Settings) -> AsyncIterator[None]:
+    """The journal worker (event streams -> Postgres history) running beside the app."""
+    from persistence.journal import run_journal
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_journal(settings, consumer="gateway-test", stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def listed(gw: Gateway, actor: Actor, params: dict[str, Any], count: int) -> dict[str, Any]:
+    """`GET /api/nodes` once the journal has caught up to `count` matching nodes."""
+
+    async def check() -> dict[str, Any] | None:
+        r = await gw.client.get("/api/nodes", params=params, headers=actor.headers)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        return page if page["total_count"] >= count else None
+
+    return await eventually(check, timeout_s=20)
+
+
 @dataclass
 class Actor:
     """A signed-up user and their first API key."""

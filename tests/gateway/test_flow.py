@@ -15,12 +15,13 @@ from .conftest import (
     bearer,
     create_client,
     in_view,
+    listed,
     register_node,
     signup,
 )
 
 
-async def test_renter_and_provider_full_flow(gw: Gateway) -> None:
+async def test_renter_and_provider_full_flow(gw: Gateway, journal: None) -> None:
     """A provider lists two nodes; a renter finds the near one, takes it, extends and settles."""
     api = gw.client
     provider = await signup(gw, "provider")
@@ -175,12 +176,14 @@ async def test_renter_and_provider_full_flow(gw: Gateway) -> None:
     # Others see the node, not its owner or earnings; the node list filters.
     r = await api.get(f"/api/nodes/{near}", headers=renter.headers)
     assert r.status_code == 200 and r.json()["owner_id"] is None and r.json()["earnings"] is None
-    r = await api.get("/api/nodes", params={"region": "eu-west-1"}, headers=renter.headers)
-    assert [n["node_id"] for n in r.json()["nodes"]] == [far]
-    r = await api.get(
-        "/api/nodes", params={"mine": "true", "node_type": "mist_node"}, headers=provider.headers
-    )
-    assert [n["node_id"] for n in r.json()["nodes"]] == [near]
+    page = await listed(gw, renter, {"region": "eu-west-1"}, 1)
+    assert [n["node_id"] for n in page["nodes"]] == [far] and page["nodes"][0]["owner_id"] is None
+    page = await listed(gw, provider, {"mine": "true", "node_type": "mist_node"}, 1)
+    assert [n["node_id"] for n in page["nodes"]] == [near]
+    assert page["nodes"][0]["owner_id"] == provider.user_id
+    assert page["nodes"][0]["metadata"]["gpu_model"] == "RTX 4090"
+    page = await listed(gw, provider, {"min_ram": 100}, 1)
+    assert [n["node_id"] for n in page["nodes"]] == [far]
 
     # The provider changes its price and deactivates the far node.
     r = await api.put(

@@ -2,26 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
-
-from engine.settings import Settings
-from persistence.journal import run_journal
-
 from .conftest import Gateway, create_client, eventually, register_node, signup
-
-
-@pytest.fixture
-async def journal(settings: Settings) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_journal(settings, consumer="gateway-test", stop=stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
 
 
 async def test_earnings_and_closed_contracts_from_the_journal(gw: Gateway, journal: None) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from .conftest import Gateway, assert_error, create_client, register_node, signup
+from .conftest import Gateway, assert_error, create_client, listed, register_node, signup
 
 
-async def test_same_key_same_body_replays_the_first_response(gw: Gateway) -> None:
+async def test_same_key_same_body_replays_the_first_response(gw: Gateway, journal: None) -> None:
     """A retried register returns the first node (marked replayed); only one node exists."""
     api = gw.client
     provider = await signup(gw, "provider")
@@ -34,8 +34,8 @@ async def test_same_key_same_body_replays_the_first_response(gw: Gateway) -> Non
     )
     assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()
-    r = await api.get("/api/nodes", params={"mine": "true"}, headers=provider.headers)
-    assert r.json()["total_count"] == 1
+    page = await listed(gw, provider, {"mine": "true"}, 1)
+    assert [n["node_id"] for n in page["nodes"]] == [first.json()["node_id"]]
 
     different = await api.post(
         "/api/nodes/register", json={**body, "name": "dc-2"}, headers=headers
