@@ -42,6 +42,7 @@ from gateway.openapi import OpenApiEndpoints
 from gateway.operations import route
 from gateway.ratelimit import RateLimiter
 from gateway.routes import OPERATIONS
+from gateway.routes.nodes import OwnerIndex
 
 __all__ = ["AppState", "app_from_env", "create_app"]
 
@@ -66,6 +67,7 @@ class AppState(TypedDict):
     pool: asyncpg.Pool
     market: Market
     view: MarketView
+    owners: OwnerIndex
     auth: Authenticator
     limiter: RateLimiter
     idempotency: IdempotencyStore
@@ -155,6 +157,8 @@ def create_app(settings: Settings) -> Starlette:
             view = MarketView(redis, keys)
             await view.start()
             stack.push_async_callback(view.stop)
+            owners = OwnerIndex()
+            owners.warm(view)
             services = await stack.enter_async_context(
                 ws.ws_services(redis, market, keys, settings)
             )
@@ -175,6 +179,7 @@ def create_app(settings: Settings) -> Starlette:
                 "pool": pool,
                 "market": market,
                 "view": view,
+                "owners": owners,
                 "auth": Authenticator(pool, settings),
                 "limiter": RateLimiter(redis, keys),
                 "idempotency": idempotency,
