@@ -582,6 +582,7 @@ class BidList(_Response, kw_only=True):
 class BidListQuery(_Request, kw_only=True):
     region: Region | None = None
     client_id: Id | None = None
+    status: BidStatusFilter | None = None
     offset: Offset = 0
     limit: Limit = 50
 

@@ -9,13 +9,17 @@ public to any authenticated caller.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
+from typing import Any
+
+import asyncpg
 
 from engine.errors import NotFound
 from engine.types import Bid
 from gateway.errors import ValidationFailed
 from gateway.operations import Call, Operation
-from gateway.routes.accounts import RENTERS, owned_client
+from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     BidCreateRequest,
     BidList,
@@ -25,6 +29,7 @@ from gateway.schemas import (
     bid_out,
     book_out,
     to_pusd,
+    to_usd,
 )
 
 __all__ = ["OPERATIONS"]
@@ -86,23 +91,69 @@ async def place(call: Call) -> BidOut:
 
 
 async def list_bids(call: Call) -> BidList:
+    """From Postgres (the journal's `bids` table, indexed by client): any status, newest first.
+    Rows trail the live book by the journal's lag; `GET /api/bids/{id}` is live."""
     q: BidListQuery = call.query
-    market = call.state.market
     who = call.user
-    client_id = None
+    pool = call.state.pool
+    args: list[Any] = []
+    clauses: list[str] = []
+
+    def where(sql: str, value: Any) -> None:
+        args.append(value)
+        clauses.append(sql.replace("?", f"${len(args)}"))
+
     if q.client_id is not None:
-        client_id = str((await owned_client(call.state.pool, who, q.client_id))["id"])
-    regions = [q.region] if q.region is not None else sorted(await market.regions())
-    picked: list[Bid] = []
-    for region in regions:
-        for bid in await market.bids(region):
-            if (bid.user_id == who.user_id or who.is_admin) and (
-                client_id is None or bid.client_id == client_id
-            ):
-                picked.append(bid)
-    page = picked[q.offset : q.offset + q.limit]
+        where("client_id = ?", (await owned_client(pool, who, q.client_id))["id"])
+    elif not who.is_admin:
+        where("client_id = ANY(?)", [uuid.UUID(c) for c in await client_ids_of(pool, who)])
+    if q.region is not None:
+        where("region = ?", q.region)
+    if q.status is not None:
+        where("status = ?", q.status)
+    condition = " AND ".join(clauses) or "true"
+    total = await pool.fetchval(f"SELECT count(*) FROM bids WHERE {condition}", *args)
+    rows = await pool.fetch(
+        f"SELECT * FROM bids WHERE {condition} ORDER BY created_at DESC, id "
+        f"LIMIT {q.limit} OFFSET {q.offset}",
+        *args,
+    )
     return BidList(
-        bids=[bid_out(b) for b in page], total_count=len(picked), offset=q.offset, limit=q.limit
+        bids=[_bid_from_row(r) for r in rows], total_count=total, offset=q.offset, limit=q.limit
+    )
+
+
+def _ms(value: dt.datetime | None) -> int:
+    return 0 if value is None else round(value.timestamp() * 1000)
+
+
+def _bid_from_row(row: asyncpg.Record) -> BidOut:
+    ram, vram = row["ram_gb"], row["vram_gb"]
+    filled_ram, filled_vram = row["filled_ram_gb"], row["filled_vram_gb"]
+    return BidOut(
+        bid_id=row["id"].hex,
+        client_id=str(row["client_id"]),
+        region=row["region"],
+        ram_gb=ram,
+        vram_gb=vram,
+        duration_sec=row["duration_sec"],
+        max_price_per_gb_sec=to_usd(row["max_price_pusd"]),
+        client_lat=None if row["latitude"] is None else float(row["latitude"]),
+        client_lng=None if row["longitude"] is None else float(row["longitude"]),
+        max_distance_km=row["max_distance_km"],
+        min_uptime_score=float(row["min_uptime_score"]),
+        prefer_local=row["prefer_local"],
+        node_type=row["node_type"],
+        allow_split=row["allow_split"],
+        min_fill_gb=row["min_fill_gb"],
+        filled_ram_gb=filled_ram,
+        filled_vram_gb=filled_vram,
+        remaining_ram_gb=ram - filled_ram,
+        remaining_vram_gb=vram - filled_vram,
+        status=row["status"],
+        created_ms=_ms(row["created_at"]),
+        expires_ms=_ms(row["expires_at"]),
+        contract_ids=[c.hex for c in row["contract_ids"]],
     )
 
 
@@ -141,7 +192,8 @@ OPERATIONS: list[Operation] = [
         "/api/bids",
         list_bids,
         name="list_bids",
-        summary="The caller's open bids, in each region's priority order",
+        summary="The caller's bids, any status, newest first (from the journal's copy: trails "
+        "the live book by its lag)",
         tag="bids",
         query=BidListQuery,
         response=BidList,

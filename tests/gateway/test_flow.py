@@ -14,6 +14,7 @@ from .conftest import (
     assert_error,
     bearer,
     create_client,
+    eventually,
     in_view,
     listed,
     register_node,
@@ -222,7 +223,7 @@ async def test_contract_price_cap_and_lost_capacity(gw: Gateway) -> None:
     assert r.json()["reserved_ram_gb"] == 16
 
 
-async def test_bids_rest_in_the_book_and_cancel(gw: Gateway) -> None:
+async def test_bids_rest_in_the_book_and_cancel(gw: Gateway, journal: None) -> None:
     """A bid below every ask rests (visible in the book), then is cancelled by its owner only."""
     api = gw.client
     provider = await signup(gw, "provider")
@@ -250,8 +251,12 @@ async def test_bids_rest_in_the_book_and_cancel(gw: Gateway) -> None:
     book = r.json()
     assert book["best_bid_per_gb_sec"] == 0.000001
     assert {"price_per_gb_sec": 0.000001, "gb": 12} in book["bid_depth"]
-    r = await api.get("/api/bids", headers=renter.headers)
-    assert [b["bid_id"] for b in r.json()["bids"]] == [bid["bid_id"]]
+
+    async def listed_bids() -> list | None:
+        r = await api.get("/api/bids", params={"status": "open"}, headers=renter.headers)
+        return r.json()["bids"] or None
+
+    assert await eventually(listed_bids) == [bid]
     r = await api.get("/api/bids", headers=other.headers)
     assert r.json()["bids"] == []
     r = await api.delete(f"/api/bids/{bid['bid_id']}", headers=other.headers)
