@@ -376,6 +376,47 @@ async def _connect(port: int, n: int) -> list[_Conn]:
     return conns
 
 
+def _worker_of(server_pid: int, port: int) -> dict[int, int]:
+    """Client port -> pid of the uvicorn worker holding the other end of that connection."""
+    import psutil
+
+    owner: dict[int, int] = {}
+    for proc in [*psutil.Process(server_pid).children(recursive=True), psutil.Process(server_pid)]:
+        with contextlib.suppress(psutil.Error):
+            for c in proc.net_connections(kind="tcp"):
+                if c.laddr and c.laddr.port == port and c.raddr:
+                    owner[c.raddr.port] = proc.pid
+    return owner
+
+
+async def _balanced(
+    port: int, n: int, server_pid: int, workers: int
+) -> tuple[list[_Conn], dict[int, int]]:
+    """`n` connections spread evenly over the workers, as a load balancer would spread them.
+
+    The kernel hands each new connection to whichever worker accepts first, which can leave
+    one worker with most of the keep-alive connections for the whole run; reconnect the
+    surplus until no worker holds more than its share (plus one).
+    """
+    conns = await _connect(port, n)
+    share = -(-n // workers)
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        owner = _worker_of(server_pid, port)
+        by_worker: dict[int, list[_Conn]] = {}
+        for c in conns:
+            pid = owner.get(c.transport.get_extra_info("sockname")[1], 0)
+            by_worker.setdefault(pid, []).append(c)
+        surplus = [c for held in by_worker.values() for c in held[share:]]
+        if workers <= 1 or (not surplus and len(by_worker) == workers and 0 not in by_worker):
+            return conns, {pid: len(held) for pid, held in by_worker.items()}
+        for c in surplus[: max(1, len(surplus) // 2)]:
+            c.transport.close()
+            conns.remove(c)
+        conns += await _connect(port, n - len(conns))
+    return conns, {pid: len(held) for pid, held in by_worker.items()}
+
+
 async def _open_loop(
     conns: list[_Conn], reqs: list[bytes], rate: float, warmup_s: float, seconds: float
 ) -> _Stats:
@@ -443,7 +484,7 @@ async def _drive(
     port: int, token: str, args: argparse.Namespace, server_pid: int
 ) -> dict[str, Any]:
     reqs = _requests(port, token, 1024, args.seed)
-    conns = await _connect(port, args.connections)
+    conns, spread = await _balanced(port, args.connections, server_pid, args.workers)
     try:
         cpu0, srv0 = time.process_time(), _cpu_s(server_pid)
         open_stats = await _open_loop(conns, reqs, args.rate, args.warmup, args.seconds)
@@ -476,6 +517,7 @@ async def _drive(
             ),
         },
         "load_average_1m_at_end": round(load[0], 2),
+        "connections_per_worker": sorted(spread.values()),
     }
 
 
