@@ -335,7 +335,8 @@ class _Stats:
         self.empty = 0
         self.last_done = 0.0
         self.window_s = 0.0
-        self.per_second: dict[int, int] = {}
+        self.timeline: list[list[float]] = []
+        """Per second: [requests completed, server CPU s, client CPU s]."""
 
     def record(self, latency_s: float, status: int, body: bytes, sample: bool) -> None:
         self.latencies.append(latency_s)
@@ -359,11 +360,7 @@ class _Stats:
             "errors": self.errors,
             "sampled_bodies": self.sampled,
             "sampled_without_matches": self.empty,
-            **(
-                {"completed_per_second": [self.per_second[s] for s in sorted(self.per_second)]}
-                if self.per_second
-                else {}
-            ),
+            **({"timeline_done_server_client_cpu": self.timeline} if self.timeline else {}),
         }
 
 
@@ -418,7 +415,12 @@ async def _balanced(
 
 
 async def _open_loop(
-    conns: list[_Conn], reqs: list[bytes], rate: float, warmup_s: float, seconds: float
+    conns: list[_Conn],
+    reqs: list[bytes],
+    rate: float,
+    warmup_s: float,
+    seconds: float,
+    server_pid: int,
 ) -> _Stats:
     """Requests at fixed intervals; latency from the scheduled time (waiting for a free
     connection counts)."""
@@ -432,18 +434,34 @@ async def _open_loop(
     total = int((warmup_s + seconds) * rate)
     pending: set[asyncio.Task[None]] = set()
 
+    done = 0
+
     async def one(i: int, due: float) -> None:
+        nonlocal done
         conn = await idle.get()
         try:
             status, body = await conn.request(reqs[i % len(reqs)])
         finally:
             idle.put_nowait(conn)
+        done += 1
         if due >= measure_from:
             now = clock()
             stats.record(now - due, status, body, sample=i % 50 == 0)
             stats.last_done = now
-            second = int(now - measure_from)
-            stats.per_second[second] = stats.per_second.get(second, 0) + 1
+
+    async def sample() -> None:
+        # Each second from the start (warm-up included): requests completed, server and client
+        # CPU used; what to look at when the box's other load makes a run drift.
+        last = (done, _cpu_s(server_pid), time.process_time())
+        while True:
+            await asyncio.sleep(1.0)
+            now = (done, _cpu_s(server_pid), time.process_time())
+            stats.timeline.append(
+                [now[0] - last[0], round(now[1] - last[1], 2), round(now[2] - last[2], 2)]
+            )
+            last = now
+
+    sampler = asyncio.create_task(sample())
 
     for i in range(total):
         due = start + i / rate
@@ -455,6 +473,7 @@ async def _open_loop(
         task.add_done_callback(pending.discard)
     if pending:
         await asyncio.wait_for(asyncio.gather(*pending), timeout=60)
+    sampler.cancel()
     # Throughput is what completed over the time it took, not what was scheduled.
     stats.window_s = max(stats.last_done - measure_from, 1e-9)
     return stats
@@ -487,7 +506,7 @@ async def _drive(
     conns, spread = await _balanced(port, args.connections, server_pid, args.workers)
     try:
         cpu0, srv0 = time.process_time(), _cpu_s(server_pid)
-        open_stats = await _open_loop(conns, reqs, args.rate, args.warmup, args.seconds)
+        open_stats = await _open_loop(conns, reqs, args.rate, args.warmup, args.seconds, server_pid)
         cpu1, srv1 = time.process_time(), _cpu_s(server_pid)
         closed_stats, closed_s = await _closed_loop(conns, reqs, args.closed_seconds)
         cpu2, srv2 = time.process_time(), _cpu_s(server_pid)
