@@ -248,9 +248,15 @@ def _decode_query(request: Request, query_type: Any) -> Any:
             raise ValidationFailed(f"query parameter {name!r} given more than once", field=name)
         values[name] = found[0]
     try:
-        return msgspec.convert(values, query_type, strict=False)
+        query = msgspec.convert(values, query_type, strict=False)
     except msgspec.ValidationError as exc:
         raise from_msgspec(exc, where="query") from None
+    # Lax conversion reads the text "null" as None, i.e. as if the parameter were absent; a
+    # parameter that is present must have a value of its type.
+    for name in values:
+        if getattr(query, name, ...) is None:
+            raise ValidationFailed(f"{name!r} needs a value", field=name)
+    return query
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -119,6 +119,11 @@ async def test_query_and_path_errors(gw: Gateway) -> None:
         await api.get("/api/marketplace", params={"sort": "price"}, headers=h), 422, field="sort"
     )
     assert_error(
+        await api.get("/api/marketplace", params={"node_type": "null"}, headers=h),
+        422,
+        field="node_type",
+    )
+    assert_error(
         await api.get("/api/marketplace?region=a&region=b", headers=h), 422, field="region"
     )
     assert_error(await api.get("/api/nodes/not%20an%20id", headers=h), 404, field="node_id")
