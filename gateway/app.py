@@ -43,6 +43,7 @@ from gateway.operations import route
 from gateway.ratelimit import RateLimiter
 from gateway.routes import OPERATIONS
 from gateway.routes.nodes import OwnerIndex
+from persistence.journal import journal_lag
 
 __all__ = ["AppState", "app_from_env", "create_app"]
 
@@ -166,6 +167,7 @@ def create_app(settings: Settings) -> Starlette:
             sweeper = asyncio.create_task(idempotency.sweep_forever(), name="idempotency-sweep")
             stack.push_async_callback(_cancel, sweeper)
             metrics.on_scrape(lambda m: _view_gauges(m, view))
+            metrics.on_scrape_async(lambda m: _journal_gauges(m, redis, keys))
             # The market view holds every node as long-lived objects; a full collection that
             # rescans them costs ~40 ms per 100k nodes, a latency spike for every request in
             # flight. Freeze what start-up built into the permanent generation.
@@ -213,6 +215,14 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 def _view_gauges(metrics: Metrics, view: MarketView) -> None:
     for book in view.books():
         metrics.view_nodes.labels(book.region).set(len(book))
+
+
+async def _journal_gauges(metrics: Metrics, redis: aioredis.Redis, keys: Keys) -> None:
+    lag = await journal_lag(redis, keys)
+    for region in lag.regions:
+        metrics.journal_pending.labels(region.region).set(region.pending)
+        metrics.journal_undelivered.labels(region.region).set(region.undelivered)
+        metrics.journal_oldest_age.labels(region.region).set(region.oldest_unacked_age_s)
 
 
 def app_from_env() -> Starlette:

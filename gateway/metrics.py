@@ -10,7 +10,7 @@ each worker (or run one per container), as prometheus_client's multiprocess mode
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
@@ -51,12 +51,35 @@ class Metrics:
             ["region"],
             registry=self.registry,
         )
+        self.journal_pending = Gauge(
+            "mnemo_journal_pending_events",
+            "Events read by a journal worker and not yet acknowledged, by region.",
+            ["region"],
+            registry=self.registry,
+        )
+        self.journal_undelivered = Gauge(
+            "mnemo_journal_undelivered_events",
+            "Events in the region's stream not yet read by any journal worker, by region.",
+            ["region"],
+            registry=self.registry,
+        )
+        self.journal_oldest_age = Gauge(
+            "mnemo_journal_oldest_unacked_age_seconds",
+            "Age of the oldest event not yet in Postgres, by region (0 when all are).",
+            ["region"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._refreshers: list[Callable[[Metrics], None]] = []
+        self._async_refreshers: list[Callable[[Metrics], Awaitable[None]]] = []
 
     def on_scrape(self, refresh: Callable[[Metrics], None]) -> None:
         """Call `refresh(self)` before each scrape (for gauges read from live state)."""
         self._refreshers.append(refresh)
+
+    def on_scrape_async(self, refresh: Callable[[Metrics], Awaitable[None]]) -> None:
+        """Await `refresh(self)` before each scrape (for gauges read over the network)."""
+        self._async_refreshers.append(refresh)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, status)
@@ -74,6 +97,8 @@ class Metrics:
         """`GET /metrics`: the Prometheus text exposition."""
         for refresh in self._refreshers:
             refresh(self)
+        for refresh_async in self._async_refreshers:
+            await refresh_async(self)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import uuid
 from typing import Literal
 
+import asyncpg
+
 from engine.scoring import Match, MatchRequest, browse
 from gateway.errors import ValidationFailed
 from gateway.operations import Call, Operation
@@ -100,6 +102,7 @@ async def request_matches(call: Call) -> MatchResponse:
     lat, lng = body.client_lat, body.client_lng
     if lat is None:
         pool = call.state.pool
+        client: asyncpg.Record | None
         if body.client_id is not None:
             client = await owned_client(pool, call.user, body.client_id)
         else:

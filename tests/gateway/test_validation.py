@@ -201,3 +201,18 @@ async def test_health_metrics_and_docs(gw: Gateway) -> None:
     assert "Swagger" in (await api.get("/docs")).text or "swagger" in (await api.get("/docs")).text
     doc = (await api.get("/openapi.json")).json()
     assert doc["openapi"].startswith("3.") and "/api/marketplace/request" in doc["paths"]
+
+
+async def test_metrics_show_the_journal_lag(gw: Gateway) -> None:
+    """With no journal running, a registered node's event shows as undelivered in /metrics."""
+    provider = await signup(gw, role="provider")
+    await register_node(gw, provider, region="eu-west-1")
+    text = (await gw.client.get("/metrics")).text
+    assert 'mnemo_journal_undelivered_events{region="eu-west-1"} 1.0' in text
+    assert 'mnemo_journal_pending_events{region="eu-west-1"} 0.0' in text
+    age = next(
+        line
+        for line in text.splitlines()
+        if line.startswith('mnemo_journal_oldest_unacked_age_seconds{region="eu-west-1"}')
+    )
+    assert float(age.split()[-1]) >= 0.0
