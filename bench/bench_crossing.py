@@ -43,24 +43,21 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 import psutil
 import redis.asyncio as aioredis
 
+from bench.servers import private_redis
 from engine.keys import Keys
 from engine.market import Market
 from engine.types import (
@@ -77,50 +74,6 @@ REGION = "bench-region"
 CENTER = (40.73, -73.99)
 NODE_RAM_GB = 100_000
 ROUND_LIMIT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _loopback(url: str) -> None:
-    host = urlsplit(url).hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-        raise SystemExit(f"bench_crossing: {url} is not a loopback address; refusing to load it")
-
-
-@contextlib.contextmanager
-def _redis(url: str | None) -> Iterator[tuple[str, int | None]]:
-    """(redis url, server pid or None): ours on a free port, or the given one."""
-    if url is not None:
-        _loopback(url)
-        yield url, None
-        return
-    binary = shutil.which("redis-server") or shutil.which("valkey-server")
-    if binary is None:
-        raise SystemExit("bench_crossing: no redis-server/valkey-server on PATH; pass --redis-url")
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="mnemo-bench-redis-") as folder:
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", folder, "--protected-mode", "yes"]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    break
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("bench_crossing: redis-server did not start")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0", proc.pid
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def _now_ms() -> int:
@@ -498,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
-    with _redis(args.redis_url) as (url, pid):
+    with private_redis(args.redis_url, "bench_crossing") as (url, pid):
         summary = asyncio.run(_bench(args, url, pid))
     text = json.dumps(summary, indent=2)
     print(text)

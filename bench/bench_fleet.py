@@ -42,11 +42,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,67 +56,9 @@ import psutil
 
 from agent.client import Gateway
 from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet
+from bench.servers import free_port, private_redis, require_loopback
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _loopback(url: str) -> None:
-    host = urlsplit(url).hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-        raise SystemExit(f"bench_fleet: {url} is not a loopback address; refusing to load it")
-
-
-@contextlib.contextmanager
-def _redis(url: str | None) -> Iterator[tuple[str, int | None]]:
-    """(redis url, server pid or None): ours on a free port, or the given one."""
-    if url is not None:
-        _loopback(url)
-        yield url, None
-        return
-    binary = shutil.which("redis-server") or shutil.which("valkey-server")
-    if binary is None:
-        raise SystemExit("bench_fleet: no redis-server/valkey-server on PATH; pass --redis-url")
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="mnemo-bench-redis-") as folder:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                folder,
-                "--protected-mode",
-                "yes",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    break
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit("bench_fleet: redis-server did not start")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0", proc.pid
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -129,7 +68,7 @@ def _database(admin_url: str) -> Iterator[str]:
 
     from persistence.migrations import migrate
 
-    _loopback(admin_url)
+    require_loopback(admin_url, "bench_fleet")
     name = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
     parts = urlsplit(admin_url)
     url = urlunsplit(parts._replace(path=f"/{name}"))
@@ -166,7 +105,7 @@ def _gateway(
     min_interval_s: float,
     interval_s: float,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update(
         MNEMO_REDIS_URL=redis_url,
@@ -437,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need 0 < --min-interval <= --interval")
     if args.nodes < 1 or args.nodes > 2_000_000 or not 0 <= args.seconds <= 600:
         parser.error("bounded: 1..2,000,000 nodes, at most 600 s")
-    with _redis(args.redis_url) as (redis_url, redis_pid), _database(args.database_url) as db_url:
+    with (
+        private_redis(args.redis_url, "bench_fleet") as (redis_url, redis_pid),
+        _database(args.database_url) as db_url,
+    ):
         prefix = f"bench{uuid.uuid4().hex[:6]}:"
         with _gateway(
             redis_url,

@@ -1,0 +1,59 @@
+"""Servers for the load benchmarks: a private Redis on a free loopback port, and the guard that
+keeps every benchmark's traffic on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_loopback(url: str, who: str) -> None:
+    """Exit unless `url` points at this machine: benchmarks never load another host."""
+    host = urlsplit(url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        raise SystemExit(f"{who}: {url} is not a loopback address; refusing to load it")
+
+
+@contextlib.contextmanager
+def private_redis(url: str | None, who: str) -> Iterator[tuple[str, int | None]]:
+    """(redis url, server pid or None): ours on a free port without persistence, or the given
+    (loopback) one."""
+    if url is not None:
+        require_loopback(url, who)
+        yield url, None
+        return
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        raise SystemExit(f"{who}: no redis-server/valkey-server on PATH; pass --redis-url")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="mnemo-bench-redis-") as folder:
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", folder, "--protected-mode", "yes"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", port), 0.2),
+                ):
+                    break
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"{who}: redis-server did not start")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0", proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(10)
