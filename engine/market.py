@@ -70,6 +70,7 @@ from engine.types import (
 
 __all__ = [
     "HEARTBEAT_BATCH",
+    "REGISTER_BATCH",
     "RESERVE_BATCH",
     "TERMINAL_RETENTION_MS",
     "HeartbeatOutcome",
@@ -81,6 +82,8 @@ TERMINAL_RETENTION_MS = 86_400_000
 """How long a closed bid or contract stays readable in Redis."""
 HEARTBEAT_BATCH = 1000
 """Heartbeats per script call: a bigger batch is split into several calls, pipelined."""
+REGISTER_BATCH = 1000
+"""Nodes per script call in `register_many` (a bigger batch is several calls, pipelined)."""
 RESERVE_BATCH = 200
 """Reserves per script call in `reserve_many` (a call holds the server for its whole batch)."""
 QUOTE_LEVELS = 20
@@ -93,6 +96,7 @@ _REGION_CACHE_MAX = 200_000
 _LUA = Path(__file__).with_name("lua")
 _SCRIPTS = (
     "register",
+    "register_many",
     "update",
     "deactivate",
     "heartbeat",
@@ -432,6 +436,76 @@ class Market:
         event = EVENT_DECODER.decode(result[1])
         assert isinstance(event, NodeRegistered)
         return event.node
+
+    async def register_many(self, nodes: Sequence[Node], now_ms: int) -> list[Node]:
+        """Register a batch of nodes (ids chosen by the caller), each as `register_node` would;
+        the stored nodes, in order. All or nothing: every node is validated and every id checked
+        (unused in the directory, not twice in the batch) before the first write, else
+        InvalidRequest or Conflict naming the node as `nodes[i].<field>`.
+
+        One script call per region (per `REGISTER_BATCH` nodes), pipelined in one round trip,
+        each atomic, writing its nodes and appending one NodeRegistered event per node (the
+        same event as `register_node`'s), in order. The directory check before the calls makes
+        the batch all or nothing; the scripts check it again atomically, so the only partial
+        outcome is a concurrent registration of the same caller-chosen id between the two
+        checks: that call is refused (Conflict), the batch's other calls have registered. Ids
+        the gateway generates (128 random bits) never collide.
+        """
+        stored: list[Node] = []
+        for i, node in enumerate(nodes):
+            try:
+                stored.append(core.new_node(node, now_ms))
+            except InvalidRequest as exc:
+                raise InvalidRequest(exc.message, field=f"nodes[{i}].{exc.field}") from None
+        if not stored:
+            return []
+        index: dict[str, int] = {}
+        for i, node in enumerate(stored):
+            if index.setdefault(node.node_id, i) != i:
+                raise Conflict("id appears twice in the batch", field=f"nodes[{i}].node_id")
+        ids = list(index)
+        in_use = await self.redis.hmget(self.keys.directory, ids)
+        for i, region in enumerate(in_use):
+            if region is not None:
+                raise Conflict(core.ID_IN_USE, field=f"nodes[{i}].node_id")
+        groups: dict[str, list[int]] = {}
+        for i, node in enumerate(stored):
+            groups.setdefault(node.region, []).append(i)
+        calls = [
+            (region, idx[start : start + REGISTER_BATCH])
+            for region, idx in groups.items()
+            for start in range(0, len(idx), REGISTER_BATCH)
+        ]
+        directory, regions = self.keys.directory, self.keys.regions
+        results = await self._eval_many(
+            "register_many",
+            [
+                (
+                    [self.keys.seq(region), directory, regions],
+                    [
+                        *self._head(region, now_ms),
+                        self.missed_heartbeats_offline,
+                        _json([core.to_fields(stored[i]) for i in idx]),
+                    ],
+                )
+                for region, idx in calls
+            ],
+        )
+        refusal: MarketError | None = None
+        for (region, idx), result in zip(calls, results, strict=True):
+            if result[0] == 0:
+                at = idx[int(result[4]) - 1]
+                refusal = refusal or _ERRORS[_text(result[1])](
+                    _text(result[2]), field=f"nodes[{at}].{_text(result[3])}"
+                )
+                continue
+            first = int(result[1])
+            for j, i in enumerate(idx):
+                stored[i] = msgspec.structs.replace(stored[i], arrival_seq=first + j)
+                self._remember(stored[i].node_id, region)
+        if refusal is not None:
+            raise refusal
+        return stored
 
     async def update_node(self, node_id: str, changes: NodeChanges, now_ms: int) -> Node:
         """Change a node's terms (price, durations, ask expiry, status active/maintenance...).

@@ -144,6 +144,124 @@ async def test_node_near_the_pole_is_indexed(market: Market) -> None:
     assert lat == pytest.approx(core.GEO_LAT_LIMIT, abs=1e-5)
 
 
+# -- batched registration ------------------------------------------------------------------------
+
+
+async def _snapshot(redis: aioredis.Redis, prefix: str) -> dict[str, Any]:
+    """Every key under `prefix` (named without it) with its content; stream entries by value
+    (their ids are server time)."""
+    out: dict[str, Any] = {}
+    async for raw in redis.scan_iter(match=f"{prefix}*", count=1000):
+        key = raw.decode()
+        kind = (await redis.type(key)).decode()
+        if kind == "hash":
+            value: Any = await redis.hgetall(key)
+        elif kind == "zset":
+            value = await redis.zrange(key, 0, -1, withscores=True)
+        elif kind == "set":
+            value = await redis.smembers(key)
+        elif kind == "stream":
+            value = [fields for _, fields in await redis.xrange(key)]
+            value = [msgspec.json.decode(f[b"e"]) for f in value]
+        else:
+            value = await redis.get(key)
+        out[key.removeprefix(prefix)] = value
+    return out
+
+
+def _mixed_nodes() -> list[Node]:
+    """Nodes of two regions covering what registration treats differently."""
+    return [
+        a_node("m1"),
+        a_node("m2", region="eu-west-1", lat=51.5, lng=-0.12, metadata={}),
+        a_node("m3", offered_ram_gb=0, offered_vram_gb=0),  # offers nothing: no ask
+        a_node("m4", ask_expires_ms=T0 + 60_000, price_pusd=700_000),  # expiring ask
+        a_node("m5", ask_expires_ms=T0 - 1),  # ask already expired: not listed
+        a_node("m6", lat=89.9, heartbeat_interval_s=12.5, metadata={"note": 'ä \\"q\\" {}'}),
+        a_node("m7", region="eu-west-1", node_type="datacenter", total_vram_gb=0),
+    ]
+
+
+async def test_register_many_writes_what_one_by_one_registration_writes(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """A batch leaves the same keys, indexes and events as registering its nodes one by one."""
+    batch = Market(redis, Keys(keys.prefix + "a:"))
+    single = Market(redis, Keys(keys.prefix + "b:"))
+    await batch.load_scripts()
+    nodes = _mixed_nodes()
+    stored = await batch.register_many(nodes, T0)
+    one_by_one = [await single.register_node(n, T0) for n in nodes]
+    assert stored == one_by_one
+    assert [n.arrival_seq for n in stored] == [1, 1, 2, 3, 4, 5, 2]
+    a, b = await _snapshot(redis, batch.keys.prefix), await _snapshot(redis, single.keys.prefix)
+    assert a.keys() == b.keys() and a == b
+    events = await batch.read_events("us-east-2")
+    assert all(isinstance(e, NodeRegistered) for e in events)
+    assert [(e.event_id, e.node) for e in events] == [
+        (f"us-east-2:{i}", n)
+        for i, n in enumerate((s for s in stored if s.region == "us-east-2"), 1)
+    ]
+    assert await batch.get_node("m7") == stored[6]
+
+
+async def test_register_many_is_all_or_nothing(market: Market) -> None:
+    """A bad node, an id in use or an id given twice refuses the whole batch, naming the node."""
+    await market.register_node(a_node("taken", region="eu-west-1"), T0)
+    before = await seq(market, "eu-west-1")
+    cases: list[tuple[list[Node], type[Exception], str]] = [
+        ([a_node("x1"), a_node("x2"), a_node("x3", lat=91.0)], InvalidRequest, "nodes[2].lat"),
+        ([a_node("x1"), a_node("taken")], Conflict, "nodes[1].node_id"),
+        ([a_node("x1"), a_node("x2", region="eu-west-1"), a_node("x1")], Conflict,
+         "nodes[2].node_id"),
+    ]  # fmt: skip
+    for nodes, error, field in cases:
+        with pytest.raises(error) as refused:
+            await market.register_many(nodes, T0)
+        assert refused.value.field == field
+    assert await seq(market) == 0 and await seq(market, "eu-west-1") == before
+    assert await market.get_node("x1") is None and await market.nodes("us-east-2") == []
+    assert await market.register_many([], T0) == []
+
+
+async def test_register_many_script_checks_ids_atomically(market: Market) -> None:
+    """The script itself refuses a batch holding an id in use, before writing anything (the
+    adapter's earlier check can be overtaken by a concurrent registration)."""
+    await market.register_node(a_node("taken"), T0)
+    fields = [core.to_fields(core.new_node(a_node(i), T0)) for i in ("y1", "taken", "y2")]
+    k = market.keys
+    result = await market._eval(
+        "register_many",
+        [k.seq("us-east-2"), k.directory, k.regions],
+        [*market._head("us-east-2", T0), 3, msgspec.json.encode(fields)],
+    )
+    assert result[:2] == [0, b"conflict"] and result[4] == 2
+    assert await seq(market) == 1
+    assert await market.redis.zcard(k.asks("us-east-2")) == 1
+    assert await market.get_node("y1") is None
+
+
+async def test_register_many_splits_big_batches(
+    market: Market, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch bigger than one script call is several calls; arrival order and events follow
+    the batch, and a full-size call fits the server's limits."""
+    nodes = [
+        a_node(f"z{i}", price_pusd=PRICE + i) for i in range(2 * market_module.REGISTER_BATCH + 7)
+    ]
+    stored = await market.register_many(nodes, T0)
+    assert [n.arrival_seq for n in stored] == list(range(1, len(nodes) + 1))
+    assert await market.redis.zcard(market.keys.asks("us-east-2")) == len(nodes)
+    monkeypatch.setattr(market_module, "REGISTER_BATCH", 3)
+    more = await market.register_many([a_node(f"w{i}") for i in range(7)], T0 + 1)
+    assert [n.arrival_seq for n in more] == list(range(len(nodes) + 1, len(nodes) + 8))
+    events = await market.read_events("us-east-2", count=len(nodes) + 10)
+    assert [e.node.node_id for e in events if isinstance(e, NodeRegistered)] == [
+        n.node_id for n in [*nodes, *more]
+    ]
+    assert events[-1].event_id == f"us-east-2:{len(nodes) + 7}"
+
+
 async def test_update_changes_terms_and_relists(market: Market) -> None:
     """Price moves the ask; maintenance delists; an expired ask is delisted; leases keep terms."""
     await market.register_node(a_node(), T0)
