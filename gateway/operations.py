@@ -125,6 +125,8 @@ class Operation:
     path_types: dict[str, Any] = field(default_factory=dict)
     other_responses: dict[int, Any] = field(default_factory=dict)
     """Statuses answered with a body other than the error shape (status -> Struct)."""
+    max_body_bytes: int | None = None
+    """The largest body this operation reads; None: the settings' `max_body_bytes`."""
 
     def path_type(self, name: str) -> Any:
         """The type of a path parameter: declared, else Region for `region`, else Id."""
@@ -164,7 +166,9 @@ def route(op: Operation) -> ApiRoute:
         query = _decode_query(request, op.query) if op.query is not None else None
         body = None
         if body_decoder is not None:
-            raw = await _read_body(request, request.state.settings.max_body_bytes)
+            raw = await _read_body(
+                request, op.max_body_bytes or request.state.settings.max_body_bytes
+            )
             if not raw.strip() and all_optional:
                 raw = b"{}"
             try:

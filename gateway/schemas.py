@@ -231,6 +231,19 @@ class NodeRegisterRequest(_Request, kw_only=True):
     metadata: Metadata = {}
 
 
+MAX_REGISTER_BATCH = 1000
+"""Most nodes in one `POST /api/nodes/register/batch`."""
+MAX_REGISTER_BATCH_BYTES = 4 * 1024 * 1024
+"""Largest body of a batch registration (about 350 bytes a typical node; big metadata on every
+node of a full batch does not fit: send smaller batches)."""
+
+
+class NodeBatchRegisterRequest(_Request, kw_only=True):
+    """Several nodes of the caller at once, each the body of `POST /api/nodes/register`."""
+
+    nodes: Annotated[list[NodeRegisterRequest], Meta(min_length=1, max_length=MAX_REGISTER_BATCH)]
+
+
 class NodeUpdateRequest(_Request, kw_only=True):
     """Fields to change; absent fields stay as they are."""
 
@@ -314,6 +327,11 @@ class NodeDetail(NodeOut, kw_only=True):
 class NodeRegistered(_Response, kw_only=True):
     node_id: str
     node: NodeOut
+
+
+class NodeBatchRegistered(_Response, kw_only=True):
+    node_ids: list[str]
+    """The registered nodes' ids, in the order of the request's `nodes`."""
 
 
 class NodeList(_Response, kw_only=True):

@@ -1,7 +1,8 @@
 """Nodes: a provider registers machines, heartbeats them, changes their terms, deactivates them.
 
 Who may do what:
-- register: providers and admins; the node belongs to the caller;
+- register (one node, or a batch of up to `MAX_REGISTER_BATCH`, all or none): providers and
+  admins; the nodes belong to the caller;
 - heartbeat, update: the node's owner only (403 for anyone else; the heartbeat script checks the
   owner itself, atomically with the heartbeat);
 - deactivate: the owner, or an admin (moderation);
@@ -26,8 +27,12 @@ from engine.types import Heartbeat, Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
 from gateway.operations import Call, Operation
 from gateway.schemas import (
+    MAX_REGISTER_BATCH,
+    MAX_REGISTER_BATCH_BYTES,
     HeartbeatRequest,
     HeartbeatResponse,
+    NodeBatchRegistered,
+    NodeBatchRegisterRequest,
     NodeDetail,
     NodeEarnings,
     NodeList,
@@ -68,15 +73,17 @@ def _price(usd_value: float, field: str) -> int:
     return amount
 
 
-async def register(call: Call) -> NodeRegistered:
-    body: NodeRegisterRequest = call.body
+def _new_node(
+    body: NodeRegisterRequest, owner_id: str, interval_s: float, now_ms: int, at: str = ""
+) -> Node:
+    """The node a registration body describes (a fresh id); `at` prefixes the fields named in
+    refusals (`nodes[3].` in a batch)."""
     if body.total_ram_gb + body.total_vram_gb == 0:
-        raise ValidationFailed("a node must have some memory", field="total_ram_gb")
+        raise ValidationFailed("a node must have some memory", field=f"{at}total_ram_gb")
     if body.min_duration_sec > body.max_duration_sec:
         raise ValidationFailed(
-            "min_duration_sec exceeds max_duration_sec", field="min_duration_sec"
+            "min_duration_sec exceeds max_duration_sec", field=f"{at}min_duration_sec"
         )
-    now_ms = call.now_ms()
     offered_ram = (
         body.total_ram_gb if body.max_ram_gb is None else min(body.max_ram_gb, body.total_ram_gb)
     )
@@ -85,9 +92,9 @@ async def register(call: Call) -> NodeRegistered:
         if body.max_vram_gb is None
         else min(body.max_vram_gb, body.total_vram_gb)
     )
-    node = Node(
+    return Node(
         node_id=uuid.uuid4().hex,
-        owner_id=call.user.user_id,
+        owner_id=owner_id,
         region=body.region,
         node_type=body.node_type,
         name=body.name,
@@ -99,16 +106,36 @@ async def register(call: Call) -> NodeRegistered:
         offered_vram_gb=offered_vram,
         bandwidth_mbps=body.bandwidth_mbps,
         base_latency_ms=body.base_latency_ms,
-        price_pusd=_price(body.price_per_gb_sec, "price_per_gb_sec"),
+        price_pusd=_price(body.price_per_gb_sec, f"{at}price_per_gb_sec"),
         egress_price_pusd=to_pusd(body.egress_price_per_gb),
         min_duration_s=body.min_duration_sec,
         max_duration_s=body.max_duration_sec,
-        heartbeat_interval_s=call.state.settings.heartbeat_interval_s,
+        heartbeat_interval_s=interval_s,
         created_ms=now_ms,
         metadata=metadata_to_market(body.metadata),
     )
+
+
+async def register(call: Call) -> NodeRegistered:
+    now_ms = call.now_ms()
+    node = _new_node(call.body, call.user.user_id, call.state.settings.heartbeat_interval_s, now_ms)
     registered = await call.state.market.register_node(node, now_ms)
     return NodeRegistered(node_id=registered.node_id, node=node_out(registered, show_owner=True))
+
+
+async def register_batch(call: Call) -> NodeBatchRegistered:
+    """Every node of the body, or none: each is checked as `register` checks one (a refusal
+    names it, `nodes[i].<field>`) before the market registers them all in one call per region
+    (`Market.register_many`)."""
+    body: NodeBatchRegisterRequest = call.body
+    now_ms = call.now_ms()
+    owner_id, interval_s = call.user.user_id, call.state.settings.heartbeat_interval_s
+    nodes = [
+        _new_node(node, owner_id, interval_s, now_ms, f"nodes[{i}].")
+        for i, node in enumerate(body.nodes)
+    ]
+    registered = await call.state.market.register_many(nodes, now_ms)
+    return NodeBatchRegistered(node_ids=[node.node_id for node in registered])
 
 
 async def heartbeat(call: Call) -> HeartbeatResponse:
@@ -409,6 +436,25 @@ OPERATIONS: list[Operation] = [
         status=201,
         roles=PROVIDERS,
         idempotent=True,
+    ),
+    Operation(
+        "POST",
+        "/api/nodes/register/batch",
+        register_batch,
+        name="register_nodes",
+        summary=f"Register up to {MAX_REGISTER_BATCH:,} nodes at once, all or none (provider)",
+        description="Each item is the body of `POST /api/nodes/register`, checked the same "
+        "way; a refusal names the item (`nodes[17].latitude`) and registers nothing. The "
+        "answer lists the new ids in the order of `nodes`. Bodies up to "
+        f"{MAX_REGISTER_BATCH_BYTES // (1024 * 1024)} MiB. With `Idempotency-Key`, a retry "
+        "gets the first answer and registers nothing more.",
+        tag="nodes",
+        body=NodeBatchRegisterRequest,
+        response=NodeBatchRegistered,
+        status=201,
+        roles=PROVIDERS,
+        idempotent=True,
+        max_body_bytes=MAX_REGISTER_BATCH_BYTES,
     ),
     Operation(
         "POST",

@@ -220,6 +220,28 @@ TABLE: dict[tuple[str, str], Rule] = {
             },
         ),
     ),
+    ("POST", "/api/nodes/register/batch"): Rule(
+        P,
+        201,
+        201,
+        _const(
+            "/api/nodes/register/batch",
+            {
+                "nodes": [
+                    {
+                        "node_type": "edge_cluster",
+                        "name": "walk",
+                        "region": "us-east-2",
+                        "latitude": 1.0,
+                        "longitude": 2.0,
+                        "total_ram_gb": 8,
+                        "total_vram_gb": 0,
+                        "price_per_gb_sec": 0.000001,
+                    }
+                ]
+            },
+        ),
+    ),
     ("POST", "/api/nodes/{node_id}/heartbeat"): Rule(P, 200, 403, _heartbeat),
     ("GET", "/api/nodes"): Rule(P, 200, 200, _const("/api/nodes")),
     ("GET", "/api/nodes/{node_id}"): Rule(P, 200, 200, _node_path),
