@@ -269,6 +269,19 @@ class Gateway:
         )
         return data["node_id"], data["node"]
 
+    async def register_nodes(
+        self, bodies: list[dict[str, Any]], *, idempotency_key: str | None = None
+    ) -> list[str]:
+        """POST /api/nodes/register/batch (all the nodes or none); their ids, in order. A
+        gateway without batch registration answers 404 (`ApiError`)."""
+        data = await self.request(
+            "POST",
+            "/api/nodes/register/batch",
+            body={"nodes": bodies},
+            idempotency_key=idempotency_key,
+        )
+        return [str(i) for i in data["node_ids"]]
+
     async def get_node(self, node_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/api/nodes/{node_id}")
 

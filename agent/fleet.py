@@ -24,8 +24,10 @@ left), and a node whose beat is still unacknowledged sends no other, so no delay
 simulator and Redis can squeeze two beats together; a `too_soon` answer pushes the node back too. While a connection is down its nodes' beats are skipped (an
 HTTP fallback for thousands of nodes would be a storm); it reconnects with jittered backoff.
 
-Registration: `POST /api/nodes/register` for each node, `concurrency` at a time over one
-keep-alive connection pool, retrying only transient failures.
+Registration: `POST /api/nodes/register/batch` with 1,000 nodes a request, a few requests in
+flight, an `Idempotency-Key` per batch (a retry after a lost reply registers nothing twice); one
+`POST /api/nodes/register` per node (`concurrency` in flight) against a gateway without the batch
+route. Only transient failures are retried.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from agent.schedule import IdleSchedule
 
 __all__ = [
     "METROS",
+    "REGISTER_BATCH",
     "Fleet",
     "FleetStats",
     "Metro",
@@ -266,14 +269,20 @@ def make_fleet(n: int, *, seed: int = 0, regions: Sequence[str] | None = None) -
 # Registration
 
 
-Post = Callable[[dict[str, Any], str | None], Awaitable[str]]
-"""Registers one node body (with an optional idempotency key); returns its node id."""
+REGISTER_BATCH = 1000
+"""Nodes per batch registration (the gateway's maximum)."""
+BATCHES_IN_FLIGHT = 4
+"""Batch registrations in flight: enough to keep the gateway's workers and Redis busy."""
+_REGISTER = "/api/nodes/register"
+_REGISTER_BATCH = "/api/nodes/register/batch"
+
+Post = Callable[[str, Any, str | None], Awaitable[Any]]
+"""POSTs a JSON body to an API path (with an optional idempotency key); the decoded answer."""
 
 
 def _httpx_post(gateway: Gateway) -> Post:
-    async def post(body: dict[str, Any], key: str | None) -> str:
-        node_id, _ = await gateway.register_node(body, idempotency_key=key)
-        return node_id
+    async def post(path: str, body: Any, key: str | None) -> Any:
+        return await gateway.request("POST", path, body=body, idempotency_key=key)
 
     return post
 
@@ -296,24 +305,24 @@ async def _aiohttp_post(gateway: Gateway, concurrency: int) -> AsyncIterator[Pos
     if gateway.api_key:
         headers["X-API-Key"] = gateway.api_key
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
-    timeout = aiohttp.ClientTimeout(total=30)
-    url = f"{gateway.api_url}/api/nodes/register"
+    timeout = aiohttp.ClientTimeout(total=60)
     encode = msgspec.json.encode
     async with aiohttp.ClientSession(
         headers=headers, connector=connector, timeout=timeout
     ) as session:
 
-        async def post(body: dict[str, Any], key: str | None) -> str:
+        async def post(path: str, body: Any, key: str | None) -> Any:
             extra = {"Idempotency-Key": key} if key else None
+            url = f"{gateway.api_url}{path}"
             try:
                 async with session.post(url, data=encode(body), headers=extra) as response:
                     raw = await response.read()
                     status = response.status
                     retry_after = response.headers.get("Retry-After")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise GatewayUnavailable(f"register: {type(exc).__name__}: {exc}") from exc
+                raise GatewayUnavailable(f"POST {path}: {type(exc).__name__}: {exc}") from exc
             if status in (502, 503, 504):
-                raise GatewayUnavailable(f"register: HTTP {status}")
+                raise GatewayUnavailable(f"POST {path}: HTTP {status}")
             if status >= 400:
                 try:
                     error = msgspec.json.decode(raw).get("error", {})
@@ -326,7 +335,7 @@ async def _aiohttp_post(gateway: Gateway, concurrency: int) -> AsyncIterator[Pos
                     error.get("field"),
                     float(retry_after) if retry_after and retry_after.isdigit() else None,
                 )
-            return str(msgspec.json.decode(raw)["node_id"])
+            return msgspec.json.decode(raw)
 
         yield post
 
@@ -336,51 +345,97 @@ async def register_fleet(
     nodes: Sequence[VirtualNode],
     *,
     concurrency: int = 32,
+    batch: int = REGISTER_BATCH,
+    batches_in_flight: int = BATCHES_IN_FLIGHT,
     stop: asyncio.Event | None = None,
     progress: Callable[[int, float], None] | None = None,
     idempotent: bool = True,
 ) -> list[str]:
-    """Register every node (`concurrency` requests in flight); their ids, in order.
+    """Register every node; their ids, in order.
 
-    Uses aiohttp when installed (much cheaper per request), else the gateway's httpx client.
-    Transient failures (connection lost, 502/503/504, 429) are retried with backoff; any other
-    refusal raises `ApiError` for the first node refused. `idempotent` sends an
-    `Idempotency-Key` per node so that a retry after a lost reply cannot register a node twice
-    (the gateway keeps the keys in Postgres, which costs registration throughput).
+    By batches (`POST /api/nodes/register/batch`, `batch` nodes each, `batches_in_flight` at a
+    time); a gateway without that route (404 on the first batch: an older gateway) gets one
+    request per node instead, `concurrency` in flight, as does `batch=1`. Uses aiohttp when
+    installed (much cheaper per request), else the gateway's httpx client. Transient failures
+    (connection lost, 502/503/504, 429) are retried with backoff; any other refusal raises
+    `ApiError`. `idempotent` sends an `Idempotency-Key` per request (per batch, or per node) so
+    that a retry after a lost reply cannot register anything twice (the gateway keeps the keys
+    in Postgres: one row per request, which costs single registrations much throughput).
     """
     ids: list[str | None] = [None] * len(nodes)
     key_prefix = f"fleet-{uuid.uuid4().hex}" if idempotent else None
-    cursor = iter(range(len(nodes)))
-    done = 0
+    registered = 0
     started = time.perf_counter()
 
-    async with _aiohttp_post(gateway, concurrency) as fast:
-        post = fast or _httpx_post(gateway)
+    def done(count: int) -> None:
+        nonlocal registered
+        before, registered = registered, registered + count
+        if progress is not None and registered // 10_000 > before // 10_000:
+            progress(registered, time.perf_counter() - started)
+
+    async def in_parallel(workers: int, work: Callable[[int], Awaitable[None]], items: int) -> None:
+        cursor = iter(range(items))
 
         async def worker() -> None:
-            nonlocal done
-            for i in cursor:
+            for item in cursor:
                 if stop is not None and stop.is_set():
                     return
-                key = f"{key_prefix}-{i}" if key_prefix else None
-                body = nodes[i].registration_body()
+                await work(item)
 
-                async def call(body: dict[str, Any] = body, key: str | None = key) -> str:
-                    return await post(body, key)
-
-                ids[i] = await retrying(
-                    "registering a virtual node", call, backoff=Backoff(0.2, 10.0), stop=stop
-                )
-                done += 1
-                if progress is not None and done % 1000 == 0:
-                    progress(done, time.perf_counter() - started)
-
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
+        tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, items)))]
         try:
-            await asyncio.gather(*workers)
+            await asyncio.gather(*tasks)
         finally:
-            for w in workers:
-                w.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async with _aiohttp_post(gateway, max(concurrency, batches_in_flight)) as fast:
+        post = fast or _httpx_post(gateway)
+
+        async def one(i: int) -> None:
+            key = f"{key_prefix}-{i}" if key_prefix else None
+            body = nodes[i].registration_body()
+            answer = await retrying(
+                "registering a virtual node",
+                lambda: post(_REGISTER, body, key),
+                backoff=Backoff(0.2, 10.0),
+                stop=stop,
+            )
+            ids[i] = str(answer["node_id"])
+            done(1)
+
+        async def many(k: int) -> None:
+            span = range(k * batch, min(len(nodes), (k + 1) * batch))
+            key = f"{key_prefix}-b{k}" if key_prefix else None
+            body = {"nodes": [nodes[i].registration_body() for i in span]}
+            answer = await retrying(
+                "registering a batch of virtual nodes",
+                lambda: post(_REGISTER_BATCH, body, key),
+                backoff=Backoff(0.2, 10.0),
+                stop=stop,
+            )
+            got = answer["node_ids"]
+            if len(got) != len(span):
+                raise ValueError(f"the gateway answered {len(got)} ids for {len(span)} nodes")
+            for i, node_id in zip(span, got, strict=True):
+                ids[i] = str(node_id)
+            done(len(span))
+
+        batches = -(-len(nodes) // batch) if batch > 1 else 0
+        if batches:
+            try:
+                # The first batch alone: it tells whether the gateway has batch registration.
+                await many(0)
+            except ApiError as exc:
+                if exc.status not in (404, 405):
+                    raise
+                log.info("the gateway has no batch registration; registering node by node")
+                batches = 0
+            else:
+                await in_parallel(batches_in_flight, lambda k: many(k + 1), batches - 1)
+        if not batches:
+            todo = [i for i, node_id in enumerate(ids) if node_id is None]
+            await in_parallel(concurrency, lambda j: one(todo[j]), len(todo))
     if any(i is None for i in ids):
         raise asyncio.CancelledError("registration stopped")
     return [i for i in ids if i is not None]
@@ -995,7 +1050,7 @@ async def run_fleet(
                 log.info("signed up the fleet's provider account %s", email)
             key = gateway.api_key
             assert key is not None
-            log.info("registering %d virtual nodes (%d at a time)", n, concurrency)
+            log.info("registering %d virtual nodes (batches of %d)", n, REGISTER_BATCH)
             started = time.perf_counter()
             node_ids = await register_fleet(
                 gateway,

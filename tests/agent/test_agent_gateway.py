@@ -58,6 +58,8 @@ class Exchange:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.url = f"http://127.0.0.1:{settings.port}"
+        self.wrap: Callable[[Any], Any] = lambda app: app
+        """Applied to the app at each start (a test's stand-in for a proxy or an older gateway)."""
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._engine: asyncio.Task[None] | None = None
@@ -67,7 +69,7 @@ class Exchange:
         from gateway.app import create_app
 
         config = uvicorn.Config(
-            create_app(self.settings),
+            self.wrap(create_app(self.settings)),
             host="127.0.0.1",
             port=self.settings.port,
             log_level="warning",
@@ -381,6 +383,104 @@ async def test_fleet_registers_and_beats_within_the_rate_limit(
     assert listed["total_count"] == 40
     assert all(n["last_heartbeat_ms"] > 0 for n in listed["nodes"])
     assert {n["region"] for n in listed["nodes"]} >= {"us-east-2"}
+
+
+class _Watch:
+    """ASGI middleware that records the POSTs' paths and can answer some of them itself: as a
+    gateway without batch registration (404), or as a proxy that loses the reply (503) of the
+    first batch after the gateway handled it."""
+
+    def __init__(self, app: Any, *, batch_route: bool = True, lose_first_batch: bool = False):
+        self.app = app
+        self.batch_route = batch_route
+        self.lose_first_batch = lose_first_batch
+        self.posts: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        self.posts.append(path)
+        if path != "/api/nodes/register/batch":
+            return await self.app(scope, receive, send)
+        if not self.batch_route:
+            return await _answer(send, 404, b'{"error":{"code":"not_found","message":"Not Found"}}')
+        if self.lose_first_batch and self.posts.count(path) == 1:
+
+            async def lost(message: Any) -> None:
+                pass
+
+            await self.app(scope, receive, lost)
+            return await _answer(send, 503, b"")
+        return await self.app(scope, receive, send)
+
+
+async def _answer(send: Any, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _own_node_ids(owner: Gateway) -> set[str]:
+    listed = await owner.request("GET", "/api/nodes", params={"mine": "true", "limit": 500})
+    return {n["node_id"] for n in listed["nodes"]}
+
+
+async def _watched(exchange: Exchange, **kw: Any) -> _Watch:
+    """Restart the exchange's gateway behind a `_Watch`; the watch."""
+    await exchange.stop()
+    watches: list[_Watch] = []
+
+    def wrap(app: Any) -> _Watch:
+        watches.append(_Watch(app, **kw))
+        return watches[-1]
+
+    exchange.wrap = wrap
+    await exchange.start()
+    return watches[0]
+
+
+async def _all_listed(owner: Gateway, ids: list[str]) -> None:
+    async def check() -> bool:
+        return await _own_node_ids(owner) == set(ids)
+
+    await eventually(check, "every node in its owner's listing")
+
+
+async def test_fleet_registers_by_batches_and_a_lost_reply_registers_nothing_twice(
+    exchange: Exchange, account: Account
+) -> None:
+    """The simulator registers through the batch route, an idempotency key per batch: the
+    retry of a batch whose reply was lost gets the first answer, so every node exists once."""
+    watch = await _watched(exchange, lose_first_batch=True)
+    provider = await account("provider")
+    nodes = make_fleet(45, seed=3)
+    ids = await register_fleet(provider, nodes, batch=20)
+    assert len(set(ids)) == 45
+    await _all_listed(provider, ids)
+    for i in (0, 21, 44):
+        node = await provider.get_node(ids[i])
+        assert (node["name"], node["region"]) == (nodes[i].name, nodes[i].region)
+    assert watch.posts.count("/api/nodes/register/batch") == 3 + 1  # one batch sent twice
+    assert "/api/nodes/register" not in watch.posts
+    # The client's own batch call.
+    more = await provider.register_nodes([n.registration_body() for n in nodes[:2]])
+    assert len(set(more)) == 2 and not set(more) & set(ids)
+
+
+async def test_fleet_registers_node_by_node_on_a_gateway_without_batches(
+    exchange: Exchange, account: Account
+) -> None:
+    """Against an older gateway (404 on the batch route) the simulator falls back to one
+    registration per node, and every node is registered once."""
+    watch = await _watched(exchange, batch_route=False)
+    provider = await account("provider")
+    nodes = make_fleet(12, seed=4)
+    ids = await register_fleet(provider, nodes, batch=5, concurrency=3)
+    assert len(set(ids)) == 12
+    await _all_listed(provider, ids)
+    assert watch.posts.count("/api/nodes/register/batch") == 1
+    assert watch.posts.count("/api/nodes/register") == 12
 
 
 async def test_simulate_signs_up_registers_and_resumes_from_its_state(
