@@ -3,7 +3,11 @@
     python -m bench.bench_fleet [--nodes 60000] [--interval 2.5] [--min-interval 1.5]
                                 [--seconds 60] [--workers 2] [--concurrency 32]
                                 [--nodes-per-connection 15000] [--http-register 5000]
+                                [--register-batch 1000] [--batches-in-flight 4]
                                 [--idempotent | --no-idempotent] [--json out.json]
+
+    # registration only, 1M nodes end to end over HTTP (the issue's target: <= 120 s):
+    python -m bench.bench_fleet --nodes 1000000 --http-register 1000000 --seconds 0
 
 What it does, all on loopback and bounded in time and size:
 1. starts a Redis of its own (`redis-server` on a free 127.0.0.1 port, no persistence, its own
@@ -11,11 +15,16 @@ What it does, all on loopback and bounded in time and size:
    `--database-url` (default: the dev server at 127.0.0.1:5432), migrated; both removed after;
 2. starts the gateway (`uvicorn gateway.app:app_from_env`, `--workers` processes) with the
    per-node heartbeat minimum set to `--min-interval` s;
-3. signs up one provider and registers `--http-register` virtual nodes over HTTP
-   (`--concurrency` requests in flight over keep-alive connections) and reports the rate
-   (extrapolated to 1M); the rest of `--nodes` are seeded through the market's own register
-   script (`engine.market.Market.register_node`, the call the route makes) so that a large
-   fleet stands up in seconds for the heartbeat measurement;
+3. signs up one provider and registers `--http-register` virtual nodes over HTTP the way
+   `mnemo-agent --simulate` does (`agent.fleet.register_fleet`: `POST /api/nodes/register/batch`
+   with `--register-batch` nodes a request, `--batches-in-flight` at a time; or, with
+   `--register-batch 1`, one `POST /api/nodes/register` per node, `--concurrency` in flight)
+   and reports the rate (extrapolated to 1M), the CPU of each process per node (the gateway's
+   workers, Redis, the Postgres backends of the bench database, the simulator), the cost of
+   each Redis command inside the scripts (`INFO commandstats`) and Redis's memory; the rest of
+   `--nodes` are seeded through the market's own batch script (`Market.register_many`, the
+   call the batch route makes) so that a large fleet stands up in seconds for the heartbeat
+   measurement;
 4. drives them for `--seconds` s, each node once per `--interval` s (never closer than
    `--min-interval`: the simulator's own guard, and the gateway would answer `too_soon`), over
    `nodes / --nodes-per-connection` WebSockets, and reports acknowledged heartbeats per second,
@@ -53,6 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psutil
+import redis.asyncio as aioredis
 
 from agent.client import Gateway
 from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet
@@ -162,11 +172,14 @@ def _gateway(
 class _Cpu:
     """CPU seconds used by a set of processes (and their children) between two reads."""
 
-    def __init__(self, pids: dict[str, int | None]) -> None:
+    def __init__(self, pids: dict[str, int | list[int] | None]) -> None:
         self.procs: dict[str, list[psutil.Process]] = {}
         me = os.getpid()
         for name, pid in pids.items():
             if pid is None:
+                continue
+            if isinstance(pid, list):  # a set of processes (Postgres backends), no children
+                self.procs[name] = [psutil.Process(p) for p in pid if psutil.pid_exists(p)]
                 continue
             proc = psutil.Process(pid)
             # The gateway's workers are its children; this process's children are the servers
@@ -186,6 +199,13 @@ class _Cpu:
             out[name] = total
         return out
 
+    def add(self, name: str, pids: list[int]) -> None:
+        """Count processes started since the first read too (all their CPU is in the window)."""
+        known = {p.pid for p in self.procs.setdefault(name, [])}
+        for pid in pids:
+            if pid not in known and psutil.pid_exists(pid):
+                self.procs[name].append(psutil.Process(pid))
+
     def used(self) -> dict[str, float]:
         end = self._read()
         return {k: round(end[k] - self.start.get(k, 0.0), 2) for k in end}
@@ -194,8 +214,8 @@ class _Cpu:
 async def _seed(
     redis_url: str, prefix: str, owner_id: str, nodes: list[Any], interval_s: float
 ) -> tuple[list[str], float]:
-    """Register nodes through the market's own register script (what the gateway's route
-    calls), many calls in flight: the fast way to stand up a large fleet for the heartbeat
+    """Register nodes through the market's own batch script (what the gateway's batch route
+    calls), a few batches in flight: the fast way to stand up a large fleet for the heartbeat
     measurement. Returns (ids, seconds)."""
     import redis.asyncio as aioredis
 
@@ -207,43 +227,77 @@ async def _seed(
     market = Market(client, Keys(prefix))
     await market.load_scripts()
     ids = [uuid.uuid4().hex for _ in nodes]
-    cursor = iter(range(len(nodes)))
+    cursor = iter(range(0, len(nodes), 1000))
     now_ms = int(time.time() * 1000)
 
+    def node(i: int) -> Node:
+        v = nodes[i]
+        return Node(
+            node_id=ids[i],
+            owner_id=owner_id,
+            region=v.region,
+            node_type=v.node_type,
+            name=v.name,
+            lat=v.latitude,
+            lng=v.longitude,
+            total_ram_gb=v.total_ram_gb,
+            total_vram_gb=v.total_vram_gb,
+            offered_ram_gb=v.total_ram_gb,
+            offered_vram_gb=v.total_vram_gb,
+            bandwidth_mbps=v.bandwidth_mbps,
+            base_latency_ms=v.base_latency_ms,
+            price_pusd=pusd(v.price_per_gb_sec),
+            heartbeat_interval_s=interval_s,
+            created_ms=now_ms,
+            metadata={"simulated": "true"},
+        )
+
     async def worker() -> None:
-        for i in cursor:
-            v = nodes[i]
-            node = Node(
-                node_id=ids[i],
-                owner_id=owner_id,
-                region=v.region,
-                node_type=v.node_type,
-                name=v.name,
-                lat=v.latitude,
-                lng=v.longitude,
-                total_ram_gb=v.total_ram_gb,
-                total_vram_gb=v.total_vram_gb,
-                offered_ram_gb=v.total_ram_gb,
-                offered_vram_gb=v.total_vram_gb,
-                bandwidth_mbps=v.bandwidth_mbps,
-                base_latency_ms=v.base_latency_ms,
-                price_pusd=pusd(v.price_per_gb_sec),
-                heartbeat_interval_s=interval_s,
-                created_ms=now_ms,
-                metadata={"simulated": "true"},
-            )
-            await market.register_node(node, now_ms)
+        for start in cursor:
+            span = range(start, min(len(nodes), start + 1000))
+            await market.register_many([node(i) for i in span], now_ms)
 
     started = time.perf_counter()
     try:
-        await asyncio.gather(*(worker() for _ in range(48)))
+        await asyncio.gather(*(worker() for _ in range(4)))
     finally:
         await client.aclose()
     return ids, time.perf_counter() - started
 
 
+def _per_node(before: dict[str, Any], after: dict[str, Any], nodes: int) -> dict[str, float]:
+    """Microseconds of Redis per node by command (`INFO commandstats`; the scripts' `evalsha`
+    includes the commands they call, which are listed too)."""
+    out = {}
+    for name, stat in after.items():
+        usec = stat["usec"] - before.get(name, {}).get("usec", 0)
+        if usec / nodes >= 0.01:
+            out[name.removeprefix("cmdstat_")] = round(usec / nodes, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+async def _backends(database_url: str) -> list[int]:
+    """The pids of the Postgres backends serving `database_url`'s database (the gateway's pool)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return [int(r["pid"]) for r in rows]
+
+
 async def _run(
-    args: argparse.Namespace, url: str, pids: dict[str, int | None], redis_url: str, prefix: str
+    args: argparse.Namespace,
+    url: str,
+    pids: dict[str, int | list[int] | None],
+    redis_url: str,
+    database_url: str,
+    prefix: str,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "nodes": args.nodes,
@@ -256,26 +310,53 @@ async def _run(
         user, _ = await gateway.signup(
             f"bench-{uuid.uuid4().hex[:8]}@example.com", uuid.uuid4().hex
         )
+        made = time.perf_counter()
         nodes = make_fleet(args.nodes, seed=args.seed)
+        made = time.perf_counter() - made
         over_http = min(args.nodes, args.http_register)
+        redis = aioredis.from_url(redis_url)
+        commands0 = await redis.info("commandstats")
+        memory0 = (await redis.info("memory"))["used_memory"]
+        pids = {**pids, "postgres": await _backends(database_url)}
         cpu = _Cpu(pids)
+        load0 = os.getloadavg()
         started = time.perf_counter()
         ids = await register_fleet(
-            gateway, nodes[:over_http], concurrency=args.concurrency, idempotent=args.idempotent
+            gateway,
+            nodes[:over_http],
+            concurrency=args.concurrency,
+            batch=args.register_batch,
+            batches_in_flight=args.batches_in_flight,
+            idempotent=args.idempotent,
         )
         elapsed = time.perf_counter() - started
+        cpu.add("postgres", await _backends(database_url))
+        used = cpu.used()
         rate = len(ids) / elapsed
+        memory1 = (await redis.info("memory"))["used_memory"]
+        commands = await redis.info("commandstats")
+        await redis.aclose()
+        batched = args.register_batch > 1
         result["registration"] = {
-            "via": "POST /api/nodes/register",
+            "via": "POST /api/nodes/register/batch" if batched else "POST /api/nodes/register",
             "nodes": len(ids),
+            "batch": args.register_batch if batched else None,
+            "in_flight": args.batches_in_flight if batched else args.concurrency,
+            "idempotency_keys": args.idempotent,
             "seconds": round(elapsed, 2),
             "per_s": round(rate),
-            "idempotency_keys": args.idempotent,
-            "concurrency": args.concurrency,
             "extrapolated_1m_s": round(1_000_000 / rate, 1),
-            "cpu_s": cpu.used(),
+            "make_fleet_s": round(made, 2),
+            "cpu_s": used,
+            "cpu_us_per_node": {k: round(v * 1e6 / len(ids), 1) for k, v in used.items()},
+            "redis_us_per_node": _per_node(commands0, commands, len(ids)),
+            "redis_memory_mb": round(memory1 / 2**20),
+            "redis_memory_bytes_per_node": round((memory1 - memory0) / len(ids)),
+            "loadavg_before": [round(x, 2) for x in load0],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         }
         print(f"registered {len(ids)} nodes in {elapsed:.1f} s ({rate:.0f}/s)", flush=True)
+        print(json.dumps(result["registration"]), flush=True)
         if over_http < args.nodes:
             cpu = _Cpu(pids)
             seeded, seconds = await _seed(
@@ -283,7 +364,7 @@ async def _run(
             )
             ids += seeded
             result["seeding"] = {
-                "via": "Market.register_node (the register script, 48 calls in flight)",
+                "via": "Market.register_many (batches of 1,000, 4 in flight)",
                 "nodes": len(seeded),
                 "seconds": round(seconds, 1),
                 "per_s": round(len(seeded) / seconds),
@@ -357,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes-per-connection", type=int, default=15_000)
     parser.add_argument("--idempotent", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--register-batch",
+        type=int,
+        default=1000,
+        help="nodes per batch registration; 1: one POST /api/nodes/register per node",
+    )
+    parser.add_argument("--batches-in-flight", type=int, default=4)
+    parser.add_argument(
         "--http-register",
         type=int,
         default=5000,
@@ -389,8 +477,12 @@ def main(argv: list[str] | None = None) -> int:
             min_interval_s=args.min_interval,
             interval_s=args.interval,
         ) as (url, proc):
-            pids = {"gateway": proc.pid, "redis": redis_pid, "simulator": os.getpid()}
-            result = asyncio.run(_run(args, url, pids, redis_url, prefix))
+            pids: dict[str, int | list[int] | None] = {
+                "gateway": proc.pid,
+                "redis": redis_pid,
+                "simulator": os.getpid(),
+            }
+            result = asyncio.run(_run(args, url, pids, redis_url, db_url, prefix))
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
