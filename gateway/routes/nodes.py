@@ -16,6 +16,7 @@ market's script refuses an early one and says when the next is due, which become
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from typing import Any
 
@@ -74,10 +75,15 @@ def _price(usd_value: float, field: str) -> int:
 
 
 def _new_node(
-    body: NodeRegisterRequest, owner_id: str, interval_s: float, now_ms: int, at: str = ""
+    body: NodeRegisterRequest,
+    node_id: str,
+    owner_id: str,
+    interval_s: float,
+    now_ms: int,
+    at: str = "",
 ) -> Node:
-    """The node a registration body describes (a fresh id); `at` prefixes the fields named in
-    refusals (`nodes[3].` in a batch)."""
+    """The node a registration body describes; `at` prefixes the fields named in refusals
+    (`nodes[3].` in a batch)."""
     if body.total_ram_gb + body.total_vram_gb == 0:
         raise ValidationFailed("a node must have some memory", field=f"{at}total_ram_gb")
     if body.min_duration_sec > body.max_duration_sec:
@@ -93,7 +99,7 @@ def _new_node(
         else min(body.max_vram_gb, body.total_vram_gb)
     )
     return Node(
-        node_id=uuid.uuid4().hex,
+        node_id=node_id,
         owner_id=owner_id,
         region=body.region,
         node_type=body.node_type,
@@ -118,7 +124,13 @@ def _new_node(
 
 async def register(call: Call) -> NodeRegistered:
     now_ms = call.now_ms()
-    node = _new_node(call.body, call.user.user_id, call.state.settings.heartbeat_interval_s, now_ms)
+    node = _new_node(
+        call.body,
+        uuid.uuid4().hex,
+        call.user.user_id,
+        call.state.settings.heartbeat_interval_s,
+        now_ms,
+    )
     registered = await call.state.market.register_node(node, now_ms)
     return NodeRegistered(node_id=registered.node_id, node=node_out(registered, show_owner=True))
 
@@ -130,8 +142,10 @@ async def register_batch(call: Call) -> NodeBatchRegistered:
     body: NodeBatchRegisterRequest = call.body
     now_ms = call.now_ms()
     owner_id, interval_s = call.user.user_id, call.state.settings.heartbeat_interval_s
+    # 128 random bits per node as 32 hex digits (the shape of uuid4().hex), drawn at once.
+    ids = os.urandom(16 * len(body.nodes)).hex()
     nodes = [
-        _new_node(node, owner_id, interval_s, now_ms, f"nodes[{i}].")
+        _new_node(node, ids[32 * i : 32 * i + 32], owner_id, interval_s, now_ms, f"nodes[{i}].")
         for i, node in enumerate(body.nodes)
     ]
     registered = await call.state.market.register_many(nodes, now_ms)

@@ -11,6 +11,8 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine import core
 from engine import market as market_module
@@ -203,6 +205,35 @@ async def test_register_many_writes_what_one_by_one_registration_writes(
         for i, n in enumerate((s for s in stored if s.region == "us-east-2"), 1)
     ]
     assert await batch.get_node("m7") == stored[6]
+
+
+@given(
+    lat=st.floats(-90, 90),
+    lng=st.floats(-180, 180),
+    latency=st.floats(0, 1e9),
+    interval=st.floats(0.001, 86_400),
+    ram=st.integers(0, core.MAX_GB),
+    price=st.integers(1, core.MAX_PRICE_PUSD),
+    metadata=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=4),
+    name=st.text(min_size=1, max_size=20),
+)
+def test_register_many_stores_the_fields_register_node_stores(
+    lat: float,
+    lng: float,
+    latency: float,
+    interval: float,
+    ram: int,
+    price: int,
+    metadata: dict[str, str],
+    name: str,
+) -> None:
+    """The batch's fast field encoding is `core.to_fields`, text for text."""
+    node = core.new_node(
+        a_node(lat=lat, lng=lng, base_latency_ms=latency, heartbeat_interval_s=interval,
+               total_ram_gb=ram + 1, price_pusd=price, metadata=metadata, name=name),
+        T0,
+    )  # fmt: skip
+    assert market_module._node_fields(node) == core.to_fields(node)
 
 
 async def test_register_many_is_all_or_nothing(market: Market) -> None:
