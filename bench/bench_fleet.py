@@ -199,6 +199,17 @@ class _Cpu:
             out[name] = total
         return out
 
+    def rss_mb(self) -> dict[str, int]:
+        """Resident memory of each set of processes now, in MiB."""
+        out: dict[str, int] = {}
+        for name, procs in self.procs.items():
+            total = 0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            out[name] = round(total / 2**20)
+        return out
+
     def add(self, name: str, pids: list[int]) -> None:
         """Count processes started since the first read too (all their CPU is in the window)."""
         known = {p.pid for p in self.procs.setdefault(name, [])}
@@ -350,6 +361,7 @@ async def _run(
             "cpu_s": used,
             "cpu_us_per_node": {k: round(v * 1e6 / len(ids), 1) for k, v in used.items()},
             "redis_us_per_node": _per_node(commands0, commands, len(ids)),
+            "rss_mb": cpu.rss_mb(),
             "redis_memory_mb": round(memory1 / 2**20),
             "redis_memory_bytes_per_node": round((memory1 - memory0) / len(ids)),
             "loadavg_before": [round(x, 2) for x in load0],

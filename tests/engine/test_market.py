@@ -212,7 +212,7 @@ async def test_register_many_writes_what_one_by_one_registration_writes(
     lng=st.floats(-180, 180),
     latency=st.floats(0, 1e9),
     interval=st.floats(0.001, 86_400),
-    ram=st.integers(0, core.MAX_GB),
+    ram=st.integers(0, core.MAX_GB - 1),
     price=st.integers(1, core.MAX_PRICE_PUSD),
     metadata=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=4),
     name=st.text(min_size=1, max_size=20),
