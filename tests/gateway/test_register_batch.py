@@ -73,6 +73,13 @@ async def test_batch_registers_nodes_that_list_trade_and_heartbeat(
     page = await listed(gw, provider, {"limit": 500}, 5)
     assert sorted(n["node_id"] for n in page["nodes"]) == sorted(ids)
     assert {n["name"] for n in page["nodes"]} == {b["name"] for b in sent}
+    rows = await gw.state["pool"].fetch(
+        "SELECT region, seq, payload->'node'->>'node_id' AS node_id FROM events "
+        "WHERE type = 'node_registered' ORDER BY region DESC, seq"
+    )
+    by_region = [(r["region"], r["seq"]) for r in rows]
+    assert by_region == [("us-east-2", s) for s in (1, 2, 3, 4)] + [("eu-west-1", 1)]
+    assert [r["node_id"] for r in rows] == [ids[0], ids[1], ids[3], ids[4], ids[2]]
     beat = {"available_ram_gb": 10, "available_vram_gb": 4, "cpu_usage_pct": 12.5}
     r = await api.post(f"/api/nodes/{ids[2]}/heartbeat", json=beat, headers=provider.headers)
     assert r.status_code == 200, r.text
