@@ -103,7 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="least seconds between two beats of one node (default 0.9 x interval)",
     )
-    sim.add_argument("--concurrency", type=int, default=32, help="registrations in flight")
+    sim.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        help="registrations in flight when registering node by node (a gateway without "
+        "batch registration; the fleet otherwise sends batches of 1,000, 4 in flight)",
+    )
     sim.add_argument("--nodes-per-connection", type=int, default=25_000)
     sim.add_argument(
         "--notices",
