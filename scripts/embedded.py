@@ -406,6 +406,10 @@ class _Valkey(_Server):
                     "appendfsync everysec",
                     # The AOF is the one durable copy; no RDB snapshots beside it.
                     'save ""',
+                    # A node's hash (about 28 fields) holds one value longer than the default
+                    # 64-byte limit (its metadata text): 256 keeps it in the compact listpack
+                    # encoding, about 38% less memory per node at the same CPU (bench_fleet).
+                    "hash-max-listpack-value 256",
                     "",
                 ]
             )
