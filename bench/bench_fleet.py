@@ -105,6 +105,23 @@ def _database(admin_url: str) -> Iterator[str]:
         asyncio.run(drop())
 
 
+def _env(
+    redis_url: str, database_url: str, *, prefix: str, min_interval_s: float, interval_s: float
+) -> dict[str, str]:
+    """This process's environment with the MNEMO_* settings of the exchange under test."""
+    env = dict(os.environ)
+    env.update(
+        MNEMO_REDIS_URL=redis_url,
+        MNEMO_DATABASE_URL=database_url,
+        MNEMO_KEY_PREFIX=prefix,
+        MNEMO_JWT_SECRET="bench-" + uuid.uuid4().hex + uuid.uuid4().hex,
+        MNEMO_HEARTBEAT_MIN_INTERVAL_S=str(min_interval_s),
+        MNEMO_HEARTBEAT_INTERVAL_S=str(interval_s),
+        MNEMO_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
 @contextlib.contextmanager
 def _gateway(
     redis_url: str,
@@ -116,15 +133,12 @@ def _gateway(
     interval_s: float,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    env = dict(os.environ)
-    env.update(
-        MNEMO_REDIS_URL=redis_url,
-        MNEMO_DATABASE_URL=database_url,
-        MNEMO_KEY_PREFIX=prefix,
-        MNEMO_JWT_SECRET="bench-" + uuid.uuid4().hex + uuid.uuid4().hex,
-        MNEMO_HEARTBEAT_MIN_INTERVAL_S=str(min_interval_s),
-        MNEMO_HEARTBEAT_INTERVAL_S=str(interval_s),
-        MNEMO_LOG_LEVEL="WARNING",
+    env = _env(
+        redis_url,
+        database_url,
+        prefix=prefix,
+        min_interval_s=min_interval_s,
+        interval_s=interval_s,
     )
     proc = subprocess.Popen(
         [
