@@ -40,9 +40,9 @@ What one run does, on loopback and bounded in time (`--seconds` <= 600, every wa
    second; CPU share (cores busy) of the gateway's workers, the engine, the journal, Redis, the
    Postgres backends of the bench database and this process (simulator, bots, load generator);
 6. stops the load and the engine, waits for the journal to drain (at most `--drain-max` s) and
-   checks that every stream
-   entry reached Postgres: per region, the stream's `entries-added` equals the rows of `events`
-   and the journal's applied position equals the last sequence number.
+   checks that every stream entry reached Postgres: per region, the stream's `entries-added`
+   equals the rows of `events` and the journal's applied position equals the last sequence
+   number (`lost` is null when the journal did not drain in time).
 Each run starts from nothing (its own Redis, database and processes) and prints one JSON line;
 with `--repeat N` a last line holds the medians. Every subprocess is stopped on the way out,
 also on Ctrl-C, SIGTERM or an error.
