@@ -847,8 +847,11 @@ class BatchResult(msgspec.Struct, kw_only=True):
     blocked: list[str] = []
 
 
-# Events reach `events` through a temporary staging table: binary COPY is much cheaper than
-# array parameters, and the INSERT ... SELECT keeps ON CONFLICT DO NOTHING.
+# Events reach `events` by one binary COPY straight into the table: the usual batch holds no
+# event stored before, and COPY is the cheapest way in (no staging pass, no per-row conflict
+# probe). It runs in a savepoint; when it meets an event stored already (a redelivery), the
+# batch goes through a temporary staging table and INSERT ... ON CONFLICT DO NOTHING instead.
+_EVENT_COLS = ("event_id", "region", "seq", "type", "ts", "payload")
 _STAGING_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS journal_staging (
     event_id text, region text, seq bigint, type text, ts_ms bigint, payload text
@@ -863,11 +866,14 @@ FROM journal_staging
 ON CONFLICT DO NOTHING
 """
 
+# The stored events after each region's `after` seq (its applied position, or the end of the
+# run the batch itself holds), in order: a gap this batch fills may release events waiting in
+# `events`, and a region applied by no new event (catch-up) finds its whole run here.
 _RUNS_SQL = """
 SELECT p.region, e.seq
-FROM unnest($1::text[], $2::int8[]) AS p(region, applied)
+FROM unnest($1::text[], $2::int8[]) AS p(region, after)
 CROSS JOIN LATERAL (
-    SELECT seq FROM events e WHERE e.region = p.region AND e.seq > p.applied
+    SELECT seq FROM events e WHERE e.region = p.region AND e.seq > p.after
     ORDER BY seq LIMIT $3
 ) AS e
 ORDER BY p.region, e.seq
@@ -877,6 +883,16 @@ ORDER BY p.region, e.seq
 async def _store(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> int:
     if not events:
         return 0
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "events",
+                records=[(e[0], e[1], e[2], e[3], _ts(e[4]), e[5]) for e in events],
+                columns=_EVENT_COLS,
+            )
+        return len(events)
+    except asyncpg.UniqueViolationError:
+        pass  # some were stored before: keep the others, ignore those
     await conn.execute(_STAGING_SQL)
     await conn.copy_records_to_table(
         "journal_staging", records=[e[:6] for e in events], columns=_STAGING_COLS
@@ -913,11 +929,22 @@ async def _runs(
     if not live:
         return {}, set(), blocked
     applied = {r["region"]: r["applied_seq"] for r in live}
-    found = await conn.fetch(_RUNS_SQL, list(applied), list(applied.values()), max_apply + 1)
+    # The run starts with the events in memory (the batch), read from `events` only past them.
     wanted: dict[str, list[int]] = {}
+    for region, seq in applied.items():
+        end = seq
+        while (region, end + 1) in memory and end - seq < max_apply:
+            end += 1
+        wanted[region] = list(range(seq + 1, end + 1))
+    found = await conn.fetch(
+        _RUNS_SQL,
+        list(applied),
+        [applied[r] + len(wanted[r]) for r in applied],
+        max_apply + 1,
+    )
     waiting: set[str] = set()
     for region, seq in found:
-        run = wanted.setdefault(region, [])
+        run = wanted[region]
         expected = applied[region] + len(run) + 1
         if seq == expected and len(run) < max_apply:
             run.append(seq)
@@ -999,13 +1026,20 @@ class Batch:
     """Events deduplicated, ordered and folded ahead of their transaction (`prepare`), so that
     a worker can do this CPU work while the previous batch is being written."""
 
-    __slots__ = ("days", "events", "fold", "memory")
+    __slots__ = ("days", "events", "fold", "memory", "runs")
 
     def __init__(self, events: Iterable[StoredEvent]) -> None:
         self.memory: dict[tuple[str, int], StoredEvent] = {}
         for e in events:
             self.memory.setdefault((e.region, e.seq), e)
         self.events = sorted(self.memory.values(), key=lambda e: (e.region, e.seq))
+        self.runs: dict[str, list[StoredEvent]] = {}
+        for e in self.events:
+            run = self.runs.get(e.region)
+            if run is None:
+                self.runs[e.region] = [e]
+            else:
+                run.append(e)
         # Folded on the guess that these events are exactly the runs to apply (the usual case:
         # in-order delivery, nothing waiting); write_batch checks the guess and refolds if not.
         self.fold = _Fold()
@@ -1055,8 +1089,7 @@ async def write_batch(
             conn, all_regions, memory, include_blocked=retry_blocked, max_apply=max_apply
         )
         blocked -= set(runs)  # retried: blocked again below if the same event is refused
-        planned = [(e.region, e.seq) for e in batch.events]
-        if [(s.region, s.seq) for run in runs.values() for s in run] == planned:
+        if runs == batch.runs:
             fold = batch.fold
         else:
             fold = _Fold()
