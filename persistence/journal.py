@@ -150,10 +150,6 @@ def _ts(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
 
 
-def _ts_opt(ms: int | None) -> datetime | None:
-    return _EPOCH + timedelta(milliseconds=ms) if ms else None
-
-
 _SCALE = {2: 100, 3: 1000, 6: 1_000_000}
 _LIMITS = {2: 99_999, 3: 9_999_999_999, 6: 999_999_999}  # numeric(5,2), (10,3), (9,6) in units
 
@@ -168,13 +164,6 @@ def _units(x: float | None, places: int) -> int | None:
     return max(-limit, min(limit, round(x * _SCALE[places])))
 
 
-def _dec(x: float | None, places: int) -> float | None:
-    """`x` rounded to the column's scale; a float whose repr is that exact decimal, which is
-    what asyncpg sends for a numeric parameter."""
-    u = _units(x, places)
-    return None if u is None else u / _SCALE[places]
-
-
 def _int4(x: int | None) -> int | None:
     if x is None or not -(2**31) <= x < 2**31:
         return None
@@ -184,15 +173,35 @@ def _int4(x: int | None) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # The fold: ordered events -> row changes (pure; no I/O)
 
-# Column -> Postgres type of the arrays the rows travel in.
+# Row values travel to Postgres as integers where the column is not: a fixed-point numeric as
+# integer units of its last decimal place (`u2`, `u3`, `u6`; see `_units`), a time as
+# milliseconds since the epoch (`ms`, as events carry it). SQL turns them into the column's type
+# exactly (an integer times 0.01 is a numeric of scale 2; the interval product is exact to
+# microseconds). asyncpg encodes an integer in nanoseconds, a float as a numeric or a datetime
+# in about a microsecond each, and the worker's CPU is half of the journal's throughput.
+_WIRE: dict[str, tuple[str, str]] = {
+    "u2": ("int8", "({} * 0.01)"),
+    "u3": ("int8", "({} * 0.001)"),
+    "u6": ("int8", "({} * 0.000001)"),
+    "ms": ("int8", "('epoch'::timestamptz + {} * interval '1 millisecond')"),
+}
+
+
+def _wire(kind: str, value: str) -> tuple[str, str]:
+    """(Postgres type of the array a column travels in, SQL that reads `value` of it)."""
+    array_type, expr = _WIRE.get(kind, (kind, "{}"))
+    return array_type, expr.format(value)
+
+
+# Column -> how its values travel: a Postgres type, or a `_WIRE` kind.
 _NODE_COLS: dict[str, str] = {
     "id": "uuid",
     "node_type": "text",
     "name": "text",
     "owner_id": "uuid",
     "region": "text",
-    "latitude": "numeric",
-    "longitude": "numeric",
+    "latitude": "u6",
+    "longitude": "u6",
     "total_ram_gb": "int4",
     "total_vram_gb": "int4",
     "offered_ram_gb": "int4",
@@ -200,21 +209,21 @@ _NODE_COLS: dict[str, str] = {
     "reserved_ram_gb": "int4",
     "reserved_vram_gb": "int4",
     "bandwidth_mbps": "int4",
-    "base_latency_ms": "numeric",
-    "uptime_score": "numeric",
+    "base_latency_ms": "u3",
+    "uptime_score": "u2",
     "reputation_score": "int4",
     "price_pusd": "int8",
     "egress_price_pusd": "int8",
     "min_duration_sec": "int4",
     "max_duration_sec": "int4",
-    "ask_expires_at": "timestamptz",
+    "ask_expires_at": "ms",
     "metadata": "jsonb",
     "status": "text",
     "heartbeat_interval_s": "float8",
-    "last_heartbeat": "timestamptz",
+    "last_heartbeat": "ms",
     "arrival_seq": "int8",
-    "created_at": "timestamptz",
-    "updated_at": "timestamptz",
+    "created_at": "ms",
+    "updated_at": "ms",
 }
 _BID_COLS: dict[str, str] = {
     "id": "uuid",
@@ -225,10 +234,10 @@ _BID_COLS: dict[str, str] = {
     "vram_gb": "int4",
     "duration_sec": "int4",
     "max_price_pusd": "int8",
-    "latitude": "numeric",
-    "longitude": "numeric",
+    "latitude": "u6",
+    "longitude": "u6",
     "max_distance_km": "float8",
-    "min_uptime_score": "numeric",
+    "min_uptime_score": "u2",
     "prefer_local": "bool",
     "node_type": "text",
     "allow_split": "bool",
@@ -238,9 +247,9 @@ _BID_COLS: dict[str, str] = {
     "status": "text",
     "seq": "int8",
     "contract_ids": "text",  # comma-joined in transit (unnest flattens arrays of arrays)
-    "created_at": "timestamptz",
-    "expires_at": "timestamptz",
-    "updated_at": "timestamptz",
+    "created_at": "ms",
+    "expires_at": "ms",
+    "updated_at": "ms",
 }
 _CONTRACT_COLS: dict[str, str] = {
     "id": "uuid",
@@ -253,8 +262,8 @@ _CONTRACT_COLS: dict[str, str] = {
     "vram_gb": "int4",
     "duration_sec": "int4",
     "initial_duration_sec": "int4",
-    "start_time": "timestamptz",
-    "end_time": "timestamptz",
+    "start_time": "ms",
+    "end_time": "ms",
     "extensions": "int4",
     "price_pusd": "int8",
     "egress_price_pusd": "int8",
@@ -269,10 +278,12 @@ _CONTRACT_COLS: dict[str, str] = {
     "successor_id": "uuid",
     "version": "int4",
     "created_seq": "int8",
-    "created_at": "timestamptz",
-    "completed_at": "timestamptz",
-    "updated_at": "timestamptz",
+    "created_at": "ms",
+    "completed_at": "ms",
+    "updated_at": "ms",
 }
+# Heartbeat entries, as they travel (see `_WIRE`): percentages in hundredths, coordinates in
+# millionths of a degree, times (and the start of their minute) in ms since the epoch.
 _METRIC_COLS = (
     "node_id",
     "region",
@@ -286,7 +297,8 @@ _METRIC_COLS = (
     "bandwidth_mbps",
     "latitude",
     "longitude",
-    "timestamp",
+    "ts_ms",
+    "minute_ms",
 )
 
 # Patch keys with a prefix are not assignments: "+col" adds to the column, "++col" appends ids.
@@ -337,7 +349,7 @@ class _Fold:
 
     def apply(self, stored: StoredEvent) -> None:
         ev = stored.event
-        at = _ts(ev.ts_ms)
+        at = ev.ts_ms
         match ev:
             case HeartbeatsApplied():
                 self._heartbeats(ev, at)
@@ -349,8 +361,8 @@ class _Fold:
                     "name": n.name,
                     "owner_id": n.owner_id,
                     "region": n.region,
-                    "latitude": _dec(n.lat, 6),
-                    "longitude": _dec(n.lng, 6),
+                    "latitude": _units(n.lat, 6),
+                    "longitude": _units(n.lng, 6),
                     "total_ram_gb": n.total_ram_gb,
                     "total_vram_gb": n.total_vram_gb,
                     "offered_ram_gb": n.offered_ram_gb,
@@ -358,20 +370,20 @@ class _Fold:
                     "reserved_ram_gb": n.reserved_ram_gb,
                     "reserved_vram_gb": n.reserved_vram_gb,
                     "bandwidth_mbps": n.bandwidth_mbps,
-                    "base_latency_ms": _dec(n.base_latency_ms, 3),
-                    "uptime_score": _dec(n.uptime_score, 2),
+                    "base_latency_ms": _units(n.base_latency_ms, 3),
+                    "uptime_score": _units(n.uptime_score, 2),
                     "reputation_score": n.reputation_score,
                     "price_pusd": n.price_pusd,
                     "egress_price_pusd": n.egress_price_pusd,
                     "min_duration_sec": n.min_duration_s,
                     "max_duration_sec": n.max_duration_s,
-                    "ask_expires_at": _ts_opt(n.ask_expires_ms),
+                    "ask_expires_at": n.ask_expires_ms or None,
                     "metadata": msgspec.json.encode(n.metadata).decode(),
                     "status": n.status,
                     "heartbeat_interval_s": float(n.heartbeat_interval_s),
-                    "last_heartbeat": _ts_opt(n.last_heartbeat_ms),
+                    "last_heartbeat": n.last_heartbeat_ms or None,
                     "arrival_seq": n.arrival_seq,
-                    "created_at": _ts(n.created_ms) if n.created_ms else at,
+                    "created_at": n.created_ms or at,
                     "updated_at": at,
                 }
                 # A whole-node event replaces everything before it in this run, except the
@@ -390,7 +402,7 @@ class _Fold:
                     ev.region,
                     {
                         "status": "offline",
-                        "last_heartbeat": _ts_opt(ev.last_heartbeat_ms),
+                        "last_heartbeat": ev.last_heartbeat_ms or None,
                         "updated_at": at,
                     },
                 )
@@ -405,10 +417,10 @@ class _Fold:
                     "vram_gb": b.vram_gb,
                     "duration_sec": b.duration_s,
                     "max_price_pusd": b.max_price_pusd,
-                    "latitude": _dec(b.lat, 6),
-                    "longitude": _dec(b.lng, 6),
+                    "latitude": _units(b.lat, 6),
+                    "longitude": _units(b.lng, 6),
                     "max_distance_km": b.max_distance_km,
-                    "min_uptime_score": _dec(b.min_uptime_score, 2),
+                    "min_uptime_score": _units(b.min_uptime_score, 2),
                     "prefer_local": b.prefer_local,
                     "node_type": b.node_type,
                     "allow_split": b.allow_split,
@@ -418,8 +430,8 @@ class _Fold:
                     "status": b.status,
                     "seq": b.seq,
                     "contract_ids": ",".join(b.contract_ids),
-                    "created_at": _ts(b.created_ms) if b.created_ms else at,
-                    "expires_at": _ts_opt(b.expires_ms),
+                    "created_at": b.created_ms or at,
+                    "expires_at": b.expires_ms or None,
                     "updated_at": at,
                 }
                 self.bid_patches.pop(b.bid_id, None)
@@ -447,8 +459,8 @@ class _Fold:
                     "vram_gb": c.vram_gb,
                     "duration_sec": c.duration_s,
                     "initial_duration_sec": c.duration_s,
-                    "start_time": _ts(c.start_ms),
-                    "end_time": _ts(c.end_ms),
+                    "start_time": c.start_ms,
+                    "end_time": c.end_ms,
                     "extensions": c.extensions,
                     "price_pusd": c.price_pusd,
                     "egress_price_pusd": c.egress_price_pusd,
@@ -464,7 +476,7 @@ class _Fold:
                     "version": c.version,
                     "created_seq": stored.seq,
                     "created_at": at,
-                    "completed_at": _ts_opt(c.completed_ms),
+                    "completed_at": c.completed_ms or None,
                     "updated_at": at,
                 }
                 self.contract_patches.pop(c.contract_id, None)
@@ -494,7 +506,7 @@ class _Fold:
                     ev.contract_id,
                     {
                         "duration_sec": ev.duration_s,
-                        "end_time": _ts(ev.end_ms),
+                        "end_time": ev.end_ms,
                         "version": ev.version,
                         "+extensions": 1,
                         "updated_at": at,
@@ -511,7 +523,7 @@ class _Fold:
                         "egress_mgb": ev.egress_mgb,
                         "total_cost_pusd": ev.cost_pusd,
                         "settlement_hash": ev.settlement_hash,
-                        "completed_at": _ts(ev.completed_ms),
+                        "completed_at": ev.completed_ms,
                         "successor_id": ev.successor_id,
                         "updated_at": at,
                     },
@@ -532,8 +544,9 @@ class _Fold:
         _merge(self.nodes, self.node_patches, node_id, values)
         self.node_regions.add(region)
 
-    def _heartbeats(self, ev: HeartbeatsApplied, at: datetime) -> None:
+    def _heartbeats(self, ev: HeartbeatsApplied, at: int) -> None:
         region = ev.region
+        minute = at - at % 60_000
         for b in ev.entries:
             change: _Row = {
                 "offered_ram_gb": b.offered_ram_gb,
@@ -543,7 +556,7 @@ class _Fold:
                 "updated_at": at,
             }
             bandwidth = _int4(b.bandwidth_mbps)
-            lat, lng = _dec(b.lat, 6), _dec(b.lng, 6)
+            lat, lng = _units(b.lat, 6), _units(b.lng, 6)
             if bandwidth is not None:
                 change["bandwidth_mbps"] = bandwidth
             if lat is not None:
@@ -551,8 +564,6 @@ class _Fold:
             if lng is not None:
                 change["longitude"] = lng
             self._node(b.node_id, region, change)
-            cpu, gpu = _units(b.cpu_usage_pct, 2), _units(b.gpu_usage_pct, 2)
-            temp = _int4(b.temperature_c)
             self.metrics.append(
                 (
                     b.node_id,
@@ -561,13 +572,14 @@ class _Fold:
                     b.offered_vram_gb,
                     b.available_ram_gb,
                     b.available_vram_gb,
-                    None if cpu is None else cpu / 100,
-                    None if gpu is None else gpu / 100,
-                    temp,
+                    _units(b.cpu_usage_pct, 2),
+                    _units(b.gpu_usage_pct, 2),
+                    _int4(b.temperature_c),
                     bandwidth,
                     lat,
                     lng,
                     at,
+                    minute,
                 )
             )
 
@@ -600,12 +612,11 @@ async def _upsert(
     if not rows:
         return
     cols = list(types)
-    unnest = ", ".join(f"${i}::{types[c]}[]" for i, c in enumerate(cols, 1))
+    wires = [_wire(types[c], f"u.{c}") for c in cols]
+    unnest = ", ".join(f"${i}::{w[0]}[]" for i, w in enumerate(wires, 1))
     select = ", ".join(
-        f"coalesce(string_to_array(u.{c}, ','), '{{}}')::uuid[]"
-        if c == "contract_ids"
-        else f"u.{c}"
-        for c in cols
+        f"coalesce(string_to_array(u.{c}, ','), '{{}}')::uuid[]" if c == "contract_ids" else w[1]
+        for c, w in zip(cols, wires, strict=True)
     )
     sets = ", ".join(
         f"{c} = least({table}.{c}, EXCLUDED.{c})" if c in keep_earliest else f"{c} = EXCLUDED.{c}"
@@ -639,8 +650,9 @@ async def _patch(
                 array_types.append(types[name])
                 sets.append(f"{name} = t.{name} + u.{_alias(col)}")
             else:
-                array_types.append(types[name])
-                sets.append(f"{name} = u.{name}")
+                array_type, value = _wire(types[name], f"u.{name}")
+                array_types.append(array_type)
+                sets.append(f"{name} = {value}")
         unnest = ", ".join(f"${i}::{t}[]" for i, t in enumerate(array_types, 1))
         sql = (
             f"UPDATE {table} AS t SET {', '.join(sets)} "
@@ -666,18 +678,26 @@ WHERE c.id = u.id
 
 # Heartbeat metrics go through a temporary table: one COPY, then two set-based statements
 # append them to the partitioned table and fold them into the per-minute rollup (so the worker
-# does no per-row aggregation and sends no arrays for it). The sums are of exact numerics.
+# does no per-row aggregation and sends no arrays for it). The sums are exact: of integers,
+# scaled once per group.
 _METRICS_STAGING_SQL = """
 CREATE TEMP TABLE IF NOT EXISTS journal_metrics_staging (
     node_id uuid, region text, offered_ram_gb integer, offered_vram_gb integer,
-    available_ram_gb integer, available_vram_gb integer, cpu_usage_pct numeric(5, 2),
-    gpu_usage_pct numeric(5, 2), temperature_c integer, bandwidth_mbps integer,
-    latitude numeric(9, 6), longitude numeric(9, 6), "timestamp" timestamptz
+    available_ram_gb integer, available_vram_gb integer, cpu_usage_pct integer,
+    gpu_usage_pct integer, temperature_c integer, bandwidth_mbps integer, latitude integer,
+    longitude integer, ts_ms bigint, minute_ms bigint
 ) ON COMMIT DELETE ROWS
 """
-_METRICS_SQL = f"""
-INSERT INTO node_metrics ({", ".join(f'"{c}"' for c in _METRIC_COLS)})
-SELECT {", ".join(f'"{c}"' for c in _METRIC_COLS)} FROM journal_metrics_staging
+_METRICS_SQL = """
+INSERT INTO node_metrics (
+    node_id, region, offered_ram_gb, offered_vram_gb, available_ram_gb, available_vram_gb,
+    cpu_usage_pct, gpu_usage_pct, temperature_c, bandwidth_mbps, latitude, longitude,
+    "timestamp")
+SELECT node_id, region, offered_ram_gb, offered_vram_gb, available_ram_gb, available_vram_gb,
+       cpu_usage_pct * 0.01, gpu_usage_pct * 0.01, temperature_c, bandwidth_mbps,
+       latitude * 0.000001, longitude * 0.000001,
+       'epoch'::timestamptz + ts_ms * interval '1 millisecond'
+FROM journal_metrics_staging
 """
 _ROLLUP_SQL = """
 INSERT INTO node_metrics_1m AS t (
@@ -685,14 +705,14 @@ INSERT INTO node_metrics_1m AS t (
     sum_available_ram_gb, sum_available_vram_gb, min_available_ram_gb, max_available_ram_gb,
     min_available_vram_gb, max_available_vram_gb, cpu_samples, sum_cpu_usage_pct, gpu_samples,
     sum_gpu_usage_pct, max_temperature_c)
-SELECT node_id, date_bin('1 minute', "timestamp", 'epoch'::timestamptz), min(region), count(*),
-       sum(offered_ram_gb), sum(offered_vram_gb), sum(available_ram_gb),
+SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', min(region),
+       count(*), sum(offered_ram_gb), sum(offered_vram_gb), sum(available_ram_gb),
        sum(available_vram_gb), min(available_ram_gb), max(available_ram_gb),
        min(available_vram_gb), max(available_vram_gb), count(cpu_usage_pct),
-       coalesce(sum(cpu_usage_pct), 0), count(gpu_usage_pct), coalesce(sum(gpu_usage_pct), 0),
-       max(temperature_c)
+       coalesce(sum(cpu_usage_pct) * 0.01, 0), count(gpu_usage_pct),
+       coalesce(sum(gpu_usage_pct) * 0.01, 0), max(temperature_c)
 FROM journal_metrics_staging
-GROUP BY 1, 2
+GROUP BY node_id, minute_ms
 ON CONFLICT (node_id, minute) DO UPDATE SET
     samples = t.samples + EXCLUDED.samples,
     sum_offered_ram_gb = t.sum_offered_ram_gb + EXCLUDED.sum_offered_ram_gb,
