@@ -11,7 +11,7 @@ with the database's, so about 1e6 / max(worker, backend) events/s with two free 
 1e6 / (worker + backend) on one.
 
     .venv/bin/python -m bench.bench_journal --events 200000 --rounds 5
-    .venv/bin/python -m bench.bench_journal --events 100000 --rate 2000 --duration 30   # lag
+    .venv/bin/python -m bench.bench_journal --events 60000 --rate 20000 --duration 20   # lag
 
 Servers: MNEMO_BENCH_REDIS_URL / MNEMO_BENCH_DATABASE_URL (default: the local dev servers,
 redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/postgres; the database named
@@ -27,14 +27,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import multiprocessing
 import os
 import statistics
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
 
@@ -130,10 +133,75 @@ async def _round(
         await admin.close()
 
 
+def _schedule(h: History, total: int) -> tuple[list[str], list[int]]:
+    """(region, seq) of the i-th event sent in a lag run: the history over and over, each pass
+    with its sequence numbers moved past the previous pass's (the journal's upserts take the
+    same nodes, bids and contracts again)."""
+    last: dict[str, int] = {}
+    for e in h.events:
+        last[e.region] = max(last.get(e.region, 0), int(e.event_id.rsplit(":", 1)[1]))
+    regions, seqs = [], []
+    n = len(h.events)
+    for i in range(total):
+        e = h.events[i % n]
+        regions.append(e.region)
+        seqs.append(int(e.event_id.rsplit(":", 1)[1]) + (i // n) * last[e.region])
+    return regions, seqs
+
+
+def _produce(
+    redis_url: str,
+    keys: Keys,
+    h: History,
+    schedule: tuple[list[str], list[int]],
+    rate: float,
+    sent_at: Any,
+) -> None:
+    """The producer process: XADD the schedule at `rate` events/s (every 5 ms, the events due),
+    each stamped with the time it is sent; `sent_at[i]` is when event i went (monotonic)."""
+
+    async def run() -> None:
+        redis = aioredis.from_url(redis_url)
+        encoder = msgspec.json.Encoder()
+        regions, seqs = schedule
+        n = len(h.events)
+        pool = redis.connection_pool
+        conn = await pool.get_connection()
+        started = time.monotonic()
+        i = 0
+        while i < len(seqs):
+            due = min(len(seqs), int((time.monotonic() - started) * rate) + 1)
+            if due > i:
+                now_ms = int(time.time() * 1000)
+                packed = []
+                for j in range(i, due):
+                    region = regions[j]
+                    event = msgspec.structs.replace(
+                        h.events[j % n], event_id=f"{region}:{seqs[j]}", ts_ms=now_ms
+                    )
+                    packed.append(
+                        hiredis.pack_command(
+                            (b"XADD", keys.events(region), b"*", b"e", encoder.encode(event))
+                        )
+                    )
+                await conn.send_packed_command(b"".join(packed))
+                sent = time.monotonic()
+                for j in range(i, due):
+                    await conn.read_response()
+                    sent_at[j] = sent
+                i = due
+            await asyncio.sleep(0.005)
+        await pool.release(conn)
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
 async def _lag_run(
     redis_url: str, admin_url: str, h: History, rate: float, duration_s: float, batch: int
 ) -> list[float]:
-    """Events XADDed at `rate` per second for `duration_s` while one worker journals them;
+    """Events XADDed at `rate` per second for `duration_s` by a producer process (as the engine
+    and gateway do, from processes of their own) while one worker journals them in this one;
     every 20 ms, the age of the oldest event not yet applied in Postgres (0 when none).
     Returns the samples in seconds."""
     name = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
@@ -142,7 +210,13 @@ async def _lag_run(
     db_url = _with_database(admin_url, name)
     keys = Keys(f"bench{uuid.uuid4().hex[:8]}:")
     redis = aioredis.from_url(redis_url)
-    sent: dict[str, list[float]] = {r: [] for r in h.regions}  # seq - 1 -> time XADDed
+    total = int(rate * duration_s)
+    schedule = _schedule(h, total)
+    index: dict[str, list[int]] = {r: [] for r in h.regions}  # region -> seq - 1 -> i
+    for i, region in enumerate(schedule[0]):
+        index[region].append(i)
+    ctx = multiprocessing.get_context("spawn")
+    sent_at = ctx.RawArray("d", total)
     try:
         await migrate(db_url)
         conn = await asyncpg.connect(db_url)
@@ -154,41 +228,26 @@ async def _lag_run(
         worker = asyncio.create_task(
             run_journal(settings, consumer="bench", stop=stop, batch_size=batch)
         )
-        encoder = msgspec.json.Encoder()
-
-        async def produce() -> None:
-            started = time.monotonic()
-            i = 0
-            while (elapsed := time.monotonic() - started) < duration_s and i < len(h.events):
-                due = min(len(h.events), int(elapsed * rate) + 1)
-                if due > i:
-                    now_ms = int(time.time() * 1000)
-                    async with redis.pipeline(transaction=False) as pipe:
-                        for e in h.events[i:due]:
-                            # Stamped now, so that the lag is measured from the XADD.
-                            pipe.xadd(
-                                keys.events(e.region),
-                                {"e": encoder.encode(msgspec.structs.replace(e, ts_ms=now_ms))},
-                            )
-                            sent[e.region].append(time.monotonic())
-                        await pipe.execute()
-                    i = due
-                await asyncio.sleep(0.005)
-
+        await asyncio.sleep(0.5)  # the worker has created its consumer groups
+        producer = ctx.Process(
+            target=_produce, args=(redis_url, keys, h, schedule, rate, sent_at), daemon=True
+        )
+        producer.start()
         samples: list[float] = []
-        producer = asyncio.create_task(produce())
-        while not producer.done():
+        while producer.is_alive():
             rows = await conn.fetch("SELECT region, applied_seq FROM journal_positions")
             applied = {r["region"]: r["applied_seq"] for r in rows}
             now = time.monotonic()
-            ages = [
-                now - times[applied.get(region, 0)]
-                for region, times in sent.items()
-                if len(times) > applied.get(region, 0)
-            ]
+            ages = []
+            for region, at in index.items():
+                done = applied.get(region, 0)
+                if done < len(at) and sent_at[at[done]]:
+                    ages.append(now - sent_at[at[done]])
             samples.append(max(ages, default=0.0))
+            if worker.done():
+                worker.result()
             await asyncio.sleep(0.02)
-        await producer
+        producer.join()
         stop.set()
         await worker
         await conn.close()
