@@ -359,6 +359,11 @@ class _Fold:
         self.contract_patches: dict[str, _Row] = {}
         self.spend: dict[str, int] = {}
         self.metrics: list[tuple[Any, ...]] = []
+        # Index in `metrics` of each (node, minute)'s first metric, and of every metric whose
+        # (node, minute) has several in this fold: those are summed by a grouping statement,
+        # all others go to the rollup one row each.
+        self.metric_minutes: dict[tuple[str, int], int] = {}
+        self.repeats: set[int] = set()
         self.node_regions: set[str] = set()
 
     def apply(self, stored: StoredEvent) -> None:
@@ -562,6 +567,7 @@ class _Fold:
         region = ev.region
         minute = at - at % 60_000
         nodes, patches, metrics = self.nodes, self.node_patches, self.metrics
+        minutes = self.metric_minutes
         for b in ev.entries:
             change: _Row = {
                 "offered_ram_gb": b.offered_ram_gb,
@@ -587,6 +593,11 @@ class _Fold:
                 patches[node_id] = change
             else:
                 row.update(change)
+            key = (node_id, minute)
+            first = minutes.setdefault(key, len(metrics))
+            if first != len(metrics):
+                self.repeats.add(first)
+                self.repeats.add(len(metrics))
             metrics.append(
                 (
                     node_id,
@@ -726,7 +737,7 @@ CREATE TEMP TABLE IF NOT EXISTS journal_metrics_staging (
     node_id uuid, region text, offered_ram_gb integer, offered_vram_gb integer,
     available_ram_gb integer, available_vram_gb integer, cpu_usage_pct integer,
     gpu_usage_pct integer, temperature_c integer, bandwidth_mbps integer, latitude integer,
-    longitude integer, ts_ms bigint, minute_ms bigint
+    longitude integer, ts_ms bigint, minute_ms bigint, grouped boolean NOT NULL DEFAULT false
 ) ON COMMIT DELETE ROWS
 """
 _METRICS_SQL = """
@@ -753,6 +764,7 @@ SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', min
        coalesce(sum(cpu_usage_pct) * 0.01, 0), count(gpu_usage_pct),
        coalesce(sum(gpu_usage_pct) * 0.01, 0), max(temperature_c)
 FROM journal_metrics_staging
+WHERE grouped
 GROUP BY node_id, minute_ms
 ON CONFLICT (node_id, minute) DO UPDATE SET
     samples = t.samples + EXCLUDED.samples,
@@ -770,6 +782,23 @@ ON CONFLICT (node_id, minute) DO UPDATE SET
     sum_gpu_usage_pct = t.sum_gpu_usage_pct + EXCLUDED.sum_gpu_usage_pct,
     max_temperature_c = greatest(t.max_temperature_c, EXCLUDED.max_temperature_c)
 """
+# The same for the metrics whose (node, minute) has no other metric in the batch (the usual
+# case: a node heartbeats every few seconds, a batch spans tens of milliseconds): each is its own
+# group, and skipping the grouping saves ~1 us a row. The others (`grouped`) are summed first.
+_ROLLUP_ROWS_SQL = """
+INSERT INTO node_metrics_1m AS t (
+    node_id, minute, region, samples, sum_offered_ram_gb, sum_offered_vram_gb,
+    sum_available_ram_gb, sum_available_vram_gb, min_available_ram_gb, max_available_ram_gb,
+    min_available_vram_gb, max_available_vram_gb, cpu_samples, sum_cpu_usage_pct, gpu_samples,
+    sum_gpu_usage_pct, max_temperature_c)
+SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', region, 1,
+       offered_ram_gb, offered_vram_gb, available_ram_gb, available_vram_gb, available_ram_gb,
+       available_ram_gb, available_vram_gb, available_vram_gb, (cpu_usage_pct IS NOT NULL)::int,
+       coalesce(cpu_usage_pct * 0.01, 0), (gpu_usage_pct IS NOT NULL)::int,
+       coalesce(gpu_usage_pct * 0.01, 0), temperature_c
+FROM journal_metrics_staging
+WHERE NOT grouped
+ON CONFLICT""" + _ROLLUP_SQL.split("ON CONFLICT", 1)[1]
 
 
 async def _flush(conn: asyncpg.Connection, fold: _Fold) -> None:
@@ -793,10 +822,22 @@ async def _flush(conn: asyncpg.Connection, fold: _Fold) -> None:
         await conn.execute(_SPEND_SQL, list(fold.spend), list(fold.spend.values()))
     tail = [u.apply_sql for u, _ in upserts]
     if fold.metrics:
-        await conn.copy_records_to_table(
-            "journal_metrics_staging", records=fold.metrics, columns=_METRIC_COLS
-        )
-        tail += [_METRICS_SQL, _ROLLUP_SQL, "DELETE FROM journal_metrics_staging"]
+        repeats = fold.repeats
+        records = fold.metrics
+        if repeats:
+            records = [m for i, m in enumerate(records) if i not in repeats]
+            await conn.copy_records_to_table(
+                "journal_metrics_staging",
+                records=[(*fold.metrics[i], True) for i in sorted(repeats)],
+                columns=(*_METRIC_COLS, "grouped"),
+            )
+            tail.append(_ROLLUP_SQL)
+        if records:
+            await conn.copy_records_to_table(
+                "journal_metrics_staging", records=records, columns=_METRIC_COLS
+            )
+            tail.append(_ROLLUP_ROWS_SQL)
+        tail += [_METRICS_SQL, "DELETE FROM journal_metrics_staging"]
     tail.append("SET CONSTRAINTS ALL IMMEDIATE")
     await conn.execute("; ".join(tail))
 

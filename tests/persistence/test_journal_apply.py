@@ -179,10 +179,10 @@ async def test_a_batch_mixing_stored_and_new_events_stores_each_once(
 async def test_heartbeat_values_land_exactly(conn: asyncpg.Connection) -> None:
     """Percentages, coordinates and times of heartbeats reach the row, the metrics and the
     per-minute rollup as the exact decimals and instants they stand for."""
-    h = History.generate(_SEED + 7, 1, regions=("r",), heartbeat_weight=0)
+    h = History.generate(_SEED + 7, 40, regions=("r",))
     await seed_accounts(conn, h)
-    (registered,) = h.events
-    assert isinstance(registered, NodeRegistered)
+    registered = next(e for e in h.events if isinstance(e, NodeRegistered))
+    registered = msgspec.structs.replace(registered, event_id="r:1")
     node_id = registered.node.node_id
     minute_ms = 1_760_000_040_000  # a whole minute
     samples = [
