@@ -1,17 +1,24 @@
 """Journal throughput: events per second from Redis streams into Postgres, end to end.
 
-Each round: a fresh migrated database and key prefix, a market history XADDed to the region
-streams beforehand (not timed), then one `run_journal` worker is started and timed until every
-region's `applied_seq` reaches its last event (stored, applied to every table, acknowledged
-afterwards). Reports each round and the median, and the CPU time per event spent in this process
-(the worker: reading, decoding, folding) and in the worker's Postgres backend (from /proc, so
-the server must run on this machine). On a machine busy with other work the wall clock says
-little; the CPU figures say what the rate is on idle cores: the worker overlaps its own work
-with the database's, so about 1e6 / max(worker, backend) events/s with two free cores, or
-1e6 / (worker + backend) on one.
+Each round: a fresh migrated database (copied with STRATEGY FILE_COPY, its metrics partitions
+made beforehand, as a running journal has them) and key prefix, a market history XADDed to the
+region streams beforehand (not timed), then one `run_journal` worker is started and timed until
+every region's `applied_seq` reaches its last event (stored, applied to every table,
+acknowledged afterwards). Reports each round and the median, and the CPU time per event spent
+in this process (the worker: reading, decoding, folding), in the worker's Postgres backend (from
+/proc, so the server must run on this machine) and in the Redis server (INFO cpu: all its
+clients, so other work on a shared server shows there too). On a machine busy with other work
+the wall clock says little; the CPU figures say what the rate is on idle cores: the worker
+overlaps its own work with the database's, so about 1e6 / max(worker, backend) events/s with
+two free cores, or 1e6 / (worker + backend + redis) on one.
 
-    .venv/bin/python -m bench.bench_journal --events 200000 --rounds 5
-    .venv/bin/python -m bench.bench_journal --events 60000 --rate 20000 --duration 20   # lag
+    .venv/bin/python -m bench.bench_journal --events 60000 --rounds 5
+    .venv/bin/python -m bench.bench_journal --events 60000 --rounds 5 --heartbeat-weight 40 --entries 1
+    .venv/bin/python -m bench.bench_journal --events 60000 --rate 20000 --duration 15   # lag
+
+With `--rate`, a producer process (the engine's part: XADD from a process of its own) sends the
+history at that rate, over and over with shifted sequence numbers, while one worker journals it
+in this process; every 20 ms the age of the oldest event not yet applied in Postgres is sampled.
 
 Servers: MNEMO_BENCH_REDIS_URL / MNEMO_BENCH_DATABASE_URL (default: the local dev servers,
 redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/postgres; the database named

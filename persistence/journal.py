@@ -32,11 +32,14 @@ Rules (DESIGN.md, "State and the atomic core"):
 
 Throughput: events are decoded once (msgspec) and folded in memory per row (a node's ten
 heartbeats in a batch are one UPDATE), while the previous batch is being written (one batch is
-read ahead); the events and the heartbeat metrics reach Postgres by binary COPY into temporary
-tables and set-based INSERTs from them (which also fold the per-minute rollup), the other tables by
-one multi-row statement per table and row shape (`unnest` arrays). One region's events are applied
-by one worker at a time (its position row is locked), so more workers add throughput across
-regions, not within one.
+read ahead). In the transaction, the events reach `events` by one binary COPY straight into the
+table (a savepoint catches a redelivered event and falls back to staging + ON CONFLICT DO
+NOTHING); whole node, bid and contract rows and the heartbeat metrics by binary COPY into
+temporary staging tables, applied by set-based statements that share one simple query with the
+metrics' append and per-minute rollup; partial rows (patches) by one `unnest` UPDATE per table
+and row shape. Fixed-point numerics and times travel as integers (units, ms) and are converted
+in SQL. One region's events are applied by one worker at a time (its position row is locked),
+so more workers add throughput across regions, not within one.
 """
 
 from __future__ import annotations
