@@ -1,17 +1,24 @@
 """Journal throughput: events per second from Redis streams into Postgres, end to end.
 
-Each round: a fresh migrated database and key prefix, a market history XADDed to the region
-streams beforehand (not timed), then one `run_journal` worker is started and timed until every
-region's `applied_seq` reaches its last event (stored, applied to every table, acknowledged
-afterwards). Reports each round and the median, and the CPU time per event spent in this process
-(the worker: reading, decoding, folding) and in the worker's Postgres backend (from /proc, so
-the server must run on this machine). On a machine busy with other work the wall clock says
-little; the CPU figures say what the rate is on idle cores: the worker overlaps its own work
-with the database's, so about 1e6 / max(worker, backend) events/s with two free cores, or
-1e6 / (worker + backend) on one.
+Each round: a fresh migrated database (copied with STRATEGY FILE_COPY, its metrics partitions
+made beforehand, as a running journal has them) and key prefix, a market history XADDed to the
+region streams beforehand (not timed), then one `run_journal` worker is started and timed until
+every region's `applied_seq` reaches its last event (stored, applied to every table,
+acknowledged afterwards). Reports each round and the median, and the CPU time per event spent
+in this process (the worker: reading, decoding, folding), in the worker's Postgres backend (from
+/proc, so the server must run on this machine) and in the Redis server (INFO cpu: all its
+clients, so other work on a shared server shows there too). On a machine busy with other work
+the wall clock says little; the CPU figures say what the rate is on idle cores: the worker
+overlaps its own work with the database's, so about 1e6 / max(worker, backend) events/s with
+two free cores, or 1e6 / (worker + backend + redis) on one.
 
-    .venv/bin/python -m bench.bench_journal --events 200000 --rounds 5
-    .venv/bin/python -m bench.bench_journal --events 100000 --rate 2000 --duration 30   # lag
+    .venv/bin/python -m bench.bench_journal --events 60000 --rounds 5
+    .venv/bin/python -m bench.bench_journal --events 60000 --rounds 5 --heartbeat-weight 40 --entries 1
+    .venv/bin/python -m bench.bench_journal --events 60000 --rate 20000 --duration 15   # lag
+
+With `--rate`, a producer process (the engine's part: XADD from a process of its own) sends the
+history at that rate, over and over with shifted sequence numbers, while one worker journals it
+in this process; every 20 ms the age of the oldest event not yet applied in Postgres is sampled.
 
 Servers: MNEMO_BENCH_REDIS_URL / MNEMO_BENCH_DATABASE_URL (default: the local dev servers,
 redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/postgres; the database named
@@ -27,19 +34,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import multiprocessing
 import os
 import statistics
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
 
 from engine.keys import Keys
 from engine.settings import Settings
-from persistence.journal import run_journal
+from persistence.journal import ensure_partitions, run_journal
 from persistence.migrations import migrate
 from tests.persistence.history import History, seed_accounts, xadd_all
 
@@ -54,16 +65,41 @@ def _cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# FILE_COPY: the scratch database's files (free space maps included) are copied by the admin's
+# backend, outside the timing. Under the default (WAL_LOG) the journal's backend creates the
+# catalogs' missing free space maps as it first writes them: a few milliseconds a file on a
+# filesystem busy with other benchmarks' dropped databases, ~10% of a short round's backend CPU
+# that a long-running journal never pays.
+_CREATE_DATABASE = 'CREATE DATABASE "{}" STRATEGY FILE_COPY'
+
+
+async def _ready_partitions(conn: asyncpg.Connection, h: History) -> None:
+    """The metrics partitions the worker would otherwise create in its first transactions (the
+    history's days, and the days ahead that its maintenance keeps): a running journal creates
+    one a day, not in every batch."""
+    days = {datetime.fromtimestamp(e.ts_ms / 1000, UTC).date() for e in h.events}
+    today = datetime.now(UTC).date()
+    days |= {today + timedelta(days=d) for d in range(3)}
+    await ensure_partitions(conn, days)
+
+
 def _with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
+async def _redis_cpu_s(redis: aioredis.Redis) -> float:
+    """The Redis server's CPU seconds so far (all its clients: other work on a shared server
+    shows here too)."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 async def _round(
     redis_url: str, admin_url: str, h: History, encoded: list, batch: int
-) -> tuple[float, int, float, float]:
+) -> tuple[float, int, float, float, float]:
     name = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.execute(_CREATE_DATABASE.format(name))
     db_url = _with_database(admin_url, name)
     keys = Keys(f"bench{uuid.uuid4().hex[:8]}:")
     redis = aioredis.from_url(redis_url)
@@ -71,6 +107,7 @@ async def _round(
         await migrate(db_url)
         conn = await asyncpg.connect(db_url)
         await seed_accounts(conn, h)
+        await _ready_partitions(conn, h)
         await xadd_all(redis, keys, encoded)
         last: dict[str, int] = {}
         for e in h.events:
@@ -79,6 +116,7 @@ async def _round(
         stop = asyncio.Event()
         started = time.perf_counter()
         cpu_started = time.process_time()
+        redis_started = await _redis_cpu_s(redis)
         worker = asyncio.create_task(
             run_journal(settings, consumer="bench", stop=stop, batch_size=batch)
         )
@@ -97,11 +135,12 @@ async def _round(
         elapsed = time.perf_counter() - started
         own_cpu = time.process_time() - cpu_started
         backend_cpu = _cpu_s(backend)
+        redis_cpu = await _redis_cpu_s(redis) - redis_started
         stop.set()
         await worker
         metrics = await conn.fetchval("SELECT count(*) FROM node_metrics")
         await conn.close()
-        return elapsed, metrics, own_cpu, backend_cpu
+        return elapsed, metrics, own_cpu, backend_cpu, redis_cpu
     finally:
         async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
             await redis.unlink(key)
@@ -110,67 +149,125 @@ async def _round(
         await admin.close()
 
 
+def _schedule(h: History, total: int) -> tuple[list[str], list[int]]:
+    """(region, seq) of the i-th event sent in a lag run: the history over and over, each pass
+    with its sequence numbers moved past the previous pass's (the journal's upserts take the
+    same nodes, bids and contracts again)."""
+    last: dict[str, int] = {}
+    for e in h.events:
+        last[e.region] = max(last.get(e.region, 0), int(e.event_id.rsplit(":", 1)[1]))
+    regions, seqs = [], []
+    n = len(h.events)
+    for i in range(total):
+        e = h.events[i % n]
+        regions.append(e.region)
+        seqs.append(int(e.event_id.rsplit(":", 1)[1]) + (i // n) * last[e.region])
+    return regions, seqs
+
+
+def _produce(
+    redis_url: str,
+    keys: Keys,
+    h: History,
+    schedule: tuple[list[str], list[int]],
+    rate: float,
+    sent_at: Any,
+) -> None:
+    """The producer process: XADD the schedule at `rate` events/s (every 5 ms, the events due),
+    each stamped with the time it is sent; `sent_at[i]` is when event i went (monotonic)."""
+
+    async def run() -> None:
+        redis = aioredis.from_url(redis_url)
+        encoder = msgspec.json.Encoder()
+        regions, seqs = schedule
+        n = len(h.events)
+        pool = redis.connection_pool
+        conn = await pool.get_connection()
+        started = time.monotonic()
+        i = 0
+        while i < len(seqs):
+            due = min(len(seqs), int((time.monotonic() - started) * rate) + 1)
+            if due > i:
+                now_ms = int(time.time() * 1000)
+                packed = []
+                for j in range(i, due):
+                    region = regions[j]
+                    event = msgspec.structs.replace(
+                        h.events[j % n], event_id=f"{region}:{seqs[j]}", ts_ms=now_ms
+                    )
+                    command = (b"XADD", keys.events(region), b"*", b"e", encoder.encode(event))
+                    packed.append(hiredis.pack_command(command))  # type: ignore[arg-type]
+                await conn.send_packed_command(b"".join(packed))
+                sent = time.monotonic()
+                for j in range(i, due):
+                    await conn.read_response()
+                    sent_at[j] = sent
+                i = due
+            await asyncio.sleep(0.005)
+        await pool.release(conn)
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
 async def _lag_run(
     redis_url: str, admin_url: str, h: History, rate: float, duration_s: float, batch: int
 ) -> list[float]:
-    """Events XADDed at `rate` per second for `duration_s` while one worker journals them;
+    """Events XADDed at `rate` per second for `duration_s` by a producer process (as the engine
+    and gateway do, from processes of their own) while one worker journals them in this one;
     every 20 ms, the age of the oldest event not yet applied in Postgres (0 when none).
     Returns the samples in seconds."""
     name = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(admin_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.execute(_CREATE_DATABASE.format(name))
     db_url = _with_database(admin_url, name)
     keys = Keys(f"bench{uuid.uuid4().hex[:8]}:")
     redis = aioredis.from_url(redis_url)
-    sent: dict[str, list[float]] = {r: [] for r in h.regions}  # seq - 1 -> time XADDed
+    total = int(rate * duration_s)
+    schedule = _schedule(h, total)
+    index: dict[str, list[int]] = {r: [] for r in h.regions}  # region -> seq - 1 -> i
+    for i, region in enumerate(schedule[0]):
+        index[region].append(i)
+    ctx = multiprocessing.get_context("spawn")
+    sent_at = ctx.RawArray("d", total)
     try:
         await migrate(db_url)
         conn = await asyncpg.connect(db_url)
         await seed_accounts(conn, h)
+        await _ready_partitions(conn, h)
         await redis.sadd(keys.regions, *h.regions)
         settings = Settings(redis_url=redis_url, database_url=db_url, key_prefix=keys.prefix)
         stop = asyncio.Event()
         worker = asyncio.create_task(
             run_journal(settings, consumer="bench", stop=stop, batch_size=batch)
         )
-        encoder = msgspec.json.Encoder()
-
-        async def produce() -> None:
-            started = time.monotonic()
-            i = 0
-            while (elapsed := time.monotonic() - started) < duration_s and i < len(h.events):
-                due = min(len(h.events), int(elapsed * rate) + 1)
-                if due > i:
-                    now_ms = int(time.time() * 1000)
-                    async with redis.pipeline(transaction=False) as pipe:
-                        for e in h.events[i:due]:
-                            # Stamped now, so that the lag is measured from the XADD.
-                            pipe.xadd(
-                                keys.events(e.region),
-                                {"e": encoder.encode(msgspec.structs.replace(e, ts_ms=now_ms))},
-                            )
-                            sent[e.region].append(time.monotonic())
-                        await pipe.execute()
-                    i = due
-                await asyncio.sleep(0.005)
-
+        await asyncio.sleep(0.5)  # the worker has created its consumer groups
+        producer = ctx.Process(
+            target=_produce, args=(redis_url, keys, h, schedule, rate, sent_at), daemon=True
+        )
+        producer.start()
         samples: list[float] = []
-        producer = asyncio.create_task(produce())
-        while not producer.done():
+        while producer.is_alive():
             rows = await conn.fetch("SELECT region, applied_seq FROM journal_positions")
             applied = {r["region"]: r["applied_seq"] for r in rows}
             now = time.monotonic()
-            ages = [
-                now - times[applied.get(region, 0)]
-                for region, times in sent.items()
-                if len(times) > applied.get(region, 0)
-            ]
+            ages = []
+            for region, at in index.items():
+                done = applied.get(region, 0)
+                if done < len(at) and sent_at[at[done]]:
+                    ages.append(now - sent_at[at[done]])
             samples.append(max(ages, default=0.0))
+            if worker.done():
+                worker.result()
             await asyncio.sleep(0.02)
-        await producer
+        producer.join()
         stop.set()
         await worker
         await conn.close()
+        sent = sorted(t for t in sent_at if t)
+        if len(sent) > 1:
+            achieved = len(sent) / (sent[-1] - sent[0])
+            print(f"producer: {len(sent)} events sent at {achieved:,.0f} events/s")
         return samples
     finally:
         async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
@@ -229,25 +326,27 @@ async def main() -> None:
             f"({len(samples)} samples of the oldest event not yet applied in Postgres)"
         )
         return
-    rates, own, backend = [], [], []
+    rates, own, backend, server = [], [], [], []
     for i in range(args.rounds):
-        elapsed, metrics, own_cpu, backend_cpu = await _round(
+        elapsed, metrics, own_cpu, backend_cpu, redis_cpu = await _round(
             redis_url, admin_url, h, encoded, args.batch
         )
         rates.append(n / elapsed)
         own.append(own_cpu / n * 1e6)
         backend.append(backend_cpu / n * 1e6)
+        server.append(redis_cpu / n * 1e6)
         print(
             f"round {i + 1}: {n} events ({metrics} heartbeat entries) in {elapsed:.2f} s = "
             f"{n / elapsed:,.0f} events/s; CPU per event: worker {own[-1]:.1f} us, "
-            f"postgres backend {backend[-1]:.1f} us",
+            f"postgres backend {backend[-1]:.1f} us, redis {server[-1]:.1f} us",
             flush=True,
         )
-    w, b = statistics.median(own), statistics.median(backend)
+    w, b, r = statistics.median(own), statistics.median(backend), statistics.median(server)
     print(
         f"median: {statistics.median(rates):,.0f} events/s wall clock over {args.rounds} rounds; "
-        f"CPU per event: worker {w:.1f} us, postgres backend {b:.1f} us -> on idle cores "
-        f"~{1e6 / max(w, b):,.0f} events/s (two cores), ~{1e6 / (w + b):,.0f} (one)"
+        f"CPU per event: worker {w:.1f} us, postgres backend {b:.1f} us, redis {r:.1f} us -> "
+        f"on idle cores ~{1e6 / max(w, b):,.0f} events/s (two cores), "
+        f"~{1e6 / (w + b + r):,.0f} (one)"
     )
 
 

@@ -8,7 +8,7 @@ import random
 import asyncpg
 import msgspec
 
-from engine.types import ContractCreated, NodeRegistered
+from engine.types import ContractCreated, HeartbeatEntry, HeartbeatsApplied, NodeRegistered
 from persistence.journal import decode_entry, refresh_clusters, write_batch
 from tests.conftest import _SEED
 from tests.persistence.conftest import digest, reset_journal
@@ -157,3 +157,77 @@ async def test_node_rows_follow_the_last_whole_node_event(conn: asyncpg.Connecti
     assert row["total_ram_gb"] == first.node.total_ram_gb
     assert row["created_at"].timestamp() * 1000 == first.node.created_ms
     assert row["price_per_gb_sec"] * 10**12 == row["price_pusd"]
+
+
+async def test_a_batch_mixing_stored_and_new_events_stores_each_once(
+    conn: asyncpg.Connection,
+) -> None:
+    """Events stored before, redelivered beside new ones: the new ones are stored and applied."""
+    h = History.generate(_SEED + 6, 300)
+    await seed_accounts(conn, h)
+    expected = await _reference(conn, h)
+    await reset_journal(conn)
+    events = [decode_entry(p) for _, p in h.encoded()]
+    first = await write_batch(conn, events[:120])
+    assert (first.stored, first.applied) == (120, 120)
+    mixed = await write_batch(conn, events[60:])
+    assert (mixed.stored, mixed.applied) == (len(events) - 120, len(events) - 120)
+    await refresh_clusters(conn, h.regions)
+    assert await digest(conn) == expected
+
+
+async def test_heartbeat_values_land_exactly(conn: asyncpg.Connection) -> None:
+    """Percentages, coordinates and times of heartbeats reach the row, the metrics and the
+    per-minute rollup as the exact decimals and instants they stand for."""
+    h = History.generate(_SEED + 7, 40, regions=("r",))
+    await seed_accounts(conn, h)
+    registered = next(e for e in h.events if isinstance(e, NodeRegistered))
+    registered = msgspec.structs.replace(registered, event_id="r:1")
+    node_id = registered.node.node_id
+    minute_ms = 1_760_000_040_000  # a whole minute
+    samples = [
+        (minute_ms + 1_234, 12.5, None, 40.712776, -74.005974),
+        (minute_ms + 31_000, 37.25, 99.99, None, None),
+        (minute_ms + 60_000, 1.0, 0.01, 41.5, -73.25),  # the next minute
+    ]
+    events = [registered]
+    for seq, (ts_ms, cpu, gpu, lat, lng) in enumerate(samples, 2):
+        entry = HeartbeatEntry(
+            node_id=node_id,
+            offered_ram_gb=8,
+            offered_vram_gb=0,
+            available_ram_gb=8,
+            available_vram_gb=0,
+            cpu_usage_pct=cpu,
+            gpu_usage_pct=gpu,
+            lat=lat,
+            lng=lng,
+        )
+        events.append(
+            HeartbeatsApplied(event_id=f"r:{seq}", region="r", ts_ms=ts_ms, entries=[entry])
+        )
+    await write_batch(conn, [decode_entry(msgspec.json.encode(e)) for e in events])
+    metrics = await conn.fetch(
+        "SELECT cpu_usage_pct::text, gpu_usage_pct::text, latitude::text, longitude::text, "
+        '(extract(epoch FROM "timestamp") * 1000)::int8 AS ms FROM node_metrics ORDER BY 5'
+    )
+    assert [tuple(r) for r in metrics] == [
+        ("12.50", None, "40.712776", "-74.005974", minute_ms + 1_234),
+        ("37.25", "99.99", None, None, minute_ms + 31_000),
+        ("1.00", "0.01", "41.500000", "-73.250000", minute_ms + 60_000),
+    ]
+    rollup = await conn.fetch(
+        "SELECT (extract(epoch FROM minute) * 1000)::int8, samples, cpu_samples, "
+        "sum_cpu_usage_pct::text, gpu_samples, sum_gpu_usage_pct::text "
+        "FROM node_metrics_1m ORDER BY 1"
+    )
+    assert [tuple(r) for r in rollup] == [
+        (minute_ms, 2, 2, "49.75", 1, "99.99"),
+        (minute_ms + 60_000, 1, 1, "1.00", 1, "0.01"),
+    ]
+    row = await conn.fetchrow(
+        "SELECT latitude::text, longitude::text, "
+        "(extract(epoch FROM last_heartbeat) * 1000)::int8 AS ms FROM nodes WHERE id = $1",
+        node_id,
+    )
+    assert tuple(row) == ("41.500000", "-73.250000", minute_ms + 60_000)

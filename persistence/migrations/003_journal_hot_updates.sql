@@ -1,0 +1,11 @@
+-- 003_journal_hot_updates: room on the nodes table's pages for HOT updates.
+--
+-- The journal updates a node's row for every batch that carries one of its heartbeats (the
+-- batch's heartbeats are folded into one UPDATE per node). At the default fillfactor (100) the
+-- pages are full, so each update writes the new row version to another page and an entry into
+-- every one of the table's six indexes. With half of each page kept free, an update that leaves
+-- the indexed columns alone (the usual heartbeat: same status, same place) stays on its page
+-- and touches no index (a heap-only tuple). The table holds one row per node, so doubling its
+-- size is cheap. Takes effect for pages written from now on (a VACUUM FULL or CLUSTER applies it
+-- to existing ones).
+ALTER TABLE nodes SET (fillfactor = 50);
