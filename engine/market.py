@@ -90,6 +90,7 @@ QUOTE_SCAN_LIMIT = 5000
 _VERSION_RETRIES = 16
 _CALLS_IN_FLIGHT = 4  # concurrent heartbeat calls of one batch: enough to overlap client and server
 _REGION_CACHE_MAX = 200_000
+_MGET_CHUNK = 5_000
 _LUA = Path(__file__).with_name("lua")
 _SCRIPTS = (
     "register",
@@ -177,7 +178,10 @@ def _beat_text(value: Any) -> str:
 _json = msgspec.json.Encoder().encode
 
 
-_O = TypeVar("_O", Node, Bid, Contract)
+_O = TypeVar("_O", Node, Bid)
+
+_decode_contract = msgspec.json.Decoder(Contract, strict=False).decode
+"""A stored contract (`contract:<id>` holds its JSON: decimal strings, `end_ms` a number)."""
 
 
 class Market:
@@ -293,6 +297,19 @@ class Market:
         raw = await self.redis.hgetall(key)
         return core.from_fields(cls, _pairs([x for kv in raw.items() for x in kv])) if raw else None
 
+    async def _contract(self, key: str) -> Contract | None:
+        raw = await self.redis.get(key)
+        return None if raw is None else _decode_contract(raw)
+
+    async def _contracts(self, keys: Sequence[str]) -> list[Contract]:
+        """The contracts stored under `keys` (one region's: one slot), skipping missing ones."""
+        out = []
+        for start in range(0, len(keys), _MGET_CHUNK):
+            for raw in await self.redis.mget(keys[start : start + _MGET_CHUNK]):
+                if raw is not None:
+                    out.append(_decode_contract(raw))
+        return out
+
     async def _get_many(self, cls: type[_O], keys: Sequence[str]) -> list[_O]:
         if not keys:
             return []
@@ -317,7 +334,7 @@ class Market:
         region = await self.region_of(contract_id)
         if region is None:
             return None
-        return await self._get(Contract, self.keys.contract(region, contract_id))
+        return await self._contract(self.keys.contract(region, contract_id))
 
     async def nodes(self, region: str | None = None) -> list[Node]:
         """Registered nodes that are not deactivated (of one region, or all), by arrival."""
@@ -347,9 +364,7 @@ class Market:
             if node_region is None or (region is not None and region != node_region):
                 return []
             ids = await self.redis.smembers(self.keys.node_contracts(node_region, node_id))
-            found = await self._get_many(
-                Contract, [self.keys.contract(node_region, _text(i)) for i in ids]
-            )
+            found = await self._contracts([self.keys.contract(node_region, _text(i)) for i in ids])
         else:
             found = []
             for r in [region] if region is not None else await self.regions():
@@ -358,9 +373,7 @@ class Market:
                     members = await self.redis.smembers(self.keys.client_contracts(r, client_id))
                 else:
                     members = await self.redis.zrange(self.keys.ends(r), 0, -1)
-                found += await self._get_many(
-                    Contract, [self.keys.contract(r, _text(i)) for i in members]
-                )
+                found += await self._contracts([self.keys.contract(r, _text(i)) for i in members])
         if client_id is not None:
             found = [c for c in found if c.client_id == client_id]
         return sorted(found, key=lambda c: (c.start_ms, c.contract_id))
@@ -538,7 +551,7 @@ class Market:
         if result[0] == 0:
             raise _refusal(result)
         ids = sorted(_text(i) for i in result[2])
-        return await self._get_many(Contract, [self.keys.contract(region, i) for i in ids])
+        return await self._contracts([self.keys.contract(region, i) for i in ids])
 
     async def expire_asks(self, region: str, now_ms: int, limit: int = 500) -> list[Node]:
         """Delist the nodes whose ask expired (`ask_expires_ms <= now_ms`) with no change since;
@@ -762,7 +775,7 @@ class Market:
         )
         if result[0] == 0:
             raise _refusal(result)
-        return core.from_fields(Contract, _pairs(result[2]))
+        return _decode_contract(result[2])
 
     async def settle(self, contract_id: str, egress_gb: float, now_ms: int) -> Contract:
         """Complete an active contract: bill the seconds used (capped at its term) plus egress,
@@ -774,7 +787,7 @@ class Market:
         return await self._close(contract_id, now_ms, "failed", 0)
 
     async def _read_active(self, region: str, contract_id: str) -> Contract:
-        contract = await self._get(Contract, self.keys.contract(region, contract_id))
+        contract = await self._contract(self.keys.contract(region, contract_id))
         if contract is None:
             raise NotFound(core.CONTRACT_NOT_FOUND, field="contract_id")
         if contract.status != "active":
@@ -805,7 +818,7 @@ class Market:
                 continue
             if result[0] == 0:
                 raise _refusal(result)
-            return core.from_fields(Contract, _pairs(result[2]))
+            return _decode_contract(result[2])
         raise Conflict("contract keeps changing; try again", field="contract_id")
 
     async def failover(
@@ -856,8 +869,8 @@ class Market:
                 raise _refusal(result)
             self._remember(new_id, region)
             return (
-                core.from_fields(Contract, _pairs(result[3])),
-                core.from_fields(Contract, _pairs(result[4])),
+                _decode_contract(result[3]),
+                _decode_contract(result[4]),
             )
         raise Conflict("contract keeps changing; try again", field="contract_id")
 

@@ -360,6 +360,27 @@ async def test_reserve_creates_a_contract_at_the_ask_price(market: Market) -> No
     assert (event.contract, event.node_reserved_ram_gb, event.node_reserved_vram_gb) == (c, 8, 2)
 
 
+async def test_contracts_keep_any_user_and_owner_text(market: Market) -> None:
+    """User and owner ids holding quotes, backslashes, control characters and non-ASCII text
+    survive the stored contract and its events unchanged, through extend, failover and settle."""
+    owner, user = 'o"w\\ner\n\u00e9', 'u\t"\u4e2d\\/x'
+    await market.register_node(a_node(owner_id=owner), T0)
+    await market.register_node(a_node("n2", owner_id="bob"), T0)
+    c = await market.reserve(**take(user_id=user))
+    assert (c.owner_id, c.user_id) == (owner, user)
+    assert await market.get_contract(c.contract_id) == c
+    extended = await market.extend(c.contract_id, 60, T0 + 1_000)
+    assert (extended.user_id, extended.owner_id, extended.duration_s) == (user, owner, 3660)
+    old, new = await market.failover(c.contract_id, "n2", T0 + 2_000)
+    assert (old.user_id, old.owner_id, new.user_id, new.owner_id) == (user, owner, user, "bob")
+    assert await market.contracts(client_id="acme") == [new]
+    settled = await market.settle(new.contract_id, 0, T0 + 3_000)
+    assert settled.user_id == user and await market.get_contract(new.contract_id) == settled
+    created = [e for e in await market.read_events("us-east-2") if isinstance(e, ContractCreated)]
+    assert [e.contract.contract_id for e in created] == [c.contract_id, new.contract_id]
+    assert created[0].contract == c and created[1].contract == new
+
+
 @pytest.mark.parametrize(
     ("node_kw", "take_kw", "error", "message"),
     [
