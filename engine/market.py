@@ -523,9 +523,14 @@ class Market:
             return [self.keys.seq(region)], args
 
         def record(idx: list[int], result: Any) -> None:
-            for j, i in enumerate(idx):
-                code, wait = int(result[2 + 2 * j]), int(result[3 + 2 * j])
-                outcomes[i] = HeartbeatOutcome(beats[i].node_id, _OUTCOMES[code], wait)
+            waits = iter(result[2:])
+            for i, code in zip(idx, _text(result[1]), strict=True):
+                if code == "0":
+                    outcomes[i] = HeartbeatOutcome(beats[i].node_id, "ok")
+                elif code == "3":
+                    outcomes[i] = HeartbeatOutcome(beats[i].node_id, "too_soon", int(next(waits)))
+                else:
+                    outcomes[i] = HeartbeatOutcome(beats[i].node_id, _OUTCOMES[int(code)])
 
         gate = asyncio.Semaphore(_CALLS_IN_FLIGHT)
 
