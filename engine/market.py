@@ -57,7 +57,6 @@ from engine.keys import Keys
 from engine.types import (
     EVENT_DECODER,
     Bid,
-    BidPlaced,
     Contract,
     Event,
     Heartbeat,
@@ -578,17 +577,18 @@ class Market:
         job (`reserve(..., bid_id=...)`); this never crosses."""
         stored = core.new_bid(bid, now_ms)
         region = stored.region
+        fields = core.to_fields(stored)
+        del fields["seq"]  # the script's to assign
         result = await self._eval(
             "place_bid",
             [self.keys.seq(region), self.keys.directory, self.keys.regions],
-            [*self._head(region, now_ms), stored.bid_id, *_flatten(core.to_fields(stored))],
+            [*self._head(region, now_ms), stored.bid_id, _json(fields)],
         )
         if result[0] == 0:
             raise _refusal(result)
         self._remember(stored.bid_id, region)
-        event = EVENT_DECODER.decode(result[1])
-        assert isinstance(event, BidPlaced)
-        return event.bid
+        # what the BidPlaced event says: the fields sent (their text is exact), the seq
+        return msgspec.structs.replace(stored, seq=int(result[1]))
 
     async def cancel_bid(self, bid_id: str, now_ms: int) -> Bid:
         """Cancel an open bid (Conflict once it is filled, cancelled or expired)."""

@@ -156,7 +156,7 @@ for _, bid_id in ipairs(bid_order) do
     'status', b.status, 'contract_ids', b.contract_ids)
   if b.status == 'filled' then
     redis.call('ZREM', TAG .. 'bids', string.format('%016d', n0(b.seq)) .. ':' .. bid_id)
-    redis.call('ZREM', TAG .. 'bid-exp', bid_id)
+    if n0(b.expires_ms) > 0 then redis.call('ZREM', TAG .. 'bid-exp', bid_id) end
     redis.call('PEXPIRE', bkey, retention)
   end
 end
