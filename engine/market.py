@@ -82,6 +82,8 @@ HEARTBEAT_BATCH = 1000
 """Heartbeats per script call: a bigger batch is split into several calls, pipelined."""
 RESERVE_BATCH = 200
 """Reserves per script call in `reserve_many` (a call holds the server for its whole batch)."""
+PLACE_BATCH = 200
+"""Concurrent `place_bid` calls sent in one script call, at most."""
 QUOTE_LEVELS = 20
 QUOTE_SCAN_LIMIT = 5000
 """A quote reads at most this many asks and this many bids (the top of each book)."""
@@ -179,6 +181,17 @@ _json = msgspec.json.Encoder().encode
 
 _O = TypeVar("_O", Node, Bid)
 
+
+class _BidBatch:
+    """`place_bid` calls sharing one script call: its arguments and the callers' futures."""
+
+    __slots__ = ("args", "waiters")
+
+    def __init__(self) -> None:
+        self.args: list[str | bytes] = []
+        self.waiters: list[asyncio.Future[Any]] = []
+
+
 _decode_contract = msgspec.json.Decoder(Contract, strict=False).decode
 """A stored contract (`contract:<id>` holds its JSON: decimal strings, `end_ms` a number)."""
 
@@ -206,6 +219,9 @@ class Market:
         self.retention_ms = retention_ms
         # id -> region; directory entries never change, so this never goes stale.
         self._region_cache: dict[str, str] = {}
+        # place_bid calls waiting for their batch's script call, by (region, now_ms)
+        self._bids_to_place: dict[tuple[str, int], _BidBatch] = {}
+        self._placing: set[asyncio.Task[None]] = set()
 
     # -- scripts -----------------------------------------------------------------------------
 
@@ -574,21 +590,61 @@ class Market:
 
     async def place_bid(self, bid: Bid, now_ms: int) -> Bid:
         """Rest a limit bid in its region's book (price-time priority). Filling is the engine's
-        job (`reserve(..., bid_id=...)`); this never crosses."""
+        job (`reserve(..., bid_id=...)`); this never crosses.
+
+        Calls made together (in one turn of the event loop, same region and `now_ms`) share
+        one script call, `PLACE_BATCH` bids at most, each bid applied on its own in call order:
+        the same outcome as separate calls, at a fraction of the client's and the server's
+        cost per bid (a gateway placing many bots' bids at once)."""
         stored = core.new_bid(bid, now_ms)
-        region = stored.region
         fields = core.to_fields(stored)
         del fields["seq"]  # the script's to assign
-        result = await self._eval(
-            "place_bid",
-            [self.keys.seq(region), self.keys.directory, self.keys.regions],
-            [*self._head(region, now_ms), stored.bid_id, _json(fields)],
-        )
+        key = (stored.region, int(now_ms))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        batch = self._bids_to_place.get(key)
+        if batch is None:
+            batch = self._bids_to_place[key] = _BidBatch()
+            task = loop.create_task(self._place_queued(key, batch))
+            self._placing.add(task)
+            task.add_done_callback(self._placing.discard)
+        batch.args += (stored.bid_id, _json(fields))
+        batch.waiters.append(waiter)
+        if len(batch.waiters) >= PLACE_BATCH:
+            del self._bids_to_place[key]  # the next call starts another batch
+        result = await waiter
         if result[0] == 0:
             raise _refusal(result)
-        self._remember(stored.bid_id, region)
+        self._remember(stored.bid_id, stored.region)
         # what the BidPlaced event says: the fields sent (their text is exact), the seq
         return msgspec.structs.replace(stored, seq=int(result[1]))
+
+    async def _place_queued(self, key: tuple[str, int], batch: _BidBatch) -> None:
+        """Send one batch of `place_bid` calls (runs in the loop turn after they queued)."""
+        if self._bids_to_place.get(key) is batch:
+            del self._bids_to_place[key]
+        waiters = batch.waiters
+        region, now_ms = key
+        try:
+            results = await self._eval(
+                "place_bid",
+                [self.keys.seq(region), self.keys.directory, self.keys.regions],
+                [*self._head(region, now_ms), *batch.args],
+            )
+        except BaseException as exc:
+            for waiter in waiters:
+                if waiter.done():
+                    continue
+                if isinstance(exc, Exception):
+                    waiter.set_exception(exc)
+                else:
+                    waiter.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for waiter, result in zip(waiters, results, strict=True):
+            if not waiter.done():
+                waiter.set_result(result)
 
     async def cancel_bid(self, bid_id: str, now_ms: int) -> Bid:
         """Cancel an open bid (Conflict once it is filled, cancelled or expired)."""

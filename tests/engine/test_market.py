@@ -462,6 +462,54 @@ async def test_place_bid_refusals(market: Market) -> None:
         assert refused.value.field == field
 
 
+async def test_bids_placed_together_share_a_call_and_keep_call_order(
+    market: Market, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent place_bid calls go out as one script call and apply one by one in call order:
+    priority follows the calls, an id used twice is refused the second time, each caller gets
+    its own bid (or refusal), and every placed bid has its own event."""
+    calls = []
+    real_eval = market._eval
+
+    async def counting(name: str, keys: Any, args: Any) -> Any:
+        calls.append(name)
+        return await real_eval(name, keys, args)
+
+    monkeypatch.setattr(market, "_eval", counting)
+    bids = [a_bid(f"b{i}", max_price_pusd=900_000, expires_ms=T0 + 10 * (i + 1)) for i in range(6)]
+    bids.insert(3, a_bid("b1"))
+    out = await asyncio.gather(*(market.place_bid(b, T0) for b in bids), return_exceptions=True)
+    assert calls == ["place_bid"]
+    assert [type(x).__name__ for x in out] == ["Bid"] * 3 + ["Conflict"] + ["Bid"] * 3
+    placed = [b for b in out if isinstance(b, Bid)]
+    assert [b.seq for b in placed] == [1, 2, 3, 4, 5, 6]
+    assert await market.bids("us-east-2") == placed
+    events = await market.read_events("us-east-2")
+    assert [e.bid for e in events if isinstance(e, BidPlaced)] == placed
+    assert [b.bid_id for b in await market.expire_bids("us-east-2", T0 + 30)] == [
+        "b0", "b1", "b2",
+    ]  # fmt: skip
+
+
+async def test_a_failed_batch_call_fails_each_of_its_bids(
+    market: Market, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the shared script call fails (the server went away), every caller of the batch gets
+    the error, and later calls work again."""
+
+    async def broken(name: str, keys: Any, args: Any) -> Any:
+        raise ConnectionError("gone")
+
+    real_eval = market._eval
+    monkeypatch.setattr(market, "_eval", broken)
+    out = await asyncio.gather(
+        *(market.place_bid(a_bid(f"b{i}"), T0) for i in range(3)), return_exceptions=True
+    )
+    assert [type(x) for x in out] == [ConnectionError] * 3
+    monkeypatch.setattr(market, "_eval", real_eval)
+    assert (await market.place_bid(a_bid("b0"), T0)).seq == 1
+
+
 async def test_cancel_and_expire_bids(market: Market) -> None:
     await market.place_bid(a_bid("b1"), T0)
     await market.place_bid(a_bid("b2", expires_ms=T0 + 5000), T0)
