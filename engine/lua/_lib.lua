@@ -165,17 +165,19 @@ local function jstr(s)
   return '"' .. s .. '"'
 end
 
-local CONTRACT_JSON = '{"contract_id":%s,"region":"%s","client_id":%s,"user_id":%s,"node_id":%s,'
-  .. '"owner_id":%s,"ram_gb":"%s","vram_gb":"%s","duration_s":"%s","start_ms":"%s","end_ms":%s,'
+local CONTRACT_JSON = '{"contract_id":"%s","region":"%s","client_id":"%s","user_id":%s,'
+  .. '"node_id":"%s","owner_id":%s,"ram_gb":"%s","vram_gb":"%s","duration_s":"%s","start_ms":"%s","end_ms":%s,'
   .. '"price_pusd":"%s","egress_price_pusd":"%s","max_price_pusd":"%s","status":"active",'
   .. '"extensions":"0","used_s":"0","egress_mgb":"0","cost_pusd":"0","completed_ms":"0",'
   .. '"version":"1"%s}'
 
--- The JSON of a new active contract; `extra` is '' or more members (`,"bid_id":...`).
+-- The JSON of a new active contract; `extra` is '' or more members (`,"bid_id":...`). The ids
+-- but the user's and the owner's are of the plain kind (engine.core checks them: letters,
+-- digits, '_', '.', '-'; the contract id is Market's hex), the numbers decimal text.
 local function contract_json(cid, client, user, node_id, owner, ram, vram, duration, end_ms, price,
     egress, max_price, extra)
-  return string.format(CONTRACT_JSON, jstr(cid), REGION, jstr(client), jstr(user), jstr(node_id),
-    jstr(owner), ram, vram, duration, NOW_S, int(end_ms), price, egress, max_price, extra)
+  return string.format(CONTRACT_JSON, cid, REGION, client, jstr(user), node_id, jstr(owner), ram,
+    vram, duration, NOW_S, int(end_ms), price, egress, max_price, extra)
 end
 
 -- Appends an event given as JSON members (`"type":"...",...`, without braces) under the next
@@ -188,9 +190,10 @@ local function event_text(body, seq)
   return json
 end
 
+-- (GB are below 1e14: Lua writes them as integers)
 local function created_body(cj, rr, rv)
-  return '"type":"contract_created","contract":' .. cj .. ',"node_reserved_ram_gb":' .. int(rr)
-    .. ',"node_reserved_vram_gb":' .. int(rv)
+  return '"type":"contract_created","contract":' .. cj .. ',"node_reserved_ram_gb":' .. rr
+    .. ',"node_reserved_vram_gb":' .. rv
 end
 
 -- Opens new active contract `cid` (its JSON `cj`, from contract_json) of `client` on node `id`

@@ -24,7 +24,7 @@ local ev_old = close_contract(t, n, rr, rv, {status = 'failed_over', used_s = AR
 local end_ms = NOW + remaining * 1000
 local cj = contract_json(new_cid, t.client_id, t.user_id, new_id, m.owner_id, t.ram_gb, t.vram_gb,
   ARGV[11], end_ms, m.price_pusd, m.egress_price_pusd, t.max_price_pusd,
-  ',"predecessor_id":' .. jstr(cid))
+  ',"predecessor_id":"' .. cid .. '"')
 local mr, mv = open_contract(new_id, m, new_cid, cj, t.client_id, ram, vram, end_ms)
 local ev_new = event_text(created_body(cj, mr, mv))
 return {1, ev_old, ev_new, cjson.encode(t), cj}

@@ -105,7 +105,7 @@ local function reserve(r)
 
   local end_ms = NOW + duration * 1000
   local extra = ''
-  if b then extra = ',"bid_id":' .. jstr(bid_id) end
+  if b then extra = ',"bid_id":"' .. bid_id .. '"' end
   local cj = contract_json(cid, client, user, id, n.owner_id, r[5], r[6], r[7], end_ms,
     n.price_pusd, n.egress_price_pusd, r[8], extra)
   contracts[#contracts + 1] = TAG .. 'contract:' .. cid
@@ -129,8 +129,8 @@ local function reserve(r)
       bid_order[#bid_order + 1] = bid_id
     end
     b.filled_ram_gb, b.filled_vram_gb, b.status, b.contract_ids = fr, fv, status, ids
-    body = body .. ',"bid_id":' .. jstr(bid_id) .. ',"bid_filled_ram_gb":' .. int(fr)
-      .. ',"bid_filled_vram_gb":' .. int(fv) .. ',"bid_status":"' .. status .. '"'
+    body = body .. ',"bid_id":"' .. bid_id .. '","bid_filled_ram_gb":' .. fr
+      .. ',"bid_filled_vram_gb":' .. fv .. ',"bid_status":"' .. status .. '"'
   end
   bodies[#bodies + 1] = body
   return {1, n.owner_id, n.price_pusd, n.egress_price_pusd}
@@ -150,16 +150,19 @@ end
 for _, client in ipairs(client_order) do
   many('SADD', TAG .. 'client:' .. client .. ':contracts', client_cids[client], 1)
 end
+local unbooked, unexpiring = {}, {}
 for _, bid_id in ipairs(bid_order) do
   local b, bkey = bids[bid_id], TAG .. 'bid:' .. bid_id
   redis.call('HSET', bkey, 'filled_ram_gb', b.filled_ram_gb, 'filled_vram_gb', b.filled_vram_gb,
     'status', b.status, 'contract_ids', b.contract_ids)
   if b.status == 'filled' then
-    redis.call('ZREM', TAG .. 'bids', string.format('%016d', n0(b.seq)) .. ':' .. bid_id)
-    if n0(b.expires_ms) > 0 then redis.call('ZREM', TAG .. 'bid-exp', bid_id) end
+    unbooked[#unbooked + 1] = string.format('%016d', n0(b.seq)) .. ':' .. bid_id
+    if n0(b.expires_ms) > 0 then unexpiring[#unexpiring + 1] = bid_id end
     redis.call('PEXPIRE', bkey, retention)
   end
 end
+many('ZREM', TAG .. 'bids', unbooked, 1)
+many('ZREM', TAG .. 'bid-exp', unexpiring, 1)
 many('MSET', nil, contracts, 2)
 many('ZADD', TAG .. 'ends', ends, 2)
 many('HSET', KEYS[2], dir, 2)
