@@ -287,14 +287,19 @@ class Market:
         return region
 
     async def _regions_of(self, ids: Sequence[str]) -> list[str | None]:
-        unknown = sorted({i for i in ids if i not in self._region_cache})
+        cache = self._region_cache
+        out = [cache.get(i) for i in ids]
+        unknown = sorted({i for i, region in zip(ids, out, strict=True) if region is None})
         if unknown:
+            found = {}
             for object_id, raw in zip(
                 unknown, await self.redis.hmget(self.keys.directory, unknown), strict=True
             ):
                 if raw is not None:
-                    self._remember(object_id, _text(raw))
-        return [self._region_cache.get(i) for i in ids]
+                    found[object_id] = region = _text(raw)
+                    self._remember(object_id, region)
+            out = [found.get(i) if r is None else r for i, r in zip(ids, out, strict=True)]
+        return out
 
     async def _region_or_404(self, object_id: str, message: str, field: str) -> str:
         region = await self.region_of(object_id) if object_id else None
@@ -693,6 +698,13 @@ class Market:
         ]
 
     async def _reserve_region(self, r: ReserveRequest) -> str:
+        ids = [r.node_id] if r.bid_id is None else [r.node_id, r.bid_id]
+        return self._check_reserve(r, dict(zip(ids, await self._regions_of(ids), strict=True)))
+
+    @staticmethod
+    def _check_reserve(r: ReserveRequest, regions: dict[str, str | None]) -> str:
+        """The request's region (`regions`: id -> region, for its node and bid), or the
+        refusal Python can tell without the script."""
         core.validate_reserve(
             node_id=r.node_id,
             client_id=r.client_id,
@@ -702,9 +714,13 @@ class Market:
             duration_s=r.duration_s,
             max_price_pusd=r.max_price_pusd,
         )
-        region = await self._region_or_404(r.node_id, core.NODE_NOT_FOUND, "node_id")
+        region = regions.get(r.node_id) if r.node_id else None
+        if region is None:
+            raise NotFound(core.NODE_NOT_FOUND, field="node_id")
         if r.bid_id is not None:
-            bid_region = await self._region_or_404(r.bid_id, core.BID_NOT_FOUND, "bid_id")
+            bid_region = regions.get(r.bid_id) if r.bid_id else None
+            if bid_region is None:
+                raise NotFound(core.BID_NOT_FOUND, field="bid_id")
             if bid_region != region:
                 raise InvalidRequest(
                     "the bid and the node are in different regions", field="bid_id"
@@ -783,13 +799,12 @@ class Market:
         the calls pipelined. Each slot holds the contract or the refusal (nothing is raised
         for a refusal), so a later request of the batch sees the leases of earlier ones."""
         out: list[Contract | MarketError | None] = [None] * len(requests)
-        await self._regions_of(
-            [r.node_id for r in requests] + [r.bid_id for r in requests if r.bid_id]
-        )
+        ids = [r.node_id for r in requests] + [r.bid_id for r in requests if r.bid_id]
+        regions = dict(zip(ids, await self._regions_of(ids), strict=True))
         groups: dict[str, list[tuple[int, str, list[str]]]] = {}
         for i, r in enumerate(requests):
             try:
-                region = await self._reserve_region(r)
+                region = self._check_reserve(r, regions)
             except MarketError as exc:
                 out[i] = exc
                 continue
