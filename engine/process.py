@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import logging
 import os
@@ -145,6 +146,8 @@ SCRIPT_LIMIT = 500
 PUBLISH_QUEUE = 100_000
 PUBLISH_BATCH = 500
 MAX_CONNECTIONS = 1024
+GC_THRESHOLDS = (700, 10, 1000)
+"""The engine process's `gc.set_threshold` (CPython's default: (700, 10, 10))."""
 _RETRY_PAUSE_S = 1.0
 
 _LOST_RACE = (CapacityTaken, Unavailable)
@@ -217,6 +220,15 @@ async def run_engine(
     redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     try:
         await _connect(redis)
+        # The process keeps many long-lived objects (the books, the open bids, the live
+        # contracts, the notifier's memory). With CPython's default thresholds the collector
+        # walks all of them again every second or so under load, finding nothing (an eighth
+        # of a busy crossing loop's CPU). Start-up's objects (Numba, LLVM) are frozen out of
+        # collection, and full collections wait for far more allocations.
+        await asyncio.to_thread(warm_up)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         engine = Engine(
             redis,
             Keys(settings.key_prefix),
