@@ -12,9 +12,7 @@
 -- HeartbeatsApplied event carries every accepted beat, in order.
 local min_interval, missed, owner = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local beats = cjson.decode(ARGV[7])
-local FIELDS = {'owner_id', 'status', 'last_heartbeat_ms', 'total_ram_gb', 'total_vram_gb',
-  'reserved_ram_gb', 'reserved_vram_gb', 'offered_ram_gb', 'offered_vram_gb', 'ask_expires_ms',
-  'heartbeat_interval_s'}
+local NODE = TAG .. 'node:'
 
 local codes, out = {}, {1, false}
 -- This loop is the hot path of heartbeat ingestion: positional fields, no per-beat tables, only
@@ -28,8 +26,10 @@ local ask, expiry = {}, {}
 local deadlines = {}
 for _, beat in ipairs(beats) do
   local id = beat[1]
-  local nkey = TAG .. 'node:' .. id
-  local v = redis.call('HMGET', nkey, unpack(FIELDS))
+  local nkey = NODE .. id
+  local v = redis.call('HMGET', nkey, 'owner_id', 'status', 'last_heartbeat_ms', 'total_ram_gb',
+    'total_vram_gb', 'reserved_ram_gb', 'reserved_vram_gb', 'offered_ram_gb', 'offered_vram_gb',
+    'ask_expires_ms', 'heartbeat_interval_s')
   local status = v[2]
   local code, wait = 0, 0
   if not status then
@@ -137,7 +137,7 @@ for id, on in pairs(ask) do
   local exp = expiry[id]
   if on then
     -- the price is read only here: few beats change a listing
-    ask_add[#ask_add + 1] = redis.call('HGET', TAG .. 'node:' .. id, 'price_pusd')
+    ask_add[#ask_add + 1] = redis.call('HGET', NODE .. id, 'price_pusd')
     ask_add[#ask_add + 1] = id
     if exp > 0 then
       exp_add[#exp_add + 1] = exp
