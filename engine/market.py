@@ -42,7 +42,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from engine import core
 from engine.errors import (
@@ -179,7 +179,7 @@ def _beat_text(value: Any) -> str:
 _json = msgspec.json.Encoder().encode
 
 
-_O = TypeVar("_O", Node, Bid)
+_O = TypeVar("_O", Node, Bid, Contract)
 
 
 class _BidBatch:
@@ -318,16 +318,26 @@ class Market:
         return core.from_fields(cls, _pairs([x for kv in raw.items() for x in kv])) if raw else None
 
     async def _contract(self, key: str) -> Contract | None:
-        raw = await self.redis.get(key)
+        try:
+            raw = await self.redis.get(key)
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            return await self._get(Contract, key)  # a hash, stored before contracts were JSON
         return None if raw is None else _decode_contract(raw)
 
     async def _contracts(self, keys: Sequence[str]) -> list[Contract]:
         """The contracts stored under `keys` (one region's: one slot), skipping missing ones."""
         out = []
         for start in range(0, len(keys), _MGET_CHUNK):
-            for raw in await self.redis.mget(keys[start : start + _MGET_CHUNK]):
+            chunk = keys[start : start + _MGET_CHUNK]
+            other = []
+            for key, raw in zip(chunk, await self.redis.mget(chunk), strict=True):
                 if raw is not None:
                     out.append(_decode_contract(raw))
+                else:
+                    other.append(key)  # gone, or a hash stored before contracts were JSON
+            out += await self._get_many(Contract, other)
         return out
 
     async def _get_many(self, cls: type[_O], keys: Sequence[str]) -> list[_O]:

@@ -213,9 +213,12 @@ local function open_contract(id, n, cid, cj, client, ram, vram, end_ms)
   return rr, rv
 end
 
--- A stored contract as a table (nil when absent).
+-- A stored contract as a table (nil when absent). A hash is a contract stored before they
+-- became JSON (an upgraded server): read as such, it is written back as JSON by its next change.
 local function contract(cid)
-  local raw = redis.call('GET', TAG .. 'contract:' .. cid)
+  local key = TAG .. 'contract:' .. cid
+  local raw = redis.pcall('GET', key)
+  if type(raw) == 'table' and raw.err then return hmap(key) end
   if not raw then return nil end
   return cjson.decode(raw)
 end

@@ -381,6 +381,27 @@ async def test_contracts_keep_any_user_and_owner_text(market: Market) -> None:
     assert created[0].contract == c and created[1].contract == new
 
 
+async def test_a_contract_stored_as_a_hash_by_an_older_version_still_works(
+    market: Market,
+) -> None:
+    """After an upgrade, contracts left in Redis as hashes (the storage before JSON) are read,
+    listed, extended and settled like the others, and written back as JSON."""
+    await market.register_node(a_node(), T0)
+    c = await market.reserve(**take())
+    key = market.keys.contract("us-east-2", c.contract_id)
+    await market.redis.delete(key)
+    await market.redis.hset(key, mapping=core.to_fields(c))
+    assert await market.get_contract(c.contract_id) == c
+    assert await market.contracts(client_id="acme") == [c] == await market.contracts()
+    extended = await market.extend(c.contract_id, 60, T0 + 1)
+    assert extended.duration_s == 3660 and await market.redis.type(key) == b"string"
+    await market.redis.delete(key)
+    await market.redis.hset(key, mapping=core.to_fields(extended))
+    settled = await market.settle(c.contract_id, 0, T0 + 2_000)
+    assert (settled.status, settled.used_s, settled.version) == ("completed", 2, 3)
+    assert await market.get_contract(c.contract_id) == settled
+
+
 @pytest.mark.parametrize(
     ("node_kw", "take_kw", "error", "message"),
     [
