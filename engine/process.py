@@ -218,13 +218,15 @@ async def run_engine(
         settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=30
     )
     redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+    thresholds = gc.get_threshold()
     try:
         await _connect(redis)
         # The process keeps many long-lived objects (the books, the open bids, the live
         # contracts, the notifier's memory). With CPython's default thresholds the collector
         # walks all of them again every second or so under load, finding nothing (an eighth
         # of a busy crossing loop's CPU). Start-up's objects (Numba, LLVM) are frozen out of
-        # collection, and full collections wait for far more allocations.
+        # collection, and full collections wait for far more allocations (restored on return,
+        # for a caller that goes on, like a test).
         await asyncio.to_thread(warm_up)
         gc.collect()
         gc.freeze()
@@ -238,6 +240,8 @@ async def run_engine(
         )
         await engine.run(stop or asyncio.Event())
     finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
         await asyncio.shield(redis.aclose())
 
 
