@@ -8,9 +8,10 @@ stream (`{"e": <event JSON>}`, decodable by `engine.types.EVENT_DECODER`, event 
 
 Most calls make one change and append one event. Batches are one call too: a heartbeat batch
 appends one `HeartbeatsApplied` for all its accepted beats; a reserve batch (`reserve_many`),
-`expire_bids` and `expire_asks` append one event per item they change (each item is checked and
-applied on its own, in order); `failover` appends the old contract's `ContractSettled` and the
-successor's `ContractCreated`.
+`place_bid` calls made together (they share a script call), `expire_bids` and `expire_asks`
+append one event per item they change (each item is checked and applied on its own, in order);
+`failover` appends the old contract's `ContractSettled` and the successor's `ContractCreated`.
+The batch scripts group their writes (one command per touched key or index) at the end.
 
 - Time is always an argument (`now_ms`); no clock is read here or in the scripts.
 - Scripts are loaded once (`load_scripts()`) and called by SHA; a server that lost them
@@ -69,6 +70,7 @@ from engine.types import (
 
 __all__ = [
     "HEARTBEAT_BATCH",
+    "PLACE_BATCH",
     "RESERVE_BATCH",
     "TERMINAL_RETENTION_MS",
     "HeartbeatOutcome",

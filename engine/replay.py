@@ -94,7 +94,7 @@ class RegionImage:
         self.seq = 0
         self.arrival = 0
         self.closed: set[str] = set()
-        """Ids of closed bids and contracts (their hashes carry the retention TTL)."""
+        """Ids of closed bids and contracts (their keys carry the retention TTL)."""
 
     def _sync_ask(self, node_id: str, now_ms: int) -> None:
         node = self.nodes[node_id]
