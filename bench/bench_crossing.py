@@ -24,7 +24,7 @@ What it does, on loopback only and bounded in time:
      bids / (wall time from the heartbeat call until the book is empty).
    Every round checks that every bid of the round filled exactly once.
 5. prints one JSON line per round, then a summary with the median of each figure, the CPU
-   the engine, Redis and this driver (placer processes not included) used per bid, and the
+   the engine, Redis, this driver and the placer processes (while placing) used per bid, and the
    1-minute load average: on a 2-core machine shared with other work the wall-clock figures
    say more about the machine than about the engine, and CPU per bid is what carries over
    (a process needing C us of CPU per bid tops out near 1e6 / C bids/s on a core of its own).
@@ -144,17 +144,19 @@ async def _place(market: Market, bids: list[Bid], concurrency: int) -> float:
 def _placer_main(
     redis_url: str, prefix: str, bids: list[Bid], concurrency: int, go: Any, done: Any
 ) -> None:
-    """A placing process: connect, wait for `go`, place its share, report the seconds taken."""
+    """A placing process: connect, wait for `go`, place its share, report the seconds taken
+    and the CPU seconds this process spent placing."""
 
-    async def run() -> float:
+    async def run() -> tuple[float, float]:
         redis = aioredis.from_url(redis_url, max_connections=concurrency + 8)
         market = Market(redis, Keys(prefix))
         await market.load_scripts()
         await redis.ping()
         done.put("ready")
         await asyncio.to_thread(go.wait)
+        cpu = time.process_time()
         try:
-            return await _place(market, bids, concurrency)
+            return await _place(market, bids, concurrency), time.process_time() - cpu
         finally:
             await redis.aclose()
 
@@ -163,13 +165,14 @@ def _placer_main(
 
 class _Placers:
     """`count` processes that place a round's bids together (the driver's load must outrun the
-    engine, and one Python process places only ~1-2k bids/s through `Market.place_bid`)."""
+    engine). `cpu_s`: the CPU seconds they spent placing in the last `place`."""
 
     def __init__(self, redis_url: str, prefix: str, count: int, concurrency: int) -> None:
         self.redis_url, self.prefix = redis_url, prefix
         self.count, self.concurrency = count, concurrency
         self.ctx = mp.get_context("spawn")
         self.pids: list[int] = []
+        self.cpu_s = 0.0
 
     async def place(self, bids: list[Bid]) -> float:
         """Place all bids; returns wall seconds from the common start to the last placement."""
@@ -191,8 +194,10 @@ class _Placers:
                 await asyncio.to_thread(done.get, True, 60)
             start = time.perf_counter()
             go.set()
+            self.cpu_s = 0.0
             for _ in procs:
-                await asyncio.to_thread(done.get, True, ROUND_LIMIT_S)
+                _seconds, cpu_s = await asyncio.to_thread(done.get, True, ROUND_LIMIT_S)
+                self.cpu_s += cpu_s
             return time.perf_counter() - start
         finally:
             for p in procs:
@@ -389,7 +394,7 @@ async def _bench(args: argparse.Namespace, redis_url: str, redis_pid: int | None
                     row = await _one_round(ctx, bids)
                     row |= {"mode": mode, "round": r}
                     row["wall_s"] = round(time.perf_counter() - started, 2)
-                    row["cpu_s"] = cpu.used()
+                    row["cpu_s"] = cpu.used() | {"placers": round(placers.cpu_s, 2)}
                     row["cpu_us_per_bid"] = {
                         name: round(sec / len(bids) * 1e6) for name, sec in row["cpu_s"].items()
                     }
@@ -412,7 +417,7 @@ async def _bench(args: argparse.Namespace, redis_url: str, redis_pid: int | None
     }
     for mode, rounds in results.items():
         summary[f"{mode}_bids_per_s_median"] = statistics.median(r["bids_per_s"] for r in rounds)
-        for name in ("engine", "redis", "driver"):
+        for name in ("engine", "redis", "driver", "placers"):
             per_bid = [r["cpu_us_per_bid"][name] for r in rounds if name in r["cpu_us_per_bid"]]
             if per_bid:
                 summary[f"{mode}_{name}_cpu_us_per_bid_median"] = statistics.median(per_bid)

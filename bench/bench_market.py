@@ -12,7 +12,8 @@ records in `extra_info`, and prints:
   contracts/s pipelined, >= 100,000 heartbeats/s in batched script calls);
 - CPU microseconds per item in this client process and in the server (from the server's
   `INFO cpu`; meaningful only on a server nobody else is using, like the private one), which
-  say what the rate would be on idle cores when the wall clock is disturbed by other load.
+  say what the rate would be on idle cores when the wall clock is disturbed by other load;
+- the 1-minute load average at the end (how disturbed the wall clock was).
 
 Figures are end to end from one Python process: request validation, script calls, decoding
 every answer. `reserve` is measured with one pipelined client and with four concurrent ones
@@ -136,6 +137,7 @@ def _measure(
         name: round(per_round / median),
         "client_cpu_us_per_item": round(cpu["client"] / items * 1e6, 2),
         "server_cpu_us_per_item": round(cpu["server"] / items * 1e6, 2),
+        "loadavg_1m": round(os.getloadavg()[0], 1),
     }
     benchmark.extra_info.update(report)
     print(f"\n{benchmark.name}: {report} (median round {median * 1000:.1f} ms)")

@@ -15,7 +15,8 @@ Per region `r` (`P` = prefix):
     P{r}:bids                 zset   "<seq:016d>:<bid id>" -> -max_price_pusd (price-time priority)
     P{r}:bid-exp              zset   bid id -> expires_ms, for open bids that expire
     P{r}:bid:<id>             hash   bid state
-    P{r}:contract:<id>        hash   contract state
+    P{r}:contract:<id>        string contract state as one JSON object (the fields as decimal strings,
+                                     as a hash would hold them, but end_ms, a number)
     P{r}:ends                 zset   active contract id -> end_ms
     P{r}:client:<id>:contracts set   ids of the client's active contracts in the region
     P{r}:seq                  string last event sequence number of the region

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import logging
 import os
@@ -145,6 +146,8 @@ SCRIPT_LIMIT = 500
 PUBLISH_QUEUE = 100_000
 PUBLISH_BATCH = 500
 MAX_CONNECTIONS = 1024
+GC_THRESHOLDS = (700, 10, 1000)
+"""The engine process's `gc.set_threshold` (CPython's default: (700, 10, 10))."""
 _RETRY_PAUSE_S = 1.0
 
 _LOST_RACE = (CapacityTaken, Unavailable)
@@ -165,6 +168,27 @@ def _may_use(bid: Bid, improved: tuple[int, int, int, int]) -> bool:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _as_sent(response: Any, **_options: Any) -> Any:
+    return response
+
+
+def _streams(reply: Any) -> list[tuple[Any, list[Any]]]:
+    """(stream, entries) of a raw XREAD reply: a map under RESP3, a list of pairs under RESP2."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(stream, entries) for stream, entries in reply]
+
+
+def _e_field(fields: list[Any]) -> Any:
+    """The `e` field of a raw entry (a flat [field, value, ...] list); KeyError without one."""
+    for i in range(0, len(fields or ()) - 1, 2):
+        if fields[i] in (b"e", "e"):
+            return fields[i + 1]
+    raise KeyError("e")
 
 
 def wall_clock_ms() -> int:
@@ -194,8 +218,19 @@ async def run_engine(
         settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=30
     )
     redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+    thresholds = gc.get_threshold()
     try:
         await _connect(redis)
+        # The process keeps many long-lived objects (the books, the open bids, the live
+        # contracts, the notifier's memory). With CPython's default thresholds the collector
+        # walks all of them again every second or so under load, finding nothing (an eighth
+        # of a busy crossing loop's CPU). Start-up's objects (Numba, LLVM) are frozen out of
+        # collection, and full collections wait for far more allocations (restored on return,
+        # for a caller that goes on, like a test).
+        await asyncio.to_thread(warm_up)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         engine = Engine(
             redis,
             Keys(settings.key_prefix),
@@ -205,6 +240,8 @@ async def run_engine(
         )
         await engine.run(stop or asyncio.Event())
     finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
         await asyncio.shield(redis.aclose())
 
 
@@ -244,6 +281,11 @@ class Engine:
         self.fixed_regions = tuple(regions) if regions else None
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.publisher = Publisher(redis)
+        # The region loops read their streams through this client (same connections): it
+        # hands XREAD replies over as the server sent them, skipping redis-py's building of a
+        # dict per entry (a few microseconds an event, two events a bid).
+        self.stream_reader = aioredis.Redis(connection_pool=redis.connection_pool)
+        self.stream_reader.set_response_callback("XREAD", _as_sent)
         self.workers: dict[str, RegionWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -347,10 +389,14 @@ class Lease:
 
 
 _FAN_OUT = """
-for i = 1, #ARGV, 2 do
-  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+local data, at, n = ARGV[2], 1, 0
+for size, payload in string.gmatch(ARGV[1], '(%d+),(%d+)') do
+  local channel_end = at + tonumber(size)
+  local payload_end = channel_end + tonumber(payload)
+  redis.call('PUBLISH', string.sub(data, at, channel_end - 1), string.sub(data, channel_end, payload_end - 1))
+  at, n = payload_end, n + 1
 end
-return #ARGV / 2
+return n
 """
 
 
@@ -359,7 +405,8 @@ class Publisher:
 
     `publish` only appends (dropping, and counting, what does not fit); the writer sends whatever
     accumulated, up to `PUBLISH_BATCH` messages per call of a tiny script that PUBLISHes each
-    pair (one command instead of one per message: a quarter of the client's cost). A failed
+    (one command instead of one per message: a quarter of the client's cost; the messages go as
+    one blob and their lengths, so the client packs two arguments, not two per message). A failed
     write is logged and dropped: pub/sub is fire-and-forget, and subscribers resynchronise from
     the API."""
 
@@ -394,15 +441,21 @@ class Publisher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            args: list[str | bytes] = []
-            while queue and len(args) < 2 * PUBLISH_BATCH:
-                args.extend(queue.popleft())
+            # Two arguments, whatever the batch: the lengths and the bytes, cut apart by the
+            # script (packing two arguments per message was most of this writer's CPU).
+            data: list[bytes] = []
+            sizes: list[str] = []
+            while queue and len(sizes) < PUBLISH_BATCH:
+                channel, payload = queue.popleft()
+                name = channel.encode() if isinstance(channel, str) else channel
+                data += (name, payload)
+                sizes.append(f"{len(name)},{len(payload)}")
             try:
-                await self._fan_out(keys=[], args=args)
-                self.sent += len(args) // 2
+                await self._fan_out(keys=[], args=[" ".join(sizes), b"".join(data)])
+                self.sent += len(sizes)
             except _CONNECTION_ERRORS as exc:
-                self.dropped += len(args) // 2
-                log.warning("publish failed, %d notifications dropped: %s", len(args) // 2, exc)
+                self.dropped += len(sizes)
+                log.warning("publish failed, %d notifications dropped: %s", len(sizes), exc)
                 await asyncio.sleep(0.2)
 
     async def close(self, task: asyncio.Task[None]) -> None:
@@ -516,11 +569,11 @@ class RegionWorker:
         crossed_at = time.monotonic()
         while self._running() and self.lease.valid():
             block_ms = None if (self._fresh or self._retry) else max(1, int(TICK_S * 1000))
-            reply: Any = await self.redis.xread(
+            reply: Any = await self.engine.stream_reader.xread(
                 {self.stream: self.last_id}, count=STREAM_BATCH, block=block_ms
             )
             n = 0
-            for _stream, entries in reply or ():
+            for _stream, entries in _streams(reply):
                 for entry_id, fields in entries:
                     self.last_id = entry_id
                     n += 1
@@ -571,9 +624,9 @@ class RegionWorker:
         if bid.expires_ms:
             heapq.heappush(self._bid_expiry, (bid.expires_ms, bid.bid_id))
 
-    async def _on_entry(self, fields: dict[Any, Any]) -> None:
+    async def _on_entry(self, fields: list[Any]) -> None:
         try:
-            event = EVENT_DECODER.decode(fields[b"e"] if b"e" in fields else fields["e"])
+            event = EVENT_DECODER.decode(_e_field(fields))
         except (KeyError, msgspec.DecodeError) as exc:
             log.error("region %s: undecodable stream entry skipped: %s", self.region, exc)
             return

@@ -2,7 +2,7 @@
 
 Every change to the live market is one script that appends the event describing it, so the
 stream is a complete change log: folding a region's events in order (`RegionImage.apply`) gives
-exactly the keys the scripts left — node, bid and contract hashes, the asks/expiry/heartbeat/
+exactly the keys the scripts left — node and bid hashes, contracts (JSON), the asks/expiry/heartbeat/
 bid/end/fill indexes, per-node and per-client contract sets, the GEO set, the `seq` and
 `arrival` counters and the directory entries. `replay()` writes that image into Redis.
 
@@ -56,8 +56,20 @@ __all__ = ["RegionImage", "region_snapshot", "replay", "snapshot_digest"]
 _replace = msgspec.structs.replace
 
 
-def _mapping(obj: Node | Bid | Contract) -> dict[Any, Any]:
+def _mapping(obj: Node | Bid) -> dict[Any, Any]:
     return dict(core.to_fields(obj))
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_contract = msgspec.json.Decoder(Contract, strict=False).decode
+
+
+def _contract_json(contract: Contract) -> bytes:
+    """A contract as the scripts store it (`contract:<id>`): its fields as decimal strings, as in
+    a hash, but `end_ms`, a number."""
+    fields: dict[str, Any] = core.to_fields(contract)
+    fields["end_ms"] = contract.end_ms
+    return _encode(fields)
 
 
 class RegionImage:
@@ -82,7 +94,7 @@ class RegionImage:
         self.seq = 0
         self.arrival = 0
         self.closed: set[str] = set()
-        """Ids of closed bids and contracts (their hashes carry the retention TTL)."""
+        """Ids of closed bids and contracts (their keys carry the retention TTL)."""
 
     def _sync_ask(self, node_id: str, now_ms: int) -> None:
         node = self.nodes[node_id]
@@ -240,10 +252,9 @@ class RegionImage:
             if bid_id in self.closed:
                 pipe.pexpire(keys.bid(r, bid_id), retention_ms)
         for contract_id, contract in self.contracts.items():
-            pipe.hset(keys.contract(r, contract_id), mapping=_mapping(contract))
+            ttl = retention_ms if contract_id in self.closed else None
+            pipe.set(keys.contract(r, contract_id), _contract_json(contract), px=ttl)
             ids.append(contract_id)
-            if contract_id in self.closed:
-                pipe.pexpire(keys.contract(r, contract_id), retention_ms)
         for node_id, members in self.node_contracts.items():
             if members:
                 pipe.sadd(keys.node_contracts(r, node_id), *members)
@@ -321,7 +332,8 @@ async def region_snapshot(
     the region's tag, plus the region's `dir` entries and whether it is in `regions`.
 
     Hashes are dicts, sets sorted lists, sorted sets `[member, score]` lists in their order,
-    strings strings; missing or empty keys are left out. `suffixes` names the keys to read
+    strings strings, but contracts (stored as JSON) the dict of their fields as text
+    (`engine.core.to_fields`); missing or empty keys are left out. `suffixes` names the keys to read
     (else the region's keys are found by SCAN, which walks the whole key space); they are read
     in one server-side call. `geo_scores=False` lists the GEO set's members only.
     """
@@ -347,6 +359,9 @@ async def region_snapshot(
         elif kind == "zset":
             pairs = [[m, float(s)] for m, s in zip(data[::2], data[1::2], strict=True)]
             out[name] = sorted(m for m, _ in pairs) if name == "geo" and not geo_scores else pairs
+        elif kind == "string" and name.startswith("contract:"):
+            # stored as JSON: compared as the fields of its hash form (the text may differ)
+            out[name] = dict(sorted(core.to_fields(_decode_contract(data[0])).items()))
         elif kind == "string":
             out[name] = data[0]
         elif kind != "none":

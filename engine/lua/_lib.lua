@@ -141,25 +141,86 @@ local function lease_refusal(n, ram, vram, duration, max_price)
   return nil
 end
 
--- Writes a new active contract `c` (a table of its fields) on node `id` (NODE_TERMS in `n`,
--- updated in place); `fill` records it as a trade for quotes (the caller then trims the fills
--- older than FILLS_WINDOW_MS). Returns the node's reserved GB.
-local function open_contract(id, n, c, fill)
-  local rr = n0(n.reserved_ram_gb) + n0(c.ram_gb)
-  local rv = n0(n.reserved_vram_gb) + n0(c.vram_gb)
+-- A variadic command over `args` (groups of `width`), in chunks: unpack() is limited by the Lua
+-- stack. `key` nil: the arguments start with the first key (MSET).
+local function many(cmd, key, args, width)
+  local size = 3000 * width
+  for i = 1, #args, size do
+    local last = math.min(#args, i + size - 1)
+    if key then
+      redis.call(cmd, key, unpack(args, i, last))
+    else
+      redis.call(cmd, unpack(args, i, last))
+    end
+  end
+end
+
+-- Contracts are stored as one JSON string (`contract:<id>`): the fields as the decimal strings
+-- the other stored objects hold, but `end_ms`, a number (exact: ms below 1e14). A new one's text
+-- is formatted once and spliced into its ContractCreated event as the event's `contract`.
+
+-- A string as JSON text (ids are plain; user and owner ids may hold anything).
+local function jstr(s)
+  if string.find(s, '[%c"\\]') then return cjson.encode(s) end
+  return '"' .. s .. '"'
+end
+
+local CONTRACT_JSON = '{"contract_id":"%s","region":"%s","client_id":"%s","user_id":%s,'
+  .. '"node_id":"%s","owner_id":%s,"ram_gb":"%s","vram_gb":"%s","duration_s":"%s","start_ms":"%s","end_ms":%s,'
+  .. '"price_pusd":"%s","egress_price_pusd":"%s","max_price_pusd":"%s","status":"active",'
+  .. '"extensions":"0","used_s":"0","egress_mgb":"0","cost_pusd":"0","completed_ms":"0",'
+  .. '"version":"1"%s}'
+
+-- The JSON of a new active contract; `extra` is '' or more members (`,"bid_id":...`). The ids
+-- but the user's and the owner's are of the plain kind (engine.core checks them: letters,
+-- digits, '_', '.', '-'; the contract id is Market's hex), the numbers decimal text.
+local function contract_json(cid, client, user, node_id, owner, ram, vram, duration, end_ms, price,
+    egress, max_price, extra)
+  return string.format(CONTRACT_JSON, cid, REGION, client, jstr(user), node_id, jstr(owner), ram,
+    vram, duration, NOW_S, int(end_ms), price, egress, max_price, extra)
+end
+
+-- Appends an event given as JSON members (`"type":"...",...`, without braces) under the next
+-- region sequence number `seq` (or INCR's); returns the event text.
+local function event_text(body, seq)
+  seq = seq or redis.call('INCR', TAG .. 'seq')
+  local json = '{' .. body .. ',"event_id":"' .. REGION .. ':' .. int(seq) .. '","region":"'
+    .. REGION .. '","ts_ms":' .. NOW_S .. '}'
+  redis.call('XADD', TAG .. 'events', '*', 'e', json)
+  return json
+end
+
+-- (GB are below 1e14: Lua writes them as integers)
+local function created_body(cj, rr, rv)
+  return '"type":"contract_created","contract":' .. cj .. ',"node_reserved_ram_gb":' .. rr
+    .. ',"node_reserved_vram_gb":' .. rv
+end
+
+-- Opens new active contract `cid` (its JSON `cj`, from contract_json) of `client` on node `id`
+-- (NODE_TERMS in `n`, updated in place) for `ram` + `vram` GB until `end_ms`. Returns the
+-- node's reserved GB. (reserve.lua does the same for a batch, its writes grouped.)
+local function open_contract(id, n, cid, cj, client, ram, vram, end_ms)
+  local rr = n0(n.reserved_ram_gb) + ram
+  local rv = n0(n.reserved_vram_gb) + vram
   n.reserved_ram_gb, n.reserved_vram_gb = rr, rv
   redis.call('HSET', TAG .. 'node:' .. id, 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
-  hset(TAG .. 'contract:' .. c.contract_id, c)
-  redis.call('SADD', TAG .. 'node:' .. id .. ':contracts', c.contract_id)
-  redis.call('SADD', TAG .. 'client:' .. c.client_id .. ':contracts', c.contract_id)
-  redis.call('ZADD', TAG .. 'ends', c.end_ms, c.contract_id)
-  redis.call('HSET', KEYS[2], c.contract_id, REGION)
+  redis.call('SET', TAG .. 'contract:' .. cid, cj)
+  redis.call('SADD', TAG .. 'node:' .. id .. ':contracts', cid)
+  redis.call('SADD', TAG .. 'client:' .. client .. ':contracts', cid)
+  redis.call('ZADD', TAG .. 'ends', end_ms, cid)
+  redis.call('HSET', KEYS[2], cid, REGION)
   sync_ask(id, n)
-  if fill then
-    local gbs = (n0(c.ram_gb) + n0(c.vram_gb)) * n0(c.duration_s)
-    redis.call('ZADD', TAG .. 'fills', NOW, c.contract_id .. ':' .. c.price_pusd .. ':' .. int(gbs))
-  end
   return rr, rv
+end
+
+-- A stored contract as a table (nil when absent). A hash is a contract stored before they
+-- became JSON (an upgraded server): read as such, it is written back as JSON by its next change.
+local function contract(cid)
+  local key = TAG .. 'contract:' .. cid
+  local raw = redis.pcall('GET', key)
+  if type(raw) == 'table' and raw.err then return hmap(key) end
+  if not raw then return nil end
+  return cjson.decode(raw)
 end
 
 -- The checks of closing contract `t` (its stored fields): its node and the node's reserved GB
@@ -175,25 +236,21 @@ local function prepare_close(t)
   return n, rr, rv
 end
 
--- Closes contract `t` (fields; checked by prepare_close) and returns its ContractSettled event.
+-- Closes contract `t` (decoded; checked by prepare_close): stores it closed (with the retention
+-- TTL) and returns its ContractSettled event.
 -- `s` holds status, used_s, egress_mgb, cost_pusd, settlement_hash and successor_id (or nil).
 local function close_contract(t, n, rr, rv, s, retention_ms)
-  local ckey = TAG .. 'contract:' .. t.contract_id
   local nid = t.node_id
-  local version = n0(t.version) + 1
-  local changes = {status = s.status, used_s = s.used_s, egress_mgb = s.egress_mgb,
-    cost_pusd = s.cost_pusd, settlement_hash = s.settlement_hash, completed_ms = NOW_S,
-    version = version}
-  if s.successor_id then changes.successor_id = s.successor_id end
-  hset(ckey, changes)
-  for k, v in pairs(changes) do t[k] = v end
+  t.status, t.used_s, t.egress_mgb, t.cost_pusd = s.status, s.used_s, s.egress_mgb, s.cost_pusd
+  t.settlement_hash, t.completed_ms, t.version = s.settlement_hash, NOW_S, int(n0(t.version) + 1)
+  if s.successor_id then t.successor_id = s.successor_id end
+  redis.call('SET', TAG .. 'contract:' .. t.contract_id, cjson.encode(t), 'PX', retention_ms)
   n.reserved_ram_gb, n.reserved_vram_gb = rr, rv
   redis.call('HSET', TAG .. 'node:' .. nid, 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
   redis.call('SREM', TAG .. 'node:' .. nid .. ':contracts', t.contract_id)
   redis.call('SREM', TAG .. 'client:' .. t.client_id .. ':contracts', t.contract_id)
   redis.call('ZREM', TAG .. 'ends', t.contract_id)
   sync_ask(nid, n)
-  redis.call('PEXPIRE', ckey, retention_ms)
   return event({type = 'contract_settled', contract_id = t.contract_id, node_id = nid,
     client_id = t.client_id, ram_gb = t.ram_gb, vram_gb = t.vram_gb, status = s.status,
     used_s = s.used_s, egress_mgb = s.egress_mgb, cost_pusd = s.cost_pusd,

@@ -1,9 +1,8 @@
 -- Extend an active contract by extra_s seconds. ARGV: tag, region, now, contract_id, extra_s.
 -- Refuses: unknown or closed contract, a contract whose end has passed, a node no longer active,
--- a total duration beyond the node's max_duration_s. Returns the contract's fields.
+-- a total duration beyond the node's max_duration_s. Returns the contract's JSON.
 local cid, extra = ARGV[4], tonumber(ARGV[5])
-local ckey = TAG .. 'contract:' .. cid
-local c = hfields(ckey, {'status', 'end_ms', 'duration_s', 'node_id', 'version', 'extensions'})
+local c = contract(cid)
 if not c then return refuse('not_found', 'contract not found', 'contract_id') end
 if c.status ~= 'active' then return refuse('conflict', 'contract is ' .. c.status, 'contract_id') end
 if NOW >= n0(c.end_ms) then return refuse('conflict', 'contract has ended', 'contract_id') end
@@ -17,9 +16,11 @@ end
 
 local end_ms = n0(c.end_ms) + extra * 1000
 local version = n0(c.version) + 1
-redis.call('HSET', ckey, 'duration_s', duration, 'end_ms', end_ms, 'extensions',
-  n0(c.extensions) + 1, 'version', version)
+c.duration_s, c.end_ms, c.extensions, c.version = int(duration), end_ms, int(n0(c.extensions) + 1),
+  int(version)
+local cj = cjson.encode(c)
+redis.call('SET', TAG .. 'contract:' .. cid, cj)
 redis.call('ZADD', TAG .. 'ends', end_ms, cid)
 local ev = event({type = 'contract_extended', contract_id = cid, duration_s = duration,
   end_ms = end_ms, version = version})
-return {1, ev, redis.call('HGETALL', ckey)}
+return {1, ev, cj}

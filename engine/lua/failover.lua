@@ -4,30 +4,27 @@
 -- ARGV: tag, region, now, contract_id, expected_version, used_s, cost_pusd, settlement_hash,
 -- successor_id, new_node_id, remaining_s, retention_ms. KEYS: seq, dir.
 -- Two events: ContractSettled (old), ContractCreated (successor). Returns {1, ev_old, ev_new,
--- old fields, new fields} or {2} on a version mismatch.
+-- old contract JSON, new contract JSON} or {2} on a version mismatch.
 local cid, new_cid, new_id = ARGV[4], ARGV[9], ARGV[10]
 local remaining = tonumber(ARGV[11])
-local ckey = TAG .. 'contract:' .. cid
-local t = hmap(ckey)
+local t = contract(cid)
 if not t then return refuse('not_found', 'contract not found', 'contract_id') end
 if t.status ~= 'active' then return refuse('conflict', 'contract is ' .. t.status, 'contract_id') end
-if t.version ~= ARGV[5] then return {2} end
+if n0(t.version) ~= n0(ARGV[5]) then return {2} end
 local m = hfields(TAG .. 'node:' .. new_id, NODE_TERMS)
 if not m then return refuse('not_found', 'node not found', 'node_id') end
-local why = lease_refusal(m, n0(t.ram_gb), n0(t.vram_gb), remaining, n0(t.max_price_pusd))
+local ram, vram = n0(t.ram_gb), n0(t.vram_gb)
+local why = lease_refusal(m, ram, vram, remaining, n0(t.max_price_pusd))
 if why then return why end
 local n, rr, rv = prepare_close(t)
 if n.err then return n end
 
 local ev_old = close_contract(t, n, rr, rv, {status = 'failed_over', used_s = ARGV[6],
   egress_mgb = '0', cost_pusd = ARGV[7], settlement_hash = ARGV[8], successor_id = new_cid}, ARGV[12])
-local c = {contract_id = new_cid, region = REGION, client_id = t.client_id, user_id = t.user_id,
-  node_id = new_id, owner_id = m.owner_id, ram_gb = t.ram_gb, vram_gb = t.vram_gb,
-  duration_s = ARGV[11], start_ms = NOW_S, end_ms = NOW + remaining * 1000,
-  price_pusd = m.price_pusd, egress_price_pusd = m.egress_price_pusd,
-  max_price_pusd = t.max_price_pusd, status = 'active', predecessor_id = cid, extensions = '0',
-  used_s = '0', egress_mgb = '0', cost_pusd = '0', completed_ms = '0', version = '1'}
-local mr, mv = open_contract(new_id, m, c, false)
-local ev_new = event({type = 'contract_created', contract = c, node_reserved_ram_gb = mr,
-  node_reserved_vram_gb = mv})
-return {1, ev_old, ev_new, flat(t), flat(c)}
+local end_ms = NOW + remaining * 1000
+local cj = contract_json(new_cid, t.client_id, t.user_id, new_id, m.owner_id, t.ram_gb, t.vram_gb,
+  ARGV[11], end_ms, m.price_pusd, m.egress_price_pusd, t.max_price_pusd,
+  ',"predecessor_id":"' .. cid .. '"')
+local mr, mv = open_contract(new_id, m, new_cid, cj, t.client_id, ram, vram, end_ms)
+local ev_new = event_text(created_body(cj, mr, mv))
+return {1, ev_old, ev_new, cjson.encode(t), cj}

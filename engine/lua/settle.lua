@@ -3,16 +3,15 @@
 -- (engine.core.close_contract) from the version read; a different version means a concurrent
 -- change, and the call answers {2} without writing. ARGV: tag, region, now, contract_id,
 -- expected_version, status, used_s, egress_mgb, cost_pusd, settlement_hash, retention_ms.
--- Returns {1, event, contract fields}.
+-- Returns {1, event, contract JSON}.
 local cid = ARGV[4]
-local ckey = TAG .. 'contract:' .. cid
-local t = hmap(ckey)
+local t = contract(cid)
 if not t then return refuse('not_found', 'contract not found', 'contract_id') end
 if t.status ~= 'active' then return refuse('conflict', 'contract is ' .. t.status, 'contract_id') end
-if t.version ~= ARGV[5] then return {2} end
+if n0(t.version) ~= n0(ARGV[5]) then return {2} end
 local n, rr, rv = prepare_close(t)
 if n.err then return n end
 
 local ev = close_contract(t, n, rr, rv, {status = ARGV[6], used_s = ARGV[7], egress_mgb = ARGV[8],
   cost_pusd = ARGV[9], settlement_hash = ARGV[10]}, ARGV[11])
-return {1, ev, flat(t)}
+return {1, ev, cjson.encode(t)}

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -293,6 +294,44 @@ def test_heartbeat_validation(beat: Heartbeat, field: str) -> None:
     with pytest.raises(InvalidRequest) as refused:
         core.validate_heartbeat(beat)
     assert refused.value.field == field
+
+
+def _beat_outcome(check: Any, beat: Any) -> Any:
+    try:
+        out = check(beat)
+    except InvalidRequest as exc:
+        return ("refused", exc.field, str(exc))
+    return ("ok", out, [type(getattr(out, f)) for f in out.__struct_fields__])
+
+
+_odd = st.one_of(
+    st.none(), st.booleans(), st.integers(-200, 2_000_000), st.floats(), st.text(max_size=3)
+)
+
+
+@given(
+    node_id=st.one_of(st.sampled_from(["n1", ""]), st.integers(0, 3)),
+    ram=st.one_of(st.integers(-1, 1_000_001), _odd),
+    vram=st.one_of(st.integers(0, 8), _odd),
+    cpu=st.one_of(st.none(), st.floats(-1.0, 101.0), _odd),
+    gpu=st.one_of(st.none(), st.floats(0.0, 100.0), _odd),
+    temp=st.one_of(st.none(), st.integers(-101, 301), _odd),
+    bandwidth=st.one_of(st.none(), st.integers(0, 10)),
+    place=st.sampled_from([(None, None), (40.0, -74.0), (40, -74), (None, 1.0)]),
+)
+def test_heartbeat_fast_check_agrees_with_the_full_checks(
+    node_id: Any, ram: Any, vram: Any, cpu: Any, gpu: Any, temp: Any, bandwidth: Any, place: Any
+) -> None:
+    """validate_heartbeat's one-expression path for common beats accepts exactly what the full
+    field-by-field checks accept, unchanged, and refuses the rest the same way."""
+    beat = Heartbeat(
+        node_id=node_id, available_ram_gb=ram, available_vram_gb=vram, cpu_usage_pct=cpu,
+        gpu_usage_pct=gpu, temperature_c=temp, bandwidth_mbps=bandwidth, lat=place[0],
+        lng=place[1],
+    )  # fmt: skip
+    assert _beat_outcome(core.validate_heartbeat, beat) == _beat_outcome(
+        core._validate_heartbeat_fully, beat
+    )
 
 
 finite = st.floats(allow_nan=False, allow_infinity=False)

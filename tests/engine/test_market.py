@@ -509,6 +509,48 @@ async def test_reserve_creates_a_contract_at_the_ask_price(market: Market) -> No
     assert (event.contract, event.node_reserved_ram_gb, event.node_reserved_vram_gb) == (c, 8, 2)
 
 
+async def test_contracts_keep_any_user_and_owner_text(market: Market) -> None:
+    """User and owner ids holding quotes, backslashes, control characters and non-ASCII text
+    survive the stored contract and its events unchanged, through extend, failover and settle."""
+    owner, user = 'o"w\\ner\n\u00e9', 'u\t"\u4e2d\\/x'
+    await market.register_node(a_node(owner_id=owner), T0)
+    await market.register_node(a_node("n2", owner_id="bob"), T0)
+    c = await market.reserve(**take(user_id=user))
+    assert (c.owner_id, c.user_id) == (owner, user)
+    assert await market.get_contract(c.contract_id) == c
+    extended = await market.extend(c.contract_id, 60, T0 + 1_000)
+    assert (extended.user_id, extended.owner_id, extended.duration_s) == (user, owner, 3660)
+    old, new = await market.failover(c.contract_id, "n2", T0 + 2_000)
+    assert (old.user_id, old.owner_id, new.user_id, new.owner_id) == (user, owner, user, "bob")
+    assert await market.contracts(client_id="acme") == [new]
+    settled = await market.settle(new.contract_id, 0, T0 + 3_000)
+    assert settled.user_id == user and await market.get_contract(new.contract_id) == settled
+    created = [e for e in await market.read_events("us-east-2") if isinstance(e, ContractCreated)]
+    assert [e.contract.contract_id for e in created] == [c.contract_id, new.contract_id]
+    assert created[0].contract == c and created[1].contract == new
+
+
+async def test_a_contract_stored_as_a_hash_by_an_older_version_still_works(
+    market: Market,
+) -> None:
+    """After an upgrade, contracts left in Redis as hashes (the storage before JSON) are read,
+    listed, extended and settled like the others, and written back as JSON."""
+    await market.register_node(a_node(), T0)
+    c = await market.reserve(**take())
+    key = market.keys.contract("us-east-2", c.contract_id)
+    await market.redis.delete(key)
+    await market.redis.hset(key, mapping=core.to_fields(c))
+    assert await market.get_contract(c.contract_id) == c
+    assert await market.contracts(client_id="acme") == [c] == await market.contracts()
+    extended = await market.extend(c.contract_id, 60, T0 + 1)
+    assert extended.duration_s == 3660 and await market.redis.type(key) == b"string"
+    await market.redis.delete(key)
+    await market.redis.hset(key, mapping=core.to_fields(extended))
+    settled = await market.settle(c.contract_id, 0, T0 + 2_000)
+    assert (settled.status, settled.used_s, settled.version) == ("completed", 2, 3)
+    assert await market.get_contract(c.contract_id) == settled
+
+
 @pytest.mark.parametrize(
     ("node_kw", "take_kw", "error", "message"),
     [
@@ -588,6 +630,54 @@ async def test_place_bid_refusals(market: Market) -> None:
         with pytest.raises(InvalidRequest) as refused:
             await market.place_bid(a_bid("b2", **change), T0)
         assert refused.value.field == field
+
+
+async def test_bids_placed_together_share_a_call_and_keep_call_order(
+    market: Market, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent place_bid calls go out as one script call and apply one by one in call order:
+    priority follows the calls, an id used twice is refused the second time, each caller gets
+    its own bid (or refusal), and every placed bid has its own event."""
+    calls = []
+    real_eval = market._eval
+
+    async def counting(name: str, keys: Any, args: Any) -> Any:
+        calls.append(name)
+        return await real_eval(name, keys, args)
+
+    monkeypatch.setattr(market, "_eval", counting)
+    bids = [a_bid(f"b{i}", max_price_pusd=900_000, expires_ms=T0 + 10 * (i + 1)) for i in range(6)]
+    bids.insert(3, a_bid("b1"))
+    out = await asyncio.gather(*(market.place_bid(b, T0) for b in bids), return_exceptions=True)
+    assert calls == ["place_bid"]
+    assert [type(x).__name__ for x in out] == ["Bid"] * 3 + ["Conflict"] + ["Bid"] * 3
+    placed = [b for b in out if isinstance(b, Bid)]
+    assert [b.seq for b in placed] == [1, 2, 3, 4, 5, 6]
+    assert await market.bids("us-east-2") == placed
+    events = await market.read_events("us-east-2")
+    assert [e.bid for e in events if isinstance(e, BidPlaced)] == placed
+    assert [b.bid_id for b in await market.expire_bids("us-east-2", T0 + 30)] == [
+        "b0", "b1", "b2",
+    ]  # fmt: skip
+
+
+async def test_a_failed_batch_call_fails_each_of_its_bids(
+    market: Market, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the shared script call fails (the server went away), every caller of the batch gets
+    the error, and later calls work again."""
+
+    async def broken(name: str, keys: Any, args: Any) -> Any:
+        raise ConnectionError("gone")
+
+    real_eval = market._eval
+    monkeypatch.setattr(market, "_eval", broken)
+    out = await asyncio.gather(
+        *(market.place_bid(a_bid(f"b{i}"), T0) for i in range(3)), return_exceptions=True
+    )
+    assert [type(x) for x in out] == [ConnectionError] * 3
+    monkeypatch.setattr(market, "_eval", real_eval)
+    assert (await market.place_bid(a_bid("b0"), T0)).seq == 1
 
 
 async def test_cancel_and_expire_bids(market: Market) -> None:

@@ -581,3 +581,26 @@ async def test_resting_bid_fills_when_a_contract_ends_or_a_heartbeat_frees_memor
         )
         assert fill["data"]["contract"]["node_id"] == lean.node_id
         assert [b.bid_id for b in await market.bids(R)] == [big.bid_id]  # 100 GB fits nowhere
+
+
+async def test_publisher_delivers_every_message_intact_and_in_order(
+    redis: aioredis.Redis, keys: Keys, inbox: Inbox
+) -> None:
+    """A batch goes out as one blob with the lengths beside it: channel names with spaces,
+    commas, digits and non-ASCII letters, and payloads holding anything, arrive exactly and in
+    order."""
+    publisher = process.Publisher(redis)
+    task = asyncio.create_task(publisher.run())
+    channels = [f"{keys.prefix}user:{name}" for name in ("a b", "1,2", "\u00e9\u4e2d", "x")]
+    sent = [
+        (channels[i % 4], json.dumps({"i": i, "text": "," * (i % 3) + " 12,34 \u00e9"}).encode())
+        for i in range(process.PUBLISH_BATCH + 7)
+    ]
+    try:
+        publisher.publish(sent)
+        await eventually(lambda: _true(len(inbox.messages) >= len(sent)))
+    finally:
+        await publisher.close(task)
+    got = [(channel, json.dumps(msg).encode()) for channel, msg, _ in inbox.messages]
+    assert got == sent
+    assert (publisher.sent, publisher.dropped) == (len(sent), 0)

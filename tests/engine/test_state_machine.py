@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -39,7 +40,7 @@ from hypothesis.stateful import (
 from engine import core
 from engine.errors import MarketError
 from engine.keys import Keys
-from engine.market import Market
+from engine.market import Market, ReserveRequest
 from engine.replay import region_snapshot
 from engine.types import Bid, Contract, Heartbeat, Node, NodeChanges
 from tests.engine.model import ModelMarket
@@ -363,6 +364,71 @@ class MarketMachine(RuleBasedStateMachine):
         self._reserve("fill", node_id=node_id, client_id=client, user_id=f"u-{client}",
                       ram_gb=size[0], vram_gb=size[1], duration_s=bid.duration_s,
                       max_price_pusd=bid.max_price_pusd, bid_id=bid_id)  # fmt: skip
+
+    @rule(
+        picks=st.lists(
+            st.tuples(st.integers(0, 99), st.integers(0, 99), st.booleans()),
+            min_size=2,
+            max_size=6,
+        )
+    )
+    def reserve_batch(self, picks: list[tuple[int, int, bool]]) -> None:
+        """Plain reserves and bid fills in one `reserve_many` call (the script keeps the nodes
+        and bids it read and writes them at the end): each slot as if made alone, in order. The
+        requests are drawn from the state before the batch, so later ones meet earlier ones'
+        leases and fills (the same node or bid often appears twice)."""
+        now = self.now
+        requests = []
+        for i, j, fill in picks:
+            open_bids = sorted(b.bid_id for b in self.model.bids.values() if b.status == "open")
+            if fill and open_bids:
+                bid = self.model.bids[open_bids[j % len(open_bids)]]
+                near = sorted(
+                    n.node_id for n in self.model.nodes.values() if n.region == bid.region
+                )
+                node_id = near[i % len(near)] if near else self.node_id(i)
+                ram, vram = bid.remaining_ram_gb, bid.remaining_vram_gb
+                if i % 3 and ram + vram > 1:
+                    ram, vram = (1, 0) if ram else (0, 1)
+                requests.append(
+                    ReserveRequest(
+                        node_id=node_id,
+                        client_id=bid.client_id,
+                        user_id=bid.user_id,
+                        ram_gb=ram,
+                        vram_gb=vram,
+                        duration_s=bid.duration_s,
+                        max_price_pusd=bid.max_price_pusd,
+                        bid_id=bid.bid_id,
+                    )
+                )
+            else:
+                client = CLIENTS[j % len(CLIENTS)]
+                requests.append(
+                    ReserveRequest(
+                        node_id=self.node_id(i),
+                        client_id=client,
+                        user_id=f"u-{client}",
+                        ram_gb=j % 5,
+                        vram_gb=j % 3,
+                        duration_s=DURATIONS[j % len(DURATIONS)],
+                        max_price_pusd=CAPS[i % len(CAPS)],
+                    )
+                )
+        got_all = self.run(self.market.reserve_many(requests, now))
+        for request, got in zip(requests, got_all, strict=True):
+            COVERAGE[f"reserve_batch -> {type(got).__name__}: {got}" if isinstance(got, MarketError)
+                     else "reserve_batch -> ok"] += 1  # fmt: skip
+            cid = got.contract_id if isinstance(got, Contract) else "never"
+            try:
+                want: Outcome = self.model.reserve(
+                    contract_id=cid, now_ms=now, **msgspec.structs.asdict(request)
+                )
+            except MarketError as exc:
+                want = exc
+            _same(got, want)
+            if isinstance(got, Contract):
+                self.contract_ids.append(got.contract_id)
 
     @precondition(lambda self: bool(self.contract_ids))
     @rule(i=st.integers(0, 99), extra=st.sampled_from((1, 60, 600)))
