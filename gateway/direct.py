@@ -81,20 +81,20 @@ def frame_payload(frame: bytes) -> memoryview:
 class DirectWriter:
     """Writes whole frames straight to one accepted socket's transport (see the module rules)."""
 
-    __slots__ = ("_open", "_protocol", "_transport", "high_water_bytes")
+    __slots__ = ("_protocol", "_transport", "high_water_bytes")
 
-    def __init__(self, protocol: Any, open_state: Any, high_water_bytes: int) -> None:
+    def __init__(self, protocol: Any, high_water_bytes: int) -> None:
         self._protocol = protocol
         self._transport: asyncio.Transport = protocol.transport
-        self._open = open_state
         self.high_water_bytes = high_water_bytes
 
     def write(self, data: bytes) -> int:
         """Write `data` (whole frames): `OK`, `FULL` (written, but over the high-water mark) or
         `NOT_OPEN` (nothing written)."""
-        p = self._protocol
         t = self._transport
-        if p.close_sent or p.conn.state is not self._open or t.is_closing():
+        # Every way out of the OPEN state sets `close_sent` or closes the transport in the
+        # same callback (our close, the peer's close, a protocol error, a ping timeout).
+        if self._protocol.close_sent or t.is_closing():
             return NOT_OPEN
         t.write(data)
         return OK if t.get_write_buffer_size() <= self.high_water_bytes else FULL
@@ -126,7 +126,7 @@ def direct_writer(send: Callable[..., Any], *, high_water_bytes: int) -> DirectW
         or protocol.transport.is_closing()
     ):
         return None
-    return DirectWriter(protocol, OPEN, high_water_bytes)
+    return DirectWriter(protocol, high_water_bytes)
 
 
 def _server_protocol(send: Callable[..., Any]) -> Any:
@@ -140,11 +140,11 @@ def _server_protocol(send: Callable[..., Any]) -> Any:
                 return owner
             return None
         code = getattr(send, "__code__", None)
-        key = (getattr(send, "__module__", None), getattr(send, "__qualname__", None))
-        var = _PASS_THROUGH.get(key)  # type: ignore[arg-type]
-        if code is None or var is None or var not in code.co_freevars:
+        closure = getattr(send, "__closure__", None)
+        key = (getattr(send, "__module__", ""), getattr(send, "__qualname__", ""))
+        var = _PASS_THROUGH.get(key)
+        if code is None or closure is None or var is None or var not in code.co_freevars:
             return None
-        closure = send.__closure__  # type: ignore[attr-defined]
         send = closure[code.co_freevars.index(var)].cell_contents
     return None
 

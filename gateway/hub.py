@@ -324,6 +324,11 @@ class Hub:
         sub.busy = True
         return True
 
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        """The attached subscribers."""
+        return tuple(self._subscribers)
+
     def subscriber_count(self, redis_channel: str | bytes | None = None) -> int:
         """Attached subscribers, or live local subscriptions to one Redis channel."""
         if redis_channel is None:
