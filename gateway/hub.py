@@ -76,7 +76,8 @@ class Subscriber:
     The owner runs a writer task that drains `queue` and calls `sent()` after each send. The hub
     never awaits it: when `queue` is full, or the direct writer's transport is over its
     high-water mark, the subscriber is dropped and `on_drop(subscriber, reason)` is called
-    (synchronously, from the hub; it must not block).
+    (synchronously, from the hub; it must not block). Reasons: "slow", "error" (a direct write
+    failed unexpectedly), "shutdown" (the hub stopped).
     """
 
     __slots__ = (
@@ -656,7 +657,13 @@ class Hub:
             data = _batched(frames, sub.batch_bytes)
         else:
             data = b"".join(frames)
-        result = direct.write(data)
+        try:
+            result = direct.write(data)
+        except Exception:
+            # A bug must not end fan-out for the others: close this socket, carry on.
+            log.exception("direct write to %s failed", sub.name)
+            self._drop(sub, "error", warn=False)
+            return
         if result == OK:
             self.written += len(frames)
         elif result == FULL:

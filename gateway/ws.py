@@ -364,7 +364,9 @@ class _Session:
 
     def _on_drop(self, sub: Subscriber, reason: str) -> None:
         if reason == "slow":
-            self.finish(CLOSE_SLOW, "too slow: send queue full")
+            self.finish(CLOSE_SLOW, "too slow: send buffer full")
+        elif reason == "error":
+            self.finish(CLOSE_INTERNAL, "internal error")
         else:
             self.finish(CLOSE_SHUTDOWN, "server shutting down")
 
