@@ -116,8 +116,8 @@ class Subscriber:
         """> 0: events written directly together go as `batch` messages of about this size."""
         self.busy = False
         """The queued path holds frames of this subscriber: no direct writes until `sent()`."""
-        self.pending: list[bytes] | None = None
-        """Frames collected for the next direct write."""
+        self.pending: bytes | list[bytes] | None = None
+        """Frames collected for the next direct write (one frame, or a list of several)."""
 
     def sent(self) -> None:
         """The owner's writer has sent a frame; with nothing left queued, direct writes resume."""
@@ -626,8 +626,10 @@ class Hub:
                 framed = frame_text(data)
             pending = sub.pending
             if pending is None:
-                sub.pending = [framed]
+                sub.pending = framed  # the usual case: no list for a lone frame
                 to_write.append(sub)
+            elif isinstance(pending, bytes):
+                sub.pending = [pending, framed]
             else:
                 pending.append(framed)
         self.delivered += len(subs) - (len(slow) if slow else 0)
@@ -651,12 +653,11 @@ class Hub:
         direct = sub.direct
         if frames is None or direct is None or sub.dropped is not None:
             return
-        if len(frames) == 1:
-            data = frames[0]
-        elif sub.batch_bytes:
-            data = _batched(frames, sub.batch_bytes)
+        if isinstance(frames, bytes):
+            data, count = frames, 1
         else:
-            data = b"".join(frames)
+            count = len(frames)
+            data = _batched(frames, sub.batch_bytes) if sub.batch_bytes else b"".join(frames)
         try:
             result = direct.write(data)
         except Exception:
@@ -665,9 +666,9 @@ class Hub:
             self._drop(sub, "error", warn=False)
             return
         if result == OK:
-            self.written += len(frames)
+            self.written += count
         elif result == FULL:
-            self.written += len(frames)
+            self.written += count
             self._drop(sub, "slow")
         # else NOT_OPEN: the socket is closing; its session ends when uvicorn reports the close.
 
