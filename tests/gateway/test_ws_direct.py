@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from engine.keys import Keys
 from engine.notify import encode_message
@@ -19,7 +21,16 @@ from engine.settings import Settings
 from gateway.direct import direct_writer, frame_payload, frame_text
 from gateway.hub import Hub, Subscriber
 from tests.gateway.conftest import signup
-from tests.gateway.test_ws import WAIT_S, Live, closed_with, recv, request, serving, subscribe
+from tests.gateway.test_ws import (
+    WAIT_S,
+    Live,
+    _token,
+    closed_with,
+    recv,
+    request,
+    serving,
+    subscribe,
+)
 
 
 @pytest.fixture
@@ -287,3 +298,39 @@ async def test_unsupported_sockets_keep_the_queued_path(
         ]
         assert hub.written == written
         await ws.close()
+
+
+async def test_jwt_expiry_closes_a_socket_receiving_direct_events(
+    live: Live, redis: aioredis.Redis
+) -> None:
+    """Events written directly do not keep a socket open past its token: 4401 at expiry."""
+    hub = _hub(live)
+    user = await signup(live.gw, "user")
+    exp_s = int(time.time()) + 2
+    token = _token(user.user_id, "user", exp_s, live.gw.settings)
+    ws = await connect(f"{live.ws_url}?token={token}", open_timeout=WAIT_S)
+    assert (await subscribe(ws, "market"))["type"] == "subscribed"
+    written = hub.written
+
+    async def publish() -> None:
+        i = 0
+        while True:
+            await redis.publish(live.keys.market_channel, encode_message("market", {"i": i}))
+            i += 1
+            await asyncio.sleep(0.02)
+
+    publisher = asyncio.create_task(publish())
+    try:
+        received = 0
+        async with asyncio.timeout(WAIT_S):
+            try:
+                while True:
+                    assert json.loads(await ws.recv())["type"] == "event"
+                    received += 1
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None and exc.rcvd.code == 4401
+        assert time.time() >= exp_s - 0.05
+        assert received > 10 and hub.written - written >= received
+    finally:
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
