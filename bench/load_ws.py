@@ -207,6 +207,31 @@ def _cpu_s(pid: int) -> float:
     return sum(_cpu_split(pid))
 
 
+def _sockets_per_worker(pid: int) -> list[int]:
+    """Open sockets of each gateway worker (the children of `pid`, or `pid` itself if none)."""
+    procs = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == pid:
+                procs.append(entry)
+    counts = []
+    for proc in procs or [Path(f"/proc/{pid}")]:
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        n = 0
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                n += os.readlink(fd).startswith("socket:")
+        counts.append(n)
+    return sorted(counts, reverse=True)
+
+
 def _cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process and its children alive now, from Linux /proc."""
     user = system = 0
@@ -669,6 +694,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         t_measure_ns = t_start_ns + int(args.warmup * 1e9)
         t_end_ns = t_measure_ns + int(args.seconds * 1e9)
         timing[0], timing[1], timing[2] = t_measure_ns, t_end_ns, t_start_ns
+        spread = _sockets_per_worker(gw.pid)
         user0, sys0 = _cpu_split(gw.pid)
         rcpu0 = asyncio.run(_redis_cpu_s(redis_url))
         go.set()
@@ -692,6 +718,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "ws_fanout",
         "workers": args.workers,
         "connections": opened,
+        "sockets_per_worker": spread,
         "subscriptions": args.connections * args.per_conn,
         "channels": args.channels,
         "subscribers_per_channel": subs_per_channel,

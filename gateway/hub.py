@@ -12,7 +12,7 @@ Rules:
   carries `fills`, `bids` and `contracts` and each socket gets only the ones it asked for.
 - Encode once: the envelope is decoded once per message, the outgoing frame
   `{"type": "event", "channel", "data"}` is encoded once (the `data` bytes are copied, never
-  re-parsed) and the same `str` goes to every subscriber.
+  re-parsed) and framed once; the same bytes (direct) or `str` (queued) go to every subscriber.
 - Two delivery paths per subscriber, one at a time, never reordering its frames:
   * direct (a subscriber attached with a `gateway.direct.DirectWriter`): the message is framed
     once as a WebSocket text frame and the same bytes go to every such subscriber's transport,
@@ -171,8 +171,7 @@ class Hub:
 
     `queue_size` is the default for `attach()`; `high_water_bytes` is what an owner should give
     its subscriber's direct writer (bytes a transport may buffer before its subscriber counts as
-    slow). `subscribe_timeout_s` bounds how long
-    `subscribe()` waits for Redis to confirm. `idle_ping_s`: with no traffic for that long the
+    slow). `subscribe_timeout_s` bounds how long `subscribe()` waits for Redis to confirm. `idle_ping_s`: with no traffic for that long the
     reader pings Redis, and reconnects when two intervals pass in silence (a dead TCP peer).
     `client_name` names the connection in Redis's CLIENT LIST. `burst`: messages dispatched
     between two yields to the event loop (direct writes go out at each yield); a queued
