@@ -424,6 +424,7 @@ class _Tally:
         self.received = 0
         self.outside = 0
         self.latencies: list[int] = []
+        self.published: list[int] = []  # publish time of each latency's message
         self.closes: dict[str, int] = {}
 
 
@@ -458,7 +459,7 @@ class _FanoutSocket(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.write(self._request)
+        transport.write(self._request)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.subscribed.done():
@@ -534,6 +535,7 @@ class _FanoutSocket(asyncio.Protocol):
                         if tally.t_measure_ns <= probe.t < tally.t_end_ns:
                             tally.received += 1
                             tally.latencies.append(now - probe.t)
+                            tally.published.append(probe.t)
                         else:
                             tally.outside += 1
                 else:
@@ -599,6 +601,7 @@ async def _clients(
         "received": tally.received,
         "outside": tally.outside,
         "latencies": tally.latencies,
+        "seconds": [(t - tally.t_measure_ns) // 1_000_000_000 for t in tally.published],
         "closes": tally.closes,
     }
 
@@ -707,6 +710,10 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
             p.join(30)
     received = sum(r["received"] for r in results)
     lat_ms = [ns / 1e6 for r in results for ns in r["latencies"]]
+    by_second: dict[int, list[float]] = {}
+    for r in results:
+        for sec, ns in zip(r["seconds"], r["latencies"], strict=True):
+            by_second.setdefault(sec, []).append(ns / 1e6)
     closes: dict[str, int] = {}
     for r in results:
         for k, v in r["closes"].items():
@@ -732,6 +739,9 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms_p99": round(_pct(lat_ms, 0.99), 2),
         "latency_ms_max": round(max(lat_ms), 2) if lat_ms else None,
         "latency_ms_mean": round(statistics.fmean(lat_ms), 2) if lat_ms else None,
+        # p99 of the messages published in each second of the window: a backlog that builds
+        # up, one that drains, or a single stall
+        "latency_ms_p99_by_second": [round(_pct(by_second[k], 0.99), 1) for k in sorted(by_second)],
         "closed_by_server": closes,
         "received_outside_window": sum(r["outside"] for r in results),
         "gateway_cpu_share": round(cpu / (args.warmup + args.seconds + 0.5), 2),
