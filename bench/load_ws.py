@@ -204,7 +204,37 @@ async def _redis_cpu_s(redis_url: str) -> float:
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds used so far by a process and its children alive now (the
     gateway's workers), from Linux /proc."""
-    total = 0.0
+    return sum(_cpu_split(pid))
+
+
+def _sockets_per_worker(pid: int) -> list[int]:
+    """Open sockets of each gateway worker (the children of `pid`, or `pid` itself if none)."""
+    procs = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == pid:
+                procs.append(entry)
+    counts = []
+    for proc in procs or [Path(f"/proc/{pid}")]:
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        n = 0
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                n += os.readlink(fd).startswith("socket:")
+        counts.append(n)
+    return sorted(counts, reverse=True)
+
+
+def _cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its children alive now, from Linux /proc."""
+    user = system = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -213,8 +243,10 @@ def _cpu_s(pid: int) -> float:
         except OSError:
             continue
         if int(entry.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+            user += int(fields[11])
+            system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +424,7 @@ class _Tally:
         self.received = 0
         self.outside = 0
         self.latencies: list[int] = []
+        self.published: list[int] = []  # publish time of each latency's message
         self.closes: dict[str, int] = {}
 
 
@@ -420,12 +453,13 @@ class _FanoutSocket(asyncio.Protocol):
         self._tally = tally
         self._buf = bytearray()
         self._open = False
+        self._counting = False  # every subscribe confirmed: text frames are events now
         self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.transport.write(self._request)
+        transport.write(self._request)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.subscribed.done():
@@ -447,68 +481,86 @@ class _FanoutSocket(asyncio.Protocol):
         self.transport.write(head + mask + masked)
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        if not self._open:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            status = bytes(buf[: buf.find(b"\r\n")])
-            if b" 101 " not in status:
-                self.subscribed.set_exception(ConnectionError(status.decode(errors="replace")))
-                assert self.transport is not None
-                self.transport.close()
-                return
-            del buf[: end + 4]
-            self._open = True
-            for message in self._subscribes:
-                self._send(0x1, message)
-        tally = self._tally
-        pos, n = 0, len(buf)
+        if self._buf or not self._open:
+            buf = self._buf
+            buf += data
+            if not self._open:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                status = bytes(buf[: buf.find(b"\r\n")])
+                if b" 101 " not in status:
+                    self.subscribed.set_exception(ConnectionError(status.decode(errors="replace")))
+                    assert self.transport is not None
+                    self.transport.close()
+                    return
+                del buf[: end + 4]
+                self._open = True
+                for message in self._subscribes:
+                    self._send(0x1, message)
+            data = bytes(buf)
+            buf.clear()
+        # The common case is one whole frame per read: parse `data` in place, keep any tail.
+        view = memoryview(data)
+        pos, n = 0, len(data)
+        now = 0
         while n - pos >= 2:
-            b0, ln = buf[pos], buf[pos + 1] & 0x7F
+            b0, ln = data[pos], data[pos + 1] & 0x7F
             hdr = 2
             if ln == 126:
                 if n - pos < 4:
                     break
-                ln, hdr = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+                ln, hdr = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
             elif ln == 127:
                 if n - pos < 10:
                     break
-                ln, hdr = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-            if n - pos < hdr + ln:
+                ln, hdr = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
+            start = pos + hdr
+            pos = start + ln
+            if pos > n:
+                pos = start - hdr
                 break
-            payload = bytes(buf[pos + hdr : pos + hdr + ln])
-            pos += hdr + ln
             opcode = b0 & 0x0F
             if opcode == 0x1:
-                if self.subscribed.done():
-                    now = time.time_ns()
-                    if payload.startswith(b'{"type":"batch"'):
-                        probes = [m.data for m in _decode_batch(payload).messages]
+                if self._counting:
+                    tally = self._tally
+                    if not now:
+                        now = time.time_ns()
+                    # {"type":"event",... or {"type":"batch",...: byte 9 tells them apart
+                    if ln > 9 and data[start + 9] == 0x62:
+                        probes = [m.data for m in _decode_batch(view[start:pos]).messages]
                     else:
-                        probes = [_decode_frame(payload).data]
+                        probes = [_decode_frame(view[start:pos]).data]
                     for probe in probes:
                         if tally.t_measure_ns <= probe.t < tally.t_end_ns:
                             tally.received += 1
                             tally.latencies.append(now - probe.t)
+                            tally.published.append(probe.t)
                         else:
                             tally.outside += 1
-                elif b'"type":"error"' in payload:
-                    self.subscribed.set_exception(RuntimeError(payload.decode()))
                 else:
-                    self._acks_due -= payload.count(b'"type":"subscribed"')
-                    if self._acks_due <= 0:
-                        self.subscribed.set_result(None)
+                    self._reply(bytes(view[start:pos]))
             elif opcode == 0x9:
-                self._send(0xA, payload)
+                self._send(0xA, bytes(view[start:pos]))
             elif opcode == 0x8:
+                payload = bytes(view[start:pos])
                 code = str(int.from_bytes(payload[:2], "big")) if len(payload) >= 2 else "none"
-                tally.closes[code] = tally.closes.get(code, 0) + 1
+                self._tally.closes[code] = self._tally.closes.get(code, 0) + 1
                 self._send(0x8, payload[:2])
                 assert self.transport is not None
                 self.transport.close()
-        del buf[:pos]
+        if pos < n:
+            self._buf += view[pos:]
+
+    def _reply(self, payload: bytes) -> None:
+        """A text frame before every subscribe is confirmed."""
+        if b'"type":"error"' in payload:
+            self.subscribed.set_exception(RuntimeError(payload.decode()))
+        else:
+            self._acks_due -= payload.count(b'"type":"subscribed"')
+            if self._acks_due <= 0:
+                self._counting = True
+                self.subscribed.set_result(None)
 
 
 async def _clients(
@@ -536,17 +588,20 @@ async def _clients(
     ready.put(len(sockets))
     await loop.run_in_executor(None, go.wait)
     tally.t_measure_ns, tally.t_end_ns = int(timing[0]), int(timing[1])  # written before `go`
-    cpu0 = time.process_time()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     # let the last messages of the window arrive, then stop
     await asyncio.sleep(max(0.0, (tally.t_end_ns - time.time_ns()) / 1e9) + 2.0)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     for proto in sockets:
         if proto.transport is not None:
             proto.transport.close()
     return {
-        "cpu_s": time.process_time() - cpu0,
+        "cpu_s": ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime,
+        "sys_s": ru1.ru_stime - ru0.ru_stime,
         "received": tally.received,
         "outside": tally.outside,
         "latencies": tally.latencies,
+        "seconds": [(t - tally.t_measure_ns) // 1_000_000_000 for t in tally.published],
         "closes": tally.closes,
     }
 
@@ -642,24 +697,35 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         t_measure_ns = t_start_ns + int(args.warmup * 1e9)
         t_end_ns = t_measure_ns + int(args.seconds * 1e9)
         timing[0], timing[1], timing[2] = t_measure_ns, t_end_ns, t_start_ns
-        cpu0 = _cpu_s(gw.pid)
+        spread = _sockets_per_worker(gw.pid)
+        user0, sys0 = _cpu_split(gw.pid)
+        rcpu0 = asyncio.run(_redis_cpu_s(redis_url))
         go.set()
         published = pub_out.get(timeout=args.warmup + args.seconds + 60)
-        cpu = _cpu_s(gw.pid) - cpu0
+        user1, sys1 = _cpu_split(gw.pid)
+        rcpu = asyncio.run(_redis_cpu_s(redis_url)) - rcpu0
+        cpu, cpu_sys = user1 + sys1 - user0 - sys0, sys1 - sys0
         results = [out.get(timeout=120) for _ in procs]
         for p in [*procs, pub]:
             p.join(30)
     received = sum(r["received"] for r in results)
     lat_ms = [ns / 1e6 for r in results for ns in r["latencies"]]
+    by_second: dict[int, list[float]] = {}
+    for r in results:
+        for sec, ns in zip(r["seconds"], r["latencies"], strict=True):
+            by_second.setdefault(sec, []).append(ns / 1e6)
     closes: dict[str, int] = {}
     for r in results:
         for k, v in r["closes"].items():
             closes[k] = closes.get(k, 0) + v
     expected = args.rate * args.seconds * subs_per_channel
+    frames = max(1, received + sum(r["outside"] for r in results))
+    clients_cpu = sum(r["cpu_s"] for r in results)
     return {
         "bench": "ws_fanout",
         "workers": args.workers,
         "connections": opened,
+        "sockets_per_worker": spread,
         "subscriptions": args.connections * args.per_conn,
         "channels": args.channels,
         "subscribers_per_channel": subs_per_channel,
@@ -673,15 +739,18 @@ def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms_p99": round(_pct(lat_ms, 0.99), 2),
         "latency_ms_max": round(max(lat_ms), 2) if lat_ms else None,
         "latency_ms_mean": round(statistics.fmean(lat_ms), 2) if lat_ms else None,
+        # p99 of the messages published in each second of the window: a backlog that builds
+        # up, one that drains, or a single stall
+        "latency_ms_p99_by_second": [round(_pct(by_second[k], 0.99), 1) for k in sorted(by_second)],
         "closed_by_server": closes,
         "received_outside_window": sum(r["outside"] for r in results),
         "gateway_cpu_share": round(cpu / (args.warmup + args.seconds + 0.5), 2),
-        "gateway_cpu_us_per_message": round(
-            cpu * 1e6 / max(1, received + sum(r["outside"] for r in results)), 2
-        ),
-        "clients_cpu_share": round(
-            sum(r["cpu_s"] for r in results) / (args.warmup + args.seconds + 2.5), 2
-        ),
+        "gateway_cpu_us_per_message": round(cpu * 1e6 / frames, 2),
+        "gateway_sys_us_per_message": round(cpu_sys * 1e6 / frames, 2),
+        "redis_cpu_share": round(rcpu / (args.warmup + args.seconds + 0.5), 2),
+        "clients_cpu_share": round(clients_cpu / (args.warmup + args.seconds + 2.5), 2),
+        "clients_cpu_us_per_message": round(clients_cpu * 1e6 / frames, 2),
+        "clients_sys_us_per_message": round(sum(r["sys_s"] for r in results) * 1e6 / frames, 2),
         "client_procs": args.client_procs,
         "coalesce": args.coalesce,
     }

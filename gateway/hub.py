@@ -12,11 +12,23 @@ Rules:
   carries `fills`, `bids` and `contracts` and each socket gets only the ones it asked for.
 - Encode once: the envelope is decoded once per message, the outgoing frame
   `{"type": "event", "channel", "data"}` is encoded once (the `data` bytes are copied, never
-  re-parsed) and the same `str` goes to every subscriber.
-- Fan-out never waits: delivery is `put_nowait` into each subscriber's bounded queue (the reader
-  yields to the writers every `burst` messages). A subscriber whose queue is full is dropped on
-  the spot (its subscriptions released, `on_drop` called, a
-  warning logged); the others are not delayed by it. Its owner closes the socket (code 1013).
+  re-parsed) and framed once; the same bytes (direct) or `str` (queued) go to every subscriber.
+- Two delivery paths per subscriber, one at a time, never reordering its frames:
+  * direct (a subscriber attached with a `gateway.direct.DirectWriter`): the message is framed
+    once as a WebSocket text frame and the same bytes go to every such subscriber's transport,
+    synchronously, from the reader. Frames for one subscriber are collected during a run of
+    messages and written together when the reader next yields (one `write` for the run: plain
+    subscribers get the frames back to back, batch subscribers one `batch` message). A
+    subscriber whose transport then buffers more than its high-water mark is dropped ("slow").
+  * queued (no direct writer, or `busy`): `put_nowait` of the encoded `str` into the
+    subscriber's bounded queue, which its owner's writer task drains through ASGI `send`. A
+    subscriber whose queue is full is dropped ("slow").
+  A subscriber is `busy` from the moment anything is queued for it (a reply, or an event while
+  busy) until its writer has sent everything queued (`Subscriber.sent()`); meanwhile events are
+  queued too, so nothing written directly overtakes a frame still queued or suspended in `send`.
+  Frames collected for direct writing are written before a reply is queued (`deliver`).
+- Fan-out never waits: a dropped subscriber has its subscriptions released, `on_drop` called and
+  a warning logged; the others are not delayed by it. Its owner closes the socket (code 1013).
 - `subscribe()` returns once Redis has confirmed every channel: whatever is published after it
   returns reaches the subscriber. Commands and confirmations on one connection are ordered, so
   the hub counts SUBSCRIBEs sent and confirmations received per channel to know which
@@ -25,8 +37,9 @@ Rules:
   reader reconnects with capped exponential backoff and re-subscribes every channel still wanted.
   Durable history is the event stream and the REST API, not this path.
 
-Cost: one dict lookup per message plus one `put_nowait` per receiving subscriber; subscribe and
-unsubscribe are O(channels of the call).
+Cost: one decode, encode and framing per message; per receiving subscriber a list append, and
+one transport `write` per subscriber per run of messages (direct), or one `put_nowait` and a
+writer wake-up (queued). Subscribe and unsubscribe are O(channels of the call).
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.direct import FULL, OK, DirectWriter, frame_payload, frame_text
+
 __all__ = ["Hub", "HubUnavailable", "Subscriber"]
 
 log = logging.getLogger("mnemo.gateway.hub")
@@ -55,16 +70,37 @@ class HubUnavailable(Exception):
 
 
 class Subscriber:
-    """One local consumer: a bounded queue of encoded frames (`str`) and the channels it holds.
+    """One local consumer: a bounded queue of encoded frames (`str`), optionally a direct writer
+    to its socket, and the channels it holds.
 
-    The owner runs a writer task that drains `queue`. The hub never awaits it: when `queue` is
-    full the subscriber is dropped and `on_drop(subscriber, reason)` is called (synchronously,
-    from the hub's reader; it must not block).
+    The owner runs a writer task that drains `queue` and calls `sent()` after each send. The hub
+    never awaits it: when `queue` is full, or the direct writer's transport is over its
+    high-water mark, the subscriber is dropped and `on_drop(subscriber, reason)` is called
+    (synchronously, from the hub; it must not block). Reasons: "slow", "error" (a direct write
+    failed unexpectedly), "shutdown" (the hub stopped).
     """
 
-    __slots__ = ("channels", "dropped", "name", "on_drop", "queue")
+    __slots__ = (
+        "batch_bytes",
+        "busy",
+        "channels",
+        "direct",
+        "dropped",
+        "name",
+        "on_drop",
+        "pending",
+        "queue",
+    )
 
-    def __init__(self, name: str, *, queue_size: int, on_drop: DropCallback | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        queue_size: int,
+        on_drop: DropCallback | None = None,
+        direct: DirectWriter | None = None,
+        batch_bytes: int = 0,
+    ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
         self.name = name
@@ -74,6 +110,19 @@ class Subscriber:
         self.dropped: str | None = None
         """Why the hub dropped this subscriber (None while it is attached)."""
         self.on_drop = on_drop
+        self.direct = direct
+        """Writes frames straight to the socket's transport, or None (queued path only)."""
+        self.batch_bytes = batch_bytes
+        """> 0: events written directly together go as `batch` messages of about this size."""
+        self.busy = False
+        """The queued path holds frames of this subscriber: no direct writes until `sent()`."""
+        self.pending: bytes | list[bytes] | None = None
+        """Frames collected for the next direct write (one frame, or a list of several)."""
+
+    def sent(self) -> None:
+        """The owner's writer has sent a frame; with nothing left queued, direct writes resume."""
+        if self.queue.empty():
+            self.busy = False
 
     def __repr__(self) -> str:
         return f"Subscriber({self.name!r}, channels={len(self.channels)})"
@@ -120,12 +169,14 @@ def _pubsub_client(client: aioredis.Redis, client_name: str) -> aioredis.Redis:
 class Hub:
     """The process's fan-out hub. `await start()` once, `await stop()` at shutdown.
 
-    `queue_size` is the default for `attach()`. `subscribe_timeout_s` bounds how long
-    `subscribe()` waits for Redis to confirm. `idle_ping_s`: with no traffic for that long the
+    `queue_size` is the default for `attach()`; `high_water_bytes` is what an owner should give
+    its subscriber's direct writer (bytes a transport may buffer before its subscriber counts as
+    slow). `subscribe_timeout_s` bounds how long `subscribe()` waits for Redis to confirm. `idle_ping_s`: with no traffic for that long the
     reader pings Redis, and reconnects when two intervals pass in silence (a dead TCP peer).
     `client_name` names the connection in Redis's CLIENT LIST. `burst`: messages dispatched
-    between two yields to the event loop; a subscriber can be up to `burst` frames behind without
-    being slow, so queues should hold several times that.
+    between two yields to the event loop (direct writes go out at each yield); a queued
+    subscriber can be up to `burst` frames behind without being slow, so queues should hold
+    several times that.
     """
 
     def __init__(
@@ -133,6 +184,7 @@ class Hub:
         redis: aioredis.Redis,
         *,
         queue_size: int = 1024,
+        high_water_bytes: int = 512 * 1024,
         subscribe_timeout_s: float = 5.0,
         idle_ping_s: float = 15.0,
         max_backoff_s: float = 5.0,
@@ -145,6 +197,7 @@ class Hub:
         self.client_name = client_name
         self.burst = burst
         self.queue_size = queue_size
+        self.high_water_bytes = high_water_bytes
         self.subscribe_timeout_s = subscribe_timeout_s
         self.idle_ping_s = idle_ping_s
         self.max_backoff_s = max_backoff_s
@@ -161,12 +214,16 @@ class Hub:
         self._connected = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribers: dict[Subscriber, None] = {}
+        self._to_write: list[Subscriber] = []  # subscribers with frames pending a direct write
+        self._flush_handle: asyncio.Handle | None = None
         self.messages = 0
         """Messages received from Redis."""
         self.delivered = 0
-        """Frames handed to subscribers' queues."""
+        """Event frames handed on (queued or to be written directly)."""
+        self.written = 0
+        """Event frames written directly to transports."""
         self.dropped = 0
-        """Subscribers dropped because their queue was full."""
+        """Subscribers dropped as too slow (queue full, or transport over its high-water mark)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -203,6 +260,10 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._to_write.clear()
         await asyncio.shield(self._close_pubsub())
         if self._client is not None:
             await asyncio.shield(self._client.aclose())
@@ -218,22 +279,41 @@ class Hub:
     # -- subscribers --------------------------------------------------------------------------
 
     def attach(
-        self, name: str, *, on_drop: DropCallback | None = None, queue_size: int | None = None
+        self,
+        name: str,
+        *,
+        on_drop: DropCallback | None = None,
+        queue_size: int | None = None,
+        direct: DirectWriter | None = None,
+        batch_bytes: int = 0,
     ) -> Subscriber:
-        """A new subscriber with a bounded queue (`queue_size` or the hub's default)."""
-        sub = Subscriber(name, queue_size=queue_size or self.queue_size, on_drop=on_drop)
+        """A new subscriber with a bounded queue (`queue_size` or the hub's default) and, when
+        given, a direct writer to its socket (`batch_bytes` > 0: events written together go as
+        `batch` messages)."""
+        sub = Subscriber(
+            name,
+            queue_size=queue_size or self.queue_size,
+            on_drop=on_drop,
+            direct=direct,
+            batch_bytes=batch_bytes,
+        )
         self._subscribers[sub] = None
         return sub
 
     def detach(self, sub: Subscriber) -> None:
-        """Release every subscription of `sub` (idempotent; safe after a drop)."""
+        """Release every subscription of `sub` (idempotent; safe after a drop). Frames not yet
+        written directly are discarded."""
         self._subscribers.pop(sub, None)
+        sub.pending = None
         for ws_channel, redis_channel in list(sub.channels.items()):
             self._unindex(sub, redis_channel, ws_channel)
         sub.channels.clear()
 
     def deliver(self, sub: Subscriber, frame: str) -> bool:
-        """Queue one frame for `sub` (a reply of its own, not fan-out). A full queue drops it."""
+        """Queue one frame for `sub` (a reply of its own, not fan-out), after the events already
+        due to it. A full queue (or a transport over its high-water mark) drops it."""
+        if sub.pending is not None:
+            self._write(sub)  # events dispatched before this reply go out before it
         if sub.dropped is not None:
             return False
         try:
@@ -241,7 +321,13 @@ class Hub:
         except asyncio.QueueFull:
             self._drop(sub, "slow")
             return False
+        sub.busy = True
         return True
+
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        """The attached subscribers."""
+        return tuple(self._subscribers)
 
     def subscriber_count(self, redis_channel: str | bytes | None = None) -> int:
         """Attached subscribers, or live local subscriptions to one Redis channel."""
@@ -398,10 +484,11 @@ class Hub:
         if warn:
             self.dropped += 1
             log.warning(
-                "dropping subscriber %s (%s): %d frames queued, %d channels",
+                "dropping subscriber %s (%s): %d frames queued, %d bytes buffered, %d channels",
                 sub.name,
                 reason,
                 sub.queue.qsize(),
+                sub.direct.buffered_bytes if sub.direct is not None else 0,
                 len(sub.channels),
             )
         self.detach(sub)
@@ -513,19 +600,76 @@ class Hub:
         subs = by_ws.get(env.channel)
         if not subs:
             return
-        frame = _encode(_EventFrame(env.channel, env.data)).decode()
+        data = _encode(_EventFrame(env.channel, env.data))
+        try:
+            text = data.decode()  # a text frame must be UTF-8; the queued path sends the str
+        except UnicodeDecodeError:
+            log.warning("skipping message on %r: not UTF-8", ch)
+            return
+        framed: bytes | None = None
+        to_write = self._to_write
+        n_before = len(to_write)
         slow: list[Subscriber] | None = None
         for sub in subs:
-            try:
-                sub.queue.put_nowait(frame)
-            except asyncio.QueueFull:
-                if slow is None:
-                    slow = []
-                slow.append(sub)
+            if sub.direct is None or sub.busy:
+                try:
+                    sub.queue.put_nowait(text)
+                except asyncio.QueueFull:
+                    if slow is None:
+                        slow = []
+                    slow.append(sub)
+                    continue
+                sub.busy = True
+                continue
+            if framed is None:
+                framed = frame_text(data)
+            pending = sub.pending
+            if pending is None:
+                sub.pending = framed  # the usual case: no list for a lone frame
+                to_write.append(sub)
+            elif isinstance(pending, bytes):
+                sub.pending = [pending, framed]
+            else:
+                pending.append(framed)
         self.delivered += len(subs) - (len(slow) if slow else 0)
+        if len(to_write) > n_before and self._flush_handle is None:
+            # Written when the reader next yields: a run of messages makes one write per socket.
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         if slow:
             for sub in slow:
                 self._drop(sub, "slow")
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        to_write, self._to_write = self._to_write, []
+        for sub in to_write:
+            if sub.pending is not None:
+                self._write(sub)
+
+    def _write(self, sub: Subscriber) -> None:
+        frames = sub.pending
+        sub.pending = None
+        direct = sub.direct
+        if frames is None or direct is None or sub.dropped is not None:
+            return
+        if isinstance(frames, bytes):
+            data, count = frames, 1
+        else:
+            count = len(frames)
+            data = _batched(frames, sub.batch_bytes) if sub.batch_bytes else b"".join(frames)
+        try:
+            result = direct.write(data)
+        except Exception:
+            # A bug must not end fan-out for the others: close this socket, carry on.
+            log.exception("direct write to %s failed", sub.name)
+            self._drop(sub, "error", warn=False)
+            return
+        if result == OK:
+            self.written += count
+        elif result == FULL:
+            self.written += count
+            self._drop(sub, "slow")
+        # else NOT_OPEN: the socket is closing; its session ends when uvicorn reports the close.
 
     async def _run_unsubscriber(self) -> None:
         while True:
@@ -542,6 +686,29 @@ class Hub:
                 await ps.unsubscribe(*gone)
             except (RedisError, OSError) as exc:
                 log.debug("UNSUBSCRIBE failed (%s); the reader will reconnect", exc)
+
+
+def _batched(frames: list[bytes], max_bytes: int) -> bytes:
+    """Text frames as `batch` messages of about `max_bytes` each (a frame that is alone in its
+    batch goes as itself), in order, ready to write."""
+    out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if group and size + len(frame) > max_bytes:
+            out.append(_batch_frame(group))
+            group, size = [], 0
+        group.append(frame)
+        size += len(frame)
+    out.append(_batch_frame(group))
+    return b"".join(out)
+
+
+def _batch_frame(frames: list[bytes]) -> bytes:
+    if len(frames) == 1:
+        return frames[0]
+    body = b",".join([frame_payload(f) for f in frames])
+    return frame_text(b'{"type":"batch","messages":[' + body + b"]}")
 
 
 def _b(channel: str | bytes) -> bytes:

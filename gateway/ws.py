@@ -27,12 +27,16 @@ Channels and who may subscribe:
                                                the message's ws channel name)
     node:<node_id>                             the node's owner (or an admin)
 
-Delivery: every socket has one bounded queue and one writer task fed by the process's `Hub`
-(`gateway.hub`). A socket that cannot keep up (queue full) is closed with 1013 ("try again
-later") and the others never wait for it. Replies share that queue, so they are ordered with
-the events: "subscribed" comes before the first event of the channel, and everything published
-after "subscribed" is delivered. Pub/sub is at-most-once (see `gateway.hub`): after a
-reconnect, fetch current state over REST.
+Delivery: the process's `Hub` (`gateway.hub`) frames each notification once and writes the
+same bytes straight to the transport of every subscribed socket (`gateway.direct`; uvicorn's
+websockets-sansio protocol without per-message deflate). Every socket also has one bounded
+queue and one writer task for what goes through ASGI `send`: replies, and events while a reply
+is still queued or being sent, so events never overtake a reply and vice versa (on other
+servers, or with deflate, everything takes that path). A socket that cannot keep up (more than
+`send_buffer_bytes` waiting in its transport, or a full queue) is closed with 1013 ("try again
+later") and the others never wait for it. "subscribed" comes before the first event of the
+channel, and everything published after "subscribed" is delivered. Pub/sub is at-most-once
+(see `gateway.hub`): after a reconnect, fetch current state over REST.
 
 Keepalive: the server (uvicorn) pings every socket and closes it when pongs stop; `op: ping` is
 there for clients that cannot see protocol pings (browsers).
@@ -65,6 +69,7 @@ from engine.keys import Keys
 from engine.settings import Settings
 from engine.types import Heartbeat
 from gateway.auth import Principal, authenticate
+from gateway.direct import direct_writer
 from gateway.errors import ErrorDetail, Unauthorized, error_response, from_msgspec
 from gateway.heartbeats import HeartbeatBatcher, HeartbeatSink
 from gateway.hub import Hub, HubUnavailable, Subscriber
@@ -99,6 +104,10 @@ class WsOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     queue_size: int = 1024
     """Frames queued per socket before it counts as too slow and is closed (1013)."""
+    send_buffer_bytes: int = 512 * 1024
+    """Bytes a socket's transport may hold beyond what the kernel took before the socket counts
+    as too slow and is closed (1013); the bound of the direct path, as `queue_size` is of the
+    queued one."""
     max_channels: int = 256
     """Subscriptions per socket."""
     max_message_bytes: int = 1 << 20
@@ -157,6 +166,7 @@ async def ws_services(
     hub = Hub(
         redis,
         queue_size=options.queue_size,
+        high_water_bytes=options.send_buffer_bytes,
         subscribe_timeout_s=options.subscribe_timeout_s,
     )
     batcher = HeartbeatBatcher(
@@ -261,8 +271,9 @@ class _ChannelRefused(Exception):
 class WsEndpoint:
     """The ASGI app behind `/ws`: authenticate before accept, then run the session to its end.
 
-    A plain ASGI callable rather than a Starlette function endpoint so the writer can hand
-    frames to the server's `send` directly: at fan-out rates the per-frame wrappers matter.
+    A plain ASGI callable rather than a Starlette function endpoint: no per-frame wrappers of
+    its own around `send`, and `gateway.direct` recognises the server's `send` through the
+    only wrapper left (Starlette's exception middleware).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -333,14 +344,17 @@ class _Session:
         self.hub = services.hub
         client = websocket.client
         where = f"{client.host}:{client.port}" if client else "?"
+        self.batch = websocket.query_params.get("batch", "").lower() in ("1", "true")
         self.sub: Subscriber = self.hub.attach(
-            f"{principal.user_id}@{where}", on_drop=self._on_drop
+            f"{principal.user_id}@{where}",
+            on_drop=self._on_drop,
+            direct=direct_writer(send, high_water_bytes=self.hub.high_water_bytes),
+            batch_bytes=services.options.max_batch_bytes if self.batch else 0,
         )
         self._done = asyncio.Event()
         self._close_code: int | None = None
         self._close_reason = ""
         self._inflight = asyncio.Semaphore(services.options.max_inflight_heartbeats)
-        self.batch = websocket.query_params.get("batch", "").lower() in ("1", "true")
 
     def finish(self, code: int | None, reason: str = "") -> None:
         """End the session; `code` None means the client is gone (nothing to close)."""
@@ -350,7 +364,9 @@ class _Session:
 
     def _on_drop(self, sub: Subscriber, reason: str) -> None:
         if reason == "slow":
-            self.finish(CLOSE_SLOW, "too slow: send queue full")
+            self.finish(CLOSE_SLOW, "too slow: send buffer full")
+        elif reason == "error":
+            self.finish(CLOSE_INTERNAL, "internal error")
         else:
             self.finish(CLOSE_SHUTDOWN, "server shutting down")
 
@@ -402,8 +418,9 @@ class _Session:
                 log.warning("re-checking the key of %s failed: %r", self.sub.name, exc)
 
     async def _write_loop(self) -> None:
-        queue = self.sub.queue
-        send = self._send  # the server's own: the socket is accepted and only this task sends
+        sub = self.sub
+        queue = sub.queue
+        send = self._send  # the ASGI path: the socket is accepted and only this task sends
         batch_bytes = self.services.options.max_batch_bytes if self.batch else 0
         try:
             while True:
@@ -411,6 +428,7 @@ class _Session:
                 if batch_bytes and not queue.empty():
                     frame = _batch(frame, queue, batch_bytes)
                 await send({"type": "websocket.send", "text": frame})
+                sub.sent()  # nothing left queued: the hub may write directly again
         except (WebSocketDisconnect, OSError, RuntimeError) as exc:
             log.debug("writer of %s stopped: %r", self.sub.name, exc)
             self.finish(None)

@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,20 +45,19 @@ class Live:
         return await connect(self.ws_url, additional_headers=headers, open_timeout=WAIT_S, **kw)
 
 
-@pytest.fixture
-async def live(settings: Settings, keys: Keys) -> AsyncIterator[Live]:
+@asynccontextmanager
+async def serving(settings: Settings, keys: Keys, **config: Any) -> AsyncIterator[Live]:
+    """The app under uvicorn on a free loopback port (websockets-sansio, no per-message deflate
+    unless `config` says otherwise), until the block ends."""
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        loop="none",
-        lifespan="on",
-        log_level="warning",
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-    )
-    server = uvicorn.Server(config)
+    options: dict[str, Any] = {"ws": "websockets-sansio", "ws_per_message_deflate": False}
+    options.update(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, loop="none", lifespan="on", log_level="warning",
+            **options,
+        )
+    )  # fmt: skip
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(30):
@@ -77,6 +77,12 @@ async def live(settings: Settings, keys: Keys) -> AsyncIterator[Live]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def live(settings: Settings, keys: Keys) -> AsyncIterator[Live]:
+    async with serving(settings, keys) as server:
+        yield server
 
 
 async def recv(ws: ClientConnection) -> dict[str, Any]:
