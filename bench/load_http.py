@@ -39,7 +39,6 @@ import random
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,6 +52,8 @@ import asyncpg
 import httpx
 import msgspec
 import redis.asyncio as aioredis
+
+from bench.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -75,12 +76,6 @@ def _pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _with_database(url: str, name: str) -> str:
@@ -197,7 +192,7 @@ def _cpu_s(pid: int) -> float:
 
 @contextlib.contextmanager
 def _server(env: dict[str, str], workers: int) -> Iterator[tuple[str, list[str], int]]:
-    port = _free_port()
+    port = free_port()
     argv = [
         sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",

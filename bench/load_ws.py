@@ -40,7 +40,6 @@ import multiprocessing as mp
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,8 @@ import msgspec
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
+from bench.servers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -67,12 +68,6 @@ def _raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -129,7 +124,7 @@ def gateway(
             await r.aclose()
 
     asyncio.run(create())
-    port = _free_port()
+    port = free_port()
     child_env = {
         **os.environ,
         "MNEMO_REDIS_URL": redis_url,
