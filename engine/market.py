@@ -183,33 +183,6 @@ def _beat_text(value: Any) -> str:
 
 
 _json = msgspec.json.Encoder().encode
-_sorted_json = msgspec.json.Encoder(order="sorted").encode
-
-
-def _node_fields(node: Node) -> dict[str, str]:
-    """`core.to_fields(node)` for a node `core.new_node` returned (fields of their declared
-    types), in one pass over known types: the generic per-field dispatch was a quarter of the
-    gateway's time per node of a batch. Anything unexpected takes `core.to_fields` itself."""
-    fields: dict[str, Any] = msgspec.structs.asdict(node)
-    for name, value in fields.items():
-        kind = type(value)
-        if kind is int:
-            fields[name] = str(value)
-        elif kind is float:
-            fields[name] = repr(value)
-        elif kind is dict and name == "metadata":
-            # core._field_text's text of a dict (json.dumps, sorted keys, compact, unescaped
-            # UTF-8), ten times faster; text UTF-8 cannot carry (lone surrogates) goes the
-            # plain way, to fail there as it always has.
-            try:
-                fields[name] = _sorted_json(value).decode()
-            except UnicodeEncodeError:
-                return core.to_fields(node)
-        elif kind is not str:
-            return core.to_fields(node)
-    return fields
-
-
 _O = TypeVar("_O", Node, Bid, Contract)
 
 
@@ -555,7 +528,7 @@ class Market:
                     [
                         *self._head(region, now_ms),
                         self.missed_heartbeats_offline,
-                        _json([_node_fields(stored[i]) for i in idx]),
+                        _json([core.to_fields(stored[i]) for i in idx]),
                     ],
                 )
                 for region, idx in calls
