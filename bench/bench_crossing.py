@@ -57,7 +57,7 @@ import msgspec
 import psutil
 import redis.asyncio as aioredis
 
-from bench.servers import private_redis
+from bench.servers import delete_prefix, private_redis
 from engine.keys import Keys
 from engine.market import Market
 from engine.types import (
@@ -404,8 +404,7 @@ async def _bench(args: argparse.Namespace, redis_url: str, redis_pid: int | None
                 results[mode] = rounds
     finally:
         if redis_pid is None:
-            async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-                await redis.unlink(key)
+            await delete_prefix(redis, prefix)
         await redis.aclose()
     summary: dict[str, Any] = {
         "command": " ".join(["python -m bench.bench_crossing", *sys.argv[1:]]),

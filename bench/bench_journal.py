@@ -48,6 +48,7 @@ import hiredis
 import msgspec
 import redis.asyncio as aioredis
 
+from bench.servers import delete_prefix
 from engine.keys import Keys
 from engine.settings import Settings
 from persistence.journal import ensure_partitions, run_journal
@@ -142,8 +143,7 @@ async def _round(
         await conn.close()
         return elapsed, metrics, own_cpu, backend_cpu, redis_cpu
     finally:
-        async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
-            await redis.unlink(key)
+        await delete_prefix(redis, keys.prefix)
         await redis.aclose()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -270,8 +270,7 @@ async def _lag_run(
             print(f"producer: {len(sent)} events sent at {achieved:,.0f} events/s")
         return samples
     finally:
-        async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
-            await redis.unlink(key)
+        await delete_prefix(redis, keys.prefix)
         await redis.aclose()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()

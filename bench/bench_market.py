@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from bench.servers import delete_prefix
 from engine.keys import Keys
 from engine.market import Market, ReserveRequest
 from engine.types import Contract, Heartbeat, Node
@@ -75,19 +76,8 @@ def market(loop: asyncio.AbstractEventLoop, redis_url: str) -> Iterator[Market]:
     try:
         yield m
     finally:
-        loop.run_until_complete(_drop(client, keys.prefix))
+        loop.run_until_complete(delete_prefix(client, keys.prefix))
         loop.run_until_complete(client.aclose())
-
-
-async def _drop(client: aioredis.Redis, prefix: str) -> None:
-    batch = []
-    async for key in client.scan_iter(match=f"{prefix}*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            await client.unlink(*batch)
-            batch.clear()
-    if batch:
-        await client.unlink(*batch)
 
 
 def _node(i: int) -> Node:

@@ -53,7 +53,7 @@ import httpx
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.servers import free_port
+from bench.servers import delete_prefix, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -107,14 +107,7 @@ async def _drop(database_url: str, db: str, redis_url: str, prefix: str) -> None
         await admin.close()
     r = aioredis.from_url(redis_url)
     try:
-        batch: list[bytes] = []
-        async for key in r.scan_iter(match=f"{prefix}*", count=5000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                await r.unlink(*batch)
-                batch.clear()
-        if batch:
-            await r.unlink(*batch)
+        await delete_prefix(r, prefix)
     finally:
         await r.aclose()
 

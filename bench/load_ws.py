@@ -56,7 +56,7 @@ import msgspec
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
-from bench.servers import free_port
+from bench.servers import delete_prefix, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -117,9 +117,7 @@ def gateway(
             await admin.close()
         r = aioredis.from_url(redis_url)
         try:
-            batch = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
-            for i in range(0, len(batch), 500):
-                await r.unlink(*batch[i : i + 500])
+            await delete_prefix(r, prefix)
         finally:
             await r.aclose()
 

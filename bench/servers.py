@@ -10,7 +10,20 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
+
+
+async def delete_prefix(redis: Any, prefix: str) -> None:
+    """Remove every key under `prefix` (a benchmark's own key space), in batches of UNLINK."""
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        await redis.unlink(*batch)
 
 
 def free_port() -> int:
