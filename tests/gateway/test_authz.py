@@ -186,6 +186,16 @@ async def _client_spending(world: World) -> Built:
 
 
 P, R = "provider", "renter"
+_WALK_NODE = {  # the node both registration routes register
+    "node_type": "edge_cluster",
+    "name": "walk",
+    "region": "us-east-2",
+    "latitude": 1.0,
+    "longitude": 2.0,
+    "total_ram_gb": 8,
+    "total_vram_gb": 0,
+    "price_per_gb_sec": 0.000001,
+}
 
 TABLE: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): Rule(R, 200, 200, _const("/healthz"), public=True),
@@ -202,45 +212,9 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("POST", "/api/clients"): Rule(R, 201, 201, _const("/api/clients", {"org_name": "walkers"})),
     ("GET", "/api/clients"): Rule(R, 200, 200, _const("/api/clients")),
     ("GET", "/api/clients/{client_id}"): Rule(R, 200, 404, _client),
-    ("POST", "/api/nodes/register"): Rule(
-        P,
-        201,
-        201,
-        _const(
-            "/api/nodes/register",
-            {
-                "node_type": "edge_cluster",
-                "name": "walk",
-                "region": "us-east-2",
-                "latitude": 1.0,
-                "longitude": 2.0,
-                "total_ram_gb": 8,
-                "total_vram_gb": 0,
-                "price_per_gb_sec": 0.000001,
-            },
-        ),
-    ),
+    ("POST", "/api/nodes/register"): Rule(P, 201, 201, _const("/api/nodes/register", _WALK_NODE)),
     ("POST", "/api/nodes/register/batch"): Rule(
-        P,
-        201,
-        201,
-        _const(
-            "/api/nodes/register/batch",
-            {
-                "nodes": [
-                    {
-                        "node_type": "edge_cluster",
-                        "name": "walk",
-                        "region": "us-east-2",
-                        "latitude": 1.0,
-                        "longitude": 2.0,
-                        "total_ram_gb": 8,
-                        "total_vram_gb": 0,
-                        "price_per_gb_sec": 0.000001,
-                    }
-                ]
-            },
-        ),
+        P, 201, 201, _const("/api/nodes/register/batch", {"nodes": [_WALK_NODE]})
     ),
     ("POST", "/api/nodes/{node_id}/heartbeat"): Rule(P, 200, 403, _heartbeat),
     ("GET", "/api/nodes"): Rule(P, 200, 200, _const("/api/nodes")),

@@ -26,6 +26,7 @@ from engine.keys import Keys
 from engine.notify import encode_message
 from engine.settings import Settings
 from gateway.app import create_app
+from gateway.hub import Hub
 from tests.gateway.conftest import JWT_SECRET, Actor, Gateway, bearer, register_node, signup
 
 WAIT_S = 10.0
@@ -426,6 +427,25 @@ async def test_heartbeats_from_many_sockets_are_coalesced_and_each_acked(live: L
 # fan-out under a slow client
 
 
+async def flood_market_until_a_drop(live: Live, redis: aioredis.Redis, hub: Hub) -> int:
+    """Publish numbered 16 KiB messages (`{"i": n}`) on the `market` channel, 50 at a time,
+    until the hub drops a subscriber; returns how many were published."""
+    pad = "x" * 16_384  # large frames fill the kernel buffers quickly
+    sent = 0
+    dropped_before = hub.dropped
+    async with asyncio.timeout(60):
+        while hub.dropped == dropped_before:
+            async with redis.pipeline(transaction=False) as pipe:
+                for _ in range(50):
+                    pipe.publish(
+                        live.keys.market_channel, encode_message("market", {"i": sent, "p": pad})
+                    )
+                    sent += 1
+                await pipe.execute()
+            await asyncio.sleep(0.005)
+    return sent
+
+
 async def test_slow_socket_is_closed_1013_and_fast_ones_get_everything(
     live: Live, redis: aioredis.Redis
 ) -> None:
@@ -446,19 +466,7 @@ async def test_slow_socket_is_closed_1013_and_fast_ones_get_everything(
             got[i].append(msg["data"]["i"])
 
     readers = [asyncio.create_task(drain(i, ws)) for i, ws in enumerate(fast)]
-    pad = "x" * 16_384  # large frames fill the kernel buffers quickly
-    sent = 0
-    dropped_before = hub.dropped
-    async with asyncio.timeout(60):
-        while hub.dropped == dropped_before:
-            async with redis.pipeline(transaction=False) as pipe:
-                for _ in range(50):
-                    pipe.publish(
-                        live.keys.market_channel, encode_message("market", {"i": sent, "p": pad})
-                    )
-                    sent += 1
-                await pipe.execute()
-            await asyncio.sleep(0.005)
+    sent = await flood_market_until_a_drop(live, redis, hub)
     async with asyncio.timeout(WAIT_S):
         while min(len(g) for g in got) < sent:  # noqa: ASYNC110 - readers append; no event
             await asyncio.sleep(0.01)

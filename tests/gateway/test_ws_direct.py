@@ -26,6 +26,7 @@ from tests.gateway.test_ws import (
     Live,
     _token,
     closed_with,
+    flood_market_until_a_drop,
     recv,
     request,
     serving,
@@ -210,19 +211,7 @@ async def test_socket_over_its_send_buffer_is_closed_1013_others_get_everything(
             got.append(json.loads(await fast.recv())["data"]["i"])
 
     reader = asyncio.create_task(drain())
-    dropped = hub.dropped
-    pad = "x" * 16_384
-    sent = 0
-    async with asyncio.timeout(60):
-        while hub.dropped == dropped:
-            async with redis.pipeline(transaction=False) as pipe:
-                for _ in range(50):
-                    pipe.publish(
-                        live.keys.market_channel, encode_message("market", {"i": sent, "p": pad})
-                    )
-                    sent += 1
-                await pipe.execute()
-            await asyncio.sleep(0.005)
+    sent = await flood_market_until_a_drop(live, redis, hub)
     await _until(lambda: len(got) >= sent)
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
