@@ -53,7 +53,7 @@ import httpx
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.servers import delete_prefix, free_port
+from bench.servers import drop_scratch, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -97,19 +97,6 @@ async def _create_database(database_url: str, db: str) -> str:
     db_url = _with_database(database_url, db)
     await migrate(db_url)
     return db_url
-
-
-async def _drop(database_url: str, db: str, redis_url: str, prefix: str) -> None:
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    r = aioredis.from_url(redis_url)
-    try:
-        await delete_prefix(r, prefix)
-    finally:
-        await r.aclose()
 
 
 async def _seed(redis_url: str, prefix: str, nodes: int, regions: int, seed: int) -> float:
@@ -581,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             port = int(urlsplit(base).port or 0)
             results = asyncio.run(_drive(port, token, args, server_pid))
     finally:
-        asyncio.run(_drop(args.database_url, db, args.redis_url, prefix))
+        asyncio.run(drop_scratch(args.database_url, db, args.redis_url, prefix))
 
     report = {
         "bench": "marketplace_request",

@@ -56,7 +56,7 @@ import msgspec
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
-from bench.servers import delete_prefix, free_port
+from bench.servers import drop_scratch, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -109,18 +109,6 @@ def gateway(
             await admin.close()
         await migrate(db_url)
 
-    async def drop() -> None:
-        admin = await asyncpg.connect(database_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        finally:
-            await admin.close()
-        r = aioredis.from_url(redis_url)
-        try:
-            await delete_prefix(r, prefix)
-        finally:
-            await r.aclose()
-
     asyncio.run(create())
     port = free_port()
     child_env = {
@@ -162,7 +150,7 @@ def gateway(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        asyncio.run(drop())
+        asyncio.run(drop_scratch(database_url, db, redis_url, prefix))
 
 
 def _with_database(url: str, name: str) -> str:

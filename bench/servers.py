@@ -26,6 +26,24 @@ async def delete_prefix(redis: Any, prefix: str) -> None:
         await redis.unlink(*batch)
 
 
+async def drop_scratch(database_url: str, db: str, redis_url: str, prefix: str) -> None:
+    """Remove a load test's scratch database `db` (on the server of `database_url`) and its
+    Redis key space."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    r = aioredis.from_url(redis_url)
+    try:
+        await delete_prefix(r, prefix)
+    finally:
+        await r.aclose()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
