@@ -54,7 +54,7 @@ import operator
 import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple, get_args
 
@@ -120,6 +120,7 @@ _PARTITION_DAYS_AHEAD = 2
 _BACKOFF_MAX_S = 10.0
 _TRIM_EVERY_S = 10.0
 _GC_EVERY_S = 5.0
+_CHUNK = 250  # events decoded, folded or dropped between two yields to the event loop
 _LAG_COUNT_MAX = 100_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_DAY = date(1970, 1, 1)
@@ -804,7 +805,9 @@ WHERE NOT grouped
 ON CONFLICT""" + _ROLLUP_SQL.split("ON CONFLICT", 1)[1]
 
 
-async def _flush(conn: asyncpg.Connection, fold: _Fold) -> None:
+async def _flush(
+    conn: asyncpg.Connection, fold: _Fold, on_tail: Callable[[], None] | None = None
+) -> None:
     # The foreign keys between these tables are deferred, so the order below does not matter;
     # they are checked at the end (SET CONSTRAINTS ... IMMEDIATE) so that a refusal is raised
     # here, inside the caller's savepoint, rather than at COMMIT. Statements without parameters
@@ -842,6 +845,8 @@ async def _flush(conn: asyncpg.Connection, fold: _Fold) -> None:
             tail.append(_ROLLUP_ROWS_SQL)
         tail += [_METRICS_SQL, "DELETE FROM journal_metrics_staging"]
     tail.append("SET CONSTRAINTS ALL IMMEDIATE")
+    if on_tail is not None:
+        on_tail()
     await conn.execute("; ".join(tail))
 
 
@@ -996,14 +1001,22 @@ ORDER BY p.region, e.seq
 """
 
 
-async def _store(conn: asyncpg.Connection, events: Sequence[StoredEvent]) -> int:
+def _event_record(e: StoredEvent) -> tuple[Any, ...]:
+    return (e[0], e[1], e[2], e[3], _ts(e[4]), e[5])
+
+
+async def _store(
+    conn: asyncpg.Connection,
+    events: Sequence[StoredEvent],
+    records: list[tuple[Any, ...]] | None = None,
+) -> int:
     if not events:
         return 0
     try:
         async with conn.transaction():
             await conn.copy_records_to_table(
                 "events",
-                records=[(e[0], e[1], e[2], e[3], _ts(e[4]), e[5]) for e in events],
+                records=records if records is not None else list(map(_event_record, events)),
                 columns=_EVENT_COLS,
             )
         return len(events)
@@ -1166,9 +1179,9 @@ class Batch:
     """Events deduplicated, ordered and folded ahead of their transaction (`prepare`), so that
     a worker can do this CPU work while the previous batch is being written."""
 
-    __slots__ = ("days", "events", "fold", "memory", "runs")
+    __slots__ = ("days", "events", "fold", "memory", "records", "runs")
 
-    def __init__(self, events: Iterable[StoredEvent]) -> None:
+    def __init__(self, events: Iterable[StoredEvent], *, fold: bool = True) -> None:
         self.memory: dict[tuple[str, int], StoredEvent] = {}
         for e in events:
             self.memory.setdefault((e.region, e.seq), e)
@@ -1183,12 +1196,45 @@ class Batch:
         # Folded on the guess that these events are exactly the runs to apply (the usual case:
         # in-order delivery, nothing waiting); write_batch checks the guess and refolds if not.
         self.fold = _Fold()
-        for e in self.events:
-            self.fold.apply(e)
+        if fold:
+            for e in self.events:
+                self.fold.apply(e)
         self.days = {
             _EPOCH_DAY + timedelta(days=d)
             for d in {e.ts_ms // 86_400_000 for e in self.events if e.type == "heartbeats"}
         }
+        # The events' COPY records, made ahead with the fold by `fold_stepwise`.
+        self.records: list[tuple[Any, ...]] | None = None
+
+    async def fold_stepwise(self) -> None:
+        """Fold the events (`fold=False` above) and make their COPY records, yielding to the
+        event loop every `_CHUNK` events so that the batch being written meanwhile gets its
+        turns promptly."""
+        apply = self.fold.apply
+        records: list[tuple[Any, ...]] = []
+        events = self.events
+        for i in range(0, len(events), _CHUNK):
+            for e in events[i : i + _CHUNK]:
+                apply(e)
+            records += map(_event_record, events[i : i + _CHUNK])
+            await asyncio.sleep(0)
+        self.records = records
+
+    async def discard_stepwise(self) -> None:
+        """Drop the batch's objects a slice at a time (freeing some hundred thousand objects
+        takes milliseconds), for the same reason."""
+        self.memory.clear()
+        self.runs.clear()
+        self.records = None
+        events = self.events
+        while events:
+            del events[-_CHUNK:]
+            await asyncio.sleep(0)
+        metrics = self.fold.metrics
+        while metrics:
+            del metrics[-4 * _CHUNK :]
+            await asyncio.sleep(0)
+        self.fold = _Fold()
 
 
 def prepare(events: Iterable[StoredEvent]) -> Batch:
@@ -1204,6 +1250,7 @@ async def write_batch(
     retry_blocked: bool = False,
     max_apply: int = _MAX_APPLY,
     partitions: set[date] | None = None,
+    on_tail: Callable[[], None] | None = None,
 ) -> BatchResult:
     """Store `events` and apply every region's contiguous run, in ONE transaction.
 
@@ -1211,19 +1258,20 @@ async def write_batch(
     tables once every event has been delivered at least once. `regions` adds regions to apply
     without new events (catch-up); `retry_blocked` retries regions held at a refused event.
     `partitions` caches the days that have a `node_metrics` partition (the catalog is read when
-    it is None); missing ones are created first, in their own transaction.
+    it is None); missing ones are created first, in their own transaction. `on_tail` is called
+    when the batch's last and longest statement (the set-based upserts) goes to Postgres.
     Connection errors propagate (nothing was committed); an event the tables refuse holds its
     region (see the module docstring) and does not raise.
     """
     batch = events if isinstance(events, Batch) else Batch(events)
-    all_regions = sorted({e.region for e in batch.events} | set(regions))
+    all_regions = sorted({*batch.runs, *regions})
     result = BatchResult()
     if not all_regions:
         return result
     if batch.days:
         await ensure_partitions(conn, batch.days, partitions)
     async with conn.transaction():
-        result.stored = await _store(conn, batch.events)
+        result.stored = await _store(conn, batch.events, batch.records)
         runs, waiting, blocked = await _runs(
             conn,
             all_regions,
@@ -1242,7 +1290,7 @@ async def write_batch(
                     fold.apply(stored)
         try:
             async with conn.transaction():
-                await _flush(conn, fold)
+                await _flush(conn, fold, on_tail)
         except asyncpg.PostgresError as e:
             if _pg_transient(e):
                 raise
@@ -1276,6 +1324,9 @@ class _Raw(NamedTuple):
     stream: bytes
     entry_id: bytes
     data: bytes | None  # the `e` field; None when the entry has none or was deleted
+
+
+_Prepared = tuple[list[_Raw], list[tuple[_Raw, str]], Batch]
 
 
 class _Worker:
@@ -1564,15 +1615,36 @@ class _Worker:
                 rejects.append((raw, str(e)))
         return events, rejects
 
-    async def _read_prepared(self) -> tuple[list[_Raw], list[tuple[_Raw, str]], Batch] | None:
+    async def _read_prepared(
+        self, done: _Prepared | None = None, after: asyncio.Event | None = None
+    ) -> _Prepared | None:
+        """Read the next batch and fold it (see `run`), once `after` is set; first drop `done`,
+        a batch written already."""
+        if after is not None:
+            await after.wait()
+        if done is not None:
+            await done[2].discard_stepwise()
+            del done
         raws = await self._with_redis("reading the streams", self._read_batch)
         if not raws:
             return None
-        events, rejects = self._decode(raws)
-        return raws, rejects, Batch(events)
+        events: list[StoredEvent] = []
+        rejects: list[tuple[_Raw, str]] = []
+        for i in range(0, len(raws), _CHUNK):
+            decoded, refused = self._decode(raws[i : i + _CHUNK])
+            events += decoded
+            rejects += refused
+            await asyncio.sleep(0)
+        batch = Batch(events, fold=False)
+        await batch.fold_stepwise()
+        return raws, rejects, batch
 
     async def _commit(
-        self, raws: Sequence[_Raw], rejects: list[tuple[_Raw, str]], batch: Batch
+        self,
+        raws: Sequence[_Raw],
+        rejects: list[tuple[_Raw, str]],
+        batch: Batch,
+        on_tail: Callable[[], None] | None = None,
     ) -> bool:
         events = batch.events
 
@@ -1580,7 +1652,9 @@ class _Worker:
             if rejects:
                 await self._store_rejects(conn, rejects)
             try:
-                return await write_batch(conn, batch, partitions=self.partitions)
+                return await write_batch(
+                    conn, batch, partitions=self.partitions, on_tail=on_tail
+                )
             except asyncpg.PostgresError as e:
                 if _pg_transient(e):
                     raise
@@ -1771,21 +1845,38 @@ class _Worker:
         # instead (`_GC_EVERY_S`, in `_maintain`), which still frees any cycle within seconds.
         gc_enabled = gc.isenabled()
         gc.disable()
+        # The CPU work around a batch's transaction happens while Postgres works on its own:
+        # the next batch is read, decoded and folded (and the one before dropped) in a task of
+        # its own, in slices, during this one's set-based upserts (most of its database time,
+        # and none of this process's); the acknowledgement goes out in the background. At most
+        # one batch is read ahead.
+        done: _Prepared | None = None
+        acks: set[asyncio.Task[None]] = set()
         try:
             while not self.stop.is_set():
                 await self._maintain()
                 if ahead is None:
-                    ahead = asyncio.create_task(self._read_prepared())
+                    ahead = asyncio.create_task(self._read_prepared(done))
+                    done = None
                 got = await ahead
                 ahead = None
                 if got is None:
                     continue
-                # Read and fold the next batch while this one is written: the CPU work of one
-                # overlaps the database work of the other. At most one batch is read ahead.
-                ahead = asyncio.create_task(self._read_prepared())
+                # The next batch is read once this one's longest statement is in Postgres.
+                tail = asyncio.Event()
+                ahead = asyncio.create_task(self._read_prepared(done, tail))
+                done = None
                 raws, rejects, batch = got
-                if await self._commit(raws, rejects, batch):
-                    await self._ack(raws)
+                try:
+                    committed = await self._commit(raws, rejects, batch, tail.set)
+                finally:
+                    tail.set()
+                if committed:
+                    ack = asyncio.create_task(self._ack(raws))
+                    acks.add(ack)
+                    ack.add_done_callback(acks.discard)
+                done = got
+                del got, raws, rejects, batch
         finally:
             if gc_enabled:
                 gc.enable()
@@ -1793,6 +1884,8 @@ class _Worker:
                 ahead.cancel()
                 with contextlib.suppress(BaseException):
                     await ahead
+            if acks:
+                await asyncio.gather(*acks, return_exceptions=True)
             await asyncio.shield(self._close())
 
     async def _close(self) -> None:
