@@ -49,7 +49,6 @@ import bisect
 import contextlib
 import gc
 import logging
-import math
 import operator
 import socket
 import sys
@@ -168,18 +167,28 @@ def _ts(ms: int) -> datetime:
     return _EPOCH + timedelta(0, 0, 0, ms)
 
 
-_SCALE = {2: 100, 3: 1000, 6: 1_000_000}
-_LIMITS = {2: 99_999, 3: 9_999_999_999, 6: 999_999_999}  # numeric(5,2), (10,3), (9,6) in units
+def _units_of(places: int, limit: int) -> Callable[[float | None], int | None]:
+    """A function taking a float to integer units of a column's last decimal place (`places`;
+    half-even, clamped to +-`limit`, the column's range), None for None, NaN or infinity. The
+    journal rounds here, once, so that the stored value and every sum of it (rollups) are exact
+    and do not depend on how events were batched."""
+    scale = 10**places
+
+    def units(x: float | None) -> int | None:
+        if x is None:
+            return None
+        try:
+            v = round(x * scale)
+        except (OverflowError, ValueError):  # infinity, NaN
+            return None
+        return v if -limit <= v <= limit else (limit if v > 0 else -limit)
+
+    return units
 
 
-def _units(x: float | None, places: int) -> int | None:
-    """A float in integer units of the column's last decimal place (half-even, clamped to the
-    column's range). The journal rounds here, once, so that the stored value and every sum of
-    it (rollups) are exact and do not depend on how events were batched."""
-    if x is None or not math.isfinite(x):
-        return None
-    limit = _LIMITS[places]
-    return max(-limit, min(limit, round(x * _SCALE[places])))
+_u2 = _units_of(2, 99_999)  # numeric(5, 2)
+_u3 = _units_of(3, 9_999_999_999)  # numeric(10, 3)
+_u6 = _units_of(6, 999_999_999)  # numeric(9, 6)
 
 
 def _int4(x: int | None) -> int | None:
@@ -192,7 +201,7 @@ def _int4(x: int | None) -> int | None:
 # The fold: ordered events -> row changes (pure; no I/O)
 
 # Row values travel to Postgres as integers where the column is not: a fixed-point numeric as
-# integer units of its last decimal place (`u2`, `u3`, `u6`; see `_units`), a time as
+# integer units of its last decimal place (`u2`, `u3`, `u6`; see `_units_of`), a time as
 # milliseconds since the epoch (`ms`, as events carry it). SQL turns them into the column's type
 # exactly (an integer times 0.01 is a numeric of scale 2; the interval product is exact to
 # microseconds). asyncpg encodes an integer in nanoseconds, a float as a numeric or a datetime
@@ -384,8 +393,8 @@ class _Fold:
                     "name": n.name,
                     "owner_id": n.owner_id,
                     "region": n.region,
-                    "latitude": _units(n.lat, 6),
-                    "longitude": _units(n.lng, 6),
+                    "latitude": _u6(n.lat),
+                    "longitude": _u6(n.lng),
                     "total_ram_gb": n.total_ram_gb,
                     "total_vram_gb": n.total_vram_gb,
                     "offered_ram_gb": n.offered_ram_gb,
@@ -393,8 +402,8 @@ class _Fold:
                     "reserved_ram_gb": n.reserved_ram_gb,
                     "reserved_vram_gb": n.reserved_vram_gb,
                     "bandwidth_mbps": n.bandwidth_mbps,
-                    "base_latency_ms": _units(n.base_latency_ms, 3),
-                    "uptime_score": _units(n.uptime_score, 2),
+                    "base_latency_ms": _u3(n.base_latency_ms),
+                    "uptime_score": _u2(n.uptime_score),
                     "reputation_score": n.reputation_score,
                     "price_pusd": n.price_pusd,
                     "egress_price_pusd": n.egress_price_pusd,
@@ -440,10 +449,10 @@ class _Fold:
                     "vram_gb": b.vram_gb,
                     "duration_sec": b.duration_s,
                     "max_price_pusd": b.max_price_pusd,
-                    "latitude": _units(b.lat, 6),
-                    "longitude": _units(b.lng, 6),
+                    "latitude": _u6(b.lat),
+                    "longitude": _u6(b.lng),
                     "max_distance_km": b.max_distance_km,
-                    "min_uptime_score": _units(b.min_uptime_score, 2),
+                    "min_uptime_score": _u2(b.min_uptime_score),
                     "prefer_local": b.prefer_local,
                     "node_type": b.node_type,
                     "allow_split": b.allow_split,
@@ -581,7 +590,7 @@ class _Fold:
                 "updated_at": at,
             }
             bandwidth = _int4(b.bandwidth_mbps)
-            lat, lng = _units(b.lat, 6), _units(b.lng, 6)
+            lat, lng = _u6(b.lat), _u6(b.lng)
             if bandwidth is not None:
                 change["bandwidth_mbps"] = bandwidth
             if lat is not None:
@@ -610,8 +619,8 @@ class _Fold:
                     b.offered_vram_gb,
                     b.available_ram_gb,
                     b.available_vram_gb,
-                    _units(b.cpu_usage_pct, 2),
-                    _units(b.gpu_usage_pct, 2),
+                    _u2(b.cpu_usage_pct),
+                    _u2(b.gpu_usage_pct),
                     _int4(b.temperature_c),
                     bandwidth,
                     lat,
@@ -1652,9 +1661,7 @@ class _Worker:
             if rejects:
                 await self._store_rejects(conn, rejects)
             try:
-                return await write_batch(
-                    conn, batch, partitions=self.partitions, on_tail=on_tail
-                )
+                return await write_batch(conn, batch, partitions=self.partitions, on_tail=on_tail)
             except asyncpg.PostgresError as e:
                 if _pg_transient(e):
                     raise
