@@ -4,7 +4,7 @@ Rules (DESIGN.md, "State and the atomic core"):
 
 - **At least once in, exactly once applied.** Workers read every region's stream with one consumer
   group (`journal`; several workers may share it). Each batch is ONE Postgres transaction that
-  stores the events in `events` (`ON CONFLICT (event_id) DO NOTHING`) and applies them to the
+  stores the events in `events` (`ON CONFLICT (region, seq) DO NOTHING`) and applies them to the
   tables; it commits, and only then are the entries acknowledged (`XACK`). A crash anywhere before
   the commit leaves the entries pending, to be read again by the restarted worker (its own pending
   list) or claimed by another (`XAUTOCLAIM` after `claim_idle_s`).
@@ -769,7 +769,7 @@ SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', min
 FROM journal_metrics_staging
 WHERE grouped
 GROUP BY node_id, minute_ms
-ON CONFLICT (node_id, minute) DO UPDATE SET
+ON CONFLICT (minute, node_id) DO UPDATE SET
     samples = t.samples + EXCLUDED.samples,
     sum_offered_ram_gb = t.sum_offered_ram_gb + EXCLUDED.sum_offered_ram_gb,
     sum_offered_vram_gb = t.sum_offered_vram_gb + EXCLUDED.sum_offered_vram_gb,
