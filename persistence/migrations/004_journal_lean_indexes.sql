@@ -3,8 +3,8 @@
 -- Every index on these tables is paid for by the journal on every row it writes (and, on an
 -- update that changes an indexed column or finds no room on its page, by a new entry in every
 -- index). What each change below keeps, and what it costs the readers, is said with it.
--- Rebuilding the primary keys of `events` and `node_metrics_1m` reads those tables once: the
--- journal waits for this migration like for any other.
+-- Rebuilding the keys of `events` and `node_metrics_1m` reads each table once, under a lock
+-- that a journal running meanwhile waits on.
 
 -- ---------------------------------------------------------------------------------------------
 -- events: keyed by (region, seq), the key the journal and every reader use. `event_id` was a
