@@ -12,7 +12,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from persistence.journal import decode_entry, refresh_clusters, write_batch
 from persistence.migrations import MIGRATIONS_DIR, MigrationError, load, migrate, pending
+from tests.conftest import _SEED
+from tests.persistence.conftest import digest
+from tests.persistence.history import History, seed_accounts
 
 
 @pytest.fixture
@@ -116,6 +120,38 @@ async def test_badly_named_file_is_refused(tmp_path: Path) -> None:
     (directory / "001_b.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match="version 1"):
         load(directory)
+
+
+async def test_lean_indexes_keep_a_journaled_history(empty_db: str, tmp_path: Path) -> None:
+    """004 re-keys `events` and `node_metrics_1m` of a database the journal has written: every
+    row stays as it was, and the journal carries on over it (redeliveries included)."""
+    before_004 = tmp_path / "m"
+    before_004.mkdir()
+    for m in load():
+        if m.version < 4:
+            shutil.copy(m.path, before_004)
+    await migrate(empty_db, directory=before_004)
+    h = History.generate(_SEED, 600)
+    events = [decode_entry(p) for _, p in h.encoded()]
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await seed_accounts(conn, h)
+        await write_batch(conn, events[:400])
+        await refresh_clusters(conn, h.regions)
+        journaled = await digest(conn)
+        assert await migrate(empty_db) == [m.name for m in load() if m.version >= 4]
+        assert await digest(conn) == journaled
+        assert (
+            await conn.fetchval(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'events_pkey'"
+            )
+            == "PRIMARY KEY (region, seq)"
+        )
+        again = await write_batch(conn, events[300:])
+        assert (again.stored, again.applied) == (len(events) - 400, len(events) - 400)
+        assert await conn.fetchval("SELECT count(DISTINCT event_id) FROM events") == len(events)
+    finally:
+        await conn.close()
 
 
 # --- the accounts schema (001) -----------------------------------------------------------------

@@ -7,6 +7,7 @@ import random
 
 import asyncpg
 import msgspec
+import pytest
 
 from engine.types import ContractCreated, HeartbeatEntry, HeartbeatsApplied, NodeRegistered
 from persistence.journal import decode_entry, refresh_clusters, write_batch
@@ -231,3 +232,72 @@ async def test_heartbeat_values_land_exactly(conn: asyncpg.Connection) -> None:
         node_id,
     )
     assert tuple(row) == ("41.500000", "-73.250000", minute_ms + 60_000)
+
+
+async def test_a_minute_written_over_several_batches_rolls_up_as_one(
+    conn: asyncpg.Connection,
+) -> None:
+    """Heartbeats of one node and minute arriving in separate batches add up in one rollup row,
+    exactly as when they arrive together."""
+    h = History.generate(_SEED + 8, 40, regions=("r",))
+    await seed_accounts(conn, h)
+    registered = next(e for e in h.events if isinstance(e, NodeRegistered))
+    registered = msgspec.structs.replace(registered, event_id="r:1")
+    node_id = registered.node.node_id
+    minute_ms = 1_760_000_040_000
+    beats = []
+    for seq, (offset_ms, avail, cpu) in enumerate(
+        [(1_000, 6, 10.0), (20_000, 2, None), (59_999, 7, 30.5)], 2
+    ):
+        entry = HeartbeatEntry(
+            node_id=node_id,
+            offered_ram_gb=8,
+            offered_vram_gb=0,
+            available_ram_gb=avail,
+            available_vram_gb=0,
+            cpu_usage_pct=cpu,
+        )
+        beats.append(
+            HeartbeatsApplied(
+                event_id=f"r:{seq}", region="r", ts_ms=minute_ms + offset_ms, entries=[entry]
+            )
+        )
+    stored = [decode_entry(msgspec.json.encode(e)) for e in [registered, *beats]]
+    rollup_sql = "SELECT * FROM node_metrics_1m ORDER BY minute, node_id"
+    await write_batch(conn, stored)
+    rows = await conn.fetch(rollup_sql)
+    assert [(r["samples"], r["min_available_ram_gb"], r["max_available_ram_gb"]) for r in rows] == [
+        (3, 2, 7)
+    ]
+    together = [tuple(r) for r in rows]
+    await reset_journal(conn)
+    for event in stored:
+        await write_batch(conn, [event])
+    assert [tuple(r) for r in await conn.fetch(rollup_sql)] == together
+
+
+async def test_an_event_id_that_does_not_spell_its_region_and_seq_is_refused(
+    conn: asyncpg.Connection,
+) -> None:
+    """`events` is keyed by (region, seq) and holds event_id to exactly `<region>:<seq>`, so
+    event ids stay unique: an id written any other way (a zero-padded seq) is refused, nothing
+    of its batch is stored, and a row cannot take another row's id."""
+    h = History.generate(_SEED + 9, 20, regions=("r",))
+    await seed_accounts(conn, h)
+    events = [decode_entry(p) for _, p in h.encoded()]
+    padded = msgspec.structs.replace(h.events[-1], event_id=f"r:0{events[-1].seq}")
+    odd = decode_entry(msgspec.json.encode(padded))
+    assert (odd.region, odd.seq) == (events[-1].region, events[-1].seq)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await write_batch(conn, [*events[:-1], odd])
+    assert await conn.fetchval("SELECT count(*) FROM events") == 0
+    await write_batch(conn, events)
+    assert await conn.fetchval("SELECT count(DISTINCT event_id) FROM events") == len(events)
+    insert = (
+        "INSERT INTO events (event_id, region, seq, type, ts, payload) "
+        "VALUES ($1, $2, $3, 'x', now(), '{}')"
+    )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(insert, "r:1", "r", 10_000)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(insert, "r:1", "r", 1)

@@ -316,6 +316,33 @@ async def test_entries_lost_from_the_stream_are_skipped_and_counted(
     assert await conn.fetchval("SELECT count(*) FROM nodes") > 0
 
 
+async def test_an_entry_the_events_table_refuses_is_kept_aside(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, db_url: str, conn: asyncpg.Connection
+) -> None:
+    """An entry `events` refuses (its id does not spell its region and seq) lands in
+    journal_rejects with the reason and is acknowledged; every other event of its batch is
+    stored and applied."""
+    h = History.generate(_SEED + 4, 120, regions=("solo",))
+    await seed_accounts(conn, h)
+    last = h.events[-1]
+    seq = int(last.event_id.rsplit(":", 1)[1])
+    padded = msgspec.structs.replace(last, event_id=f"solo:0{seq}")
+    encoded = [*h.encoded()[:-1], ("solo", msgspec.json.encode(padded))]
+    await xadd_all(redis, keys, encoded)
+    async with _worker_task(_settings(redis_url, db_url, keys), consumer="w", batch_size=500):
+
+        async def applied() -> bool:
+            row = await conn.fetchrow("SELECT * FROM journal_positions WHERE region = 'solo'")
+            return row is not None and row["applied_seq"] == seq - 1
+
+        await _eventually(applied, 30, "every other event applied")
+        await _eventually(lambda: _no_lag(redis, keys), 30, "every entry acknowledged")
+    assert await conn.fetchval("SELECT count(*) FROM events") == seq - 1
+    rejects = await conn.fetch("SELECT raw, problem FROM journal_rejects")
+    assert [r["raw"] for r in rejects] == [encoded[-1][1]]
+    assert "CheckViolationError" in rejects[0]["problem"]
+
+
 async def test_lag_counts_pending_and_undelivered(redis: aioredis.Redis, keys: Keys) -> None:
     """journal_lag reports entries read but not acknowledged, entries not yet read, and the age
     of the oldest unacknowledged event."""
