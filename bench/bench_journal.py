@@ -51,7 +51,7 @@ import redis.asyncio as aioredis
 from bench.servers import delete_prefix
 from engine.keys import Keys
 from engine.settings import Settings
-from persistence.journal import ensure_partitions, run_journal
+from persistence.journal import BATCH_SIZE, ensure_partitions, run_journal
 from persistence.migrations import migrate
 from tests.persistence.history import History, seed_accounts, xadd_all
 
@@ -280,7 +280,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=5000, help="journal batch size")
+    parser.add_argument("--batch", type=int, default=BATCH_SIZE, help="journal batch size")
     parser.add_argument("--entries", type=int, default=4, help="max entries per heartbeat event")
     parser.add_argument(
         "--heartbeat-weight", type=int, default=6, help="weight of heartbeat events in the mix"
