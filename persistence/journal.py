@@ -706,9 +706,13 @@ _BIDS = _Upsert("bids", _BID_COLS)
 _CONTRACTS = _Upsert("contracts", _CONTRACT_COLS)
 
 
-async def _patch(
-    conn: asyncpg.Connection, table: str, types: dict[str, str], patches: dict[str, _Row]
-) -> None:
+_Statement = tuple[str, list[list[Any]]]  # SQL and its arguments
+
+
+def _patch(table: str, types: dict[str, str], patches: dict[str, _Row]) -> list[_Statement]:
+    """The UPDATEs applying partial rows: one per table and set of columns (a shape), its
+    values in arrays that `unnest` turns into rows."""
+    out: list[_Statement] = []
     shapes: dict[tuple[str, ...], list[tuple[str, _Row]]] = {}
     for key, patch in patches.items():
         shapes.setdefault(tuple(sorted(patch)), []).append((key, patch))
@@ -739,7 +743,18 @@ async def _patch(
                 args.append([",".join(p[col]) for _, p in items])
             else:
                 args.append([p[col] for _, p in items])
-        await conn.execute(sql, *args)
+        out.append((sql, args))
+    return out
+
+
+def _patches(fold: _Fold) -> list[_Statement]:
+    """Every UPDATE of partial rows a fold needs (the clients' spend included)."""
+    out = _patch("nodes", _NODE_COLS, fold.node_patches)
+    out += _patch("bids", _BID_COLS, fold.bid_patches)
+    out += _patch("contracts", _CONTRACT_COLS, fold.contract_patches)
+    if fold.spend:
+        out.append((_SPEND_SQL, [list(fold.spend), list(fold.spend.values())]))
+    return out
 
 
 _SPEND_SQL = """
@@ -831,6 +846,7 @@ async def _flush(
     fold: _Fold,
     on_tail: Callable[[], None] | None = None,
     staged: dict[str, list[tuple[Any, ...]]] | None = None,
+    patches: list[_Statement] | None = None,
 ) -> None:
     # The foreign keys between these tables are deferred, so the order below does not matter;
     # they are checked at the end (SET CONSTRAINTS ... IMMEDIATE) so that a refusal is raised
@@ -845,11 +861,8 @@ async def _flush(
     await conn.execute("; ".join(head))
     for upsert, rows in upserts:
         await upsert.stage(conn, staged[upsert.staging] if staged else upsert.records(rows))
-    await _patch(conn, "nodes", _NODE_COLS, fold.node_patches)
-    await _patch(conn, "bids", _BID_COLS, fold.bid_patches)
-    await _patch(conn, "contracts", _CONTRACT_COLS, fold.contract_patches)
-    if fold.spend:
-        await conn.execute(_SPEND_SQL, list(fold.spend), list(fold.spend.values()))
+    for sql, args in patches if patches is not None else _patches(fold):
+        await conn.execute(sql, *args)
     tail = [u.apply_sql for u, _ in upserts]
     if fold.metrics:
         repeats = fold.repeats
@@ -1205,7 +1218,7 @@ class Batch:
     """Events deduplicated, ordered and folded ahead of their transaction (`prepare`), so that
     a worker can do this CPU work while the previous batch is being written."""
 
-    __slots__ = ("days", "events", "fold", "memory", "records", "runs", "staged")
+    __slots__ = ("days", "events", "fold", "memory", "patches", "records", "runs", "staged")
 
     def __init__(self, events: Iterable[StoredEvent], *, fold: bool = True) -> None:
         self.memory: dict[tuple[str, int], StoredEvent] = {}
@@ -1233,6 +1246,7 @@ class Batch:
         # ahead with the fold by `fold_stepwise`.
         self.records: list[tuple[Any, ...]] | None = None
         self.staged: dict[str, list[tuple[Any, ...]]] | None = None
+        self.patches: list[_Statement] | None = None
 
     async def fold_stepwise(self) -> None:
         """Fold the events (`fold=False` above) and make their COPY records, yielding to the
@@ -1252,13 +1266,14 @@ class Batch:
             staged[upsert.staging] = upsert.records(rows)
             await asyncio.sleep(0)
         self.staged = staged
+        self.patches = _patches(self.fold)
 
     async def discard_stepwise(self) -> None:
         """Drop the batch's objects a slice at a time (freeing some hundred thousand objects
         takes milliseconds), for the same reason."""
         self.memory.clear()
         self.runs.clear()
-        self.records = self.staged = None
+        self.records = self.staged = self.patches = None
         events = self.events
         while events:
             del events[-_CHUNK:]
@@ -1323,7 +1338,10 @@ async def write_batch(
                     fold.apply(stored)
         try:
             async with conn.transaction():
-                await _flush(conn, fold, on_tail, batch.staged if fold is batch.fold else None)
+                if fold is batch.fold:
+                    await _flush(conn, fold, on_tail, batch.staged, batch.patches)
+                else:
+                    await _flush(conn, fold, on_tail)
         except asyncpg.PostgresError as e:
             if _pg_transient(e):
                 raise
@@ -1507,8 +1525,20 @@ class _Worker:
     def _raws(reply: Any) -> list[_Raw]:
         out = []
         for stream, entries in _streams(reply):
-            for entry_id, fields in entries:
-                out.append(_Raw(stream, entry_id, _e_field(fields)))
+            # The engine writes one field, `e` (the usual case, without a function call).
+            out += [
+                _new_tuple(
+                    _Raw,
+                    (
+                        stream,
+                        entry_id,
+                        fields[1]
+                        if type(fields) is list and len(fields) == 2 and fields[0] == b"e"
+                        else _e_field(fields),
+                    ),
+                )
+                for entry_id, fields in entries
+            ]
         return out
 
     async def _read_own_pending(self) -> list[_Raw]:
