@@ -95,8 +95,31 @@ async def _redis_cpu_s(redis: aioredis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def _shard_main(
+    settings: Settings, shard: tuple[int, int], batch: int, ready: Any, go: Any, stop: Any
+) -> None:
+    """One of `--workers` journal processes: journals its shard of the regions from `go` until
+    `stop` (multiprocessing events)."""
+
+    async def run() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # The multiprocessing event is waited for in a thread, which then sets the loop's.
+        watcher = loop.run_in_executor(
+            None, lambda: (stop.wait(), loop.call_soon_threadsafe(stopped.set))
+        )
+        await run_journal(
+            settings, consumer=f"bench-{shard[0]}", stop=stopped, batch_size=batch, shard=shard
+        )
+        await watcher
+
+    ready.wait()
+    go.wait()
+    asyncio.run(run())
+
+
 async def _round(
-    redis_url: str, admin_url: str, h: History, encoded: list, batch: int
+    redis_url: str, admin_url: str, h: History, encoded: list, batch: int, workers: int
 ) -> tuple[float, int, float, float, float]:
     name = f"mnemo_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(admin_url)
@@ -115,30 +138,64 @@ async def _round(
             last[e.region] = max(last.get(e.region, 0), int(e.event_id.rsplit(":", 1)[1]))
         settings = Settings(redis_url=redis_url, database_url=db_url, key_prefix=keys.prefix)
         stop = asyncio.Event()
+        # --workers N > 1: N processes, worker k journaling shard k/N of the regions (as
+        # `mnemo journal --shard k/N` does), started and imported before the clock starts.
+        ctx = multiprocessing.get_context("spawn")
+        ready, go, stop_all = ctx.Barrier(workers + 1), ctx.Event(), ctx.Event()
+        procs = [
+            ctx.Process(
+                target=_shard_main,
+                args=(settings, (k, workers), batch, ready, go, stop_all),
+                daemon=True,
+            )
+            for k in range(workers if workers > 1 else 0)
+        ]
+        for proc in procs:
+            proc.start()
+        if procs:
+            await asyncio.to_thread(ready.wait)
         started = time.perf_counter()
-        cpu_started = time.process_time()
+        cpu_started = time.process_time() if not procs else sum(_cpu_s(p.pid) for p in procs)
         redis_started = await _redis_cpu_s(redis)
-        worker = asyncio.create_task(
-            run_journal(settings, consumer="bench", stop=stop, batch_size=batch)
+        go.set()
+        worker = (
+            None
+            if procs
+            else asyncio.create_task(
+                run_journal(settings, consumer="bench", stop=stop, batch_size=batch)
+            )
         )
-        backend = None
+        backends: set[int] = set()  # the workers' Postgres connections
         while True:
-            if backend is None:
-                backend = await conn.fetchval(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'mnemo-journal:bench'"
+            if len(backends) < max(1, workers):
+                backends.update(
+                    pid
+                    for (pid,) in await conn.fetch(
+                        "SELECT pid FROM pg_stat_activity "
+                        "WHERE application_name LIKE 'mnemo-journal:bench%'"
+                    )
                 )
             rows = await conn.fetch("SELECT region, applied_seq FROM journal_positions")
             if {r["region"]: r["applied_seq"] for r in rows} == last:
                 break
-            if worker.done():
+            if worker is not None and worker.done():
                 worker.result()
+            if any(not p.is_alive() for p in procs):
+                raise RuntimeError("a journal worker process died")
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started
-        own_cpu = time.process_time() - cpu_started
-        backend_cpu = _cpu_s(backend)
+        if procs:
+            own_cpu = sum(_cpu_s(p.pid) for p in procs) - cpu_started
+        else:
+            own_cpu = time.process_time() - cpu_started
+        backend_cpu = sum(_cpu_s(pid) for pid in backends)
         redis_cpu = await _redis_cpu_s(redis) - redis_started
         stop.set()
-        await worker
+        stop_all.set()
+        if worker is not None:
+            await worker
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 30)
         metrics = await conn.fetchval("SELECT count(*) FROM node_metrics")
         await conn.close()
         return elapsed, metrics, own_cpu, backend_cpu, redis_cpu
@@ -287,6 +344,12 @@ async def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="journal processes, each taking its shard of the regions (mnemo journal --shard)",
+    )
+    parser.add_argument(
         "--rate",
         type=float,
         default=0.0,
@@ -328,7 +391,7 @@ async def main() -> None:
     rates, own, backend, server = [], [], [], []
     for i in range(args.rounds):
         elapsed, metrics, own_cpu, backend_cpu, redis_cpu = await _round(
-            redis_url, admin_url, h, encoded, args.batch
+            redis_url, admin_url, h, encoded, args.batch, args.workers
         )
         rates.append(n / elapsed)
         own.append(own_cpu / n * 1e6)

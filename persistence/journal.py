@@ -100,6 +100,7 @@ __all__ = [
     "print_status",
     "refresh_clusters",
     "run_journal",
+    "shard_regions",
     "status",
     "write_batch",
 ]
@@ -1365,10 +1366,11 @@ async def write_batch(
 # The worker
 
 
-def _default_consumer() -> str:
+def _default_consumer(shard: tuple[int, int] | None) -> str:
     # Stable across restarts on one host: a restarted worker first re-reads its own pending
     # entries instead of waiting `claim_idle_s` for them to be claimed.
-    return f"journal-{socket.gethostname()}"
+    host = f"journal-{socket.gethostname()}"
+    return host if shard is None else f"{host}-{shard[0]}of{shard[1]}"
 
 
 class _Raw(NamedTuple):
@@ -1392,6 +1394,7 @@ class _Worker:
         claim_idle_s: float,
         idle_block_s: float,
         stream_keep_s: float,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if not settings.redis_url or not settings.database_url:
             raise ConfigError(
@@ -1400,6 +1403,7 @@ class _Worker:
             )
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        self.shard = shard
         self.consumer = consumer
         self.stop = stop
         self.batch_size = batch_size
@@ -1501,13 +1505,16 @@ class _Worker:
 
     async def _refresh_regions(self) -> None:
         members = await self.redis.smembers(self.keys.regions)
-        regions = sorted(_text(m) or "" for m in members) + list(self.settings.regions)
-        new = []
-        for region in regions:
-            key = self.keys.events(region).encode()
-            if key not in self.streams:
-                self.streams[key] = region
-                new.append(key)
+        regions = [_text(m) or "" for m in members] + list(self.settings.regions)
+        mine = {self.keys.events(r).encode(): r for r in shard_regions(regions, self.shard)}
+        for key in [k for k in self.streams if k not in mine]:
+            # Dealt to another shard (the regions changed): its entries this worker holds are
+            # written and acknowledged as usual; any left pending are claimed by the new owner.
+            del self.streams[key]
+            self.pel_cursor.pop(key, None)
+            self.claim_cursor.pop(key, None)
+        new = [key for key in mine if key not in self.streams]
+        self.streams.update(mine)
         if new:
             await self._create_groups(new)
 
@@ -1957,6 +1964,21 @@ class _Worker:
             await self.redis.aclose()
 
 
+def shard_regions(regions: Iterable[str], shard: tuple[int, int] | None) -> list[str]:
+    """The regions journal worker k of n (`shard`; None: a worker that takes every region)
+    reads: every region's name, sorted, dealt out in turn, so n workers each get a share and
+    together all of them. A region is applied by one worker at a time anyway (its position row
+    is locked), so workers that share regions add throughput only across them; sharded, each
+    worker process decodes and folds its own regions' events on a core of its own. Every shard
+    computes the same deal from the same set of regions; while the set changes, a region may
+    briefly be read by two workers, which changes nothing but speed."""
+    ordered = sorted(set(regions))
+    if shard is None:
+        return ordered
+    k, n = shard
+    return ordered[k::n]
+
+
 def _as_is(response: Any, **options: Any) -> Any:
     return response
 
@@ -2006,6 +2028,7 @@ async def run_journal(
     claim_idle_s: float = 30.0,
     idle_block_s: float = 0.25,
     stream_keep_s: float = 600.0,
+    shard: tuple[int, int] | None = None,
 ) -> None:
     """Journal every region's event stream into Postgres until `stop` is set.
 
@@ -2013,17 +2036,21 @@ async def run_journal(
     across restarts so a restarted worker re-reads its own pending entries first). Entries another
     worker left pending for `claim_idle_s` are claimed. A batch is flushed at `batch_size` entries
     or `flush_interval_s` after its first entry, whichever comes first. Journaled entries older
-    than `stream_keep_s` are trimmed from the streams (never one still pending).
+    than `stream_keep_s` are trimmed from the streams (never one still pending). With `shard`
+    (k, n), only the regions `shard_regions` deals to worker k of n are journaled.
     """
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ConfigError("shard", f"shard {shard[0]}/{shard[1]}: want k/n with 0 <= k < n")
     worker = _Worker(
         settings,
-        consumer=consumer or _default_consumer(),
+        consumer=consumer or _default_consumer(shard),
         stop=stop or asyncio.Event(),
         batch_size=batch_size,
         flush_interval_s=flush_interval_s,
         claim_idle_s=claim_idle_s,
         idle_block_s=idle_block_s,
         stream_keep_s=stream_keep_s,
+        shard=shard,
     )
     await worker.run()
 

@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
 
     jr = sub.add_parser("journal", help="journal Redis event streams into Postgres")
     jr.add_argument("--consumer", default=None, help="consumer name in the group")
+    jr.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="K/N",
+        help="journal only the regions dealt to worker K of N (run N of them, K = 0..N-1)",
+    )
     jr.set_defaults(func=_cmd_journal)
 
     sub.add_parser("journal-status", help="show the journal's lag").set_defaults(
@@ -159,6 +166,17 @@ def _positive_int(raw: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _shard(raw: str) -> tuple[int, int]:
+    k, sep, n = raw.partition("/")
+    try:
+        shard = (int(k), int(n))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {raw!r}")
+    return shard
 
 
 def _region_list(raw: str) -> tuple[str, ...]:
@@ -248,7 +266,9 @@ def _cmd_journal(args: argparse.Namespace) -> int:
     _check_redis(settings)
     _check_database(settings)
     run_journal = _entry_point("persistence.journal", "run_journal")
-    _run_until_signal(lambda stop: run_journal(settings, consumer=args.consumer, stop=stop))
+    _run_until_signal(
+        lambda stop: run_journal(settings, consumer=args.consumer, stop=stop, shard=args.shard)
+    )
     return 0
 
 

@@ -114,6 +114,16 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "valkey").exists()
 
 
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "0/0"])
+def test_journal_shard_out_of_range_is_one_line(tmp_path: Path, shard: str) -> None:
+    """`mnemo journal --shard K/N` wants 0 <= K < N, said in one line before anything starts."""
+    done = _mnemo(tmp_path, "journal", "--shard", shard)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"mnemo journal: error: argument --shard: expected K/N with 0 <= K < N, got '{shard}'"
+    )
+
+
 def test_single_process_needs_urls(tmp_path: Path) -> None:
     """`mnemo engine` alone, without URLs, says which variable is missing."""
     done = _mnemo(tmp_path, "engine")

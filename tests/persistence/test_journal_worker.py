@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.keys import Keys
-from engine.settings import Settings
+from engine.settings import ConfigError, Settings
 from engine.types import BidCancelled
 from persistence.journal import (
     GROUP,
@@ -28,6 +28,7 @@ from persistence.journal import (
     print_status,
     refresh_clusters,
     run_journal,
+    shard_regions,
     write_batch,
 )
 from tests.conftest import _SEED
@@ -450,3 +451,51 @@ async def test_several_workers_share_the_streams(
         await _eventually(lambda: _all_applied(conn, h), 120, "every event applied")
         await _eventually(lambda: _no_lag(redis, keys), 30, "every entry acknowledged")
     assert await _settled_digest(conn, h) == expected
+
+
+def test_shards_deal_every_region_to_exactly_one_worker() -> None:
+    regions = ["us-east-2", "eu-west-1", "ap-south-1", "us-west-2", "eu-west-1"]
+    for n in (1, 2, 3, 5, 7):
+        dealt = [shard_regions(regions, (k, n)) for k in range(n)]
+        flat = [r for share in dealt for r in share]
+        assert sorted(flat) == sorted(set(regions))  # each region once, none missing
+        assert max(map(len, dealt)) - min(map(len, dealt)) <= 1  # shares differ by one at most
+    assert shard_regions(regions, None) == sorted(set(regions))
+    # Every worker computes the same deal whatever order the regions come in.
+    assert shard_regions(reversed(regions), (1, 3)) == shard_regions(regions, (1, 3))
+
+
+async def test_sharded_workers_each_read_only_their_regions(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, db_url: str, conn: asyncpg.Connection
+) -> None:
+    """Two workers, shards 0/2 and 1/2 (`mnemo journal --shard`): each reads only the streams
+    of the regions dealt to it, and together they journal everything, as one clean pass."""
+    regions = ("s-a", "s-b", "s-c")
+    h = History.generate(_SEED + 11, 1200, regions=regions)
+    await seed_accounts(conn, h)
+    expected = await _reference(conn, h)
+    settings = _settings(redis_url, db_url, keys)
+    async with contextlib.AsyncExitStack() as stack:
+        for k in range(2):
+            await stack.enter_async_context(
+                _worker_task(settings, consumer=f"shard{k}", batch_size=50, shard=(k, 2))
+            )
+        await xadd_all(redis, keys, h.encoded())
+        await _eventually(lambda: _all_applied(conn, h), 120, "every event applied")
+        await _eventually(lambda: _no_lag(redis, keys), 30, "every entry acknowledged")
+    assert await _settled_digest(conn, h) == expected
+    for k in range(2):
+        for region in regions:
+            consumers = {
+                c["name"].decode(): c
+                for c in await redis.xinfo_consumers(keys.events(region), GROUP)
+            }
+            reads = f"shard{k}" in consumers
+            assert reads == (region in shard_regions(regions, (k, 2))), (k, region, consumers)
+
+
+async def test_a_shard_outside_its_count_is_refused(
+    redis_url: str, db_url: str, keys: Keys
+) -> None:
+    with pytest.raises(ConfigError, match="shard 2/2"):
+        await run_journal(_settings(redis_url, db_url, keys), shard=(2, 2))
