@@ -12,9 +12,12 @@ the wall clock says little; the CPU figures say what the rate is on idle cores: 
 overlaps its own work with the database's, so about 1e6 / max(worker, backend) events/s with
 two free cores, or 1e6 / (worker + backend + redis) on one.
 
-    .venv/bin/python -m bench.bench_journal --events 60000 --rounds 5
-    .venv/bin/python -m bench.bench_journal --events 60000 --rounds 5 --heartbeat-weight 40 --entries 1
+    .venv/bin/python -m bench.bench_journal --events 200000 --rounds 5 --workers 2
+    .venv/bin/python -m bench.bench_journal --events 200000 --rounds 5 --heartbeat-weight 40 --entries 1
     .venv/bin/python -m bench.bench_journal --events 60000 --rate 20000 --duration 15   # lag
+
+With `--workers N` (N > 1), N journal processes run instead, worker k journaling shard k/N of the
+regions as `mnemo journal --shard k/N` does; their CPU is summed, and so is their backends'.
 
 With `--rate`, a producer process (the engine's part: XADD from a process of its own) sends the
 history at that rate, over and over with shifted sequence numbers, while one worker journals it

@@ -31,15 +31,17 @@ Rules (DESIGN.md, "State and the atomic core"):
   has been committed.
 
 Throughput: events are decoded once (msgspec) and folded in memory per row (a node's ten
-heartbeats in a batch are one UPDATE), while the previous batch is being written (one batch is
-read ahead). In the transaction, the events reach `events` by one binary COPY straight into the
+heartbeats in a batch are one UPDATE); the next batch is read, decoded and folded (with its
+COPY records and UPDATE arrays) in slices during this one's set-based upserts, so neither this
+process nor Postgres waits on the other for long (one batch is read ahead). In the transaction, the events reach `events` by one binary COPY straight into the
 table (a savepoint catches a redelivered event and falls back to staging + ON CONFLICT DO
 NOTHING); whole node, bid and contract rows and the heartbeat metrics by binary COPY into
 temporary staging tables, applied by set-based statements that share one simple query with the
 metrics' append and per-minute rollup; partial rows (patches) by one `unnest` UPDATE per table
 and row shape. Fixed-point numerics and times travel as integers (units, ms) and are converted
 in SQL. One region's events are applied by one worker at a time (its position row is locked),
-so more workers add throughput across regions, not within one.
+so more workers add throughput across regions, not within one: `shard` (`mnemo journal --shard
+K/N`) gives each of N worker processes its own share of the regions (`shard_regions`).
 """
 
 from __future__ import annotations
