@@ -390,6 +390,11 @@ class _Fold:
         self.metric_minutes: dict[tuple[str, int], int] = {}
         self.repeats: set[int] = set()
         self.node_regions: set[str] = set()
+        # The COPY records of the whole rows (by staging table) and the UPDATEs of the patches,
+        # made ahead of the transaction by `Batch.fold_stepwise` once the fold is complete;
+        # None: `_flush` makes them.
+        self.staged: dict[str, list[tuple[Any, ...]]] | None = None
+        self.patches: list[_Statement] | None = None
 
     def apply(self, stored: StoredEvent) -> None:
         ev = stored.event
@@ -845,11 +850,7 @@ ON CONFLICT""" + _ROLLUP_SQL.split("ON CONFLICT", 1)[1]
 
 
 async def _flush(
-    conn: asyncpg.Connection,
-    fold: _Fold,
-    on_tail: Callable[[], None] | None = None,
-    staged: dict[str, list[tuple[Any, ...]]] | None = None,
-    patches: list[_Statement] | None = None,
+    conn: asyncpg.Connection, fold: _Fold, on_tail: Callable[[], None] | None = None
 ) -> None:
     # The foreign keys between these tables are deferred, so the order below does not matter;
     # they are checked at the end (SET CONSTRAINTS ... IMMEDIATE) so that a refusal is raised
@@ -863,8 +864,9 @@ async def _flush(
         head.append(_METRICS_STAGING_SQL)
     await conn.execute("; ".join(head))
     for upsert, rows in upserts:
-        await upsert.stage(conn, staged[upsert.staging] if staged else upsert.records(rows))
-    for sql, args in patches if patches is not None else _patches(fold):
+        records = fold.staged[upsert.staging] if fold.staged is not None else upsert.records(rows)
+        await upsert.stage(conn, records)
+    for sql, args in fold.patches if fold.patches is not None else _patches(fold):
         await conn.execute(sql, *args)
     tail = [u.apply_sql for u, _ in upserts]
     if fold.metrics:
@@ -1221,7 +1223,7 @@ class Batch:
     """Events deduplicated, ordered and folded ahead of their transaction (`prepare`), so that
     a worker can do this CPU work while the previous batch is being written."""
 
-    __slots__ = ("days", "events", "fold", "memory", "patches", "records", "runs", "staged")
+    __slots__ = ("days", "events", "fold", "memory", "records", "runs")
 
     def __init__(self, events: Iterable[StoredEvent], *, fold: bool = True) -> None:
         self.memory: dict[tuple[str, int], StoredEvent] = {}
@@ -1245,16 +1247,13 @@ class Batch:
             _EPOCH_DAY + timedelta(days=d)
             for d in {e.ts_ms // 86_400_000 for e in self.events if e.type == "heartbeats"}
         }
-        # The COPY records of the events and of the fold's whole rows (by staging table), made
-        # ahead with the fold by `fold_stepwise`.
+        # The events' COPY records, made ahead with the fold by `fold_stepwise`.
         self.records: list[tuple[Any, ...]] | None = None
-        self.staged: dict[str, list[tuple[Any, ...]]] | None = None
-        self.patches: list[_Statement] | None = None
 
     async def fold_stepwise(self) -> None:
-        """Fold the events (`fold=False` above) and make their COPY records, yielding to the
-        event loop every `_CHUNK` events so that the batch being written meanwhile gets its
-        turns promptly."""
+        """Fold the events (`fold=False` above) and make their COPY records and the fold's
+        (`_Fold.staged`, `_Fold.patches`), yielding to the event loop every `_CHUNK` events so
+        that the batch being written meanwhile gets its turns promptly."""
         apply = self.fold.apply
         records: list[tuple[Any, ...]] = []
         events = self.events
@@ -1268,15 +1267,15 @@ class Batch:
         for upsert, rows in _upserts(self.fold):
             staged[upsert.staging] = upsert.records(rows)
             await asyncio.sleep(0)
-        self.staged = staged
-        self.patches = _patches(self.fold)
+        self.fold.staged = staged
+        self.fold.patches = _patches(self.fold)
 
     async def discard_stepwise(self) -> None:
         """Drop the batch's objects a slice at a time (freeing some hundred thousand objects
         takes milliseconds), for the same reason."""
         self.memory.clear()
         self.runs.clear()
-        self.records = self.staged = self.patches = None
+        self.records = None
         events = self.events
         while events:
             del events[-_CHUNK:]
@@ -1341,10 +1340,7 @@ async def write_batch(
                     fold.apply(stored)
         try:
             async with conn.transaction():
-                if fold is batch.fold:
-                    await _flush(conn, fold, on_tail, batch.staged, batch.patches)
-                else:
-                    await _flush(conn, fold, on_tail)
+                await _flush(conn, fold, on_tail)
         except asyncpg.PostgresError as e:
             if _pg_transient(e):
                 raise
