@@ -799,13 +799,16 @@ SELECT node_id, region, offered_ram_gb, offered_vram_gb, available_ram_gb, avail
        'epoch'::timestamptz + ts_ms * interval '1 millisecond'
 FROM journal_metrics_staging
 """
-_ROLLUP_SQL = """
+_ROLLUP_INSERT = """
 INSERT INTO node_metrics_1m AS t (
     node_id, minute, region, samples, sum_offered_ram_gb, sum_offered_vram_gb,
     sum_available_ram_gb, sum_available_vram_gb, min_available_ram_gb, max_available_ram_gb,
     min_available_vram_gb, max_available_vram_gb, cpu_samples, sum_cpu_usage_pct, gpu_samples,
     sum_gpu_usage_pct, max_temperature_c)
-SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', min(region),
+"""
+_ROLLUP_SQL = (
+    _ROLLUP_INSERT
+    + """SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', min(region),
        count(*), sum(offered_ram_gb), sum(offered_vram_gb), sum(available_ram_gb),
        sum(available_vram_gb), min(available_ram_gb), max(available_ram_gb),
        min(available_vram_gb), max(available_vram_gb), count(cpu_usage_pct),
@@ -830,23 +833,22 @@ ON CONFLICT (minute, node_id) DO UPDATE SET
     sum_gpu_usage_pct = t.sum_gpu_usage_pct + EXCLUDED.sum_gpu_usage_pct,
     max_temperature_c = greatest(t.max_temperature_c, EXCLUDED.max_temperature_c)
 """
+)
 # The same for the metrics whose (node, minute) has no other metric in the batch (the usual
 # case: a node heartbeats every few seconds, a batch spans tens of milliseconds): each is its own
 # group, and skipping the grouping saves ~1 us a row. The others (`grouped`) are summed first.
-_ROLLUP_ROWS_SQL = """
-INSERT INTO node_metrics_1m AS t (
-    node_id, minute, region, samples, sum_offered_ram_gb, sum_offered_vram_gb,
-    sum_available_ram_gb, sum_available_vram_gb, min_available_ram_gb, max_available_ram_gb,
-    min_available_vram_gb, max_available_vram_gb, cpu_samples, sum_cpu_usage_pct, gpu_samples,
-    sum_gpu_usage_pct, max_temperature_c)
-SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', region, 1,
+_ROLLUP_ROWS_SQL = (
+    _ROLLUP_INSERT
+    + """SELECT node_id, 'epoch'::timestamptz + minute_ms * interval '1 millisecond', region, 1,
        offered_ram_gb, offered_vram_gb, available_ram_gb, available_vram_gb, available_ram_gb,
        available_ram_gb, available_vram_gb, available_vram_gb, (cpu_usage_pct IS NOT NULL)::int,
        coalesce(cpu_usage_pct * 0.01, 0), (gpu_usage_pct IS NOT NULL)::int,
        coalesce(gpu_usage_pct * 0.01, 0), temperature_c
 FROM journal_metrics_staging
 WHERE NOT grouped
-ON CONFLICT""" + _ROLLUP_SQL.split("ON CONFLICT", 1)[1]
+ON CONFLICT"""
+    + _ROLLUP_SQL.split("ON CONFLICT", 1)[1]
+)
 
 
 async def _flush(
