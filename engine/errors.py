@@ -12,6 +12,7 @@ __all__ = [
     "InvalidRequest",
     "MarketError",
     "NotFound",
+    "OutsideTerms",
     "Unavailable",
 ]
 
@@ -36,6 +37,13 @@ class InvalidRequest(MarketError):
 
     code = "invalid_request"
     status = 422
+
+
+class OutsideTerms(InvalidRequest):
+    """The request breaks the node's standing terms (an extension past its `max_duration_s`):
+    not a race to retry elsewhere but a request to change."""
+
+    code = "outside_node_terms"
 
 
 class NotFound(MarketError):

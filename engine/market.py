@@ -52,6 +52,7 @@ from engine.errors import (
     InvalidRequest,
     MarketError,
     NotFound,
+    OutsideTerms,
     Unavailable,
 )
 from engine.keys import Keys
@@ -116,7 +117,8 @@ _SCRIPTS = (
     "quote",
 )
 _ERRORS: dict[str, type[MarketError]] = {
-    cls.code: cls for cls in (NotFound, Conflict, CapacityTaken, Unavailable, InvalidRequest)
+    cls.code: cls
+    for cls in (NotFound, Conflict, CapacityTaken, Unavailable, InvalidRequest, OutsideTerms)
 }
 HeartbeatResult = Literal["ok", "not_found", "forbidden", "too_soon", "deactivated"]
 _OUTCOMES: tuple[HeartbeatResult, ...] = ("ok", "not_found", "forbidden", "too_soon", "deactivated")
@@ -918,7 +920,8 @@ class Market:
 
     async def extend(self, contract_id: str, extra_s: int, now_ms: int) -> Contract:
         """Add `extra_s` seconds to an active contract that has not ended; the node must still
-        be active and the total within its `max_duration_s` (else Unavailable/CapacityTaken)."""
+        be active (else Unavailable) and the total within its `max_duration_s` (else
+        OutsideTerms, naming both)."""
         if (
             not isinstance(extra_s, int)
             or isinstance(extra_s, bool)

@@ -40,9 +40,11 @@ def folder() -> Iterator[Path]:
 
 
 def _env(home: Path, **values: str) -> dict[str, str]:
-    """This environment without any MNEMO_* setting, plus `values`, with a private data folder."""
+    """This environment without any MNEMO_* setting, plus `values`, with a private data folder
+    and a free port of its own (so the tests pass while `scripts/up` holds the default 8000)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMO_")}
     env["MNEMO_DATA_DIR"] = str(home / "data")
+    env["MNEMO_PORT"] = str(_free_port())
     env.update(values)
     return env
 

@@ -11,7 +11,9 @@ if not n then return redis.error_reply('inconsistent: node of contract ' .. cid 
 if n.status ~= 'active' then return refuse('node_unavailable', 'node is ' .. n.status, 'contract_id') end
 local duration = n0(c.duration_s) + extra
 if duration > n0(n.max_duration_s) then
-  return refuse('capacity_taken', "duration outside the node's terms", 'extra_s')
+  return refuse('outside_node_terms', string.format(
+    "the contract would last %d s, over the node's max_duration_sec of %d s",
+    duration, n0(n.max_duration_s)), 'extra_s')
 end
 
 local end_ms = n0(c.end_ms) + extra * 1000

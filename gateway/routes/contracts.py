@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from engine.errors import NotFound
+from engine.errors import MarketError, NotFound
 from engine.types import Contract
 from gateway.auth import Principal
 from gateway.errors import Forbidden, ValidationFailed
@@ -254,9 +254,14 @@ async def _from_history(call: Call) -> ContractOut:
 async def extend(call: Call) -> ContractOut:
     body: ContractExtendRequest = call.body
     contract = await _renters(call)
-    extended = await call.state.market.extend(
-        contract.contract_id, body.additional_duration_sec, call.now_ms()
-    )
+    try:
+        extended = await call.state.market.extend(
+            contract.contract_id, body.additional_duration_sec, call.now_ms()
+        )
+    except MarketError as exc:
+        if exc.field == "extra_s":  # the market's name for this request's field
+            exc.field = "additional_duration_sec"
+        raise
     return contract_out(extended)
 
 

@@ -445,9 +445,11 @@ OPERATIONS: list[Operation] = [
         name="register_node",
         summary="Register a node (provider)",
         tag="nodes",
+        description="Answers 200 (not 201) with `node_id` at the top level: the spec's own "
+        "`node_agent.py` treats any other status as a failed registration.",
         body=NodeRegisterRequest,
         response=NodeRegistered,
-        status=201,
+        status=200,
         roles=PROVIDERS,
         idempotent=True,
     ),

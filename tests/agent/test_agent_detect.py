@@ -131,14 +131,36 @@ def test_no_driver_or_no_gpu_is_zero_vram() -> None:
         probe.close()
 
 
-def test_real_module_on_a_machine_without_gpu() -> None:
-    """With the real pynvml on a machine without an NVIDIA driver, detection reads 0 VRAM."""
+def test_real_module_agrees_with_nvml_itself() -> None:
+    """With the real pynvml, the probe reads what NVML itself reports: on a machine without an
+    NVIDIA driver NVML refuses to start and the probe reads 0 VRAM and no model; with GPUs, the
+    probe's total is NVML's own sum over the devices, in whole GiB."""
+    pynvml = pytest.importorskip("pynvml")
     probe = GpuProbe.open()
     try:
         reading = probe.read()
-        assert reading.total_vram_gb >= 0
         if not probe.present:
-            assert reading.total_vram_gb == 0 and reading.model is None
+            assert reading.total_vram_gb == 0 and reading.model is None and reading.count == 0
+            try:
+                pynvml.nvmlInit()
+            except pynvml.NVMLError:
+                return  # no driver here, as the probe said
+            try:
+                assert pynvml.nvmlDeviceGetCount() == 0, "NVML sees GPUs the probe missed"
+            finally:
+                pynvml.nvmlShutdown()
+            return
+        pynvml.nvmlInit()
+        try:
+            handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+            total = sum(pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles)
+        finally:
+            pynvml.nvmlShutdown()
+        assert reading.count == len(handles) > 0
+        assert reading.total_vram_gb == total // GIB > 0
+        assert 0 <= reading.free_vram_gb <= reading.total_vram_gb
     finally:
         probe.close()
 

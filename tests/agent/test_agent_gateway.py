@@ -652,3 +652,55 @@ async def test_cli_run_registers_and_sigterm_sets_maintenance(
 
 async def _last_heartbeat(who: Gateway, node_id: str) -> bool:
     return bool((await who.get_node(node_id))["last_heartbeat_ms"])
+
+
+async def test_the_specs_own_agent_registers_and_heartbeats(
+    exchange: Exchange, account: Account, tmp_path: Path
+) -> None:
+    """The spec's `node_agent.py`, unchanged (requests, `X-API-Key`, its payload, its config
+    file), registers its machine and sends a heartbeat that the exchange accepts."""
+    provider = await account("provider")
+    config = {
+        "api_url": exchange.url,
+        "api_key": provider.api_key,
+        "node_type": "mist_node",
+        "name": "Alice_RTX4090",
+        "region": "us-east-2",
+        "latitude": 40.7282,
+        "longitude": -73.7949,
+        "price_per_gb_sec": 0.0000008,
+        "bandwidth_mbps": 980,
+        "base_latency_ms": 0.8,
+        "idle_schedule": "9am-5pm, 11pm-7am",
+        "heartbeat_interval": 60,
+    }
+    (tmp_path / "node_config.json").write_text(json.dumps(config))
+    script = Path(__file__).with_name("spec_node_agent.py")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-u",
+        str(script),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while not any(line.startswith(("✓ Heartbeat sent", "✗")) for line in lines):
+                line = (await proc.stdout.readline()).decode()
+                assert line, f"the spec's agent exited: {lines}"
+                lines.append(line)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)  # its Ctrl-C path
+        rest, _ = await proc.communicate()
+        lines.append(rest.decode())
+    output = "".join(lines)
+    assert "✓ Node registered: " in output and "✓ Heartbeat sent" in output, output
+    saved = json.loads((tmp_path / "node_config.json").read_text())
+    node = await provider.request("GET", f"/api/nodes/{saved['node_id']}")
+    assert node["name"] == "Alice_RTX4090" and node["price_per_gb_sec"] == 0.0000008
+    assert node["metadata"]["idle_schedule"] == "9am-5pm, 11pm-7am"
+    assert node["last_heartbeat_ms"] > 0 and node["status"] == "active"

@@ -18,7 +18,13 @@ from typing import Any
 import msgspec
 
 from engine import core
-from engine.errors import CapacityTaken, Conflict, InvalidRequest, NotFound, Unavailable
+from engine.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    OutsideTerms,
+    Unavailable,
+)
 from engine.market import HEARTBEAT_BATCH, HeartbeatOutcome
 from engine.types import Bid, Contract, Heartbeat, Node, NodeChanges
 
@@ -363,7 +369,11 @@ class ModelMarket:
             raise Unavailable(f"node is {node.status}", field="contract_id")
         duration = contract.duration_s + extra_s
         if duration > node.max_duration_s:
-            raise CapacityTaken(core.BAD_DURATION, field="extra_s")
+            raise OutsideTerms(
+                f"the contract would last {duration} s, over the node's max_duration_sec of "
+                f"{node.max_duration_s} s",
+                field="extra_s",
+            )
         extended = self.contracts[contract_id] = _replace(
             contract,
             duration_s=duration,

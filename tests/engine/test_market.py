@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from engine import core
 from engine import market as market_module
-from engine.errors import CapacityTaken, Conflict, InvalidRequest, NotFound, Unavailable
+from engine.errors import (
+    CapacityTaken,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    OutsideTerms,
+    Unavailable,
+)
 from engine.keys import Keys
 from engine.market import HEARTBEAT_BATCH, HeartbeatOutcome, Market, ReserveRequest
 from engine.types import (
@@ -789,7 +796,9 @@ async def test_extend(market: Market) -> None:
         5400, T0 + 5_400_000, 1, 2,
     )  # fmt: skip
     assert await market.due_contracts("us-east-2", T0 + 3_600_000) == []
-    with pytest.raises(CapacityTaken, match="duration outside the node's terms"):
+    with pytest.raises(
+        OutsideTerms, match="would last 7201 s, over the node's max_duration_sec of 7200 s"
+    ):
         await market.extend(c.contract_id, 1801, T0 + 2000)
     with pytest.raises(InvalidRequest):
         await market.extend(c.contract_id, 0, T0 + 2000)

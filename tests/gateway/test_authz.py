@@ -212,7 +212,7 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("POST", "/api/clients"): Rule(R, 201, 201, _const("/api/clients", {"org_name": "walkers"})),
     ("GET", "/api/clients"): Rule(R, 200, 200, _const("/api/clients")),
     ("GET", "/api/clients/{client_id}"): Rule(R, 200, 404, _client),
-    ("POST", "/api/nodes/register"): Rule(P, 201, 201, _const("/api/nodes/register", _WALK_NODE)),
+    ("POST", "/api/nodes/register"): Rule(P, 200, 200, _const("/api/nodes/register", _WALK_NODE)),
     ("POST", "/api/nodes/register/batch"): Rule(
         P, 201, 201, _const("/api/nodes/register/batch", {"nodes": [_WALK_NODE]})
     ),

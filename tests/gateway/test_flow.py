@@ -151,6 +151,14 @@ async def test_renter_and_provider_full_flow(gw: Gateway, journal: None) -> None
     )
     assert r.status_code == 200, r.text
     assert r.json()["duration_sec"] == 4200 and r.json()["end_ms"] == contract["end_ms"] + 600_000
+    # Past the node's max_duration_sec (a day): refused for that reason, not as a lost race.
+    r = await api.post(
+        f"/api/contracts/{cid}/extend",
+        json={"additional_duration_sec": 86_400 - 4200 + 1},
+        headers=renter.headers,
+    )
+    assert_error(r, 422, "outside_node_terms", "additional_duration_sec")
+    assert "over the node's max_duration_sec of 86400 s" in r.json()["error"]["message"]
     r = await api.get("/api/contracts", params={"status": "active"}, headers=renter.headers)
     assert [c["contract_id"] for c in r.json()["contracts"]] == [cid]
     r = await api.get("/api/contracts", params={"node_id": near}, headers=provider.headers)

@@ -24,7 +24,7 @@ async def test_same_key_same_body_replays_the_first_response(gw: Gateway, journa
         "price_per_gb_sec": 0.000001,
     }
     first = await api.post("/api/nodes/register", json=body, headers=headers)
-    assert first.status_code == 201, first.text
+    assert first.status_code == 200, first.text
     assert "idempotent-replayed" not in first.headers
     # Same request, keys in another order and with whitespace: still the same request.
     again = await api.post(
@@ -32,7 +32,7 @@ async def test_same_key_same_body_replays_the_first_response(gw: Gateway, journa
         content=json.dumps(dict(reversed(list(body.items()))), indent=2).encode(),
         headers={**headers, "Content-Type": "application/json"},
     )
-    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()
     page = await listed(gw, provider, {"mine": "true"}, 1)
     assert [n["node_id"] for n in page["nodes"]] == [first.json()["node_id"]]
@@ -47,7 +47,7 @@ async def test_same_key_same_body_replays_the_first_response(gw: Gateway, journa
     r = await api.post(
         "/api/nodes/register", json=body, headers={**other.headers, "Idempotency-Key": "register-1"}
     )
-    assert r.status_code == 201 and r.json()["node_id"] != first.json()["node_id"]
+    assert r.status_code == 200 and r.json()["node_id"] != first.json()["node_id"]
 
 
 async def test_concurrent_duplicates_create_one_contract(gw: Gateway) -> None:
