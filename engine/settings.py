@@ -45,8 +45,9 @@ def mask_url(url: str | None) -> str | None:
     return parts._replace(netloc=netloc).geturl()
 
 
-_SECRET_FIELDS = frozenset({"jwt_secret", "stripe_secret_key", "stripe_webhook_secret"})
-_URL_FIELDS = frozenset({"redis_url", "database_url", "eth_rpc_url"})
+_SECRET_FIELDS = frozenset({"jwt_secret", "metrics_token"})
+_URL_FIELDS = frozenset({"redis_url", "database_url"})
+_MIN_METRICS_TOKEN = 24
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 _REGION = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -70,12 +71,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     regions: tuple[str, ...] = ()
     log_level: str = "INFO"
     max_body_bytes: int = 65_536
-    stripe_secret_key: str | None = None
-    stripe_webhook_secret: str | None = None
-    eth_rpc_url: str | None = None
-    eth_payee_address: str | None = None
-    usd_per_eth: float | None = None
     metrics_retention_days: int = 7
+    metrics_token: str | None = None
+    """A bearer token that may read `/metrics` (besides admins); None: admins only."""
 
     def __repr__(self) -> str:
         shown = []
@@ -117,10 +115,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "key_prefix",
             "jwt_issuer",
             "jwt_audience",
-            "stripe_secret_key",
-            "stripe_webhook_secret",
-            "eth_rpc_url",
-            "eth_payee_address",
         ):
             raw = get(name)
             if raw is not None:
@@ -143,7 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                     "MNEMO_LOG_LEVEL", f"expected one of {', '.join(_LOG_LEVELS)}, got {raw!r}"
                 )
             values["log_level"] = raw.upper()
-        for name in ("heartbeat_interval_s", "heartbeat_min_interval_s", "usd_per_eth"):
+        for name in ("heartbeat_interval_s", "heartbeat_min_interval_s"):
             raw = get(name)
             if raw is not None:
                 values[name] = _parse_float(f"MNEMO_{name.upper()}", raw)
@@ -162,6 +156,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         port = values.get("port", 8000)
         if not 0 < port < 65536:
             raise ConfigError("MNEMO_PORT", f"must be 1..65535, got {port}")
+        if (raw := get("metrics_token")) is not None:
+            if len(raw) < _MIN_METRICS_TOKEN:
+                raise ConfigError(
+                    "MNEMO_METRICS_TOKEN", f"must be at least {_MIN_METRICS_TOKEN} characters"
+                )
+            values["metrics_token"] = raw
         secret = get("jwt_secret")
         if secret is not None and len(secret) < 32:
             raise ConfigError("MNEMO_JWT_SECRET", "must be at least 32 characters")

@@ -131,7 +131,7 @@ def create_app(settings: Settings) -> Starlette:
         raise ConfigError("MNEMO_JWT_SECRET", "must be at least 32 characters")
     redis_url, database_url = settings.redis_url, settings.database_url
     analytics_routes, ws_routes, ws = _mounted()
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_token)
     openapi = OpenApiEndpoints(
         title="Mnemo API",
         version="0.1.0",

@@ -5,10 +5,15 @@ process, as in tests, never collide). Routes are labelled by their template (`/a
 never by the raw path, so label cardinality stays bounded; requests that match no route share the
 label `unmatched`. With several uvicorn worker processes each serves its own counters; scrape
 each worker (or run one per container), as prometheus_client's multiprocess mode is not used.
+
+`/metrics` names regions (tenants' private ones too), so it is not public: it answers a scraper
+that presents `Authorization: Bearer <MNEMO_METRICS_TOKEN>` and admins (API key or JWT); anyone
+else gets the API's 401/403.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +24,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.auth import authenticate
+from gateway.errors import Forbidden
+
 __all__ = ["Metrics", "MetricsMiddleware"]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -27,7 +35,8 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
 class Metrics:
     """The app's collectors and the `/metrics` endpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        self._token = token.encode() if token else None
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "mnemo_http_requests",
@@ -94,12 +103,26 @@ class Metrics:
         children[1].observe(seconds)
 
     async def endpoint(self, request: Request) -> Response:
-        """`GET /metrics`: the Prometheus text exposition."""
+        """`GET /metrics`: the Prometheus text exposition (the metrics token or an admin)."""
+        if not self._scraper(request):
+            principal = await authenticate(request)  # 401 without valid credentials
+            if not principal.is_admin:
+                raise Forbidden(
+                    "/metrics is for admins and the metrics token (MNEMO_METRICS_TOKEN)"
+                )
         for refresh in self._refreshers:
             refresh(self)
         for refresh_async in self._async_refreshers:
             await refresh_async(self)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _scraper(self, request: Request) -> bool:
+        if self._token is None:
+            return False
+        scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self._token
+        )
 
 
 class MetricsMiddleware:

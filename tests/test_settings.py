@@ -62,19 +62,19 @@ def test_empty_variable_counts_as_unset(tmp_path: Path) -> None:
 
 
 def test_secrets_never_in_repr(tmp_path: Path) -> None:
-    """repr/str mask the JWT secret, Stripe keys and passwords inside URLs."""
+    """repr/str mask the JWT secret, the metrics token and passwords inside URLs."""
     s = Settings.from_env(
         _env(
             tmp_path,
             jwt_secret=SECRET,
             database_url="postgresql://app:pg-pass-123@db:5432/mnemo",
             redis_url="redis://:redis-pass-456@cache:6379/0",
-            stripe_secret_key="sk_live_abcdef",
-            stripe_webhook_secret="whsec_abcdef",
+            metrics_token="scrape-token-abcdef-0123456789",
         )
     )
+    assert s.metrics_token == "scrape-token-abcdef-0123456789"
     for text in (repr(s), str(s)):
-        for secret in (SECRET, "pg-pass-123", "redis-pass-456", "sk_live_abcdef", "whsec_abcdef"):
+        for secret in (SECRET, "pg-pass-123", "redis-pass-456", "scrape-token-abcdef-0123456789"):
             assert secret not in text
         assert "postgresql://app:***@db:5432/mnemo" in text
         assert "redis://:***@cache:6379/0" in text

@@ -200,7 +200,8 @@ _WALK_NODE = {  # the node both registration routes register
 TABLE: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): Rule(R, 200, 200, _const("/healthz"), public=True),
     ("GET", "/readyz"): Rule(R, 200, 200, _const("/readyz"), public=True),
-    ("GET", "/metrics"): Rule(R, 200, 200, _const("/metrics"), public=True),
+    # Admins and the metrics token only (tests/gateway/test_validation.py): tenants get 403.
+    ("GET", "/metrics"): Rule(R, 403, 403, _const("/metrics")),
     ("GET", "/openapi.json"): Rule(R, 200, 200, _const("/openapi.json"), public=True),
     ("GET", "/docs"): Rule(R, 200, 200, _const("/docs"), public=True),
     ("POST", "/api/auth/signup"): Rule(R, 201, 201, _signup_body, public=True),

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
-from .conftest import Gateway, assert_error, node_body, register_node, signup
+from engine.keys import Keys
+from engine.settings import Settings
+
+from .conftest import Gateway, assert_error, make_settings, node_body, register_node, signup
 
 
 @pytest.mark.parametrize(
@@ -185,6 +190,37 @@ async def test_request_and_contract_inputs(gw: Gateway) -> None:
     assert_error(r, 404)
 
 
+METRICS_TOKEN = "scrape-" + "t" * 32
+
+
+@pytest.fixture
+def settings(redis_url: str, db_url: str, keys: Keys) -> Settings:
+    return make_settings(redis_url, db_url, keys, metrics_token=METRICS_TOKEN)
+
+
+async def scrape(gw: Gateway) -> str:
+    r = await gw.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+async def test_metrics_need_the_token_or_an_admin(gw: Gateway) -> None:
+    """/metrics names every region, so it answers the metrics token and admins only."""
+    api = gw.client
+    assert_error(await api.get("/metrics"), 401)
+    assert_error(await api.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401)
+    user = await signup(gw)
+    assert_error(await api.get("/metrics", headers=user.headers), 403)
+    await gw.state["pool"].execute(
+        "UPDATE users SET role = 'admin' WHERE id = $1", uuid.UUID(user.user_id)
+    )
+    token = await api.post("/api/auth/token", json={"email": user.email, "password": user.password})
+    admin = {"Authorization": f"Bearer {token.json()['access_token']}"}
+    r = await api.get("/metrics", headers=admin)
+    assert r.status_code == 200 and "mnemo_http_requests_total" in r.text
+    assert "mnemo_http_requests_total" in await scrape(gw)
+
+
 async def test_health_metrics_and_docs(gw: Gateway) -> None:
     """Probes answer; /metrics counts requests by route template; the docs page and schema load."""
     api = gw.client
@@ -192,7 +228,7 @@ async def test_health_metrics_and_docs(gw: Gateway) -> None:
     assert (await api.get("/readyz")).json() == {"status": "ready", "redis": True, "postgres": True}
     user = await signup(gw)
     await api.get("/api/nodes/0123456789abcdef0123456789abcdef", headers=user.headers)
-    text = (await api.get("/metrics")).text
+    text = await scrape(gw)
     assert (
         'mnemo_http_requests_total{method="GET",route="/api/nodes/{node_id}",status="404"} 1.0'
         in text
@@ -207,7 +243,7 @@ async def test_metrics_show_the_journal_lag(gw: Gateway) -> None:
     """With no journal running, a registered node's event shows as undelivered in /metrics."""
     provider = await signup(gw, role="provider")
     await register_node(gw, provider, region="eu-west-1")
-    text = (await gw.client.get("/metrics")).text
+    text = await scrape(gw)
     assert 'mnemo_journal_undelivered_events{region="eu-west-1"} 1.0' in text
     assert 'mnemo_journal_pending_events{region="eu-west-1"} 0.0' in text
     age = next(
