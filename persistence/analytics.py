@@ -65,6 +65,11 @@ BUCKETS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21
 MAX_BUCKETS = 2000
 MAX_RANGE = timedelta(days=366)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EARLIEST = _EPOCH
+"""No history predates the Unix epoch (events carry Unix milliseconds)."""
+LATEST = datetime(9999, 12, 1, tzinfo=UTC)
+"""The last instant a range may name: room below datetime's year-9999 ceiling to round up to a
+whole bucket and to add a day."""
 _PUSD = Decimal(10) ** 12
 
 
@@ -92,8 +97,18 @@ class Window(msgspec.Struct, frozen=True, kw_only=True):
         return timedelta(seconds=self.bucket_s)
 
 
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+def _instant(t: datetime, field: str) -> datetime:
+    """`t` in UTC (naive is UTC) if it lies in [EARLIEST, LATEST], else InvalidRequest naming
+    `field`. An offset at the calendar's edge (year 1 at +14:00) has no UTC instant at all."""
+    try:
+        utc = (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise InvalidRequest(
+            f"must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} (UTC)", field=field
+        )
+    return utc
 
 
 def window(
@@ -105,15 +120,16 @@ def window(
 ) -> Window:
     """Validate a time range and bucket size (raises `InvalidRequest` naming the field).
 
-    Defaults: `end` now, `start` 24 hours before `end`. Naive datetimes are UTC. The range is
-    widened to whole buckets (start rounded down, end rounded up) and may span at most
-    `MAX_BUCKETS` buckets and `MAX_RANGE`.
+    Defaults: `end` now, `start` 24 hours before `end`. Naive datetimes are UTC; both must lie
+    between `EARLIEST` and `LATEST`. The range is widened to whole buckets (start rounded down,
+    end rounded up) and may span at most `MAX_BUCKETS` buckets and `MAX_RANGE`.
     """
     if bucket not in BUCKETS:
         raise InvalidRequest(f"bucket must be one of {', '.join(BUCKETS)}", field="bucket")
     size = BUCKETS[bucket]
-    end = _aware(end) if end is not None else (now or datetime.now(UTC))
-    start = _aware(start) if start is not None else end - timedelta(days=1)
+    given_start = _instant(start, "start") if start is not None else None
+    end = _instant(end, "end") if end is not None else (now or datetime.now(UTC))
+    start = given_start if given_start is not None else end - timedelta(days=1)
     if start >= end:
         raise InvalidRequest("start must be before end", field="start")
     if end - start > MAX_RANGE:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import InvalidRequest
 from engine.types import (
@@ -342,3 +344,29 @@ def test_windows_are_validated_and_aligned() -> None:
         with pytest.raises(InvalidRequest) as info:
             q.window(*args)
         assert info.value.field == field
+
+
+_ZONES = st.sampled_from(
+    [None, UTC, timezone(timedelta(hours=14)), timezone(-timedelta(hours=23, minutes=59))]
+)
+_EDGES = [datetime.min, datetime.max, datetime(1969, 12, 31, 23, 59, 59), datetime(9999, 12, 1)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    start=st.none() | st.sampled_from(_EDGES) | st.datetimes(timezones=_ZONES),
+    end=st.none() | st.sampled_from(_EDGES) | st.datetimes(timezones=_ZONES),
+    bucket=st.sampled_from(sorted(q.BUCKETS)),
+)
+def test_any_window_is_a_window_or_a_refusal_naming_its_field(
+    start: datetime | None, end: datetime | None, bucket: str
+) -> None:
+    """Any datetimes (year 1 to 9999, any offset) give a valid window of whole buckets inside
+    the allowed range, or InvalidRequest naming the field: never another exception."""
+    try:
+        w = q.window(start, end, bucket)
+    except InvalidRequest as e:
+        assert e.field in ("start", "end", "bucket")
+        return
+    assert q.EARLIEST <= w.start < w.end and w.end - w.start <= q.MAX_RANGE + 2 * w.bucket
+    assert (w.start - q.EARLIEST) % w.bucket == timedelta(0) == (w.end - q.EARLIEST) % w.bucket

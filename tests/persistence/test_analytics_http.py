@@ -121,9 +121,14 @@ async def test_routes_follow_the_journal_and_check_owners(
         ({"start": "yesterday"}, "start"),
         ({"bucket": "1m", "start": three_days_ago}, "bucket"),
         ({"colour": "red"}, "colour"),
+        # The calendar's edges (each answered 500 once, dropping the connection).
+        ({"end": "0001-01-01T00:00:00Z"}, "end"),
+        ({"start": "0001-01-01T00:00:00+14:00", "end": "2026-01-01T00:00:00Z"}, "start"),
+        ({"start": "9999-12-31T00:00:00Z", "end": "9999-12-31T23:59:59Z", "bucket": "1d"}, "start"),
+        ({"end": "9999-12-31T23:59:59-23:59"}, "end"),
+        ({"start": "", "end": ""}, "start"),
     ]:
-        r = await gw.client.get(
-            "/api/analytics/market/pricing", params=params, headers=renter.headers
-        )
-        assert r.status_code in (400, 422), (params, r.text)
-        assert r.json()["error"].get("field") == field, (params, r.text)
+        for path in ("/api/analytics/market/pricing", "/api/analytics/market/supply"):
+            r = await gw.client.get(path, params=params, headers=renter.headers)
+            assert r.status_code in (400, 422), (path, params, r.text)
+            assert r.json()["error"].get("field") == field, (path, params, r.text)
