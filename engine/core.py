@@ -7,9 +7,15 @@ atomic step. A plain model of the market (tests/engine/model.py) runs on these f
 compared with the scripts after every step of a property-based test, so the two cannot drift.
 
 Rules
-- Money is integer pico-USD. Prices and price caps are at most `MAX_PRICE_PUSD` (1,000 USD per
+- Money is integer pico-USD. Prices and price caps are at most `MAX_PRICE_PUSD` (1 USD per
   GB-second) so that a price is exact in a Lua double (< 2**53) and as a sorted-set score. Amounts
-  (a contract's cost) are Python ints, reach Lua as strings, and are exact at any size.
+  (a contract's cost) are Python ints and reach Lua as strings.
+- Bounds: every quantity has one (`MAX_GB`, `MAX_DURATION_S`, `MAX_PRICE_PUSD`,
+  `MAX_EGRESS_PRICE_PUSD`, `MAX_EGRESS_MGB`), and a lease's value, size x duration x price cap,
+  is at most `MAX_LEASE_VALUE_PUSD` (1,000,000 USD, the spec's `total_cost_usd DECIMAL(10,4)`)
+  at reserve, bid and every extension; egress billed at settlement is at most
+  `MAX_EGRESS_VALUE_PUSD`. So a contract's cost is at most 2e18 pico-USD, under a signed 64-bit
+  integer (9.2e18: Postgres `bigint`, Redis `INCRBY`) by a factor of 4.6, whatever the inputs.
 - Cost of a contract: `(ram_gb + vram_gb) * used_s * price_pusd
   + egress_mgb * egress_price_pusd // 1000`, with `used_s = ceil((now_ms - start_ms) / 1000)`
   clamped to `[0, duration_s]` (a second started is a second paid, never beyond the term).
@@ -67,8 +73,13 @@ __all__ = [
     "FILLS_WINDOW_MS",
     "GEO_LAT_LIMIT",
     "MAX_DURATION_S",
+    "MAX_EGRESS_MGB",
+    "MAX_EGRESS_PRICE_PUSD",
+    "MAX_EGRESS_VALUE_PUSD",
     "MAX_GB",
+    "MAX_LEASE_VALUE_PUSD",
     "MAX_PRICE_PUSD",
+    "MAX_TIME_MS",
     "Fill",
     "apply_fill",
     "ask_listed",
@@ -81,11 +92,14 @@ __all__ = [
     "close_contract",
     "contract_cost_pusd",
     "egress_mgb",
+    "egress_value_refusal",
     "fill_refusal",
     "fill_size",
     "from_fields",
     "geo_lat",
     "hb_deadline_ms",
+    "lease_value_refusal",
+    "longest_lease_s",
     "new_bid",
     "new_node",
     "offered_after_heartbeat",
@@ -102,12 +116,24 @@ __all__ = [
     "validate_reserve",
 ]
 
-MAX_PRICE_PUSD = 10**15
-"""The highest price or price cap accepted: 1,000 USD per GB-second (exact in a double)."""
-MAX_GB = 1_000_000
-"""The most RAM (or VRAM) one node, bid or contract may hold, in GB."""
-MAX_DURATION_S = 10 * 366 * 86_400
-"""Ten years: the longest term a node may offer or a request may ask for."""
+MAX_PRICE_PUSD = 10**12
+"""The highest price or price cap accepted: 1 USD per GB-second (about a thousand times what
+memory rents for; anything above is a unit mistake)."""
+MAX_EGRESS_PRICE_PUSD = 10**15
+"""The highest egress price: 1,000 USD per GB."""
+MAX_GB = 65_536
+"""The most RAM (or VRAM) one node, bid or contract may hold, in GB (64 TiB)."""
+MAX_DURATION_S = 30 * 86_400
+"""Thirty days: the longest term a node may offer or a request may ask for (with extensions)."""
+MAX_EGRESS_MGB = 10**9
+"""The most egress a settlement may report: 1,000,000 GB, in thousandths of a GB."""
+MAX_LEASE_VALUE_PUSD = 10**18
+"""The most a lease may be worth, size x duration x price cap: 1,000,000 USD."""
+MAX_EGRESS_VALUE_PUSD = 10**18
+"""The most egress one contract may bill: 1,000,000 USD."""
+MAX_TIME_MS = 253_402_300_799_999
+"""The last instant any time field may name (9999-12-31T23:59:59.999Z), so every time converts
+to a date in Python and Postgres alike."""
 FILLS_WINDOW_MS = 86_400_000
 """Fills are kept this long for quotes (last fill price, 24 h volume)."""
 GEO_LAT_LIMIT = 85.05112878
@@ -210,7 +236,7 @@ def new_node(node: Node, now_ms: int) -> Node:
     _check_int(node.offered_ram_gb, "offered_ram_gb", 0, MAX_GB)
     _check_int(node.offered_vram_gb, "offered_vram_gb", 0, MAX_GB)
     _check_int(node.price_pusd, "price_pusd", 1, MAX_PRICE_PUSD)
-    _check_int(node.egress_price_pusd, "egress_price_pusd", 0, MAX_PRICE_PUSD)
+    _check_int(node.egress_price_pusd, "egress_price_pusd", 0, MAX_EGRESS_PRICE_PUSD)
     _check_int(node.min_duration_s, "min_duration_s", 1, MAX_DURATION_S)
     _check_int(node.max_duration_s, "max_duration_s", 1, MAX_DURATION_S)
     _check(node.min_duration_s <= node.max_duration_s, "min_duration_s", MIN_OVER_MAX)
@@ -219,7 +245,7 @@ def new_node(node: Node, now_ms: int) -> Node:
     _check_float(node.uptime_score, "uptime_score", 0.0, 100.0)
     _check_int(node.reputation_score, "reputation_score", 0, 10**9)
     _check_float(node.heartbeat_interval_s, "heartbeat_interval_s", 0.001, 86_400.0)
-    _check_int(node.ask_expires_ms, "ask_expires_ms", 0, 2**53)
+    _check_int(node.ask_expires_ms, "ask_expires_ms", 0, MAX_TIME_MS)
     return msgspec.structs.replace(
         node,
         offered_ram_gb=min(node.total_ram_gb, node.offered_ram_gb),
@@ -245,7 +271,7 @@ def validate_changes(changes: NodeChanges) -> NodeChanges:
     if changes.price_pusd is not None:
         _check_int(changes.price_pusd, "price_pusd", 1, MAX_PRICE_PUSD)
     if changes.egress_price_pusd is not None:
-        _check_int(changes.egress_price_pusd, "egress_price_pusd", 0, MAX_PRICE_PUSD)
+        _check_int(changes.egress_price_pusd, "egress_price_pusd", 0, MAX_EGRESS_PRICE_PUSD)
     if changes.min_duration_s is not None:
         _check_int(changes.min_duration_s, "min_duration_s", 1, MAX_DURATION_S)
     if changes.max_duration_s is not None:
@@ -255,7 +281,7 @@ def validate_changes(changes: NodeChanges) -> NodeChanges:
     if changes.base_latency_ms is not None:
         _check_float(changes.base_latency_ms, "base_latency_ms", 0.0, 1e9)
     if changes.ask_expires_ms is not None:
-        _check_int(changes.ask_expires_ms, "ask_expires_ms", 0, 2**53)
+        _check_int(changes.ask_expires_ms, "ask_expires_ms", 0, MAX_TIME_MS)
     if (changes.lat is None) != (changes.lng is None):
         raise InvalidRequest("lat and lng change together", field="lat")
     if changes.lat is not None:
@@ -337,6 +363,54 @@ def validate_reserve(
     _check(ram_gb + vram_gb > 0, "ram_gb", "ram_gb + vram_gb must be positive")
     _check_int(duration_s, "duration_s", 1, MAX_DURATION_S)
     _check_int(max_price_pusd, "max_price_pusd", 1, MAX_PRICE_PUSD)
+    if refusal := lease_value_refusal(ram_gb + vram_gb, duration_s, max_price_pusd, "duration_s"):
+        raise refusal
+
+
+def lease_value_refusal(
+    size_gb: int, duration_s: int, max_price_pusd: int, field: str
+) -> InvalidRequest | None:
+    """Why a lease of `size_gb` (ram + vram) for `duration_s` at up to `max_price_pusd` may not
+    be taken (worth over `MAX_LEASE_VALUE_PUSD`), naming `field`; None if it may."""
+    value = size_gb * duration_s * max_price_pusd
+    if value <= MAX_LEASE_VALUE_PUSD:
+        return None
+    return InvalidRequest(
+        f"the lease would be worth up to {usd_text(value)} USD (size x duration x price cap), "
+        f"over the {usd_text(MAX_LEASE_VALUE_PUSD)} USD one contract may be worth: ask for "
+        "less memory, a shorter term or a lower price cap",
+        field=field,
+    )
+
+
+def longest_lease_s(size_gb: int, max_price_pusd: int) -> int:
+    """The longest term a lease of `size_gb` at up to `max_price_pusd` may reach within
+    `MAX_LEASE_VALUE_PUSD` (extensions included)."""
+    return MAX_LEASE_VALUE_PUSD // (size_gb * max_price_pusd)
+
+
+def egress_value_refusal(egress_mgb: int, egress_price_pusd: int) -> InvalidRequest | None:
+    """Why this much egress may not be billed (over `MAX_EGRESS_MGB` or worth over
+    `MAX_EGRESS_VALUE_PUSD`); None if it may."""
+    if egress_mgb > MAX_EGRESS_MGB:
+        return InvalidRequest(
+            f"at most {MAX_EGRESS_MGB // 1000:,} GB of egress per contract", field="egress_gb"
+        )
+    value = egress_mgb * egress_price_pusd // 1000
+    if value <= MAX_EGRESS_VALUE_PUSD:
+        return None
+    return InvalidRequest(
+        f"that egress would bill {usd_text(value)} USD, over the "
+        f"{usd_text(MAX_EGRESS_VALUE_PUSD)} USD of egress one contract may bill",
+        field="egress_gb",
+    )
+
+
+def usd_text(amount_pusd: int) -> str:
+    """Pico-USD as a decimal USD text without trailing zeros, e.g. `1000000` or `0.5`."""
+    text = f"{amount_pusd // 10**12:,}"
+    cents = amount_pusd % 10**12
+    return f"{text}.{cents:012d}".rstrip("0") if cents else text
 
 
 def new_bid(bid: Bid, now_ms: int) -> Bid:
@@ -356,6 +430,10 @@ def new_bid(bid: Bid, now_ms: int) -> Bid:
     _check(bid.ram_gb + bid.vram_gb > 0, "ram_gb", "ram_gb + vram_gb must be positive")
     _check_int(bid.duration_s, "duration_s", 1, MAX_DURATION_S)
     _check_int(bid.max_price_pusd, "max_price_pusd", 1, MAX_PRICE_PUSD)
+    if refusal := lease_value_refusal(
+        bid.ram_gb + bid.vram_gb, bid.duration_s, bid.max_price_pusd, "duration_s"
+    ):
+        raise refusal
     if (bid.lat is None) != (bid.lng is None):
         raise InvalidRequest("lat and lng come together", field="lat")
     if bid.lat is not None:
@@ -369,7 +447,7 @@ def new_bid(bid: Bid, now_ms: int) -> Bid:
         f"must be one of {', '.join(NODE_TYPES)}",
     )
     _check_int(bid.min_fill_gb, "min_fill_gb", 0, 2 * MAX_GB)
-    _check_int(bid.expires_ms, "expires_ms", 0, 2**53)
+    _check_int(bid.expires_ms, "expires_ms", 0, MAX_TIME_MS)
     _check(bid.expires_ms == 0 or bid.expires_ms > now_ms, "expires_ms", "is in the past")
     return msgspec.structs.replace(
         bid,
@@ -445,6 +523,9 @@ def egress_mgb(egress_gb: float | int | str | Decimal) -> int:
     except InvalidOperation:
         raise InvalidRequest("must be a number", field="egress_gb") from None
     _check(amount.is_finite() and amount >= 0, "egress_gb", "must be a non-negative number")
+    _check(
+        amount * 1000 <= MAX_EGRESS_MGB, "egress_gb", f"must be at most {MAX_EGRESS_MGB // 1000}"
+    )
     return int((amount * 1000).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
@@ -490,7 +571,10 @@ def close_contract(
     successor_id: str | None = None,
 ) -> Contract:
     """The contract as it is after closing at `now_ms` with `status` (completed, failed or
-    failed_over): time used, cost, completion time, the next version and the settlement hash."""
+    failed_over): time used, cost, completion time, the next version and the settlement hash.
+    InvalidRequest (`egress_gb`) when the egress is more than a contract may bill."""
+    if refusal := egress_value_refusal(egress_mgb, contract.egress_price_pusd):
+        raise refusal
     used = used_seconds(contract.start_ms, now_ms, contract.duration_s)
     closed = msgspec.structs.replace(
         contract,

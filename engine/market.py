@@ -920,8 +920,8 @@ class Market:
 
     async def extend(self, contract_id: str, extra_s: int, now_ms: int) -> Contract:
         """Add `extra_s` seconds to an active contract that has not ended; the node must still
-        be active (else Unavailable) and the total within its `max_duration_s` (else
-        OutsideTerms, naming both)."""
+        be active (else Unavailable), the total within its `max_duration_s` (else OutsideTerms,
+        naming both) and the lease's value within `core.MAX_LEASE_VALUE_PUSD` (InvalidRequest)."""
         if (
             not isinstance(extra_s, int)
             or isinstance(extra_s, bool)
@@ -931,10 +931,18 @@ class Market:
                 f"must be an integer between 1 and {core.MAX_DURATION_S}", field="extra_s"
             )
         region = await self._region_or_404(contract_id, core.CONTRACT_NOT_FOUND, "contract_id")
+        # A contract's size and price cap never change, so this bound on its total duration
+        # holds for the script's atomic check whatever extensions race with this one.
+        contract = await self._contract(self.keys.contract(region, contract_id))
+        if contract is None:
+            raise NotFound(core.CONTRACT_NOT_FOUND, field="contract_id")
+        longest_s = core.longest_lease_s(
+            contract.ram_gb + contract.vram_gb, contract.max_price_pusd or contract.price_pusd
+        )
         result = await self._eval(
             "extend",
             [self.keys.seq(region)],
-            [*self._head(region, now_ms), contract_id, extra_s],
+            [*self._head(region, now_ms), contract_id, extra_s, longest_s],
         )
         if result[0] == 0:
             raise _refusal(result)

@@ -4,7 +4,11 @@ Rules every Struct here follows:
 - Requests forbid unknown fields and bound every quantity (sizes, prices, durations, coordinates,
   string lengths, list lengths), so absurd or hostile input is refused with a 422 naming the field
   before it reaches the market. Bounds are part of the generated OpenAPI schema, so clients and
-  schemathesis see the same rules the server enforces.
+  schemathesis see the same rules the server enforces. The market's bounds (`engine.core`) are
+  the source: with them every derived amount, a contract's cost at the worst case of all of them
+  included, fits a signed 64-bit integer with room to spare; the one rule a schema cannot say
+  (a lease's value, size x duration x price cap, is at most 1,000,000 USD) is in the
+  descriptions.
 - Money is decimal USD on the wire, named as in the spec (`price_per_gb_sec`, `estimated_cost`,
   `total_cost_usd`); inside it is integer pico-USD (`engine.types.pusd`/`usd`). The converters at
   the bottom are the only place that crosses between the two.
@@ -20,17 +24,21 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from engine import core
 from engine.types import Bid, Contract, Node, NodeType, Quote, pusd, usd
 
 # ---------------------------------------------------------------------------------------------
 # Bounded scalar types
 
-MAX_GB = 65_536
+MAX_GB = core.MAX_GB
 """Largest memory size accepted anywhere (64 TiB), in GB."""
-MAX_DURATION_S = 30 * 86_400
+MAX_DURATION_S = core.MAX_DURATION_S
 """Longest lease or bid lifetime accepted (30 days)."""
-MAX_PRICE_USD_PER_GB_S = 1.0
+MAX_PRICE_USD_PER_GB_S = core.MAX_PRICE_PUSD / 1e12
 """No sane ask costs more than a dollar per GB-second; anything above is a unit mistake."""
+MAX_EGRESS_PRICE_USD_PER_GB = core.MAX_EGRESS_PRICE_PUSD / 1e12
+MAX_EGRESS_GB = core.MAX_EGRESS_MGB / 1000
+MAX_LEASE_VALUE_USD = core.MAX_LEASE_VALUE_PUSD // 10**12
 MAX_PAGE = 500
 MAX_OFFSET = 1_000_000
 EARTH_HALF_CIRCUMFERENCE_KM = 20_038.0
@@ -57,6 +65,9 @@ PriceUsd = Annotated[
         le=MAX_PRICE_USD_PER_GB_S,
         description="USD per GB-second (at least 1e-12, the smallest unit the market prices in).",
     ),
+]
+EgressPrice = Annotated[
+    float, Meta(ge=0.0, le=MAX_EGRESS_PRICE_USD_PER_GB, description="USD per GB of egress.")
 ]
 UptimeScore = Annotated[float, Meta(ge=0.0, le=100.0)]
 DistanceKm = Annotated[float, Meta(gt=0.0, le=EARTH_HALF_CIRCUMFERENCE_KM)]
@@ -223,7 +234,7 @@ class NodeRegisterRequest(_Request, kw_only=True):
     bandwidth_mbps: Annotated[int, Meta(ge=1, le=10_000_000)] = 1000
     base_latency_ms: Annotated[float, Meta(ge=0.0, le=60_000.0)] = 1.0
     price_per_gb_sec: PriceUsd
-    egress_price_per_gb: Annotated[float, Meta(ge=0.0, le=1000.0)] = 0.0
+    egress_price_per_gb: EgressPrice = 0.0
     max_ram_gb: Gigabytes | None = None
     max_vram_gb: Gigabytes | None = None
     min_duration_sec: DurationSec = 60
@@ -249,12 +260,12 @@ class NodeUpdateRequest(_Request, kw_only=True):
 
     name: NodeName | None = None
     price_per_gb_sec: PriceUsd | None = None
-    egress_price_per_gb: Annotated[float, Meta(ge=0.0, le=1000.0)] | None = None
+    egress_price_per_gb: EgressPrice | None = None
     min_duration_sec: DurationSec | None = None
     max_duration_sec: DurationSec | None = None
     bandwidth_mbps: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
     base_latency_ms: Annotated[float, Meta(ge=0.0, le=60_000.0)] | None = None
-    ask_expires_ms: Annotated[int, Meta(ge=0, le=2**53)] | None = None
+    ask_expires_ms: Annotated[int, Meta(ge=0, le=core.MAX_TIME_MS)] | None = None
     """Unix ms after which the node offers nothing new; 0: never."""
     status: Literal["active", "maintenance"] | None = None
     latitude: Latitude | None = None
@@ -469,7 +480,9 @@ class MatchResponse(_Response, kw_only=True):
 
 class ContractCreateRequest(_Request, kw_only=True):
     """Take capacity on one node. `max_price_per_gb_sec` caps the price; by default the node's
-    price as the request arrives (so a concurrent price rise refuses instead of overcharging)."""
+    price as the request arrives (so a concurrent price rise refuses instead of overcharging).
+    `ram_gb + vram_gb` must be positive. A lease may be worth at most 1,000,000 USD,
+    (ram_gb + vram_gb) x duration_sec x the price cap: above, 422 naming `duration_sec`."""
 
     client_id: Id
     node_id: Id
@@ -480,11 +493,17 @@ class ContractCreateRequest(_Request, kw_only=True):
 
 
 class ContractExtendRequest(_Request, kw_only=True):
+    """The total duration stays within the node's `max_duration_sec` (422 `outside_node_terms`)
+    and the lease's value within 1,000,000 USD (422): both name `additional_duration_sec`."""
+
     additional_duration_sec: DurationSec
 
 
 class ContractSettleRequest(_Request, kw_only=True):
-    actual_egress_gb: Annotated[float, Meta(ge=0.0, le=1_000_000.0)] = 0.0
+    """Egress is billed at the node's egress price; one contract may bill at most
+    1,000,000 USD of egress (else 422 naming `actual_egress_gb`)."""
+
+    actual_egress_gb: Annotated[float, Meta(ge=0.0, le=MAX_EGRESS_GB)] = 0.0
 
 
 class ContractLive(_Response, kw_only=True):
@@ -544,7 +563,10 @@ class ContractListQuery(_Request, kw_only=True):
 
 class BidCreateRequest(_Request, kw_only=True):
     """A limit bid that rests in `region`'s book until it fills, is cancelled or expires.
-    Location: `client_lat`/`client_lng`, else the client profile's."""
+    Location: `client_lat`/`client_lng`, else the client profile's. `ram_gb + vram_gb` must be
+    positive and at least `min_fill_gb`. A bid may be worth at most 1,000,000 USD,
+    (ram_gb + vram_gb) x duration_sec x max_price_per_gb_sec: above, 422 naming
+    `duration_sec`."""
 
     client_id: Id
     region: Region

@@ -770,7 +770,7 @@ UPDATE clients AS c
 SET current_spend_pusd = c.current_spend_pusd + u.amount,
     current_spend_usd = least(round((c.current_spend_pusd + u.amount) * 0.000000000001, 2),
                               99999999.99)
-FROM unnest($1::uuid[], $2::int8[]) AS u(id, amount)
+FROM unnest($1::uuid[], $2::numeric[]) AS u(id, amount)
 WHERE c.id = u.id
 """
 

@@ -1,7 +1,9 @@
--- Extend an active contract by extra_s seconds. ARGV: tag, region, now, contract_id, extra_s.
+-- Extend an active contract by extra_s seconds. ARGV: tag, region, now, contract_id, extra_s,
+-- longest_s (the longest total duration the lease's value bound allows: engine.core).
 -- Refuses: unknown or closed contract, a contract whose end has passed, a node no longer active,
--- a total duration beyond the node's max_duration_s. Returns the contract's JSON.
-local cid, extra = ARGV[4], tonumber(ARGV[5])
+-- a total duration beyond the node's max_duration_s or beyond longest_s. Returns the contract's
+-- JSON.
+local cid, extra, longest = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local c = contract(cid)
 if not c then return refuse('not_found', 'contract not found', 'contract_id') end
 if c.status ~= 'active' then return refuse('conflict', 'contract is ' .. c.status, 'contract_id') end
@@ -14,6 +16,11 @@ if duration > n0(n.max_duration_s) then
   return refuse('outside_node_terms', string.format(
     "the contract would last %d s, over the node's max_duration_sec of %d s",
     duration, n0(n.max_duration_s)), 'extra_s')
+end
+if duration > longest then
+  return refuse('invalid_request', string.format(
+    'the lease would be worth over 1,000,000 USD (size x duration x price cap) at %d s', duration),
+    'extra_s')
 end
 
 local end_ms = n0(c.end_ms) + extra * 1000

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from engine import core
 from engine.errors import NotFound
 from engine.types import Bid
 from gateway.errors import ValidationFailed
@@ -56,6 +57,8 @@ async def place(call: Call) -> BidOut:
         raise ValidationFailed(
             "price cap below 1e-12 USD per GB-second", field="max_price_per_gb_sec"
         )
+    if refusal := core.lease_value_refusal(total, body.duration_sec, cap, "duration_sec"):
+        raise refusal
     client = await owned_client(call.state.pool, call.user, body.client_id)
     lat, lng = body.client_lat, body.client_lng
     if lat is None and client["latitude"] is not None and client["longitude"] is not None:

@@ -11,12 +11,15 @@ that instant, never above the cap. A lost race is a 409 `capacity_taken`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 
+from engine import core
 from engine.errors import MarketError, NotFound
 from engine.types import Contract
 from gateway.auth import Principal
@@ -75,6 +78,10 @@ async def create(call: Call) -> ContractOut:
         if node is None:
             raise NotFound("no such node", field="node_id")
         cap = node.price_pusd
+    if refusal := core.lease_value_refusal(
+        body.ram_gb + body.vram_gb, body.duration_sec, cap, "duration_sec"
+    ):
+        raise refusal
     contract = await market.reserve(
         node_id=body.node_id,
         client_id=str(client["id"]),
@@ -254,24 +261,32 @@ async def _from_history(call: Call) -> ContractOut:
 async def extend(call: Call) -> ContractOut:
     body: ContractExtendRequest = call.body
     contract = await _renters(call)
-    try:
+    with _named_as(extra_s="additional_duration_sec"):
         extended = await call.state.market.extend(
             contract.contract_id, body.additional_duration_sec, call.now_ms()
         )
-    except MarketError as exc:
-        if exc.field == "extra_s":  # the market's name for this request's field
-            exc.field = "additional_duration_sec"
-        raise
     return contract_out(extended)
 
 
 async def settle(call: Call) -> ContractOut:
     body: ContractSettleRequest = call.body
     contract = await _renters(call)
-    settled = await call.state.market.settle(
-        contract.contract_id, body.actual_egress_gb, call.now_ms()
-    )
+    with _named_as(egress_gb="actual_egress_gb"):
+        settled = await call.state.market.settle(
+            contract.contract_id, body.actual_egress_gb, call.now_ms()
+        )
     return contract_out(settled)
+
+
+@contextlib.contextmanager
+def _named_as(**api_names: str) -> Iterator[None]:
+    """Refusals of the market name the request's fields as this API does."""
+    try:
+        yield
+    except MarketError as exc:
+        if exc.field in api_names:
+            exc.field = api_names[exc.field]
+        raise
 
 
 OPERATIONS: list[Operation] = [

@@ -374,6 +374,13 @@ class ModelMarket:
                 f"{node.max_duration_s} s",
                 field="extra_s",
             )
+        size = contract.ram_gb + contract.vram_gb
+        if duration > core.longest_lease_s(size, contract.max_price_pusd or contract.price_pusd):
+            raise InvalidRequest(
+                "the lease would be worth over 1,000,000 USD (size x duration x price cap) at "
+                f"{duration} s",
+                field="extra_s",
+            )
         extended = self.contracts[contract_id] = _replace(
             contract,
             duration_s=duration,

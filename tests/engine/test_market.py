@@ -839,18 +839,29 @@ async def test_settle_prices_exactly_and_frees_the_capacity(market: Market) -> N
 
 
 async def test_settlement_money_beyond_double_precision_is_exact(market: Market) -> None:
-    """Amounts past 2**53 pico-USD stay exact end to end (computed in Python, carried as text)."""
-    price = 999_999_999_999_977
+    """Amounts past 2**53 pico-USD stay exact end to end (computed in Python, carried as text):
+    a lease worth just under the bound, at an odd price near the highest, and nearly the most
+    egress a contract may bill."""
+    price = core.MAX_PRICE_PUSD - 23
+    egress_price = core.MAX_EGRESS_PRICE_PUSD - 7
     await market.register_node(
-        a_node(total_ram_gb=5000, offered_ram_gb=5000, price_pusd=price, max_duration_s=10**6),
+        a_node(
+            total_ram_gb=5000,
+            offered_ram_gb=5000,
+            price_pusd=price,
+            egress_price_pusd=egress_price,
+            max_duration_s=10**6,
+        ),
         T0,
     )
     c = await market.reserve(
-        **take(ram_gb=4999, vram_gb=1, duration_s=10**6, max_price_pusd=core.MAX_PRICE_PUSD)
+        **take(ram_gb=999, vram_gb=1, duration_s=1000, max_price_pusd=core.MAX_PRICE_PUSD)
     )
-    s = await market.settle(c.contract_id, "1234.567", T0 + 10**9)
-    expected = 5000 * 10**6 * price + 1_234_567 * 50_000_000_000 // 1000
-    assert expected > 2**53
+    with pytest.raises(InvalidRequest, match="egress one contract may bill"):
+        await market.settle(c.contract_id, "1000.001", T0 + 10**9)
+    s = await market.settle(c.contract_id, "999.999", T0 + 10**9)
+    expected = 1000 * 1000 * price + 999_999 * egress_price // 1000
+    assert 2**53 < expected <= core.MAX_LEASE_VALUE_PUSD + core.MAX_EGRESS_VALUE_PUSD < 2**63 // 4
     assert s.cost_pusd == expected
     assert (await market.read_events("us-east-2"))[-1].cost_pusd == expected
 

@@ -9,7 +9,15 @@ import pytest
 from engine.keys import Keys
 from engine.settings import Settings
 
-from .conftest import Gateway, assert_error, make_settings, node_body, register_node, signup
+from .conftest import (
+    Gateway,
+    assert_error,
+    create_client,
+    make_settings,
+    node_body,
+    register_node,
+    signup,
+)
 
 
 @pytest.mark.parametrize(
@@ -188,6 +196,69 @@ async def test_request_and_contract_inputs(gw: Gateway) -> None:
         headers=provider.headers,
     )
     assert_error(r, 404)
+
+
+async def test_money_bounds_refuse_what_would_not_fit(gw: Gateway) -> None:
+    """The attack that once stopped the journal (egress at 1,000 USD/GB, a million GB settled)
+    is refused with 422 naming the field, as is any lease, bid or extension worth over
+    1,000,000 USD; nothing is reserved by a refused request."""
+    api = gw.client
+    provider, renter = await signup(gw, "provider"), await signup(gw, "user")
+    client_id = await create_client(gw, renter)
+    h = renter.headers
+    node_id = await register_node(
+        gw,
+        provider,
+        total_ram_gb=4096,
+        max_ram_gb=4096,
+        price_per_gb_sec=0.001,
+        egress_price_per_gb=1000,
+        max_duration_sec=30 * 86_400,
+    )
+    await api.post(
+        f"/api/nodes/{node_id}/heartbeat",
+        json={"available_ram_gb": 4096, "available_vram_gb": 0},
+        headers=provider.headers,
+    )
+    take = {"client_id": client_id, "node_id": node_id, "ram_gb": 1000, "vram_gb": 0}
+    # 1000 GB x 1,000,001 s x 0.001 USD: just over a million dollars.
+    r = await api.post("/api/contracts/create", json={**take, "duration_sec": 1_000_001}, headers=h)
+    assert_error(r, 422, "invalid_request", "duration_sec")
+    assert "1,000,000 USD" in r.json()["error"]["message"]
+    r = await api.get(f"/api/nodes/{node_id}", headers=provider.headers)
+    assert r.json()["reserved_ram_gb"] == 0
+    r = await api.post(
+        "/api/bids",
+        json={
+            "client_id": client_id,
+            "region": "us-east-2",
+            "ram_gb": 1000,
+            "vram_gb": 0,
+            "duration_sec": 1_000_001,
+            "max_price_per_gb_sec": 0.001,
+        },
+        headers=h,
+    )
+    assert_error(r, 422, "invalid_request", "duration_sec")
+
+    r = await api.post("/api/contracts/create", json={**take, "duration_sec": 1_000_000}, headers=h)
+    assert r.status_code == 201, r.text
+    cid = r.json()["contract_id"]
+    r = await api.post(
+        f"/api/contracts/{cid}/extend", json={"additional_duration_sec": 1}, headers=h
+    )
+    assert_error(r, 422, "invalid_request", "additional_duration_sec")
+    r = await api.post(
+        f"/api/contracts/{cid}/settle", json={"actual_egress_gb": 1_000_000}, headers=h
+    )
+    assert_error(r, 422, "invalid_request", "actual_egress_gb")
+    r = await api.post(
+        f"/api/contracts/{cid}/settle", json={"actual_egress_gb": 1_000_001}, headers=h
+    )
+    assert_error(r, 422, field="actual_egress_gb")
+    r = await api.post(f"/api/contracts/{cid}/settle", json={"actual_egress_gb": 1000}, headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["egress_gb"] == 1000 and r.json()["total_cost_usd"] >= 1_000_000
 
 
 METRICS_TOKEN = "scrape-" + "t" * 32
