@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.cli import DISTRIBUTION
+
 ROOT = Path(__file__).resolve().parent.parent
 _AGENT_NEEDS = {"msgspec", "psutil", "websockets", "httpx", "nvidia-ml-py"}
 # The exchange's heavy or server-side dependencies, none of which a provider's machine needs.
@@ -118,7 +120,7 @@ def agent_install(tmp_path_factory: pytest.TempPathFactory) -> AgentInstall:
 def test_wheel_is_ours_and_the_readme_installs_it(agent_install: AgentInstall) -> None:
     """The wheel carries this project's own distribution name, and the README names that very
     file (and no `pip install mnemo` from an index)."""
-    assert agent_install.wheel.name.startswith("mnemo_exchange-")
+    assert agent_install.wheel.name.startswith(DISTRIBUTION.replace("-", "_") + "-")
     readme = (ROOT / "README.md").read_text()
     assert f"pip install 'dist/{agent_install.wheel.name}[agent]'" in readme
     assert "pip install 'mnemo[" not in readme and "pip install mnemo[" not in readme
@@ -133,7 +135,7 @@ def test_agent_extra_brings_nothing_of_the_exchange(agent_install: AgentInstall)
     assert pip_list.returncode == 0, pip_list.stderr
     listed = json.loads(pip_list.stdout)
     installed = {d["name"].lower().replace("_", "-") for d in listed}
-    assert "mnemo-exchange" in installed
+    assert DISTRIBUTION in installed
     assert _AGENT_NEEDS <= installed
     assert not (_EXCHANGE_ONLY & installed), _EXCHANGE_ONLY & installed
 
@@ -205,3 +207,16 @@ def test_mnemo_agent_help_and_init(agent_install: AgentInstall) -> None:
         "heartbeat_interval": 60.0,
         "metadata": {},
     }
+
+
+def test_mnemo_says_in_one_line_that_the_exchange_is_missing(agent_install: AgentInstall) -> None:
+    """The `mnemo` command installed beside the agent helps instead of failing on an import."""
+    assert agent_install.run("mnemo", "--help").returncode == 0
+    # Not `up`: were the check gone, it would first probe port 8000, which tests leave alone.
+    for command in ("gateway", "engine", "migrate"):
+        done = agent_install.run("mnemo", command)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert lines[0].startswith("mnemo: error: the exchange's dependencies are not installed")
+        assert "[exchange]" in lines[0]
