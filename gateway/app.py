@@ -8,9 +8,9 @@ scripts, starts the `MarketView` (snapshot, then tailing the region streams) and
 services, and hands everything to requests through the typed lifespan state (`AppState`,
 read as `request.state.<name>`). On shutdown it releases them in reverse order.
 
-Routes: the REST operations of `gateway.routes`, `/metrics`, `/openapi.json`, `/docs`, the
-clusters/analytics routes of `gateway.analytics` and `/ws` of `gateway.ws`. Those two modules
-are required: if one is missing, `create_app` raises ImportError naming it.
+Routes: the REST operations of `gateway.routes`, `/metrics`, `/openapi.json`, `/docs` (with its
+assets), the clusters/analytics routes of `gateway.analytics` and `/ws` of `gateway.ws`. Those two
+modules are required: if one is missing, `create_app` raises ImportError naming it.
 """
 
 from __future__ import annotations
@@ -193,8 +193,7 @@ def create_app(settings: Settings) -> Starlette:
     routes: list[BaseRoute] = [route(op) for op in OPERATIONS]
     routes += [
         Route("/metrics", metrics.endpoint, methods=["GET"], name="metrics"),
-        Route("/openapi.json", openapi.document, methods=["GET"], name="openapi"),
-        Route("/docs", openapi.docs, methods=["GET"], name="docs"),
+        *openapi.routes(),
     ]
     routes += analytics_routes
     routes += ws_routes

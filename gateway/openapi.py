@@ -8,23 +8,38 @@ and the errors its shape allows (401/403 when authenticated, 404 with path param
 Routes mounted from elsewhere (analytics) that are not Operations are listed with their path
 parameters and a `default` response, so a client sees them without the gateway guessing their
 shapes. WebSocket routes are not part of an OpenAPI document.
+
+`/docs` renders the document with Swagger UI, entirely from this origin: Swagger UI's files come
+from the installed swagger-ui-py package (no CDN, so the page works offline and behind a
+firewall), the page's script is a file of its own, and its Content-Security-Policy allows no
+inline script and no other origin.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from gateway.errors import ErrorBody
 from gateway.operations import ApiRoute, Operation
 
-__all__ = ["DOCS_HTML", "OpenApiEndpoints", "openapi_document"]
+__all__ = [
+    "DOCS_ASSETS",
+    "DOCS_CSP",
+    "DOCS_HTML",
+    "OpenApiEndpoints",
+    "openapi_document",
+    "swagger_ui_dir",
+]
 
 _REF = "#/components/schemas/{name}"
 _PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
@@ -61,7 +76,11 @@ def openapi_document(
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document of `routes` (an app's routes; Operations are documented fully)."""
     operations = [r.operation for r in routes if isinstance(r, ApiRoute)]
-    others = [r for r in routes if isinstance(r, Route) and not isinstance(r, ApiRoute)]
+    others = [
+        r
+        for r in routes
+        if isinstance(r, Route) and not isinstance(r, ApiRoute) and r.include_in_schema
+    ]
 
     body_types: list[Any] = [ErrorBody]
     for op in operations:
@@ -226,30 +245,92 @@ def _plain(route: Route) -> dict[str, Any]:
     return out
 
 
-DOCS_HTML = """<!doctype html>
+DOCS_ASSETS = "/docs/assets"
+"""Where Swagger UI's own files are served (same origin)."""
+
+_DOCS_INIT = "/docs/swagger-init.js"
+
+DOCS_HTML = f"""<!doctype html>
 <html lang="en">
 <head>
   <meta charset="utf-8">
   <title>Mnemo API</title>
-  <link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+  <link rel="icon" type="image/png" href="{DOCS_ASSETS}/favicon-32x32.png">
+  <link rel="stylesheet" href="{DOCS_ASSETS}/swagger-ui.css">
+  <link rel="stylesheet" href="{DOCS_ASSETS}/index.css">
 </head>
 <body>
   <div id="swagger-ui"></div>
-  <script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-  <script>
-    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});
-  </script>
+  <script src="{DOCS_ASSETS}/swagger-ui-bundle.js"></script>
+  <script src="{_DOCS_INIT}"></script>
 </body>
 </html>
 """
 
+# A file rather than an inline <script>, so the page's policy can forbid inline scripts.
+# validatorUrl: the default shows a badge fetched from validator.swagger.io, which is sent the
+# document's URL; nothing on this page may reach another origin.
+_DOCS_INIT_JS = """window.ui = SwaggerUIBundle({
+  url: "/openapi.json",
+  dom_id: "#swagger-ui",
+  deepLinking: true,
+  validatorUrl: null,
+});
+"""
+
+# Swagger UI's stylesheet draws its icons as data: SVGs; everything else is this origin's.
+DOCS_CSP = "; ".join(
+    (
+        "default-src 'self'",
+        "img-src 'self' data:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+
+
+def swagger_ui_dir() -> Path:
+    """The folder of Swagger UI's distribution files, as installed by swagger-ui-py.
+
+    Found without importing `swagger_ui` (whose own code, and its Jinja2 and PyYAML imports,
+    the gateway does not use).
+    """
+    spec = importlib.util.find_spec("swagger_ui")
+    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+    for location in locations:
+        folder = Path(location) / "static"
+        if (folder / "swagger-ui-bundle.js").is_file():
+            return folder
+    raise RuntimeError(
+        "Swagger UI's files are missing: /docs serves them from the swagger-ui-py package, "
+        "part of the exchange extra (pip install '<checkout>[exchange]')"
+    )
+
 
 class OpenApiEndpoints:
-    """`GET /openapi.json` (built once, on first request, from the app's routes) and `GET /docs`."""
+    """`GET /openapi.json` (built once, on first request, from the app's routes) and `GET /docs`,
+    with what the page loads; none of them needs credentials."""
 
     def __init__(self, **info: Any) -> None:
         self._info = info
         self._cached: bytes | None = None
+
+    def routes(self) -> list[BaseRoute]:
+        """The document, the page, its script, and Swagger UI's files under `DOCS_ASSETS`."""
+        return [
+            Route("/openapi.json", self.document, methods=["GET"], name="openapi"),
+            Route("/docs", self.docs, methods=["GET"], name="docs"),
+            Route(
+                _DOCS_INIT,
+                self.docs_script,
+                methods=["GET"],
+                name="docs_script",
+                include_in_schema=False,
+            ),
+            Mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_dir()), name="docs_assets"),
+        ]
 
     async def document(self, request: Request) -> Response:
         if self._cached is None:
@@ -258,4 +339,7 @@ class OpenApiEndpoints:
         return Response(self._cached, media_type="application/json")
 
     async def docs(self, request: Request) -> Response:
-        return HTMLResponse(DOCS_HTML)
+        return HTMLResponse(DOCS_HTML, headers={"Content-Security-Policy": DOCS_CSP})
+
+    async def docs_script(self, request: Request) -> Response:
+        return Response(_DOCS_INIT_JS, media_type="text/javascript")

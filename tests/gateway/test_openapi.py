@@ -1,4 +1,5 @@
-"""The OpenAPI document, and schemathesis against it: no server errors, no schema violations.
+"""The OpenAPI document, and schemathesis against it: no server errors, no schema violations;
+the `/docs` page, served whole by the gateway.
 
 schemathesis loads `/openapi.json` from the app in process (its ASGI transport runs the app's
 lifespan in its own event-loop thread) and, for every operation, sends generated valid and invalid
@@ -9,9 +10,14 @@ Examples per operation and mode: `MNEMO_SCHEMATHESIS_EXAMPLES` (default 10).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
 
 import hypothesis
 import pytest
@@ -27,11 +33,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from engine.keys import Keys
 from engine.settings import Settings
 from gateway.app import create_app
 from gateway.operations import ApiRoute
 
 from .conftest import Gateway, create_client, register_node, running, signup
+from .test_ws import serving
 
 EXAMPLES = int(os.environ.get("MNEMO_SCHEMATHESIS_EXAMPLES", "10"))
 CHECKS = [
@@ -69,6 +77,122 @@ async def test_document_covers_every_operation(gw: Gateway) -> None:
         "maximum": 90.0,
         "description": "Degrees north.",
     }
+
+
+class _PageLinks(HTMLParser):
+    """What a page makes the browser load: ("script" | "stylesheet" | "icon", URL), and any
+    script written into the page itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads: list[tuple[str, str]] = []
+        self.inline_scripts = 0
+        self.handlers: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = {k: v or "" for k, v in attrs}
+        self.handlers += [k for k in found if k.startswith("on")]
+        if tag == "script":
+            self._in_script = True
+            if "src" in found:
+                self.loads.append(("script", found["src"]))
+        elif tag == "link" and found.get("rel") in ("stylesheet", "icon"):
+            self.loads.append((found["rel"], found["href"]))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "script":
+            self._in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script and data.strip():
+            self.inline_scripts += 1
+
+
+_CONTENT_TYPES = {
+    "script": {"text/javascript", "application/javascript"},
+    "stylesheet": {"text/css"},
+    "icon": {"image/png"},
+}
+
+
+async def test_docs_page_loads_only_from_this_origin(gw: Gateway) -> None:
+    """/docs and every file it loads answer from the gateway, without credentials: no CDN, no
+    other origin, no inline script, under a policy that says so."""
+    page = await gw.client.get("/docs")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = [d.strip() for d in page.headers["content-security-policy"].split(";")]
+    assert "default-src 'self'" in policy
+    assert not any(d.startswith(("script-src", "style-src")) for d in policy)
+    assert "unsafe" not in page.headers["content-security-policy"]
+    assert re.search(r"(?i)https?:|//[a-z0-9]", page.text) is None, page.text
+
+    links = _PageLinks()
+    links.feed(page.text)
+    assert links.inline_scripts == 0 and links.handlers == []
+    assert {kind for kind, _ in links.loads} == {"script", "stylesheet", "icon"}
+    largest: dict[str, int] = {}
+    for kind, url in links.loads:
+        assert url.startswith("/") and not url.startswith("//"), url
+        r = await gw.client.get(url)
+        assert r.status_code == 200, url
+        assert r.headers["content-type"].split(";")[0] in _CONTENT_TYPES[kind], url
+        assert len(r.content) > 100, url
+        largest[kind] = max(largest.get(kind, 0), len(r.content))
+    # Swagger UI itself, not an error page that happens to say 200
+    assert largest["script"] > 500_000 and largest["stylesheet"] > 50_000
+
+    bundle, start = (url for kind, url in links.loads if kind == "script")
+    assert "SwaggerUIBundle" in (await gw.client.get(bundle)).text
+    start_script = (await gw.client.get(start)).text
+    assert '"/openapi.json"' in start_script and "validatorUrl: null" in start_script
+    assert (await gw.client.get("/openapi.json")).status_code == 200
+
+    # The page's plumbing is no part of the API's document.
+    paths = (await gw.client.get("/openapi.json")).json()["paths"]
+    assert "/docs" in paths
+    assert not [p for p in paths if p.startswith("/docs/")]
+
+
+_CHROMIUM = shutil.which("chromium") or shutil.which("chromium-headless-shell")
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="no chromium or chromium-headless-shell on PATH")
+async def test_docs_render_in_chromium(settings: Settings, keys: Keys, tmp_path: Path) -> None:
+    """Headless Chromium, held to the page's own policy, renders every operation of the document
+    from the gateway alone."""
+    assert _CHROMIUM is not None
+    async with serving(settings, keys) as live:
+        url = str(live.gw.client.base_url.join("/docs"))
+        operations = sum(
+            len(methods)
+            for methods in (await live.gw.client.get("/openapi.json")).json()["paths"].values()
+        )
+        browser = await asyncio.create_subprocess_exec(
+            _CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path}",
+            "--enable-logging=stderr",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(browser.communicate(), 120)
+        finally:
+            if browser.returncode is None:
+                browser.kill()
+                await browser.wait()
+    dom, log = out.decode(), err.decode()
+    assert "Content Security Policy" not in log, log
+    shown = re.findall(r'class="opblock-summary-path"[^>]*data-path="([^"]+)"', dom)
+    assert len(shown) == operations, (len(shown), operations, log[-3000:])
+    assert "/api/nodes/register" in shown
 
 
 @pytest.fixture
