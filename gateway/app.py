@@ -43,7 +43,7 @@ from gateway.operations import route
 from gateway.ratelimit import RateLimiter
 from gateway.routes import OPERATIONS
 from gateway.routes.nodes import OwnerIndex
-from persistence.journal import journal_lag
+from persistence.journal import journal_lag, rejected_counts
 
 __all__ = ["AppState", "app_from_env", "create_app"]
 
@@ -167,7 +167,7 @@ def create_app(settings: Settings) -> Starlette:
             sweeper = asyncio.create_task(idempotency.sweep_forever(), name="idempotency-sweep")
             stack.push_async_callback(_cancel, sweeper)
             metrics.on_scrape(lambda m: _view_gauges(m, view))
-            metrics.on_scrape_async(lambda m: _journal_gauges(m, redis, keys))
+            metrics.on_scrape_async(lambda m: _journal_gauges(m, redis, keys, pool))
             # The market view holds every node as long-lived objects; a full collection that
             # rescans them costs ~40 ms per 100k nodes, a latency spike for every request in
             # flight. Freeze what start-up built into the permanent generation.
@@ -216,7 +216,13 @@ def _view_gauges(metrics: Metrics, view: MarketView) -> None:
         metrics.view_nodes.labels(book.region).set(len(book))
 
 
-async def _journal_gauges(metrics: Metrics, redis: aioredis.Redis, keys: Keys) -> None:
+async def _journal_gauges(
+    metrics: Metrics, redis: aioredis.Redis, keys: Keys, pool: asyncpg.Pool
+) -> None:
+    rejected = await rejected_counts(pool)
+    metrics.journal_rejected.clear()
+    for name, count in rejected.items():
+        metrics.journal_rejected.labels(name or "(not an event)").set(count)
     lag = await journal_lag(redis, keys)
     for region in lag.regions:
         metrics.journal_pending.labels(region.region).set(region.pending)

@@ -78,6 +78,13 @@ class Metrics:
             ["region"],
             registry=self.registry,
         )
+        self.journal_rejected = Gauge(
+            "mnemo_journal_rejected_events",
+            "Events the journal set aside and that are not yet replayed, by region "
+            "(`mnemo journal-status` lists them).",
+            ["region"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._refreshers: list[Callable[[Metrics], None]] = []
         self._async_refreshers: list[Callable[[Metrics], Awaitable[None]]] = []

@@ -129,9 +129,11 @@ def window(
     size = BUCKETS[bucket]
     given_start = _instant(start, "start") if start is not None else None
     end = _instant(end, "end") if end is not None else (now or datetime.now(UTC))
-    start = given_start if given_start is not None else end - timedelta(days=1)
+    start = given_start if given_start is not None else max(EARLIEST, end - timedelta(days=1))
     if start >= end:
-        raise InvalidRequest("start must be before end", field="start")
+        raise InvalidRequest(
+            "start must be before end", field="start" if given_start is not None else "end"
+        )
     if end - start > MAX_RANGE:
         raise InvalidRequest(f"the range may span at most {MAX_RANGE.days} days", field="start")
     step_us = size * 1_000_000

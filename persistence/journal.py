@@ -19,10 +19,14 @@ Rules (DESIGN.md, "State and the atomic core"):
 - **Lost events are given up only when provably gone**: a gap is skipped (and counted in
   `journal_positions.skipped`) only when the group has nothing pending and everything in the stream
   has been delivered, i.e. no entry anywhere can still fill it (stream trimmed, Redis lost).
-- **A poisoned event holds its region, not the journal.** An event the tables refuse (a foreign
-  key to a missing user, a value out of a column's range) is stored like any other; its region's
-  application stops just before it with the error in `journal_positions.error` (see
-  `mnemo journal-status`), is retried every `_BLOCKED_RETRY_S`, and every other region carries on.
+- **No event stops the journal or holds back another.** A batch is written the fast way (one fold,
+  set-based statements); if that raises anything but a lost connection, the batch is written
+  again carefully (`write`): an event that cannot be decoded, stored or applied (an unknown type,
+  a value out of a column's range, a foreign key to a missing row, a bug in the fold) is set
+  aside in `journal_rejects` with the reason and the stage, logged, counted in
+  `mnemo journal-status` and `/metrics`, and its region's later events are applied as usual.
+  Once the cause is mended, `mnemo journal-replay` applies the region's history again (see
+  `replay_region`).
 - **The journal trims the streams** (nothing else does): entries acknowledged, so stored in
   Postgres, and older than `stream_keep_s` (slack for the other readers) are removed; an entry
   still pending is never removed.
@@ -48,16 +52,18 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import gc
 import logging
 import operator
+import re
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import asyncpg
 import hiredis
@@ -67,6 +73,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from engine.core import MAX_TIME_MS
 from engine.keys import Keys
 from engine.settings import ConfigError, Settings
 from engine.types import (
@@ -92,7 +99,11 @@ __all__ = [
     "BatchResult",
     "JournalLag",
     "RegionLag",
+    "Reject",
+    "RejectedEvent",
+    "ReplayResult",
     "StoredEvent",
+    "Unreadable",
     "decode_entry",
     "ensure_partitions",
     "journal_lag",
@@ -101,9 +112,14 @@ __all__ = [
     "prepare",
     "print_status",
     "refresh_clusters",
+    "rejected_counts",
+    "rejected_events",
+    "replay",
+    "replay_region",
     "run_journal",
     "shard_regions",
     "status",
+    "write",
     "write_batch",
 ]
 
@@ -123,7 +139,6 @@ is about 50 MB of decoded events in the worker."""
 _CLUSTER_REFRESH_S = 1.0
 _REGIONS_REFRESH_S = 1.0
 _GAP_CHECK_S = 5.0
-_BLOCKED_RETRY_S = 10.0
 _PARTITIONS_EVERY_S = 3600.0
 _PARTITION_DAYS_AHEAD = 2
 _BACKOFF_MAX_S = 10.0
@@ -139,6 +154,15 @@ _EPOCH_DAY = date(1970, 1, 1)
 # Stored events
 
 
+class Unreadable(NamedTuple):
+    """In place of an event whose envelope (id, region, type, time) is sound but whose body this
+    journal cannot read (a type it does not know, a field of the wrong shape): it is stored like
+    any event and set aside when applied, so a newer engine's event waits for a newer journal
+    (`mnemo journal-replay`) instead of stopping this one."""
+
+    problem: str
+
+
 class StoredEvent(NamedTuple):
     """One decoded event with its JSON as the script wrote it (stored verbatim in `events`)."""
 
@@ -148,28 +172,84 @@ class StoredEvent(NamedTuple):
     type: str
     ts_ms: int
     payload: str
-    event: Event
+    event: Event | Unreadable
+
+
+class _Envelope(msgspec.Struct):
+    event_id: str
+    region: str
+    ts_ms: int
+    type: str
 
 
 _TAGS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in get_args(Event)}
 _new_tuple = tuple.__new__
+_ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
+_REGION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_TYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_MAX_SEQ = 2**63 - 1
 
 
-def decode_entry(raw: bytes | str) -> StoredEvent:
-    """Decode a stream entry's `e` field. Raises `ValueError` for anything not a valid event."""
+def decode_entry(raw: bytes | str, *, lenient: bool = False) -> StoredEvent:
+    """Decode a stream entry's `e` field. Raises `ValueError` for anything not a valid event;
+    with `lenient`, an event whose envelope is sound but whose body is not (see `Unreadable`)
+    comes back with an `Unreadable` as its event instead."""
     try:
         event = EVENT_DECODER.decode(raw)
     except msgspec.DecodeError as e:
-        raise ValueError(f"not an event: {e}") from None
+        problem = f"not an event: {e}"
+        if not lenient:
+            raise ValueError(problem) from None
+        return _unreadable(raw, problem)
     event_id = event.event_id
     region, sep, seq_text = event_id.rpartition(":")
-    if not sep or not seq_text.isdigit() or region != event.region:
-        raise ValueError(f"malformed event id {event_id!r} for region {event.region!r}")
+    if (
+        not sep
+        or not seq_text.isdigit()
+        or region != event.region
+        or seq_text[0] == "0"
+        or len(seq_text) > 18
+        or not 0 <= event.ts_ms <= MAX_TIME_MS
+    ):
+        _envelope(event_id, event.region, event.ts_ms)  # raises, naming what is wrong
     payload = raw.decode() if isinstance(raw, bytes) else raw
     # tuple.__new__ skips the NamedTuple's Python-level __new__ (the hot path: every event).
     return _new_tuple(  # type: ignore[no-any-return]
         StoredEvent,
         (event_id, region, int(seq_text), _TAGS[type(event)], event.ts_ms, payload, event),
+    )
+
+
+def _envelope(event_id: str, region: str, ts_ms: int) -> int:
+    """The seq of a sound envelope, else ValueError: an id spelling `<region>:<seq>` exactly (the
+    `events` table checks it), a region name as the market makes them, a seq and a time that
+    Postgres and Python can both hold."""
+    prefix, sep, seq_text = event_id.rpartition(":")
+    if (
+        not sep
+        or prefix != region
+        or not _REGION_NAME.fullmatch(region)
+        or not seq_text.isdigit()
+        or seq_text != str(int(seq_text))
+        or not 0 < int(seq_text) <= _MAX_SEQ
+    ):
+        raise ValueError(f"malformed event id {event_id!r} for region {region!r}")
+    if not 0 <= ts_ms <= MAX_TIME_MS:
+        raise ValueError(f"event {event_id}: ts_ms {ts_ms} is not a time")
+    return int(seq_text)
+
+
+def _unreadable(raw: bytes | str, problem: str) -> StoredEvent:
+    try:
+        env = _ENVELOPE_DECODER.decode(raw)
+    except msgspec.DecodeError:
+        raise ValueError(problem) from None
+    seq = _envelope(env.event_id, env.region, env.ts_ms)
+    if not _TYPE_NAME.fullmatch(env.type):
+        raise ValueError(f"{problem} (type {env.type[:64]!r})")
+    payload = raw.decode() if isinstance(raw, bytes) else raw
+    return StoredEvent(
+        env.event_id, env.region, seq, env.type, env.ts_ms, payload, Unreadable(problem)
     )
 
 
@@ -398,7 +478,7 @@ class _Fold:
 
     def apply(self, stored: StoredEvent) -> None:
         ev = stored.event
-        at = ev.ts_ms
+        at = stored.ts_ms
         match ev:
             case HeartbeatsApplied():
                 self._heartbeats(ev, at)
@@ -588,6 +668,8 @@ class _Fold:
                 )
                 if ev.cost_pusd:
                     self.spend[ev.client_id] = self.spend.get(ev.client_id, 0) + ev.cost_pusd
+            case Unreadable():
+                raise ValueError(ev.problem)
 
     def _node(self, node_id: str, region: str, values: _Row) -> None:
         _merge(self.nodes, self.node_patches, node_id, values)
@@ -1003,13 +1085,27 @@ def _pg_transient(exc: BaseException) -> bool:
 
 class BatchResult(msgspec.Struct, kw_only=True):
     """What one transaction did. `waiting` lists regions with stored events left unapplied
-    (a gap before them, a blocked region, or more than one transaction's worth)."""
+    (a gap before them, or more than one transaction's worth); `rejected` counts the events it
+    set aside (see `Reject`)."""
 
     stored: int = 0
     applied: int = 0
+    rejected: int = 0
     node_regions: list[str] = []
     waiting: list[str] = []
-    blocked: list[str] = []
+
+
+class Reject(NamedTuple):
+    """An event set aside: at `stage` `store` (the `events` table refused it) or `apply` (its
+    fold or its rows raised), with the reason. Its region's position moves past it."""
+
+    stored: StoredEvent
+    stage: Literal["store", "apply"]
+    problem: str
+
+
+def _problem(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 # Events reach `events` by one binary COPY straight into the table: the usual batch holds no
@@ -1076,19 +1172,41 @@ async def _store(
     return int(status.rsplit(" ", 1)[1])
 
 
+async def _store_carefully(
+    conn: asyncpg.Connection, events: Sequence[StoredEvent]
+) -> tuple[int, list[Reject]]:
+    """`_store`, and when it raises, each event in a savepoint of its own: those `events`
+    refuses are set aside (a gap their rejects fill, see `_Worker._check_gaps`)."""
+    try:
+        async with conn.transaction():
+            return await _store(conn, events), []
+    except Exception as e:
+        if _pg_transient(e):
+            raise
+    stored, rejects = 0, []
+    for one in events:
+        try:
+            async with conn.transaction():
+                stored += await _store(conn, [one])
+        except Exception as exc:
+            if _pg_transient(exc):
+                raise
+            rejects.append(Reject(one, "store", _problem(exc)))
+    return stored, rejects
+
+
 async def _runs(
     conn: asyncpg.Connection,
     regions: Sequence[str],
     mine: dict[str, list[StoredEvent]],
     memory: dict[tuple[str, int], StoredEvent],
     *,
-    include_blocked: bool,
     max_apply: int,
-) -> tuple[dict[str, list[StoredEvent]], set[str], set[str]]:
+) -> tuple[dict[str, list[StoredEvent]], set[str]]:
     """Lock the regions' positions and find each one's contiguous run of unapplied events.
 
-    Returns (runs, waiting, blocked). Must run inside a transaction: the row locks serialise
-    workers per region until commit (taken in region order, so workers cannot deadlock on them).
+    Returns (runs, waiting). Must run inside a transaction: the row locks serialise workers per
+    region until commit (taken in region order, so workers cannot deadlock on them).
     """
     regions = sorted(set(regions))
     await conn.execute(
@@ -1096,15 +1214,13 @@ async def _runs(
         regions,
     )
     rows = await conn.fetch(
-        "SELECT region, applied_seq, error_seq FROM journal_positions "
+        "SELECT region, applied_seq FROM journal_positions "
         "WHERE region = ANY($1::text[]) ORDER BY region FOR UPDATE",
         regions,
     )
-    blocked = {r["region"] for r in rows if r["error_seq"] is not None}
-    live = [r for r in rows if include_blocked or r["error_seq"] is None]
-    if not live:
-        return {}, set(), blocked
-    applied = {r["region"]: r["applied_seq"] for r in live}
+    if not rows:
+        return {}, set()
+    applied = {r["region"]: r["applied_seq"] for r in rows}
     # The run starts with the batch's own events, read from `events` only past them.
     heads = {r: _head(mine.get(r, ()), seq, max_apply) for r, seq in applied.items()}
     found = await conn.fetch(
@@ -1132,7 +1248,7 @@ async def _runs(
         )
         memory = dict(memory)
         for (payload,) in fetched:
-            stored = decode_entry(payload)
+            stored = decode_entry(payload, lenient=True)
             memory[(stored.region, stored.seq)] = stored
     runs = {}
     for region, head in heads.items():
@@ -1140,7 +1256,7 @@ async def _runs(
             head = head + [memory[(region, s)] for s in tails[region]]
         if head:
             runs[region] = head
-    return runs, waiting, blocked
+    return runs, waiting
 
 
 def _seq(e: StoredEvent) -> int:
@@ -1166,11 +1282,7 @@ async def _advance(conn: asyncpg.Connection, runs: dict[str, list[StoredEvent]])
         return
     await conn.execute(
         "UPDATE journal_positions AS p SET applied_seq = u.seq, applied_ts = u.ts, "
-        "updated_at = now(), "
-        # An error is history once the region has been applied past the refused event.
-        "error = CASE WHEN u.seq >= p.error_seq THEN NULL ELSE p.error END, "
-        "error_at = CASE WHEN u.seq >= p.error_seq THEN NULL ELSE p.error_at END, "
-        "error_seq = CASE WHEN u.seq >= p.error_seq THEN NULL ELSE p.error_seq END "
+        "updated_at = now() "
         "FROM unnest($1::text[], $2::int8[], $3::timestamptz[]) AS u(region, seq, ts) "
         "WHERE p.region = u.region",
         list(runs),
@@ -1179,43 +1291,82 @@ async def _advance(conn: asyncpg.Connection, runs: dict[str, list[StoredEvent]])
     )
 
 
-async def _apply_one_by_one(
-    conn: asyncpg.Connection, runs: dict[str, list[StoredEvent]]
-) -> tuple[dict[str, list[StoredEvent]], set[str]]:
-    """Apply each event in its own savepoint; a region stops at its first refused event."""
-    done: dict[str, list[StoredEvent]] = {}
-    blocked: set[str] = set()
-    for region, run in runs.items():
-        ok: list[StoredEvent] = []
+def _fold(runs: dict[str, list[StoredEvent]]) -> _Fold:
+    fold = _Fold()
+    for run in runs.values():
         for stored in run:
-            fold = _Fold()
             fold.apply(stored)
-            try:
-                async with conn.transaction():
-                    await _flush(conn, fold)
-            except asyncpg.PostgresError as e:
-                if _pg_transient(e):
-                    raise
-                log.error(
-                    "journal: region %s is held at event %s: %s: %s",
-                    region,
-                    stored.event_id,
-                    type(e).__name__,
-                    e,
-                )
-                await conn.execute(
-                    "UPDATE journal_positions SET error = $2, error_seq = $3, error_at = now(), "
-                    "updated_at = now() WHERE region = $1",
-                    region,
-                    f"{stored.event_id}: {type(e).__name__}: {e}",
-                    stored.seq,
-                )
-                blocked.add(region)
-                break
-            ok.append(stored)
-        if ok:
-            done[region] = ok
-    return done, blocked
+    return fold
+
+
+async def _apply_carefully(
+    conn: asyncpg.Connection,
+    runs: dict[str, list[StoredEvent]],
+    prune: Callable[[_Fold], None] | None = None,
+) -> tuple[set[str], list[Reject]]:
+    """Apply the runs so that an event that raises anything (its fold, its rows, a constraint)
+    is set aside and every other one is applied, in order: halves of the events in savepoints
+    of their own, a failing half halved again down to its culprits (about 2 log2(n) flushes for
+    one culprit among n). `prune` trims each fold before it is written (a replay's). Returns the
+    regions whose nodes changed, and the rejects."""
+    node_regions: set[str] = set()
+    rejects: list[Reject] = []
+    todo: collections.deque[list[StoredEvent]] = collections.deque(
+        [[e for run in runs.values() for e in run]]
+    )
+    while todo:
+        chunk = todo.popleft()
+        if not chunk:
+            continue
+        try:
+            fold = _Fold()
+            for stored in chunk:
+                fold.apply(stored)
+            if prune is not None:
+                prune(fold)
+            async with conn.transaction():
+                await _flush(conn, fold)
+        except Exception as exc:
+            if _pg_transient(exc):
+                raise
+            if len(chunk) == 1:
+                rejects.append(Reject(chunk[0], "apply", _problem(exc)))
+            else:
+                half = len(chunk) // 2
+                todo.appendleft(chunk[half:])
+                todo.appendleft(chunk[:half])
+            continue
+        node_regions |= fold.node_regions
+    return node_regions, rejects
+
+
+async def _record_rejects(conn: asyncpg.Connection, rejects: Sequence[Reject]) -> None:
+    for r in rejects:
+        log.error(
+            "journal: event %s (%s) set aside at %s: %s; its region goes on without it "
+            "(`mnemo journal-status`, `mnemo journal-replay`)",
+            r.stored.event_id,
+            r.stored.type,
+            r.stage,
+            r.problem,
+        )
+    await conn.executemany(
+        "INSERT INTO journal_rejects (region, seq, event_type, raw, problem, stage) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (region, seq) WHERE region IS NOT NULL "
+        "DO UPDATE SET problem = EXCLUDED.problem, stage = EXCLUDED.stage, "
+        "received_at = now(), replayed_at = NULL",
+        [
+            (
+                r.stored.region,
+                r.stored.seq,
+                r.stored.type,
+                r.stored.payload.encode(),
+                r.problem,
+                r.stage,
+            )
+            for r in rejects
+        ],
+    )
 
 
 _REGION_SEQ = operator.itemgetter(1, 2)
@@ -1223,7 +1374,8 @@ _REGION_SEQ = operator.itemgetter(1, 2)
 
 class Batch:
     """Events deduplicated, ordered and folded ahead of their transaction (`prepare`), so that
-    a worker can do this CPU work while the previous batch is being written."""
+    a worker can do this CPU work while the previous batch is being written. `fold` is None
+    when folding raised (an event the fold cannot take): `write_batch` then applies carefully."""
 
     __slots__ = ("days", "events", "fold", "memory", "records", "runs")
 
@@ -1241,10 +1393,13 @@ class Batch:
                 run.append(e)
         # Folded on the guess that these events are exactly the runs to apply (the usual case:
         # in-order delivery, nothing waiting); write_batch checks the guess and refolds if not.
-        self.fold = _Fold()
+        self.fold: _Fold | None = _Fold()
         if fold:
-            for e in self.events:
-                self.fold.apply(e)
+            try:
+                for e in self.events:
+                    self.fold.apply(e)
+            except Exception:
+                self.fold = None
         self.days = {
             _EPOCH_DAY + timedelta(days=d)
             for d in {e.ts_ms // 86_400_000 for e in self.events if e.type == "heartbeats"}
@@ -1255,22 +1410,32 @@ class Batch:
     async def fold_stepwise(self) -> None:
         """Fold the events (`fold=False` above) and make their COPY records and the fold's
         (`_Fold.staged`, `_Fold.patches`), yielding to the event loop every `_CHUNK` events so
-        that the batch being written meanwhile gets its turns promptly."""
-        apply = self.fold.apply
-        records: list[tuple[Any, ...]] = []
-        events = self.events
-        for i in range(0, len(events), _CHUNK):
-            for e in events[i : i + _CHUNK]:
-                apply(e)
-            records += map(_event_record, events[i : i + _CHUNK])
-            await asyncio.sleep(0)
+        that the batch being written meanwhile gets its turns promptly. An event that makes
+        any of this raise leaves `fold` None (and the records to `write_batch`)."""
+        fold = self.fold
+        assert fold is not None
+        try:
+            apply = fold.apply
+            records: list[tuple[Any, ...]] = []
+            events = self.events
+            for i in range(0, len(events), _CHUNK):
+                for e in events[i : i + _CHUNK]:
+                    apply(e)
+                records += map(_event_record, events[i : i + _CHUNK])
+                await asyncio.sleep(0)
+            staged = {}
+            for upsert, rows in _upserts(fold):
+                staged[upsert.staging] = upsert.records(rows)
+                await asyncio.sleep(0)
+            fold.staged = staged
+            fold.patches = _patches(fold)
+        except Exception as exc:
+            log.warning(
+                "journal: a batch did not fold (%s); it is applied carefully", _problem(exc)
+            )
+            self.fold = None
+            return
         self.records = records
-        staged = {}
-        for upsert, rows in _upserts(self.fold):
-            staged[upsert.staging] = upsert.records(rows)
-            await asyncio.sleep(0)
-        self.fold.staged = staged
-        self.fold.patches = _patches(self.fold)
 
     async def discard_stepwise(self) -> None:
         """Drop the batch's objects a slice at a time (freeing some hundred thousand objects
@@ -1282,11 +1447,12 @@ class Batch:
         while events:
             del events[-_CHUNK:]
             await asyncio.sleep(0)
-        metrics = self.fold.metrics
-        while metrics:
-            del metrics[-4 * _CHUNK :]
-            await asyncio.sleep(0)
-        self.fold = _Fold()
+        if self.fold is not None:
+            metrics = self.fold.metrics
+            while metrics:
+                del metrics[-4 * _CHUNK :]
+                await asyncio.sleep(0)
+        self.fold = None
 
 
 def prepare(events: Iterable[StoredEvent]) -> Batch:
@@ -1299,23 +1465,26 @@ async def write_batch(
     events: Sequence[StoredEvent] | Batch,
     *,
     regions: Iterable[str] = (),
-    retry_blocked: bool = False,
     max_apply: int = _MAX_APPLY,
     partitions: set[date] | None = None,
     on_tail: Callable[[], None] | None = None,
+    careful: bool = False,
 ) -> BatchResult:
     """Store `events` and apply every region's contiguous run, in ONE transaction.
 
     Idempotent: any delivery of any events, any number of times, in any order, ends in the same
     tables once every event has been delivered at least once. `regions` adds regions to apply
-    without new events (catch-up); `retry_blocked` retries regions held at a refused event.
-    `partitions` caches the days that have a `node_metrics` partition (the catalog is read when
-    it is None); missing ones are created first, in their own transaction. `on_tail` is called
-    when the batch's last and longest statement (the set-based upserts) goes to Postgres.
-    Connection errors propagate (nothing was committed); an event the tables refuse holds its
-    region (see the module docstring) and does not raise.
+    without new events (catch-up). `partitions` caches the days that have a `node_metrics`
+    partition (the catalog is read when it is None); missing ones are created first, in their
+    own transaction. `on_tail` is called when the batch's last and longest statement (the
+    set-based upserts) goes to Postgres.
+
+    The fast way (`careful=False`) folds the whole batch into one set of statements: anything
+    raised rolls the transaction back and propagates. `careful=True` sets aside, with the
+    reason, every event that makes anything raise, and applies the others (see `Reject`,
+    `_apply_carefully`); only connection errors propagate. `write` does the one, then the other.
     """
-    batch = events if isinstance(events, Batch) else Batch(events)
+    batch = events if isinstance(events, Batch) else Batch(events, fold=not careful)
     all_regions = sorted({*batch.runs, *regions})
     result = BatchResult()
     if not all_regions:
@@ -1323,43 +1492,57 @@ async def write_batch(
     if batch.days:
         await ensure_partitions(conn, batch.days, partitions)
     async with conn.transaction():
-        result.stored = await _store(conn, batch.events, batch.records)
-        runs, waiting, blocked = await _runs(
-            conn,
-            all_regions,
-            batch.runs,
-            batch.memory,
-            include_blocked=retry_blocked,
-            max_apply=max_apply,
-        )
-        blocked -= set(runs)  # retried: blocked again below if the same event is refused
-        if runs == batch.runs:
-            fold = batch.fold
+        rejects: list[Reject] = []
+        mine = batch.runs
+        if careful:
+            result.stored, rejects = await _store_carefully(conn, batch.events)
+            if rejects:
+                refused = {(r.stored.region, r.stored.seq) for r in rejects}
+                mine = {
+                    region: [e for e in run if (region, e.seq) not in refused]
+                    for region, run in mine.items()
+                }
         else:
-            fold = _Fold()
-            for run in runs.values():
-                for stored in run:
-                    fold.apply(stored)
-        try:
-            async with conn.transaction():
-                await _flush(conn, fold, on_tail)
-        except asyncpg.PostgresError as e:
-            if _pg_transient(e):
-                raise
-            # Some event in this batch is refused; find it, apply everything before it.
-            runs, newly_blocked = await _apply_one_by_one(conn, runs)
-            blocked |= newly_blocked
-            waiting |= newly_blocked
-            fold = _Fold()
-            for run in runs.values():
-                for stored in run:
-                    fold.apply(stored)
+            result.stored = await _store(conn, batch.events, batch.records)
+        runs, waiting = await _runs(conn, all_regions, mine, batch.memory, max_apply=max_apply)
+        if careful:
+            node_regions, applying = await _apply_carefully(conn, runs)
+            rejects += applying
+        else:
+            fold = batch.fold if batch.fold is not None and runs == batch.runs else _fold(runs)
+            await _flush(conn, fold, on_tail)
+            node_regions = fold.node_regions
         await _advance(conn, runs)
-    result.applied = sum(len(r) for r in runs.values())
-    result.node_regions = sorted(fold.node_regions)
+        if rejects:
+            await _record_rejects(conn, rejects)
+    result.applied = sum(len(r) for r in runs.values()) - sum(r.stage == "apply" for r in rejects)
+    result.rejected = len(rejects)
+    result.node_regions = sorted(node_regions)
     result.waiting = sorted(waiting)
-    result.blocked = sorted(blocked)
     return result
+
+
+async def write(
+    conn: asyncpg.Connection,
+    events: Sequence[StoredEvent] | Batch,
+    **options: Any,
+) -> BatchResult:
+    """`write_batch` the fast way and, if that raises anything but a connection error, again
+    carefully: no event, however malformed, stops the journal or holds back another."""
+    try:
+        return await write_batch(conn, events, **options)
+    except Exception as exc:
+        if _pg_transient(exc):
+            raise
+        n = len(events.events if isinstance(events, Batch) else events)
+        log.error(
+            "journal: a batch of %d events failed (%s); applying it carefully to set the "
+            "culprits aside",
+            n,
+            _problem(exc),
+        )
+    options.pop("on_tail", None)
+    return await write_batch(conn, events, careful=True, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1680,7 +1863,7 @@ class _Worker:
                 rejects.append((raw, "entry has no `e` field (or was deleted)"))
                 continue
             try:
-                events.append(decode_entry(raw.data))
+                events.append(decode_entry(raw.data, lenient=True))
             except (ValueError, UnicodeDecodeError) as e:
                 rejects.append((raw, str(e)))
         return events, rejects
@@ -1716,34 +1899,11 @@ class _Worker:
         batch: Batch,
         on_tail: Callable[[], None] | None = None,
     ) -> bool:
-        events = batch.events
 
         async def attempt(conn: asyncpg.Connection) -> BatchResult:
             if rejects:
                 await self._store_rejects(conn, rejects)
-            try:
-                return await write_batch(conn, batch, partitions=self.partitions, on_tail=on_tail)
-            except asyncpg.PostgresError as e:
-                if _pg_transient(e):
-                    raise
-                # Storing itself failed (say, a payload jsonb refuses): isolate the culprits.
-                log.error(
-                    "journal: batch refused (%s: %s); storing one by one", type(e).__name__, e
-                )
-                total = BatchResult()
-                for stored in events:
-                    try:
-                        r = await write_batch(conn, [stored], partitions=self.partitions)
-                    except asyncpg.PostgresError as e1:
-                        if _pg_transient(e1):
-                            raise
-                        raw = next(x for x in raws if x.data and x.data.decode() == stored.payload)
-                        await self._store_rejects(conn, [(raw, f"{type(e1).__name__}: {e1}")])
-                        continue
-                    total.applied += r.applied
-                    total.node_regions = sorted({*total.node_regions, *r.node_regions})
-                    total.waiting = sorted({*total.waiting, *r.waiting})
-                return total
+            return await write(conn, batch, partitions=self.partitions, on_tail=on_tail)
 
         result = await self._with_pg(f"a batch of {len(raws)}", attempt)
         if result is None:
@@ -1755,8 +1915,9 @@ class _Worker:
         self.dirty_clusters.update(result.node_regions)
         # Regions with events left to apply: more than one transaction's worth, or a gap
         # (the catch-up then applies nothing and waits for the next batch or the gap check).
-        # Held regions wait for their own retry.
-        self.catch_up.update(r for r in result.waiting if r not in result.blocked)
+        self.catch_up.update(result.waiting)
+        if result.rejected:
+            self.next["gaps"] = 0.0  # an event `events` refused leaves a gap its reject fills
 
     async def _store_rejects(
         self, conn: asyncpg.Connection, rejects: list[tuple[_Raw, str]]
@@ -1780,7 +1941,7 @@ class _Worker:
             regions = sorted(self.catch_up)
             self.catch_up.clear()
             result = await self._with_pg(
-                "catch-up", lambda c, regions=regions: write_batch(c, [], regions=regions)
+                "catch-up", lambda c, regions=regions: write(c, [], regions=regions)
             )
             if result is None:
                 return
@@ -1791,8 +1952,6 @@ class _Worker:
             regions = sorted(self.dirty_clusters)
             self.dirty_clusters.clear()
             await self._with_pg("clusters", lambda c: refresh_clusters(c, regions))
-        if self._due("blocked", _BLOCKED_RETRY_S):
-            await self._with_pg("blocked regions", self._retry_blocked)
         if self._due("gc", _GC_EVERY_S):
             gc.collect()
         if self._due("trim", _TRIM_EVERY_S):
@@ -1803,11 +1962,13 @@ class _Worker:
             "SELECT p.region, p.applied_seq, "
             "(SELECT min(seq) FROM events e WHERE e.region = p.region AND e.seq > p.applied_seq) "
             "AS next_seq, (SELECT max(seq) FROM events e WHERE e.region = p.region) AS max_seq "
-            "FROM journal_positions p WHERE p.error_seq IS NULL"
+            "FROM journal_positions p"
         )
         for region, applied, next_seq, max_seq in rows:
             await self._check_sequence(region, max_seq)
             if next_seq is None or next_seq == applied + 1:
+                continue
+            if await self._pass_rejects(conn, region):
                 continue
             if not await self._nothing_in_flight(region):
                 continue
@@ -1836,6 +1997,35 @@ class _Worker:
                     first - 1,
                 )
             self.catch_up.add(region)
+
+    async def _pass_rejects(self, conn: asyncpg.Connection, region: str) -> bool:
+        """Move `region` past a gap made wholly of events set aside at storing (they are in
+        `journal_rejects`, not `events`): nothing can fill it, nothing was lost."""
+        async with conn.transaction():
+            applied = await conn.fetchval(
+                "SELECT applied_seq FROM journal_positions WHERE region = $1 FOR UPDATE", region
+            )
+            first = await conn.fetchval(
+                "SELECT min(seq) FROM events WHERE region = $1 AND seq > $2", region, applied
+            )
+            if first is None or first <= applied + 1:
+                return True
+            covered = await conn.fetchval(
+                "SELECT count(*) FROM journal_rejects WHERE region = $1 AND seq > $2 AND seq < $3",
+                region,
+                applied,
+                first,
+            )
+            if covered != first - applied - 1:
+                return False
+            await conn.execute(
+                "UPDATE journal_positions SET applied_seq = $2, updated_at = now() "
+                "WHERE region = $1",
+                region,
+                first - 1,
+            )
+        self.catch_up.add(region)
+        return True
 
     async def _nothing_in_flight(self, region: str) -> bool:
         """True when no entry of `region` can still reach the journal: the group has nothing
@@ -1888,19 +2078,6 @@ class _Worker:
                 int(raw),
                 max_seq,
             )
-
-    async def _retry_blocked(self, conn: asyncpg.Connection) -> None:
-        regions = [
-            r
-            for (r,) in await conn.fetch(
-                "SELECT region FROM journal_positions WHERE error_seq IS NOT NULL"
-            )
-        ]
-        if regions:
-            result = await write_batch(
-                conn, [], regions=regions, retry_blocked=True, partitions=self.partitions
-            )
-            self._note(result)
 
     # -- main loop ------------------------------------------------------------------------------
 
@@ -2056,6 +2233,156 @@ async def run_journal(
 
 
 # ---------------------------------------------------------------------------------------------
+# Replay: a region's history applied again, once the cause of its rejects is mended
+#
+# The tables are a fold of the region's events in order, and every node, bid and contract row
+# starts with a whole-row event (registration, placing, creation) that overwrites it, so
+# applying the region's stored events again from its first, in order, rewrites each of its rows
+# as if the events set aside had never failed. Two things are not rows of the region and are
+# not written twice: the heartbeat metrics (history, appended; a replay appends only those of
+# heartbeat events that had been set aside) and the clients' running spend (a sum over regions;
+# a replay recomputes it from the contracts of the clients that have any in the region).
+
+_REPLAY_CHUNK = 20_000
+
+
+class ReplayResult(msgspec.Struct, kw_only=True):
+    region: str
+    events: int
+    """Events of the region applied again."""
+    recovered: list[int]
+    """Seqs of events that had been set aside and are applied now."""
+    refused: list[Reject]
+    """Events set aside again (their reason updated in `journal_rejects`)."""
+
+
+def _without_metrics_or_spend(fold: _Fold) -> None:
+    fold.metrics.clear()
+    fold.metric_minutes.clear()
+    fold.repeats.clear()
+    fold.spend.clear()
+
+
+def _metrics_only(fold: _Fold) -> None:
+    fold.nodes.clear()
+    fold.node_patches.clear()
+    fold.spend.clear()
+
+
+_RECOMPUTE_SPEND_SQL = """
+UPDATE clients AS c
+SET current_spend_pusd = s.total,
+    current_spend_usd = least(round(s.total * 0.000000000001, 2), 99999999.99)
+FROM (
+    SELECT client_id, coalesce(sum(total_cost_pusd), 0) AS total FROM contracts
+    WHERE client_id IN (SELECT DISTINCT client_id FROM contracts WHERE region = $1)
+    GROUP BY client_id
+) AS s
+WHERE c.id = s.client_id
+"""
+
+
+async def replay_region(conn: asyncpg.Connection, region: str) -> ReplayResult:
+    """Apply `region`'s stored events again, from its first to its position, in ONE
+    transaction that holds the region's position (a journal worker waits for it): events set
+    aside before are applied if they now can be (marked replayed), set aside again with the
+    new reason if not. Run it once the cause is mended: a release that reads the event, or the
+    row it needed."""
+    result = ReplayResult(region=region, events=0, recovered=[], refused=[])
+    async with conn.transaction():
+        applied = await conn.fetchval(
+            "SELECT applied_seq FROM journal_positions WHERE region = $1 FOR UPDATE", region
+        )
+        if applied is None:
+            return result
+        before = {
+            seq
+            for (seq,) in await conn.fetch(
+                "SELECT seq FROM journal_rejects WHERE region = $1 AND replayed_at IS NULL",
+                region,
+            )
+        }
+        after = 0
+        heartbeats: list[StoredEvent] = []
+        while True:
+            rows = await conn.fetch(
+                "SELECT seq, payload::text FROM events WHERE region = $1 AND seq > $2 "
+                "AND seq <= $3 ORDER BY seq LIMIT $4",
+                region,
+                after,
+                applied,
+                _REPLAY_CHUNK,
+            )
+            if not rows:
+                break
+            events = [decode_entry(payload, lenient=True) for _, payload in rows]
+            _, refused = await _apply_carefully(
+                conn, {region: events}, prune=_without_metrics_or_spend
+            )
+            result.refused += refused
+            failed = {r.stored.seq for r in refused}
+            heartbeats += [
+                e
+                for e in events
+                if e.seq in before and e.seq not in failed and e.type == "heartbeats"
+            ]
+            result.events += len(events)
+            after = rows[-1][0]
+        if heartbeats:
+            await ensure_partitions(
+                conn, {_EPOCH_DAY + timedelta(days=e.ts_ms // 86_400_000) for e in heartbeats}
+            )
+            await _apply_carefully(conn, {region: heartbeats}, prune=_metrics_only)
+        await conn.execute(_RECOMPUTE_SPEND_SQL, region)
+        still = [r.stored.seq for r in result.refused]
+        result.recovered = sorted(before - set(still))
+        await conn.execute(
+            "UPDATE journal_rejects SET replayed_at = now() WHERE region = $1 "
+            "AND replayed_at IS NULL AND NOT (seq = ANY($2::int8[]))",
+            region,
+            still,
+        )
+        if result.refused:
+            await _record_rejects(conn, result.refused)
+        await refresh_clusters(conn, [region])
+    return result
+
+
+async def replay(settings: Settings, regions: Sequence[str] = ()) -> int:
+    """`mnemo journal-replay`: replay `regions` (default: every region with events set aside
+    and not yet replayed), printing what each recovered; exit status 1 if any event is still
+    refused."""
+    assert settings.database_url
+    out = sys.stdout
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        if not regions:
+            regions = [r for r in await rejected_counts(conn) if r]
+        if not regions:
+            out.write("journal-replay: no event is set aside; nothing to replay\n")
+            return 0
+        status = 0
+        for region in regions:
+            r = await replay_region(conn, region)
+            out.write(
+                f"{region}: {r.events} events applied again; {len(r.recovered)} set aside before "
+                f"and applied now{' (' + _seqs(r.recovered) + ')' if r.recovered else ''}; "
+                f"{len(r.refused)} still refused\n"
+            )
+            for j in r.refused:
+                out.write(f"  {j.stored.event_id} {j.stored.type}: {j.problem}\n")
+            status |= bool(r.refused)
+        return status
+    finally:
+        await conn.close()
+
+
+def _seqs(seqs: Sequence[int]) -> str:
+    shown = ", ".join(map(str, seqs[:10]))
+    return shown + (f" and {len(seqs) - 10} more" if len(seqs) > 10 else "")
+
+
+# ---------------------------------------------------------------------------------------------
 # Lag and status
 
 
@@ -2169,18 +2496,34 @@ class RegionPosition(msgspec.Struct, kw_only=True):
     applied_at: datetime | None
     stored_max_seq: int | None
     waiting: int
-    """Events stored but not yet applied (waiting for a gap to fill, or behind an error)."""
+    """Events stored but not yet applied (waiting for a gap to fill)."""
     skipped: int
-    error: str | None
+    rejected: int
+    """Events set aside (`journal_rejects`) and not yet replayed."""
+
+
+class RejectedEvent(msgspec.Struct, kw_only=True):
+    """One row of `journal_rejects` not yet replayed: an event (region and seq), or a stream
+    entry that is not an event at all (stream and entry id)."""
+
+    region: str | None
+    seq: int | None
+    event_type: str | None
+    stage: str
+    problem: str
+    received_at: datetime
+    stream: str | None
+    entry_id: str | None
 
 
 async def positions(conn: asyncpg.Connection) -> list[RegionPosition]:
     """Every region's journal position in Postgres."""
     rows = await conn.fetch(
-        "SELECT p.region, p.applied_seq, p.applied_ts, p.skipped, p.error, "
+        "SELECT p.region, p.applied_seq, p.applied_ts, p.skipped, "
         "(SELECT max(seq) FROM events e WHERE e.region = p.region) AS max_seq, "
         "(SELECT count(*) FROM events e WHERE e.region = p.region AND e.seq > p.applied_seq) "
-        "AS waiting FROM journal_positions p ORDER BY p.region"
+        "AS waiting, (SELECT count(*) FROM journal_rejects j WHERE j.region = p.region "
+        "AND j.replayed_at IS NULL) AS rejected FROM journal_positions p ORDER BY p.region"
     )
     return [
         RegionPosition(
@@ -2190,14 +2533,36 @@ async def positions(conn: asyncpg.Connection) -> list[RegionPosition]:
             stored_max_seq=r["max_seq"],
             waiting=r["waiting"],
             skipped=r["skipped"],
-            error=r["error"],
+            rejected=r["rejected"],
         )
         for r in rows
     ]
 
 
-async def status(settings: Settings) -> tuple[JournalLag, list[RegionPosition]]:
-    """The journal's lag in Redis and its positions in Postgres."""
+async def rejected_events(conn: asyncpg.Connection, *, limit: int = 20) -> list[RejectedEvent]:
+    """The rejects not yet replayed, newest first."""
+    rows = await conn.fetch(
+        "SELECT region, seq, event_type, stage, problem, received_at, stream, entry_id "
+        "FROM journal_rejects WHERE replayed_at IS NULL ORDER BY received_at DESC, id DESC "
+        "LIMIT $1",
+        limit,
+    )
+    return [RejectedEvent(**dict(r)) for r in rows]
+
+
+async def rejected_counts(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
+    """Rejects not yet replayed, by region (`""`: stream entries that are not events)."""
+    rows = await conn.fetch(
+        "SELECT coalesce(region, '') AS region, count(*) AS n FROM journal_rejects "
+        "WHERE replayed_at IS NULL GROUP BY 1"
+    )
+    return {r["region"]: r["n"] for r in rows}
+
+
+async def status(
+    settings: Settings,
+) -> tuple[JournalLag, list[RegionPosition], list[RejectedEvent]]:
+    """The journal's lag in Redis, its positions in Postgres and its latest rejects."""
     assert settings.redis_url and settings.database_url
     redis = aioredis.from_url(settings.redis_url, decode_responses=False)
     try:
@@ -2206,15 +2571,15 @@ async def status(settings: Settings) -> tuple[JournalLag, list[RegionPosition]]:
         await redis.aclose()
     conn = await asyncpg.connect(settings.database_url, timeout=10)
     try:
-        return lag, await positions(conn)
+        return lag, await positions(conn), await rejected_events(conn)
     finally:
         await conn.close()
 
 
 async def print_status(settings: Settings) -> int:
-    """`mnemo journal-status`: print the lag and positions; exit status 1 if a region is held
-    at a refused event, else 0."""
-    lag, pos = await status(settings)
+    """`mnemo journal-status`: print the lag, the positions and the latest rejects; exit status
+    1 if any event is set aside and not yet replayed, else 0."""
+    lag, pos, rejects = await status(settings)
     out = sys.stdout
     out.write(
         f"journal group {GROUP!r}: {lag.pending} pending, {lag.undelivered} undelivered, "
@@ -2222,18 +2587,30 @@ async def print_status(settings: Settings) -> int:
     )
     by_region = {p.region: p for p in pos}
     header = f"{'region':<20} {'stream':>9} {'pending':>8} {'undeliv':>8} {'age_s':>8} "
-    header += f"{'applied':>10} {'waiting':>8} {'skipped':>8}  error\n"
+    header += f"{'applied':>10} {'waiting':>8} {'skipped':>8} {'rejected':>8}\n"
     out.write(header)
     for r in lag.regions:
         p = by_region.pop(r.region, None)
         out.write(
             f"{r.region:<20} {r.stream_length:>9} {r.pending:>8} {r.undelivered:>8} "
             f"{r.oldest_unacked_age_s:>8.1f} {p.applied_seq if p else 0:>10} "
-            f"{p.waiting if p else 0:>8} {p.skipped if p else 0:>8}  {(p.error if p else '') or ''}\n"
+            f"{p.waiting if p else 0:>8} {p.skipped if p else 0:>8} {p.rejected if p else 0:>8}\n"
         )
     for p in by_region.values():
         out.write(
             f"{p.region:<20} {'-':>9} {'-':>8} {'-':>8} {'-':>8} {p.applied_seq:>10} "
-            f"{p.waiting:>8} {p.skipped:>8}  {p.error or ''}\n"
+            f"{p.waiting:>8} {p.skipped:>8} {p.rejected:>8}\n"
         )
-    return 1 if any(p.error for p in pos) else 0
+    if rejects:
+        out.write(
+            "set aside (newest first; `mnemo journal-replay --region R` once the cause is "
+            "mended):\n"
+        )
+        for j in rejects:
+            what = (
+                f"{j.region}:{j.seq} {j.event_type}"
+                if j.region is not None
+                else f"entry {j.entry_id} of {j.stream}"
+            )
+            out.write(f"  {j.received_at:%Y-%m-%d %H:%M:%S} {what} at {j.stage}: {j.problem}\n")
+    return 1 if any(j.region is not None for j in rejects) else 0

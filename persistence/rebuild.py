@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from engine.keys import Keys
 from engine.replay import RegionImage
 from engine.settings import ConfigError, Settings
-from persistence.journal import decode_entry
+from persistence.journal import Unreadable, decode_entry
 
 __all__ = ["rebuild_live"]
 
@@ -135,7 +135,16 @@ async def _rebuild_region(
             if seq != expected:
                 gap_at = expected
                 break
-            image.apply(decode_entry(payload).event)
+            try:
+                event = decode_entry(payload).event
+            except ValueError as e:
+                # An event this version cannot read (a newer engine's): replay stops before it,
+                # as at a gap, rather than rebuilding a market that lacks it.
+                out.write(f"{region}: event {seq} cannot be read ({e}); replayed up to it\n")
+                gap_at = expected
+                break
+            assert not isinstance(event, Unreadable)  # strict decoding raises instead
+            image.apply(event)
             expected += 1
             progress.advance(1)
     _prune_closed(image, now_ms)

@@ -5,7 +5,8 @@
     mnemo gateway [--workers N]        the HTTP/WebSocket API (uvicorn, uvloop, httptools)
     mnemo engine                       matching, expiry, settlement, failover, quotes
     mnemo journal                      Redis event streams -> Postgres
-    mnemo journal-status               the journal's lag
+    mnemo journal-status               the journal's lag and the events it set aside
+    mnemo journal-replay [--region R]  apply a region's history again (after a reject is mended)
     mnemo rebuild-live                 repopulate Redis's live market from Postgres
     mnemo servers [--migrate]          only the embedded Valkey/PostgreSQL, in the foreground
 
@@ -150,9 +151,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     jr.set_defaults(func=_cmd_journal)
 
-    sub.add_parser("journal-status", help="show the journal's lag").set_defaults(
-        func=_cmd_journal_status
+    sub.add_parser(
+        "journal-status", help="show the journal's lag and the events it set aside"
+    ).set_defaults(func=_cmd_journal_status)
+    rp = sub.add_parser(
+        "journal-replay",
+        help="apply a region's stored history again, once the cause of its rejects is mended",
     )
+    rp.add_argument(
+        "--region",
+        type=_region_list,
+        default=(),
+        metavar="R1,R2",
+        help="regions to replay (default: every region with events set aside)",
+    )
+    rp.set_defaults(func=_cmd_journal_replay)
     sub.add_parser("rebuild-live", help="rebuild Redis's live market from Postgres").set_defaults(
         func=_cmd_rebuild_live
     )
@@ -282,6 +295,13 @@ def _cmd_journal_status(args: argparse.Namespace) -> int:
     _check_redis(settings)
     _check_database(settings)
     result = _entry_point("persistence.journal", "print_status")(settings)
+    return _finish(result)
+
+
+def _cmd_journal_replay(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_database(settings)
+    result = _entry_point("persistence.journal", "replay")(settings, args.region)
     return _finish(result)
 
 

@@ -311,10 +311,16 @@ async def test_health_metrics_and_docs(gw: Gateway) -> None:
 
 
 async def test_metrics_show_the_journal_lag(gw: Gateway) -> None:
-    """With no journal running, a registered node's event shows as undelivered in /metrics."""
+    """With no journal running, a registered node's event shows as undelivered in /metrics, and
+    an event the journal set aside shows under its region."""
     provider = await signup(gw, role="provider")
     await register_node(gw, provider, region="eu-west-1")
+    await gw.state["pool"].execute(
+        "INSERT INTO journal_rejects (region, seq, event_type, problem, stage) "
+        "VALUES ('eu-west-1', 9, 'contract_created', 'ValueError: x', 'apply')"
+    )
     text = await scrape(gw)
+    assert 'mnemo_journal_rejected_events{region="eu-west-1"} 1.0' in text
     assert 'mnemo_journal_undelivered_events{region="eu-west-1"} 1.0' in text
     assert 'mnemo_journal_pending_events{region="eu-west-1"} 0.0' in text
     age = next(

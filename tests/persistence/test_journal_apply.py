@@ -9,8 +9,20 @@ import asyncpg
 import msgspec
 import pytest
 
-from engine.types import ContractCreated, HeartbeatEntry, HeartbeatsApplied, NodeRegistered
-from persistence.journal import decode_entry, refresh_clusters, write_batch
+from engine.types import (
+    ContractCreated,
+    ContractSettled,
+    HeartbeatEntry,
+    HeartbeatsApplied,
+    NodeRegistered,
+)
+from persistence.journal import (
+    decode_entry,
+    refresh_clusters,
+    replay_region,
+    write,
+    write_batch,
+)
 from tests.conftest import _SEED
 from tests.persistence.conftest import digest, reset_journal
 from tests.persistence.history import History, seed_accounts
@@ -116,8 +128,12 @@ async def test_money_and_capacity_are_exact(conn: asyncpg.Connection) -> None:
     assert bad == []
 
 
-async def test_a_refused_event_holds_only_its_region(conn: asyncpg.Connection) -> None:
-    """A contract for an unknown client holds its region at that event; others go on."""
+async def test_a_refused_event_is_set_aside_and_replayed_once_mended(
+    conn: asyncpg.Connection,
+) -> None:
+    """A contract for an unknown client raises in the fast write; the careful one sets that
+    event aside (with the reason) and applies every other event of both regions. Once the
+    client exists, a replay of the region applies it, and the tables equal a clean pass."""
     h = History.generate(_SEED + 4, 120, regions=("good", "bad"))
     await seed_accounts(conn, h)
     events = [decode_entry(p) for _, p in h.encoded()]
@@ -127,24 +143,41 @@ async def test_a_refused_event_holds_only_its_region(conn: asyncpg.Connection) -
     poisoned = msgspec.structs.replace(victim.event, contract=contract)
     raw = msgspec.json.encode(poisoned)
     events = [decode_entry(raw) if e.event_id == victim.event_id else e for e in events]
-    result = await write_batch(conn, events)
-    assert result.blocked == ["bad"]
+    # The contract's settlement names the same (unknown) client.
+    events = [
+        decode_entry(msgspec.json.encode(msgspec.structs.replace(e.event, client_id=stranger)))
+        if isinstance(e.event, ContractSettled) and e.event.contract_id == contract.contract_id
+        else e
+        for e in events
+    ]
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await write_batch(conn, events)
+    result = await write(conn, events)
+    assert (result.rejected, result.applied) == (1, len(events) - 1)
     rows = {r["region"]: r for r in await conn.fetch("SELECT * FROM journal_positions")}
-    assert rows["good"]["applied_seq"] == max(e.seq for e in events if e.region == "good")
-    assert rows["bad"]["applied_seq"] == victim.seq - 1
-    assert rows["bad"]["error_seq"] == victim.seq
-    assert "ForeignKeyViolation" in rows["bad"]["error"]
-    # Held regions are skipped until retried; once the client exists, the retry goes through.
-    assert (await write_batch(conn, [], regions=["bad"])).applied == 0
+    for region in ("good", "bad"):
+        assert rows[region]["applied_seq"] == max(e.seq for e in events if e.region == region)
+    (reject,) = await conn.fetch("SELECT * FROM journal_rejects")
+    assert (reject["region"], reject["seq"], reject["stage"]) == ("bad", victim.seq, "apply")
+    assert "ForeignKeyViolation" in reject["problem"] and reject["raw"] == raw
+    assert await conn.fetchval("SELECT count(*) FROM contracts WHERE client_id = $1", stranger) == 0
+
     user = h.renters[0][0]
     await conn.execute(
         "INSERT INTO clients (id, user_id, org_name) VALUES ($1, $2, 'late')", stranger, user
     )
-    result = await write_batch(conn, [], regions=["bad"], retry_blocked=True)
-    assert result.blocked == []
-    row = await conn.fetchrow("SELECT * FROM journal_positions WHERE region = 'bad'")
-    assert row["applied_seq"] == max(e.seq for e in events if e.region == "bad")
-    assert row["error"] is None
+    replayed = await replay_region(conn, "bad")
+    await refresh_clusters(conn, ["good", "bad"])
+    assert replayed.recovered == [victim.seq] and replayed.refused == []
+    assert replayed.events == sum(e.region == "bad" for e in events)
+    assert await conn.fetchval("SELECT replayed_at IS NOT NULL FROM journal_rejects")
+    after = await digest(conn)
+
+    # The same events, written cleanly once the client existed: the very same tables.
+    await reset_journal(conn)
+    await write_batch(conn, events)
+    await refresh_clusters(conn, ["good", "bad"])
+    assert after == await digest(conn)
 
 
 async def test_node_rows_follow_the_last_whole_node_event(conn: asyncpg.Connection) -> None:
@@ -280,17 +313,16 @@ async def test_an_event_id_that_does_not_spell_its_region_and_seq_is_refused(
     conn: asyncpg.Connection,
 ) -> None:
     """`events` is keyed by (region, seq) and holds event_id to exactly `<region>:<seq>`, so
-    event ids stay unique: an id written any other way (a zero-padded seq) is refused, nothing
-    of its batch is stored, and a row cannot take another row's id."""
+    event ids stay unique: an id written any other way (a zero-padded seq) is not an event the
+    journal decodes, and a row cannot take another row's id."""
     h = History.generate(_SEED + 9, 20, regions=("r",))
     await seed_accounts(conn, h)
     events = [decode_entry(p) for _, p in h.encoded()]
-    padded = msgspec.structs.replace(h.events[-1], event_id=f"r:0{events[-1].seq}")
-    odd = decode_entry(msgspec.json.encode(padded))
-    assert (odd.region, odd.seq) == (events[-1].region, events[-1].seq)
-    with pytest.raises(asyncpg.CheckViolationError):
-        await write_batch(conn, [*events[:-1], odd])
-    assert await conn.fetchval("SELECT count(*) FROM events") == 0
+    for odd in (f"r:0{events[-1].seq}", "r:-1", "r: 7", "s:7", f"r:{2**63}"):
+        raw = msgspec.json.encode(msgspec.structs.replace(h.events[-1], event_id=odd))
+        for lenient in (False, True):
+            with pytest.raises(ValueError, match="malformed event id"):
+                decode_entry(raw, lenient=lenient)
     await write_batch(conn, events)
     assert await conn.fetchval("SELECT count(DISTINCT event_id) FROM events") == len(events)
     insert = (

@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -20,13 +21,22 @@ import redis.asyncio as aioredis
 
 from engine.keys import Keys
 from engine.settings import ConfigError, Settings
-from engine.types import BidCancelled
+from engine.types import (
+    BidCancelled,
+    Contract,
+    ContractCreated,
+    HeartbeatEntry,
+    HeartbeatsApplied,
+    NodeRegistered,
+)
 from persistence.journal import (
     GROUP,
     decode_entry,
     journal_lag,
     print_status,
     refresh_clusters,
+    rejected_counts,
+    replay_region,
     run_journal,
     shard_regions,
     write_batch,
@@ -317,31 +327,191 @@ async def test_entries_lost_from_the_stream_are_skipped_and_counted(
     assert await conn.fetchval("SELECT count(*) FROM nodes") > 0
 
 
-async def test_an_entry_the_events_table_refuses_is_kept_aside(
-    redis: aioredis.Redis, keys: Keys, redis_url: str, db_url: str, conn: asyncpg.Connection
+def _poisoned(h: History, region: str, stranger: str) -> tuple[list, list, dict[int, str]]:
+    """`h`'s events with one poison event of each kind put into `region`'s sequence (the region's
+    later events renumbered after them), and the same sequence with a harmless stand-in (the
+    cancellation of a bid that never existed: it changes nothing) at each poison's place.
+    Returns (poisoned, stand-ins, {seq: what the poison should be refused for})."""
+    node = next(e.node for e in h.events if isinstance(e, NodeRegistered) and e.region == region)
+    user, client = h.renters[0]
+    later = max(e.ts_ms for e in h.events)
+
+    def contract(**changes: object) -> Contract:
+        made = Contract(
+            contract_id=uuid.uuid4().hex,
+            region=region,
+            client_id=client,
+            user_id=user,
+            node_id=node.node_id,
+            owner_id=node.owner_id,
+            ram_gb=1,
+            vram_gb=0,
+            duration_s=60,
+            start_ms=later,
+            end_ms=later + 60_000,
+            price_pusd=1,
+        )
+        return msgspec.structs.replace(made, **changes)
+
+    def envelope(seq: int, kind: str, **body: object) -> bytes:
+        return msgspec.json.encode(
+            {"type": kind, "event_id": f"{region}:{seq}", "region": region, "ts_ms": later, **body}
+        )
+
+    poisons: list[tuple[str, Callable[[int], bytes]]] = [
+        # A type this journal does not know (a newer engine's).
+        ("not an event", lambda seq: envelope(seq, "contract_disputed", contract_id="c1")),
+        # A known type whose body is malformed.
+        ("not an event", lambda seq: envelope(seq, "node_registered", node={"node_id": 5})),
+        # A cost no bigint holds.
+        (
+            "OverflowError",
+            lambda seq: msgspec.json.encode(
+                ContractCreated(
+                    event_id=f"{region}:{seq}",
+                    region=region,
+                    ts_ms=later,
+                    contract=contract(cost_pusd=10**21),
+                )
+            ),
+        ),
+        # A foreign key to a client that does not exist.
+        (
+            "ForeignKeyViolation",
+            lambda seq: msgspec.json.encode(
+                ContractCreated(
+                    event_id=f"{region}:{seq}",
+                    region=region,
+                    ts_ms=later,
+                    contract=contract(client_id=stranger),
+                )
+            ),
+        ),
+        # A value the tables' types refuse (a node id that is no uuid).
+        (
+            "DataError",
+            lambda seq: msgspec.json.encode(
+                HeartbeatsApplied(
+                    event_id=f"{region}:{seq}",
+                    region=region,
+                    ts_ms=later,
+                    entries=[
+                        HeartbeatEntry(
+                            node_id="not-a-uuid",
+                            offered_ram_gb=1,
+                            offered_vram_gb=0,
+                            available_ram_gb=1,
+                            available_vram_gb=0,
+                        )
+                    ],
+                )
+            ),
+        ),
+    ]
+    mine = [e for e in h.events if e.region == region]
+    at = sorted(random.Random(_SEED).sample(range(1, len(mine)), len(poisons)))
+    poisoned: list[tuple[str, bytes]] = []
+    stand_ins: list[tuple[str, bytes]] = []
+    reasons: dict[int, str] = {}
+    seq = 0
+    for i, e in enumerate(mine):
+        while at and at[0] == i:
+            at.pop(0)
+            seq += 1
+            reason, make = poisons[len(reasons)]
+            reasons[seq] = reason
+            poisoned.append((region, make(seq)))
+            stand_in = BidCancelled(
+                event_id=f"{region}:{seq}", region=region, ts_ms=later, bid_id=uuid.uuid4().hex
+            )
+            stand_ins.append((region, msgspec.json.encode(stand_in)))
+        seq += 1
+        moved = msgspec.json.encode(msgspec.structs.replace(e, event_id=f"{region}:{seq}"))
+        poisoned.append((region, moved))
+        stand_ins.append((region, moved))
+    others = [(e.region, msgspec.json.encode(e)) for e in h.events if e.region != region]
+    return poisoned + others, stand_ins + others, reasons
+
+
+async def test_poison_events_are_set_aside_and_nothing_else_is_lost_or_stalled(
+    redis: aioredis.Redis,
+    keys: Keys,
+    redis_url: str,
+    db_url: str,
+    conn: asyncpg.Connection,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """An entry `events` refuses (its id does not spell its region and seq) lands in
-    journal_rejects with the reason and is acknowledged; every other event of its batch is
-    stored and applied."""
-    h = History.generate(_SEED + 4, 120, regions=("solo",))
+    """One poison event of each kind (unknown type, malformed body, overflow, foreign key, bad
+    value) in the middle of a live stream, plus two stream entries that are not events: the
+    worker sets each aside with its reason, applies every other event of both regions (the
+    tables equal a clean pass with harmless stand-ins in the poisons' places), acknowledges
+    everything, and `journal-status` names them. Mending one cause and replaying the region
+    applies that event."""
+    h = History.generate(_SEED + 11, 600, regions=("p-a", "p-b"))
     await seed_accounts(conn, h)
-    last = h.events[-1]
-    seq = int(last.event_id.rsplit(":", 1)[1])
-    padded = msgspec.structs.replace(last, event_id=f"solo:0{seq}")
-    encoded = [*h.encoded()[:-1], ("solo", msgspec.json.encode(padded))]
-    await xadd_all(redis, keys, encoded)
-    async with _worker_task(_settings(redis_url, db_url, keys), consumer="w", batch_size=500):
+    stranger = uuid.uuid4().hex
+    poisoned, stand_ins, reasons = _poisoned(h, "p-a", stranger)
+    await reset_journal(conn)
+    await write_batch(conn, [decode_entry(p) for _, p in stand_ins])
+    await refresh_clusters(conn, h.regions)
+    expected = await digest(conn)
+    await reset_journal(conn)
+
+    settings = _settings(redis_url, db_url, keys)
+    want = {"p-a": len([x for x in poisoned if x[0] == "p-a"])}
+    want["p-b"] = len(poisoned) - want["p-a"]
+    async with _worker_task(settings, consumer="w", batch_size=100):
+        for i in range(0, len(poisoned), 50):  # arriving while the worker runs
+            await xadd_all(redis, keys, poisoned[i : i + 50])
+            if i == 300:
+                await redis.xadd(keys.events("p-b"), {"e": b'{"type": "node_reg'})
+                await redis.xadd(keys.events("p-b"), {"x": b"no e field"})
+            await asyncio.sleep(0.02)
 
         async def applied() -> bool:
-            row = await conn.fetchrow("SELECT * FROM journal_positions WHERE region = 'solo'")
-            return row is not None and row["applied_seq"] == seq - 1
+            rows = await conn.fetch("SELECT region, applied_seq FROM journal_positions")
+            return {r["region"]: r["applied_seq"] for r in rows} == want
 
-        await _eventually(applied, 30, "every other event applied")
+        await _eventually(applied, 60, "every event of both regions applied")
         await _eventually(lambda: _no_lag(redis, keys), 30, "every entry acknowledged")
-    assert await conn.fetchval("SELECT count(*) FROM events") == seq - 1
-    rejects = await conn.fetch("SELECT raw, problem FROM journal_rejects")
-    assert [r["raw"] for r in rejects] == [encoded[-1][1]]
-    assert "CheckViolationError" in rejects[0]["problem"]
+    await refresh_clusters(conn, h.regions)
+    got = await digest(conn)
+    assert {t: got[t] for t in got if t != "events"} == {
+        t: expected[t] for t in expected if t != "events"
+    }
+    rows = await conn.fetch(
+        "SELECT region, seq, stage, problem, stream, entry_id FROM journal_rejects "
+        "ORDER BY region, seq"
+    )
+    events = [r for r in rows if r["region"] is not None]
+    assert [(r["region"], r["seq"], r["stage"]) for r in events] == [
+        ("p-a", seq, "apply") for seq in sorted(reasons)
+    ]
+    for r in events:
+        assert reasons[r["seq"]] in r["problem"], (reasons[r["seq"]], r["problem"])
+    entries = [r for r in rows if r["region"] is None]
+    assert len(entries) == 2 and all(r["stream"] == keys.events("p-b") for r in entries)
+    assert await rejected_counts(conn) == {"p-a": len(reasons), "": 2}
+
+    assert await print_status(settings) == 1
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("p-a")]
+    assert line.split()[-1] == str(len(reasons))
+    for seq in reasons:
+        assert f"p-a:{seq} " in out
+
+    # The missing client appears (the cause mended); a replay applies that contract, and only it.
+    fk = next(seq for seq, why in reasons.items() if why == "ForeignKeyViolation")
+    await conn.execute(
+        "INSERT INTO clients (id, user_id, org_name) VALUES ($1, $2, 'late')",
+        stranger,
+        h.renters[0][0],
+    )
+    result = await replay_region(conn, "p-a")
+    assert result.recovered == [fk]
+    assert sorted(r.stored.seq for r in result.refused) == sorted(set(reasons) - {fk})
+    assert await conn.fetchval("SELECT count(*) FROM contracts WHERE client_id = $1", stranger) == 1
+    assert await rejected_counts(conn) == {"p-a": len(reasons) - 1, "": 2}
 
 
 async def test_lag_counts_pending_and_undelivered(redis: aioredis.Redis, keys: Keys) -> None:
@@ -423,11 +593,11 @@ async def test_journal_status_prints_lag_and_positions(
         (line,) = [x for x in out.splitlines() if x.startswith(region)]
         assert str(last) in line.split()
     await conn.execute(
-        "UPDATE journal_positions SET error = 'st-a:7: refused', error_seq = 7 "
-        "WHERE region = 'st-a'"
+        "INSERT INTO journal_rejects (region, seq, event_type, problem, stage) "
+        "VALUES ('st-a', 7, 'contract_created', 'ValueError: refused', 'apply')"
     )
     assert await print_status(settings) == 1
-    assert "st-a:7: refused" in capsys.readouterr().out
+    assert "st-a:7 contract_created at apply: ValueError: refused" in capsys.readouterr().out
 
 
 async def test_several_workers_share_the_streams(
