@@ -23,20 +23,28 @@ from msgspec import Meta
 
 from engine.errors import NotFound
 from gateway.errors import Forbidden
-from gateway.operations import Call, Operation, route
+from gateway.operations import Call, Link, Operation, route
 from gateway.schemas import Limit, Offset, Region
 from persistence import analytics as q
 
 __all__ = ["OPERATIONS", "routes"]
 
 NodeStatus = Annotated[str, Meta(pattern=r"^(active|maintenance|offline|deactivated)$")]
+Instant = Annotated[
+    datetime,
+    Meta(
+        extra_json_schema={"format": "date-time"},
+        description=f"RFC 3339 (without an offset: UTC), from {q.EARLIEST:%Y-%m-%d} to "
+        f"{q.LATEST:%Y-%m-%d}.",
+    ),
+]
 
 
 class RangeQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A time range and bucket size."""
 
-    start: datetime | None = None
-    end: datetime | None = None
+    start: Instant | None = None
+    end: Instant | None = None
     bucket: q.Bucket = "1h"
 
 
@@ -139,6 +147,10 @@ OPERATIONS: list[Operation] = [
         "/api/clusters",
         list_clusters,
         name="list_clusters",
+        links={
+            "ClusterNodes": Link("cluster_nodes", {"region": "$response.body#/clusters/0/region"}),
+            "ClusterStats": Link("cluster_stats", {"region": "$response.body#/clusters/0/region"}),
+        },
         summary="Geographic cluster statistics, one per region",
         tag="clusters",
         response=ClusterList,

@@ -89,6 +89,11 @@ def openapi_document(
                 body_types.append(t)
     schemas, components = msgspec.json.schema_components(body_types, ref_template=_REF)
     schema_of = dict(zip(map(id, body_types), schemas, strict=True))
+    # Rules a Struct's fields cannot state alone (two fields together, a sum), in JSON Schema.
+    for t in body_types:
+        extra = getattr(t, "json_schema_rules", None)
+        if extra:
+            components[t.__name__].update(extra)
     error_schema = schema_of[id(ErrorBody)]
 
     paths: dict[str, dict[str, Any]] = {}
@@ -163,6 +168,15 @@ def _operation(
     success: dict[str, Any] = {"description": _STATUS_TEXT.get(op.status, "OK")}
     if op.response is not None:
         success["content"] = _json(schema_of[id(op.response)])
+    if op.links:
+        success["links"] = {
+            name: {
+                "operationId": link.operation,
+                **({"parameters": dict(link.parameters)} if link.parameters else {}),
+                **({"requestBody": dict(link.body)} if link.body is not None else {}),
+            }
+            for name, link in op.links.items()
+        }
     responses[str(op.status)] = success
     for status, other in op.other_responses.items():
         responses[str(status)] = {

@@ -38,7 +38,7 @@ from gateway.errors import (
 from gateway.idempotency import Produced, check_key
 from gateway.schemas import JSON_ENCODER, Id, Region
 
-__all__ = ["ApiRoute", "Call", "Operation", "Reply", "route"]
+__all__ = ["ApiRoute", "Call", "Link", "Operation", "Reply", "route"]
 
 _CANONICAL = msgspec.json.Encoder(order="sorted")
 
@@ -102,6 +102,18 @@ Handler = Callable[[Call], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
+class Link:
+    """An OpenAPI link from an operation's success to the operation its answer feeds: which
+    parameters (by name: path, query) and body fields take which runtime expression
+    (`$response.body#/node_id`, `$request.body#/client_id`). Clients and schemathesis' stateful
+    phase follow them from the operations that create objects to those that use their ids."""
+
+    operation: str
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    body: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Operation:
     """One REST operation (see the module docstring)."""
 
@@ -127,6 +139,8 @@ class Operation:
     """Statuses answered with a body other than the error shape (status -> Struct)."""
     max_body_bytes: int | None = None
     """The largest body this operation reads; None: the settings' `max_body_bytes`."""
+    links: Mapping[str, Link] = field(default_factory=dict)
+    """OpenAPI links of its success response, by name."""
 
     def path_type(self, name: str) -> Any:
         """The type of a path parameter: declared, else Region for `region`, else Id."""
@@ -173,6 +187,8 @@ def route(op: Operation) -> ApiRoute:
                 raw = b"{}"
             try:
                 body = body_decoder.decode(raw)
+            except msgspec.ValidationError as exc:
+                body = _with_whole_floats(raw, op.body, exc)
             except msgspec.DecodeError as exc:
                 raise from_msgspec(exc) from None
         call = Call(request, principal, path, query, body)
@@ -241,6 +257,29 @@ def _all_optional(struct_type: Any) -> bool:
     info = msgspec.inspect.type_info(struct_type)
     assert isinstance(info, msgspec.inspect.StructType)
     return all(not f.required for f in info.fields)
+
+
+def _with_whole_floats(raw: bytes, body_type: Any, exc: msgspec.ValidationError) -> Any:
+    """The body decoded again with every number of JSON value integral (`4.0`, `1e3`) taken as
+    the integer it is: JSON Schema's `integer` (the OpenAPI document's) admits them, msgspec's
+    strict decoding does not. Only integral floats change (never strings: `"4"` stays refused),
+    and only when the strict decoding failed on a float, so the common body is decoded once."""
+    if "got `float`" not in str(exc):
+        raise from_msgspec(exc) from None
+    try:
+        return msgspec.convert(_whole(msgspec.json.decode(raw)), body_type)
+    except msgspec.ValidationError as again:
+        raise from_msgspec(again) from None
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    return value
 
 
 def _decode_query(request: Request, query_type: Any) -> Any:

@@ -19,7 +19,7 @@ Rules every Struct here follows:
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -61,7 +61,7 @@ DurationSec = Annotated[int, Meta(ge=1, le=MAX_DURATION_S)]
 PriceUsd = Annotated[
     float,
     Meta(
-        gt=0.0,
+        ge=1e-12,
         le=MAX_PRICE_USD_PER_GB_S,
         description="USD per GB-second (at least 1e-12, the smallest unit the market prices in).",
     ),
@@ -101,7 +101,19 @@ BidStatusFilter = Literal["open", "filled", "cancelled", "expired"]
 
 
 class _Request(Struct, forbid_unknown_fields=True, kw_only=True):
-    """Base of request bodies and query strings: unknown fields are an error."""
+    """Base of request bodies and query strings: unknown fields are an error. A body's
+    `json_schema_rules` are JSON Schema keywords its OpenAPI component gets besides its fields'
+    (rules of two fields together, which the handler enforces)."""
+
+    json_schema_rules: ClassVar[dict[str, Any]] = {}
+
+
+def _together(a: str, b: str) -> dict[str, Any]:
+    """`a` and `b` (nullable numbers) are given both or neither: both numbers, or each absent or
+    null."""
+    both = {"properties": {a: {"type": "number"}, b: {"type": "number"}}, "required": [a, b]}
+    neither = {"properties": {a: {"type": "null"}, b: {"type": "null"}}}
+    return {"anyOf": [both, neither]}
 
 
 class _Response(Struct, kw_only=True):
@@ -183,6 +195,8 @@ class MeResponse(_Response, kw_only=True):
 class ClientCreateRequest(_Request, kw_only=True):
     """The renter profile of the spec's `clients` table. Latitude and longitude come together."""
 
+    json_schema_rules: ClassVar[dict[str, Any]] = _together("latitude", "longitude")
+
     org_name: Name
     default_region: Region | None = None
     latitude: Latitude | None = None
@@ -222,7 +236,8 @@ NodeName = Annotated[str, Meta(min_length=1, max_length=200, pattern=_PRINTABLE)
 
 class NodeRegisterRequest(_Request, kw_only=True):
     """The spec's registration body, plus optional terms (`max_*_gb`: how much of the machine the
-    provider lends; by default all of it)."""
+    provider lends; by default all of it). `total_ram_gb + total_vram_gb` must be positive and
+    `min_duration_sec` at most `max_duration_sec`."""
 
     node_type: NodeType
     name: NodeName
@@ -256,7 +271,10 @@ class NodeBatchRegisterRequest(_Request, kw_only=True):
 
 
 class NodeUpdateRequest(_Request, kw_only=True):
-    """Fields to change; absent fields stay as they are."""
+    """Fields to change; absent fields stay as they are. `latitude` and `longitude` change
+    together; `min_duration_sec` stays at most `max_duration_sec`."""
+
+    json_schema_rules: ClassVar[dict[str, Any]] = _together("latitude", "longitude")
 
     name: NodeName | None = None
     price_per_gb_sec: PriceUsd | None = None
@@ -275,7 +293,10 @@ class NodeUpdateRequest(_Request, kw_only=True):
 
 class HeartbeatRequest(_Request, kw_only=True):
     """The spec's heartbeat. `available_*_gb`: memory the node could lend right now, NOT counting
-    what Mnemo already leases from it (the market adds its own leases back)."""
+    what Mnemo already leases from it (the market adds its own leases back). `latitude` and
+    `longitude` come together."""
+
+    json_schema_rules: ClassVar[dict[str, Any]] = _together("latitude", "longitude")
 
     available_ram_gb: Gigabytes
     available_vram_gb: Gigabytes
@@ -392,10 +413,15 @@ class MarketplaceQuery(_Request, kw_only=True):
     min_vram_gb: Gigabytes | None = None
     max_price_per_gb_sec: PriceUsd | None = None
     min_uptime_score: UptimeScore | None = None
-    client_lat: Latitude | None = None
-    client_lng: Longitude | None = None
-    max_distance_km: DistanceKm | None = None
-    """Needs `client_lat` and `client_lng`."""
+    client_lat: (
+        Annotated[Latitude, Meta(description="Degrees north; give with `client_lng`.")] | None
+    ) = None
+    client_lng: (
+        Annotated[Longitude, Meta(description="Degrees east; give with `client_lat`.")] | None
+    ) = None
+    max_distance_km: (
+        Annotated[DistanceKm, Meta(description="Needs `client_lat` and `client_lng`.")] | None
+    ) = None
     offset: Offset = 0
     limit: Limit = 50
 
@@ -421,8 +447,11 @@ class MarketplaceResponse(_Response, kw_only=True):
 
 
 class MatchRequest(_Request, kw_only=True):
-    """The spec's request body. The client's location comes from `client_lat`/`client_lng`, else
-    from the profile named by `client_id`, else from the caller's first client profile."""
+    """The spec's request body. The client's location comes from `client_lat`/`client_lng`
+    (given together), else from the profile named by `client_id`, else from the caller's first
+    client profile. `ram_gb + vram_gb` must be positive."""
+
+    json_schema_rules: ClassVar[dict[str, Any]] = _together("client_lat", "client_lng")
 
     ram_gb: Gigabytes
     vram_gb: Gigabytes
@@ -567,6 +596,8 @@ class BidCreateRequest(_Request, kw_only=True):
     positive and at least `min_fill_gb`. A bid may be worth at most 1,000,000 USD,
     (ram_gb + vram_gb) x duration_sec x max_price_per_gb_sec: above, 422 naming
     `duration_sec`."""
+
+    json_schema_rules: ClassVar[dict[str, Any]] = _together("client_lat", "client_lng")
 
     client_id: Id
     region: Region

@@ -24,7 +24,7 @@ from gateway.auth import (
     verify_password,
 )
 from gateway.errors import ApiError, Forbidden, Unauthorized, ValidationFailed
-from gateway.operations import Call, Operation, Reply
+from gateway.operations import Call, Link, Operation, Reply
 from gateway.schemas import (
     ApiKeyCreated,
     ApiKeyCreateRequest,
@@ -376,6 +376,9 @@ OPERATIONS: list[Operation] = [
         "/api/auth/api-keys",
         create_api_key,
         name="create_api_key",
+        links={
+            "RevokeKey": Link("revoke_api_key", {"key_id": "$response.body#/id"}),
+        },
         summary="Create an API key (shown once; only its hash is kept)",
         tag="accounts",
         body=ApiKeyCreateRequest,
@@ -408,6 +411,14 @@ OPERATIONS: list[Operation] = [
         "/api/clients",
         create_client,
         name="create_client",
+        links={
+            "GetClient": Link("get_client", {"client_id": "$response.body#/id"}),
+            "Spending": Link("client_spending", {"client_id": "$response.body#/id"}),
+            "Contracts": Link("list_contracts", {"client_id": "$response.body#/id"}),
+            "Bids": Link("list_bids", {"client_id": "$response.body#/id"}),
+            "RequestMatches": Link("request_matches", body={"client_id": "$response.body#/id"}),
+            "PlaceBid": Link("place_bid", body={"client_id": "$response.body#/id"}),
+        },
         summary="Create a renter profile (the spec's clients table)",
         tag="clients",
         body=ClientCreateRequest,
@@ -421,6 +432,13 @@ OPERATIONS: list[Operation] = [
         "/api/clients",
         list_clients,
         name="list_clients",
+        links={
+            "GetClient": Link("get_client", {"client_id": "$response.body#/clients/0/id"}),
+            "RequestMatches": Link(
+                "request_matches", body={"client_id": "$response.body#/clients/0/id"}
+            ),
+            "PlaceBid": Link("place_bid", body={"client_id": "$response.body#/clients/0/id"}),
+        },
         summary="The caller's renter profiles",
         tag="clients",
         response=ClientList,
@@ -430,6 +448,10 @@ OPERATIONS: list[Operation] = [
         "/api/clients/{client_id}",
         get_client,
         name="get_client",
+        links={
+            "RequestMatches": Link("request_matches", body={"client_id": "$response.body#/id"}),
+            "PlaceBid": Link("place_bid", body={"client_id": "$response.body#/id"}),
+        },
         summary="One renter profile (its user and admins only)",
         tag="clients",
         response=ClientOut,

@@ -19,7 +19,7 @@ from engine import core
 from engine.errors import NotFound
 from engine.types import Bid
 from gateway.errors import ValidationFailed
-from gateway.operations import Call, Operation
+from gateway.operations import Call, Link, Operation
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     BidCreateRequest,
@@ -181,6 +181,11 @@ OPERATIONS: list[Operation] = [
         "/api/bids",
         place,
         name="place_bid",
+        links={
+            "GetBid": Link("get_bid", {"bid_id": "$response.body#/bid_id"}),
+            "CancelBid": Link("cancel_bid", {"bid_id": "$response.body#/bid_id"}),
+            "Book": Link("order_book", {"region": "$response.body#/region"}),
+        },
         summary="Place a limit bid that rests in the region's book until it fills, is cancelled or expires",
         tag="bids",
         body=BidCreateRequest,

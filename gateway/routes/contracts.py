@@ -24,7 +24,7 @@ from engine.errors import MarketError, NotFound
 from engine.types import Contract
 from gateway.auth import Principal
 from gateway.errors import Forbidden, ValidationFailed
-from gateway.operations import Call, Operation
+from gateway.operations import Call, Link, Operation
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     ContractCreateRequest,
@@ -295,6 +295,12 @@ OPERATIONS: list[Operation] = [
         "/api/contracts/create",
         create,
         name="create_contract",
+        links={
+            "GetContract": Link("get_contract", {"contract_id": "$response.body#/contract_id"}),
+            "Extend": Link("extend_contract", {"contract_id": "$response.body#/contract_id"}),
+            "Settle": Link("settle_contract", {"contract_id": "$response.body#/contract_id"}),
+            "GetNode": Link("get_node", {"node_id": "$response.body#/node_id"}),
+        },
         summary="Take capacity on a node (atomic reserve at the node's price, capped)",
         tag="contracts",
         body=ContractCreateRequest,

@@ -19,7 +19,7 @@ import asyncpg
 
 from engine.scoring import Match, MatchRequest, browse
 from gateway.errors import ValidationFailed
-from gateway.operations import Call, Operation
+from gateway.operations import Call, Link, Operation
 from gateway.routes.accounts import first_client, owned_client
 from gateway.schemas import (
     MarketplaceQuery,
@@ -182,6 +182,9 @@ OPERATIONS: list[Operation] = [
         "/api/marketplace",
         browse_market,
         name="browse_marketplace",
+        links={
+            "GetNode": Link("get_node", {"node_id": "$response.body#/offers/0/node_id"}),
+        },
         summary="Browse live asks with free capacity (cheapest first), with distance and latency",
         tag="marketplace",
         query=MarketplaceQuery,
@@ -192,6 +195,16 @@ OPERATIONS: list[Operation] = [
         "/api/marketplace/request",
         request_matches,
         name="request_matches",
+        links={
+            "TakeMatch": Link(
+                "create_contract",
+                body={
+                    "node_id": "$response.body#/matches/0/node_id",
+                    "client_id": "$request.body#/client_id",
+                },
+            ),
+            "GetNode": Link("get_node", {"node_id": "$response.body#/matches/0/node_id"}),
+        },
         summary="Ranked matches for a memory request, with score breakdown and estimated cost",
         tag="marketplace",
         body=MatchBody,

@@ -26,7 +26,7 @@ import msgspec
 from engine.errors import Conflict, NotFound
 from engine.types import Heartbeat, Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
-from gateway.operations import Call, Operation
+from gateway.operations import Call, Link, Operation
 from gateway.schemas import (
     MAX_REGISTER_BATCH,
     MAX_REGISTER_BATCH_BYTES,
@@ -443,6 +443,18 @@ OPERATIONS: list[Operation] = [
         "/api/nodes/register",
         register,
         name="register_node",
+        links={
+            "GetNode": Link("get_node", {"node_id": "$response.body#/node_id"}),
+            "UpdateNode": Link("update_node", {"node_id": "$response.body#/node_id"}),
+            "DeactivateNode": Link("deactivate_node", {"node_id": "$response.body#/node_id"}),
+            "Heartbeat": Link("node_heartbeat", {"node_id": "$response.body#/node_id"}),
+            "Earnings": Link("node_earnings_history", {"node_id": "$response.body#/node_id"}),
+            "Contracts": Link("list_contracts", {"node_id": "$response.body#/node_id"}),
+            "TakeNode": Link("create_contract", body={"node_id": "$response.body#/node_id"}),
+            "Cluster": Link("cluster_nodes", {"region": "$response.body#/node/region"}),
+            "ClusterStats": Link("cluster_stats", {"region": "$response.body#/node/region"}),
+            "Book": Link("order_book", {"region": "$response.body#/node/region"}),
+        },
         summary="Register a node (provider)",
         tag="nodes",
         description="Answers 200 (not 201) with `node_id` at the top level: the spec's own "
@@ -458,6 +470,10 @@ OPERATIONS: list[Operation] = [
         "/api/nodes/register/batch",
         register_batch,
         name="register_nodes",
+        links={
+            "GetNode": Link("get_node", {"node_id": "$response.body#/node_ids/0"}),
+            "Heartbeat": Link("node_heartbeat", {"node_id": "$response.body#/node_ids/0"}),
+        },
         summary=f"Register up to {MAX_REGISTER_BATCH:,} nodes at once, all or none (provider)",
         description="Each item is the body of `POST /api/nodes/register`, checked the same "
         "way; a refusal names the item (`nodes[17].latitude`) and registers nothing. The "
@@ -489,6 +505,9 @@ OPERATIONS: list[Operation] = [
         "/api/nodes",
         list_nodes,
         name="list_nodes",
+        links={
+            "GetNode": Link("get_node", {"node_id": "$response.body#/nodes/0/node_id"}),
+        },
         summary="List nodes with filters (`mine`: live; otherwise from the journal's copy, which "
         "trails the live market by its lag)",
         tag="nodes",

@@ -56,6 +56,24 @@ async def test_register_rejects(gw: Gateway, override: dict, field: str) -> None
     assert_error(r, 422, field=field)
 
 
+async def test_integral_numbers_are_integers(gw: Gateway) -> None:
+    """JSON Schema's `integer` (the OpenAPI document's) admits `64.0` and `6.4e1`: so does the
+    API; `64.5` and the string `"64"` stay refused."""
+    provider = await signup(gw, "provider")
+    body = {**node_body(), "total_ram_gb": 64.0, "total_vram_gb": 2.4e1, "max_duration_sec": 3600.0}
+    r = await gw.client.post("/api/nodes/register", json=body, headers=provider.headers)
+    assert r.status_code == 200, r.text
+    node = r.json()["node"]
+    assert (node["total_ram_gb"], node["total_vram_gb"], node["max_duration_sec"]) == (64, 24, 3600)
+    for bad in (64.5, "64"):
+        r = await gw.client.post(
+            "/api/nodes/register",
+            json={**node_body(), "total_ram_gb": bad, "total_vram_gb": 24.0},
+            headers=provider.headers,
+        )
+        assert_error(r, 422, field="total_ram_gb")
+
+
 async def test_body_shape_errors(gw: Gateway) -> None:
     """Malformed JSON 400, wrong media type 415, oversized 413, missing body 422, all JSON."""
     api = gw.client
