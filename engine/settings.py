@@ -76,6 +76,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     eth_payee_address: str | None = None
     usd_per_eth: float | None = None
     metrics_retention_days: int = 7
+    write_rate_per_s: float = 50.0
+    """Sustained writes (orders, contracts, RFQs, node registrations) per account per second."""
+    write_burst: int = 100
+    """Writes an idle account may send at once before `write_rate_per_s` paces it."""
+    ws_connections_per_account: int = 20
+    """WebSockets one account may hold open at once, over every gateway process."""
+    ws_channels_per_socket: int = 256
+    """Channels one WebSocket may be subscribed to (the fleet simulator fills its notice sockets
+    to 256)."""
 
     def __repr__(self) -> str:
         shown = []
@@ -131,6 +140,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "missed_heartbeats_offline",
             "max_body_bytes",
             "metrics_retention_days",
+            "write_burst",
+            "ws_connections_per_account",
+            "ws_channels_per_socket",
         ):
             raw = get(name)
             if raw is not None:
@@ -143,7 +155,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                     "MNEMO_LOG_LEVEL", f"expected one of {', '.join(_LOG_LEVELS)}, got {raw!r}"
                 )
             values["log_level"] = raw.upper()
-        for name in ("heartbeat_interval_s", "heartbeat_min_interval_s", "usd_per_eth"):
+        for name in (
+            "heartbeat_interval_s",
+            "heartbeat_min_interval_s",
+            "usd_per_eth",
+            "write_rate_per_s",
+        ):
             raw = get(name)
             if raw is not None:
                 values[name] = _parse_float(f"MNEMO_{name.upper()}", raw)

@@ -19,6 +19,7 @@ from engine.errors import NotFound
 from engine.types import Bid
 from gateway.errors import ValidationFailed
 from gateway.operations import Call, Operation
+from gateway.ratelimit import WRITES
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     BidCreateRequest,
@@ -178,6 +179,7 @@ OPERATIONS: list[Operation] = [
         "/api/bids",
         place,
         name="place_bid",
+        limit=WRITES,
         summary="Place a limit bid that rests in the region's book until it fills, is cancelled or expires",
         tag="bids",
         body=BidCreateRequest,
@@ -213,6 +215,7 @@ OPERATIONS: list[Operation] = [
         "/api/bids/{bid_id}",
         cancel,
         name="cancel_bid",
+        limit=WRITES,
         summary="Cancel one of the caller's open bids",
         tag="bids",
         response=BidOut,

@@ -22,6 +22,7 @@ from engine.types import Contract
 from gateway.auth import Principal
 from gateway.errors import Forbidden, ValidationFailed
 from gateway.operations import Call, Operation
+from gateway.ratelimit import WRITES
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     ContractCreateRequest,
@@ -275,6 +276,7 @@ OPERATIONS: list[Operation] = [
         "/api/contracts/create",
         create,
         name="create_contract",
+        limit=WRITES,
         summary="Take capacity on a node (atomic reserve at the node's price, capped)",
         tag="contracts",
         body=ContractCreateRequest,
@@ -309,6 +311,7 @@ OPERATIONS: list[Operation] = [
         "/api/contracts/{contract_id}/settle",
         settle,
         name="settle_contract",
+        limit=WRITES,
         summary="End a contract now: free the capacity, price what was used, stamp the settlement hash",
         tag="contracts",
         body=ContractSettleRequest,
@@ -321,6 +324,7 @@ OPERATIONS: list[Operation] = [
         "/api/contracts/{contract_id}/extend",
         extend,
         name="extend_contract",
+        limit=WRITES,
         summary="Extend an active contract",
         tag="contracts",
         body=ContractExtendRequest,

@@ -27,6 +27,7 @@ from engine.errors import Conflict, NotFound
 from engine.types import Heartbeat, Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
 from gateway.operations import Call, Operation
+from gateway.ratelimit import WRITES
 from gateway.schemas import (
     MAX_REGISTER_BATCH,
     MAX_REGISTER_BATCH_BYTES,
@@ -443,6 +444,7 @@ OPERATIONS: list[Operation] = [
         "/api/nodes/register",
         register,
         name="register_node",
+        limit=WRITES,
         summary="Register a node (provider)",
         tag="nodes",
         body=NodeRegisterRequest,
@@ -456,6 +458,7 @@ OPERATIONS: list[Operation] = [
         "/api/nodes/register/batch",
         register_batch,
         name="register_nodes",
+        limit=WRITES,
         summary=f"Register up to {MAX_REGISTER_BATCH:,} nodes at once, all or none (provider)",
         description="Each item is the body of `POST /api/nodes/register`, checked the same "
         "way; a refusal names the item (`nodes[17].latitude`) and registers nothing. The "
