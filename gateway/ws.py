@@ -76,7 +76,7 @@ from engine.keys import Keys
 from engine.settings import Settings
 from engine.types import Heartbeat
 from gateway.auth import Principal, authenticate
-from gateway.direct import direct_writer
+from gateway.direct import denied, direct_writer
 from gateway.errors import ErrorDetail, RateLimited, Unauthorized, error_response, from_msgspec
 from gateway.heartbeats import HeartbeatBatcher, HeartbeatSink
 from gateway.hub import Hub, HubUnavailable, Subscriber
@@ -295,7 +295,7 @@ class WsEndpoint:
         except Exception:
             # The accounts database is down, say: a retryable 503, not a refusal.
             log.exception("authenticating a WebSocket failed")
-            await _deny(websocket, 503, "unavailable", "authentication unavailable; retry")
+            await _deny(websocket, send, 503, "unavailable", "authentication unavailable; retry")
             return
         if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
             await websocket.close(code=CLOSE_AUTH, reason="token_expired")
@@ -304,11 +304,11 @@ class WsEndpoint:
         try:
             slot = await limiter.open_connection(principal.user_id)
         except RateLimited as exc:
-            await _deny(websocket, 429, exc.code, exc.message, exc.headers)
+            await _deny(websocket, send, 429, exc.code, exc.message, exc.headers)
             return
         except Exception:
             log.exception("counting the sockets of %s failed", principal.user_id)
-            await _deny(websocket, 503, "unavailable", "connection limit unavailable; retry")
+            await _deny(websocket, send, 503, "unavailable", "connection limit unavailable; retry")
             return
         try:
             await websocket.accept()
@@ -324,6 +324,7 @@ class WsEndpoint:
 
 async def _deny(
     websocket: WebSocket,
+    send: Send,
     status: int,
     code: str,
     message: str,
@@ -333,6 +334,7 @@ async def _deny(
     (uvicorn can); elsewhere a close before accept, which reaches the client as a 403."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(error_response(status, code, message, headers=headers))
+        denied(send)
     else:
         await websocket.close(code=CLOSE_SLOW if status == 429 else CLOSE_INTERNAL, reason=code)
 
