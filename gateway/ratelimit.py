@@ -102,8 +102,10 @@ if tat < now then tat = now end
 local next_tat = tat + interval
 local allowed_at = next_tat - tonumber(ARGV[2]) * interval
 if allowed_at > now then return math.ceil(allowed_at - now) end
+-- At rates beyond the clock's resolution (benchmarks raise the limit that far) next_tat may
+-- round to now; an expiry must still be at least 1 ms.
 redis.call('SET', KEYS[1], string.format('%.0f', next_tat),
-           'PX', math.ceil((next_tat - now) / 1000))
+           'PX', math.max(1, math.ceil((next_tat - now) / 1000)))
 return 0
 """
 
