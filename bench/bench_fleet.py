@@ -66,7 +66,7 @@ import redis.asyncio as aioredis
 
 from agent.client import Gateway
 from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet
-from bench.servers import free_port, private_redis, require_loopback
+from bench.servers import UNTHROTTLED_ENV, free_port, private_redis, require_loopback
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,6 +119,9 @@ def _env(
         MNEMO_HEARTBEAT_INTERVAL_S=str(interval_s),
         MNEMO_LOG_LEVEL="WARNING",
     )
+    # One provider holds the whole fleet (a socket per --nodes-per-connection nodes, one
+    # registration request per node with --http-register); bench_lag adds one renter's RFQs.
+    env.update(UNTHROTTLED_ENV)
     return env
 
 

@@ -13,8 +13,9 @@ What it does, all on 127.0.0.1 and bounded in time (every phase has a limit):
    prices: the live asks.
 3. Starts the gateway as production does: `uvicorn --factory gateway.app:app_from_env` with
    uvloop and httptools, `--workers N`; waits until every worker's market view holds every node.
-4. Signs a renter up over HTTP and takes a JWT (the request path then touches neither Postgres
-   nor Redis: auth is the token, ranking reads the in-process view).
+4. Signs a renter up over HTTP and takes a JWT (the request path then never touches Postgres
+   and makes one Redis call, the per-account write limit, raised here so that this one renter
+   is not throttled: auth is the token, ranking reads the in-process view).
 5. Open loop at `--rate` requests/s for `--seconds` (after `--warmup`), over `--connections`
    keep-alive connections. Latency is measured from each request's scheduled send time, so a
    server that falls behind shows in the figures (no coordinated omission).
@@ -53,7 +54,7 @@ import httpx
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.servers import drop_scratch, free_port
+from bench.servers import UNTHROTTLED_ENV, drop_scratch, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -560,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             "MNEMO_JWT_SECRET": uuid.uuid4().hex + uuid.uuid4().hex,
             "MNEMO_LOG_LEVEL": "WARNING",
             "MNEMO_DATA_DIR": f"/tmp/{db}",
+            **UNTHROTTLED_ENV,  # one renter sends every RFQ
         }
         with _server(env, args.workers) as (base, server_argv, server_pid):
             _wait_ready(base, args.nodes, args.workers, None, limit_s=180)

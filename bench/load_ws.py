@@ -56,7 +56,7 @@ import msgspec
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
-from bench.servers import drop_scratch, free_port
+from bench.servers import UNTHROTTLED_ENV, drop_scratch, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -119,6 +119,7 @@ def gateway(
         "MNEMO_JWT_SECRET": uuid.uuid4().hex + uuid.uuid4().hex,
         "MNEMO_LOG_LEVEL": "WARNING",
         "MNEMO_DATA_DIR": f"/tmp/{db}",
+        **UNTHROTTLED_ENV,  # fanout opens every socket with one account
         **(env or {}),
     }
     argv = [

@@ -13,6 +13,17 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+# Each load generator is one account (or a few) driving a whole market; the per-account limits
+# meant for hostile clients (README, "Limits") would measure the limiter's refusals instead of
+# the exchange. Raised, not switched off: every request still pays the limiter's Redis call.
+UNTHROTTLED_ENV: dict[str, str] = {
+    "MNEMO_WRITE_RATE_PER_S": "1000000000",
+    "MNEMO_WRITE_BURST": "1000000000",
+    "MNEMO_WS_CONNECTIONS_PER_ACCOUNT": "1000000",
+    "MNEMO_WS_CHANNELS_PER_SOCKET": "1000000",
+}
+"""The gateway's `MNEMO_*` per-account limits, raised for benchmarks."""
+
 
 async def delete_prefix(redis: Any, prefix: str) -> None:
     """Remove every key under `prefix` (a benchmark's own key space), in batches of UNLINK."""

@@ -74,6 +74,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_retention_days: int = 7
     metrics_token: str | None = None
     """A bearer token that may read `/metrics` (besides admins); None: admins only."""
+    write_rate_per_s: float = 50.0
+    """Sustained writes (orders, contracts, RFQs, node registrations) per account per second."""
+    write_burst: int = 100
+    """Writes an idle account may send at once before `write_rate_per_s` paces it."""
+    ws_connections_per_account: int = 20
+    """WebSockets one account may hold open at once, over every gateway process."""
+    ws_channels_per_socket: int = 256
+    """Channels one WebSocket may be subscribed to (the fleet simulator fills its notice sockets
+    to 256)."""
 
     def __repr__(self) -> str:
         shown = []
@@ -125,6 +134,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "missed_heartbeats_offline",
             "max_body_bytes",
             "metrics_retention_days",
+            "write_burst",
+            "ws_connections_per_account",
+            "ws_channels_per_socket",
         ):
             raw = get(name)
             if raw is not None:
@@ -137,7 +149,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                     "MNEMO_LOG_LEVEL", f"expected one of {', '.join(_LOG_LEVELS)}, got {raw!r}"
                 )
             values["log_level"] = raw.upper()
-        for name in ("heartbeat_interval_s", "heartbeat_min_interval_s"):
+        for name in ("heartbeat_interval_s", "heartbeat_min_interval_s", "write_rate_per_s"):
             raw = get(name)
             if raw is not None:
                 values[name] = _parse_float(f"MNEMO_{name.upper()}", raw)

@@ -40,7 +40,7 @@ from gateway.idempotency import IdempotencyStore
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.openapi import OpenApiEndpoints
 from gateway.operations import route
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import RateLimiter, rules_for
 from gateway.routes import OPERATIONS
 from gateway.routes.nodes import OwnerIndex
 from persistence.journal import journal_lag, rejected_counts
@@ -163,6 +163,15 @@ def create_app(settings: Settings) -> Starlette:
             services = await stack.enter_async_context(
                 ws.ws_services(redis, market, keys, settings)
             )
+            limiter = RateLimiter(
+                redis,
+                keys,
+                rules_for(settings),
+                connections=settings.ws_connections_per_account,
+                on_refused=lambda limit: metrics.rate_limited.labels(limit).inc(),
+            )
+            slots = asyncio.create_task(limiter.keep_connections_alive(), name="ws-slots")
+            stack.push_async_callback(_cancel, slots)
             idempotency = IdempotencyStore(pool, settings.jwt_secret)
             sweeper = asyncio.create_task(idempotency.sweep_forever(), name="idempotency-sweep")
             stack.push_async_callback(_cancel, sweeper)
@@ -183,7 +192,7 @@ def create_app(settings: Settings) -> Starlette:
                 "view": view,
                 "owners": owners,
                 "auth": Authenticator(pool, settings),
-                "limiter": RateLimiter(redis, keys),
+                "limiter": limiter,
                 "idempotency": idempotency,
                 "metrics": metrics,
                 "ws": services,

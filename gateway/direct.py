@@ -27,6 +27,12 @@ Rules:
 - There is no backpressure: uvicorn's transport buffers what the kernel does not take. `write()`
   reports when the buffer has passed `high_water_bytes`; the caller closes such a slow
   consumer (1013) instead of letting the buffer grow without bound.
+
+`denied(send)` is the one other reach into the same protocol: after a denial response (an HTTP
+answer to the handshake, such as a 429 past the account's socket limit) it marks the handshake
+done, as uvicorn's wsproto implementation does itself; websockets-sansio otherwise logs "ASGI
+callable returned without completing handshake." at ERROR for every refused connection
+(Kludex/uvicorn#3138), a line a client could have written at will by retrying.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ __all__ = [
     "NOT_OPEN",
     "OK",
     "DirectWriter",
+    "denied",
     "direct_writer",
     "frame_payload",
     "frame_text",
@@ -128,6 +135,17 @@ def direct_writer(send: Callable[..., Any], *, high_water_bytes: int) -> DirectW
     ):
         return None
     return DirectWriter(protocol, high_water_bytes)
+
+
+def denied(send: Callable[..., Any]) -> None:
+    """After a denial response went out through `send`: the handshake is over (see above)."""
+    protocol = _server_protocol(send)
+    if (
+        protocol is not None
+        and getattr(protocol, "initial_response", None) is not None
+        and getattr(protocol, "close_sent", False)
+    ):
+        protocol.handshake_complete = True
 
 
 def _server_protocol(send: Callable[..., Any]) -> Any:

@@ -85,6 +85,15 @@ class Metrics:
             ["region"],
             registry=self.registry,
         )
+        # By limit only: a per-account or per-region label would publish tenants' activity.
+        self.rate_limited = Counter(
+            "mnemo_rate_limited",
+            "Requests, WebSocket connections and subscriptions refused by a limit, by limit "
+            "(writes, ws_connections, subscriptions, signup_ip, token_ip, login_failures, "
+            "api_key_create).",
+            ["limit"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._refreshers: list[Callable[[Metrics], None]] = []
         self._async_refreshers: list[Callable[[Metrics], Awaitable[None]]] = []

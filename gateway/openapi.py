@@ -4,7 +4,8 @@ Schemas come from `msgspec.json.schema_components`, i.e. from the very Structs t
 requests, with their bounds and patterns; query Structs become query parameters; path parameters
 take their types from the Operation. Each operation lists the statuses it can answer: its success,
 and the errors its shape allows (401/403 when authenticated, 404 with path parameters, 400/413/
-415/422 with a body, 422 with a query string, 409 and 422 with `Idempotency-Key`, and its own).
+415/422 with a body, 422 with a query string, 409 and 422 with `Idempotency-Key`, 429 with a
+per-account `limit`, and its own).
 Routes mounted from elsewhere (analytics) that are not Operations are listed with their path
 parameters and a `default` response, so a client sees them without the gateway guessing their
 shapes. WebSocket routes are not part of an OpenAPI document.
@@ -164,6 +165,8 @@ def _operation(
         statuses.add(422)
     if op.idempotent:
         statuses |= {409, 422}
+    if op.limit is not None:
+        statuses.add(429)
     responses: dict[str, Any] = {}
     success: dict[str, Any] = {"description": _STATUS_TEXT.get(op.status, "OK")}
     if op.response is not None:

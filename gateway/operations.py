@@ -3,7 +3,9 @@
 An `Operation` names its method and path, the Structs of its query string, body and response,
 whether it needs a principal and which roles, and whether it honours `Idempotency-Key`. `route()`
 turns it into a Starlette route whose endpoint, in this order:
-1. authenticates (401) and checks the role (403),
+1. authenticates (401) and checks the role (403), then counts the call against the account's
+   `limit` if the operation names one (429 with `Retry-After`; even a call that fails later
+   counts, so malformed floods are paced too),
 2. checks path parameters against their types (a malformed id names nothing: 404),
 3. decodes the query string and the body into their Structs (400/413/415/422, field named),
 4. runs the handler (under the idempotency store for creating POSTs with the header),
@@ -141,6 +143,8 @@ class Operation:
     """The largest body this operation reads; None: the settings' `max_body_bytes`."""
     links: Mapping[str, Link] = field(default_factory=dict)
     """OpenAPI links of its success response, by name."""
+    limit: str | None = None
+    """A `gateway.ratelimit` rule counted per account on every call (e.g. "writes")."""
 
     def path_type(self, name: str) -> Any:
         """The type of a path parameter: declared, else Region for `region`, else Id."""
@@ -174,6 +178,8 @@ def route(op: Operation) -> ApiRoute:
             if op.roles is not None and principal.role not in op.roles:
                 allowed = " or ".join(sorted(op.roles))
                 raise Forbidden(f"this needs the role {allowed}")
+            if op.limit is not None:
+                await request.state.limiter.hit(op.limit, principal.user_id)
         path: dict[str, Any] = {}
         for name, path_type in path_types.items():
             path[name] = _path_value(path_type, request.path_params[name], name)

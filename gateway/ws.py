@@ -5,6 +5,11 @@ Connect with credentials (`Authorization: Bearer <jwt|api key>`, `X-API-Key`, or
 server sends as HTTP 403). A socket opened with a JWT is closed with 4401 when the token expires;
 one opened with an API key is closed with 4401 within `reauth_interval_s` of the key's revocation.
 
+An account holds at most `MNEMO_WS_CONNECTIONS_PER_ACCOUNT` sockets at once over every gateway
+(slots in Redis, `gateway.ratelimit`); the handshake of one more is refused with HTTP 429, a
+`Retry-After` and the usual error body (`rate_limited`). The slot is given back when the socket
+ends, however it ends.
+
 Client -> server (JSON text or binary frames, at most `max_message_bytes`):
     {"op": "subscribe",   "channels": [...]}     -> {"type": "subscribed",   "channels": [...]}
     {"op": "unsubscribe", "channels": [...]}     -> {"type": "unsubscribed", "channels": [...]}
@@ -16,6 +21,8 @@ Server -> client:
     {"type": "event", "channel", "data"} for each notification of a subscribed channel
     {"type": "error", "error": {"code", "message", "field"?}, "channel"?, "ref"?} for a bad
     message, an unknown or forbidden channel, or a failed heartbeat batch; the socket stays open.
+    A subscribe that would take the socket past `max_channels` (`MNEMO_WS_CHANNELS_PER_SOCKET`)
+    channels adds none of its new ones and gets one `too_many_channels` error naming the limit.
     {"type": "batch", "messages": [<any of the above>, ...]} only on sockets opened with
     `?batch=1`: when several messages are already queued for the socket they go in one frame,
     in order (nothing is held back to fill a batch; a lone message is sent as itself). For
@@ -42,8 +49,8 @@ Keepalive: the server (uvicorn) pings every socket and closes it when pongs stop
 there for clients that cannot see protocol pings (browsers).
 
 Close codes: 4401 auth missing/invalid/expired, 1013 too slow, 1012 server shutting down,
-1011 internal error. If credentials cannot be checked at all (accounts database down), the
-handshake gets HTTP 503 with the usual error body.
+1011 internal error. If credentials or the account's socket count cannot be checked at all
+(accounts database or Redis down), the handshake gets HTTP 503 with the usual error body.
 """
 
 from __future__ import annotations
@@ -69,10 +76,11 @@ from engine.keys import Keys
 from engine.settings import Settings
 from engine.types import Heartbeat
 from gateway.auth import Principal, authenticate
-from gateway.direct import direct_writer
-from gateway.errors import ErrorDetail, Unauthorized, error_response, from_msgspec
+from gateway.direct import denied, direct_writer
+from gateway.errors import ErrorDetail, RateLimited, Unauthorized, error_response, from_msgspec
 from gateway.heartbeats import HeartbeatBatcher, HeartbeatSink
 from gateway.hub import Hub, HubUnavailable, Subscriber
+from gateway.ratelimit import RateLimiter
 from gateway.schemas import HeartbeatRequest, Id
 
 __all__ = [
@@ -109,7 +117,7 @@ class WsOptions(msgspec.Struct, frozen=True, kw_only=True):
     as too slow and is closed (1013); the bound of the direct path, as `queue_size` is of the
     queued one."""
     max_channels: int = 256
-    """Subscriptions per socket."""
+    """Subscriptions per socket (`ws_services` takes it from `Settings.ws_channels_per_socket`)."""
     max_message_bytes: int = 1 << 20
     """Largest client message accepted (a heartbeat batch of 1000 beats is about 200 KB)."""
     max_inflight_heartbeats: int = 8
@@ -162,7 +170,7 @@ async def ws_services(
 
     Use inside the app's lifespan and put the result in its state under `STATE_KEY`.
     """
-    options = options or WsOptions()
+    options = options or WsOptions(max_channels=settings.ws_channels_per_socket)
     hub = Hub(
         redis,
         queue_size=options.queue_size,
@@ -287,23 +295,48 @@ class WsEndpoint:
         except Exception:
             # The accounts database is down, say: a retryable 503, not a refusal.
             log.exception("authenticating a WebSocket failed")
-            if "websocket.http.response" in scope.get("extensions", {}):
-                await websocket.send_denial_response(
-                    error_response(503, "unavailable", "authentication unavailable; retry")
-                )
-            else:
-                await websocket.close(code=CLOSE_INTERNAL, reason="unavailable")
+            await _deny(websocket, send, 503, "unavailable", "authentication unavailable; retry")
             return
         if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
             await websocket.close(code=CLOSE_AUTH, reason="token_expired")
             return
-        await websocket.accept()
-        session = _Session(websocket, send, principal, services)
-        services.sockets += 1
+        limiter: RateLimiter = websocket.state.limiter
         try:
-            await session.run()
+            slot = await limiter.open_connection(principal.user_id)
+        except RateLimited as exc:
+            await _deny(websocket, send, 429, exc.code, exc.message, exc.headers)
+            return
+        except Exception:
+            log.exception("counting the sockets of %s failed", principal.user_id)
+            await _deny(websocket, send, 503, "unavailable", "connection limit unavailable; retry")
+            return
+        try:
+            await websocket.accept()
+            session = _Session(websocket, send, principal, services)
+            services.sockets += 1
+            try:
+                await session.run()
+            finally:
+                services.sockets -= 1
         finally:
-            services.sockets -= 1
+            await asyncio.shield(limiter.close_connection(principal.user_id, slot))
+
+
+async def _deny(
+    websocket: WebSocket,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Refuse a handshake with an HTTP status and the error body, where the server can send one
+    (uvicorn can); elsewhere a close before accept, which reaches the client as a 403."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(status, code, message, headers=headers))
+        denied(send)
+    else:
+        await websocket.close(code=CLOSE_SLOW if status == 429 else CLOSE_INTERNAL, reason=code)
 
 
 ws_routes: list[BaseRoute] = [WebSocketRoute("/ws", WsEndpoint(), name="ws")]
@@ -355,6 +388,7 @@ class _Session:
         self._close_code: int | None = None
         self._close_reason = ""
         self._inflight = asyncio.Semaphore(services.options.max_inflight_heartbeats)
+        self._limiter: RateLimiter = websocket.state.limiter
 
     def finish(self, code: int | None, reason: str = "") -> None:
         """End the session; `code` None means the client is gone (nothing to close)."""
@@ -500,22 +534,28 @@ class _Session:
                 self._reply(Pong(ref=op.ref))
 
     async def _subscribe(self, names: list[str]) -> None:
-        pairs: list[tuple[str, str]] = []
+        wanted = list(dict.fromkeys(names))
         held = len(self.sub.channels)
         limit = self.services.options.max_channels
-        for name in dict.fromkeys(names):
+        new = sum(1 for name in wanted if name not in self.sub.channels)
+        # Counted as asked, before any channel is looked up: a client probing past its limit
+        # costs no Redis reads.
+        if held + new > limit:
+            self._limiter.refused("subscriptions")
+            self._error(
+                "too_many_channels",
+                f"at most {limit} channels per socket: this socket holds {held} and the "
+                f"request adds {new}; nothing was subscribed",
+                field="channels",
+            )
+            return
+        pairs: list[tuple[str, str]] = []
+        for name in wanted:
             try:
                 redis_channel = await self._authorize(name)
             except _ChannelRefused as exc:
                 self._error(exc.code, exc.message, channel=name)
                 continue
-            if name not in self.sub.channels:
-                if held >= limit:
-                    self._error(
-                        "too_many_channels", f"at most {limit} channels per socket", channel=name
-                    )
-                    continue
-                held += 1
             pairs.append((redis_channel, name))
         if not pairs:
             return

@@ -354,7 +354,11 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
                 ProcessSpec(p.name, (*p.argv, "--no-access-log")) if p.name == "gateway" else p
                 for p in core
             ]
-        demo = [] if args.no_demo else _demo_processes(args.fleet, base)
+        demo = (
+            []
+            if args.no_demo
+            else _demo_processes(args.fleet, base, settings.ws_connections_per_account)
+        )
         supervisor = _Supervisor(env)
         try:
             supervisor.start(core)
@@ -623,11 +627,19 @@ def _command(spec: ProcessSpec) -> ProcessSpec:
     return ProcessSpec(spec.name, (found, *rest))
 
 
-def _demo_processes(fleet: int, base_url: str) -> list[ProcessSpec]:
+_FLEET_NODES_PER_SOCKET = 25_000  # mnemo-agent --simulate's default --nodes-per-connection
+
+
+def _demo_processes(fleet: int, base_url: str, sockets_per_account: int) -> list[ProcessSpec]:
     """A simulated fleet and a renter bot, where the agent package provides them."""
     procs: list[ProcessSpec] = []
     if importlib.util.find_spec("agent.cli") is not None:
-        procs.append(_command(ProcessSpec("agent", ("mnemo-agent", "--simulate", str(fleet)))))
+        argv = ["mnemo-agent", "--simulate", str(fleet)]
+        # The fleet is one account, a WebSocket per so many nodes: a big one spreads its nodes
+        # over fewer, fuller sockets rather than be refused past the account's socket limit.
+        if -(-fleet // _FLEET_NODES_PER_SOCKET) > sockets_per_account:
+            argv += ["--nodes-per-connection", str(-(-fleet // sockets_per_account))]
+        procs.append(_command(ProcessSpec("agent", tuple(argv))))
     if importlib.util.find_spec("scripts.renter_bot") is not None:
         procs.append(
             ProcessSpec("renter", (sys.executable, "-m", "scripts.renter_bot", "--api", base_url))

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import redis
 
-from scripts.cli import PROCFILE
+from scripts.cli import PROCFILE, _demo_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,6 +220,16 @@ def test_procfile_matches_what_up_runs() -> None:
         assert match, line
         parsed.append((match.group(1), tuple(match.group(2).split())))
     assert parsed == [(p.name, p.argv) for p in PROCFILE]
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("agent.cli"), reason="needs the agent package")
+def test_a_big_demo_fleet_fits_the_accounts_socket_limit() -> None:
+    """`mnemo up --fleet N` keeps the fleet's sockets (one account) within the per-account limit
+    by putting more nodes on each; a small fleet keeps the agent's own default."""
+    (small, *_) = _demo_processes(1000, "http://127.0.0.1:1", 20)
+    assert small.argv[1:] == ("--simulate", "1000")
+    (big, *_) = _demo_processes(1_000_000, "http://127.0.0.1:1", 20)
+    assert big.argv[1:] == ("--simulate", "1000000", "--nodes-per-connection", "50000")
 
 
 _STACK = ("gateway.app", "engine.process", "persistence.journal")

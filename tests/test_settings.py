@@ -42,6 +42,10 @@ def test_values_are_parsed(tmp_path: Path) -> None:
             missed_heartbeats_offline="4",
             regions=" us-east-2, eu-west-1 ,,",
             log_level="debug",
+            write_rate_per_s="2.5",
+            write_burst="7",
+            ws_connections_per_account="3",
+            ws_channels_per_socket="9",
         )
     )
     assert s.redis_url == "redis://127.0.0.1:6379/3"
@@ -53,6 +57,8 @@ def test_values_are_parsed(tmp_path: Path) -> None:
     assert s.missed_heartbeats_offline == 4
     assert s.regions == ("us-east-2", "eu-west-1")
     assert s.log_level == "DEBUG"
+    assert (s.write_rate_per_s, s.write_burst) == (2.5, 7)
+    assert (s.ws_connections_per_account, s.ws_channels_per_socket) == (3, 9)
 
 
 def test_empty_variable_counts_as_unset(tmp_path: Path) -> None:
@@ -117,6 +123,8 @@ def test_local_jwt_secret_is_generated_once(tmp_path: Path) -> None:
         ("heartbeat_interval_s", "nan", "positive"),
         ("heartbeat_min_interval_s", "soon", "number"),
         ("missed_heartbeats_offline", "0", "at least 1"),
+        ("write_rate_per_s", "0", "positive"),
+        ("ws_connections_per_account", "0", "at least 1"),
         ("jwt_ttl_s", "1.5", "integer"),
         ("log_level", "loud", "expected one of"),
         ("regions", "us-east-2,{bad}", "bad region"),

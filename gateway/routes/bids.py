@@ -20,6 +20,7 @@ from engine.errors import NotFound
 from engine.types import Bid
 from gateway.errors import ValidationFailed
 from gateway.operations import Call, Link, Operation
+from gateway.ratelimit import WRITES
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     BidCreateRequest,
@@ -186,6 +187,7 @@ OPERATIONS: list[Operation] = [
             "CancelBid": Link("cancel_bid", {"bid_id": "$response.body#/bid_id"}),
             "Book": Link("order_book", {"region": "$response.body#/region"}),
         },
+        limit=WRITES,
         summary="Place a limit bid that rests in the region's book until it fills, is cancelled or expires",
         tag="bids",
         body=BidCreateRequest,
@@ -221,6 +223,7 @@ OPERATIONS: list[Operation] = [
         "/api/bids/{bid_id}",
         cancel,
         name="cancel_bid",
+        limit=WRITES,
         summary="Cancel one of the caller's open bids",
         tag="bids",
         response=BidOut,

@@ -25,6 +25,7 @@ from engine.types import Contract
 from gateway.auth import Principal
 from gateway.errors import Forbidden, ValidationFailed
 from gateway.operations import Call, Link, Operation
+from gateway.ratelimit import WRITES
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     ContractCreateRequest,
@@ -301,6 +302,7 @@ OPERATIONS: list[Operation] = [
             "Settle": Link("settle_contract", {"contract_id": "$response.body#/contract_id"}),
             "GetNode": Link("get_node", {"node_id": "$response.body#/node_id"}),
         },
+        limit=WRITES,
         summary="Take capacity on a node (atomic reserve at the node's price, capped)",
         tag="contracts",
         body=ContractCreateRequest,
@@ -335,6 +337,7 @@ OPERATIONS: list[Operation] = [
         "/api/contracts/{contract_id}/settle",
         settle,
         name="settle_contract",
+        limit=WRITES,
         summary="End a contract now: free the capacity, price what was used, stamp the settlement hash",
         tag="contracts",
         body=ContractSettleRequest,
@@ -347,6 +350,7 @@ OPERATIONS: list[Operation] = [
         "/api/contracts/{contract_id}/extend",
         extend,
         name="extend_contract",
+        limit=WRITES,
         summary="Extend an active contract",
         tag="contracts",
         body=ContractExtendRequest,

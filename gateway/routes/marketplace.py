@@ -1,9 +1,10 @@
 """The marketplace: browse live asks, and ask for ranked matches.
 
 Both read this process's `MarketView` (columnar books kept current from the region streams, at
-most milliseconds stale), never Redis per request; the atomic reserve at contract creation is the
-truth. Any authenticated caller may browse and request (looking is harmless; taking needs a
-client of one's own).
+most milliseconds stale), never the market in Redis per request; the atomic reserve at contract
+creation is the truth. Any authenticated caller may browse and request (looking is harmless;
+taking needs a client of one's own). Ranking is the costly part, so a request counts against the
+account's write limit (one Redis call); browsing does not.
 
 The renter's location for `POST /api/marketplace/request`: `client_lat`/`client_lng` in the
 body, else the profile named by `client_id` (which must be the caller's), else the caller's
@@ -20,6 +21,7 @@ import asyncpg
 from engine.scoring import Match, MatchRequest, browse
 from gateway.errors import ValidationFailed
 from gateway.operations import Call, Link, Operation
+from gateway.ratelimit import WRITES
 from gateway.routes.accounts import first_client, owned_client
 from gateway.schemas import (
     MarketplaceQuery,
@@ -205,6 +207,7 @@ OPERATIONS: list[Operation] = [
             ),
             "GetNode": Link("get_node", {"node_id": "$response.body#/matches/0/node_id"}),
         },
+        limit=WRITES,
         summary="Ranked matches for a memory request, with score breakdown and estimated cost",
         tag="marketplace",
         body=MatchBody,

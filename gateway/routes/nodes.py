@@ -27,6 +27,7 @@ from engine.errors import Conflict, NotFound
 from engine.types import Heartbeat, Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
 from gateway.operations import Call, Link, Operation
+from gateway.ratelimit import WRITES
 from gateway.schemas import (
     MAX_REGISTER_BATCH,
     MAX_REGISTER_BATCH_BYTES,
@@ -455,6 +456,7 @@ OPERATIONS: list[Operation] = [
             "ClusterStats": Link("cluster_stats", {"region": "$response.body#/node/region"}),
             "Book": Link("order_book", {"region": "$response.body#/node/region"}),
         },
+        limit=WRITES,
         summary="Register a node (provider)",
         tag="nodes",
         description="Answers 200 (not 201) with `node_id` at the top level: the spec's own "
@@ -474,6 +476,7 @@ OPERATIONS: list[Operation] = [
             "GetNode": Link("get_node", {"node_id": "$response.body#/node_ids/0"}),
             "Heartbeat": Link("node_heartbeat", {"node_id": "$response.body#/node_ids/0"}),
         },
+        limit=WRITES,
         summary=f"Register up to {MAX_REGISTER_BATCH:,} nodes at once, all or none (provider)",
         description="Each item is the body of `POST /api/nodes/register`, checked the same "
         "way; a refusal names the item (`nodes[17].latitude`) and registers nothing. The "
