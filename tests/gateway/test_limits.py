@@ -38,6 +38,7 @@ SOCKETS = 2
 CHANNELS = 3
 BURST = 3
 RATE_PER_S = 0.5  # slow enough that no write is earned back while a test runs
+METRICS_TOKEN = "limits-scrape-" + "m" * 24
 
 
 @pytest.fixture
@@ -50,6 +51,7 @@ def settings(redis_url: str, db_url: str, keys: Keys) -> Settings:
         ws_channels_per_socket=CHANNELS,
         write_rate_per_s=RATE_PER_S,
         write_burst=BURST,
+        metrics_token=METRICS_TOKEN,
     )
 
 
@@ -61,7 +63,7 @@ async def live(settings: Settings, keys: Keys) -> AsyncIterator[Live]:
 
 async def refusals(client: httpx.AsyncClient, limit: str) -> float:
     """`mnemo_rate_limited_total{limit=...}` as `/metrics` shows it (0 before the first)."""
-    r = await client.get("/metrics")
+    r = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert r.status_code == 200, r.text
     found = re.search(rf'^mnemo_rate_limited_total\{{limit="{limit}"\}} (\S+)$', r.text, re.M)
     return float(found.group(1)) if found else 0.0
