@@ -154,6 +154,8 @@ class _Up:
                 stderr=subprocess.STDOUT,
             )
         self.http = httpx.Client(base_url=self.base, timeout=10.0)
+        self.seen: set[int] = set()
+        """Every process seen under `mnemo up`, restarted ones included."""
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -165,6 +167,10 @@ class _Up:
         """The URL the banner shows for `name` (Redis, Postgres), once it is printed."""
         match = re.search(rf"^  {name} +(\S+)$", self.text(), re.MULTILINE)
         return match.group(1) if match else None
+
+    def said(self, line: str) -> Callable[[], bool | None]:
+        """A probe for `line` in the output (a server is ready a moment before `up` says so)."""
+        return lambda: (line in self.text()) or None
 
     def bot_contracts(self) -> set[str]:
         """The contracts the renter bot says it took (acknowledged)."""
@@ -184,6 +190,7 @@ class _Up:
 
     def pid_of(self, name: str) -> int | None:
         """The pid of `name` (gateway, engine, journal, Valkey, PostgreSQL) among our children."""
+        self.seen |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
         for child in psutil.Process(self.proc.pid).children():
             try:
                 if child.status() == psutil.STATUS_ZOMBIE:
@@ -407,7 +414,11 @@ def test_kill_9_of_each_piece_under_load(folder: Path) -> None:
             _poll(f"/readyz green after kill -9 of {victim}", up.ready, _READY_S)
             recovered_s[victim] = time.monotonic() - killed_at
             assert f"{victim} exited with signal 9 (SIGKILL)" in up.text()
-            assert f"restarted {victim} (pid {new_pid}, restart 1)" in up.text()
+            _poll(
+                f"the log line of {victim}'s restart",
+                up.said(f"restarted {victim} (pid {new_pid}, restart 1)"),
+                10,
+            )
             if victim == "engine":
                 # Back means working: the new engine holds every region's lease again.
                 _poll(
@@ -446,3 +457,17 @@ def test_kill_9_of_each_piece_under_load(folder: Path) -> None:
     finally:
         up.stop()
     assert up.proc.returncode == 0, up.tail()
+    # The restarted processes and servers were stopped too.
+    assert [pid for pid in up.seen if _alive(pid)] == []
+    assert _leftovers(folder) == []
+
+
+def _leftovers(folder: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(folder) in cmdline or (proc.info["cwd"] or "").startswith(str(folder)):
+            found.append(proc)
+    return found
