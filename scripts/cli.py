@@ -812,7 +812,8 @@ class _Supervisor:
         try:
             pid = unit.launch()
         except (EmbeddedError, OSError) as e:
-            unit.reap()
+            # Nothing of the failed start is left running (EmbeddedServers.restart stops what
+            # it started; a child that could not be spawned has no process).
             self._schedule(unit, time.monotonic(), f"could not start ({_one_line(e)})", ran=False)
             return
         unit.due = None

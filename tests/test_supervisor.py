@@ -80,13 +80,17 @@ def test_crash_loop_is_retried_with_backoff_and_takes_nothing_down(
     failing = ProcessSpec("failing", (sys.executable, "-c", "import sys; sys.exit(3)"))
     supervisor.start([steady, failing])
     pid = next(u for u in supervisor.units if u.name == "steady").proc.pid  # type: ignore[attr-defined]
+    looping = next(u for u in supervisor.units if u.name == "failing")
+
+    def ctrl_c_after_four_restarts() -> None:
+        deadline = time.monotonic() + 60
+        while looping.restarts < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
     # Ctrl-C, as the user would, once the failing child has been retried a few times.
-    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        assert supervisor.wait() == 0
-    finally:
-        timer.cancel()
+    threading.Thread(target=ctrl_c_after_four_restarts, daemon=True).start()
+    assert supervisor.wait() == 0
     out = capsys.readouterr().out
     exits = re.findall(
         r"failing exited with exit code 3 after [\d.]+ s; restarting in ([\d.]+) s \(restart (\d+)",
