@@ -49,8 +49,8 @@ test that moves an injected clock forward sees the effect within a tick.
 Failures: a region loop that raises logs the error, lets its lease go and starts over after a
 short pause; the other regions carry on. A lost Redis connection (Redis restarting) is one
 warning line per attempt, with pauses growing to `_RETRY_PAUSE_MAX_S`; once Redis answers again
-each loop retakes its lease and a fresh snapshot, and resumes. Cancellation (or `stop`) ends every loop, releases the
-leases and closes the Redis client.
+each loop retakes its lease and a fresh snapshot, and resumes. Cancellation (or `stop`) ends
+every loop, releases the leases and closes the Redis client.
 """
 
 from __future__ import annotations
