@@ -47,8 +47,10 @@ uses the monotonic clock. A loop never sleeps longer than `TICK_S` without readi
 test that moves an injected clock forward sees the effect within a tick.
 
 Failures: a region loop that raises logs the error, lets its lease go and starts over after a
-short pause; the other regions carry on. Cancellation (or `stop`) ends every loop, releases the
-leases and closes the Redis client.
+short pause; the other regions carry on. A lost Redis connection (Redis restarting) is one
+warning line per attempt, with pauses growing to `_RETRY_PAUSE_MAX_S`; once Redis answers again
+each loop retakes its lease and a fresh snapshot, and resumes. Cancellation (or `stop`) ends
+every loop, releases the leases and closes the Redis client.
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ MAX_CONNECTIONS = 1024
 GC_THRESHOLDS = (700, 10, 1000)
 """The engine process's `gc.set_threshold` (CPython's default: (700, 10, 10))."""
 _RETRY_PAUSE_S = 1.0
+_RETRY_PAUSE_MAX_S = 5.0
+"""A region loop that lost Redis retries after 1, 2, 4, 5, 5... s (back within 5 s of its return)."""
 
 _LOST_RACE = (CapacityTaken, Unavailable)
 _GONE = (Conflict, NotFound)
@@ -519,11 +523,13 @@ class RegionWorker:
         return not (self.stopping or self.stop.is_set())
 
     async def run(self) -> None:
+        delay_s = _RETRY_PAUSE_S
         while self._running():
             try:
                 if not await self.lease.acquire():
                     await self._pause(LEASE_RETRY_S)
                     continue
+                delay_s = _RETRY_PAUSE_S
                 renewer = asyncio.create_task(self._renew_lease())
                 try:
                     await self._serve()
@@ -537,6 +543,17 @@ class RegionWorker:
                     self._reset()
             except asyncio.CancelledError:
                 raise
+            except _CONNECTION_ERRORS as exc:
+                # Redis restarting, say: one line, no traceback, and a growing pause, so an
+                # outage does not flood the log; the lease and the snapshot are taken anew.
+                log.warning(
+                    "region %s: Redis unavailable (%s); starting over in %.1f s",
+                    self.region,
+                    exc,
+                    delay_s,
+                )
+                await self._pause(delay_s)
+                delay_s = min(delay_s * 2, _RETRY_PAUSE_MAX_S)
             except Exception:
                 log.exception("region %s: loop failed; starting over", self.region)
                 await self._pause(_RETRY_PAUSE_S)

@@ -14,6 +14,10 @@ Configuration comes from `MNEMO_*` variables (see `engine.settings`). With `MNEM
 `MNEMO_DATABASE_URL` unset, `up`, `migrate` and `servers` start embedded servers under
 `MNEMO_DATA_DIR`; the single-process commands need the URLs (`up` passes them to its children).
 
+`mnemo up` keeps the exchange up: once it is serving, a process or embedded server that exits
+by itself is started again with backoff (see `RestartPolicy`); only Ctrl-C or SIGTERM stops
+everything.
+
 Anything that keeps a command from starting (a malformed or missing setting, a server that cannot
 be reached, a migration that cannot apply) is one line on stderr, `mnemo: error: ...`, and exit
 status 2. The entry points of the other packages are imported inside their subcommand, so each
@@ -44,9 +48,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.settings import ConfigError, Settings, mask_url
+
+if TYPE_CHECKING:
+    from scripts.embedded import EmbeddedServers
 
 __all__ = ["PROCFILE", "StartupError", "main"]
 
@@ -216,9 +223,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     if settings.database_url is not None:
         applied = _migrate(settings.database_url)
     else:
-        with _embedded(settings, want_redis=False, want_postgres=True) as (_, database_url):
-            assert database_url is not None
-            applied = _migrate(database_url)
+        with _embedded(settings, want_redis=False, want_postgres=True) as servers:
+            assert servers is not None
+            applied = _migrate(servers.database_url)
     print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
     return 0
 
@@ -229,8 +236,10 @@ def _cmd_servers(args: argparse.Namespace) -> int:
     want_postgres = settings.database_url is None
     if not (want_redis or want_postgres):
         raise StartupError("MNEMO_REDIS_URL and MNEMO_DATABASE_URL are both set: nothing to start")
-    with _stop_on_signals(), _embedded(settings, want_redis, want_postgres) as urls:
-        redis_url, database_url = urls
+    with _stop_on_signals(), _embedded(settings, want_redis, want_postgres) as servers:
+        assert servers is not None
+        redis_url = servers.redis_url if want_redis else None
+        database_url = servers.database_url if want_postgres else None
         if args.migrate and database_url:
             _migrate(database_url)
         if redis_url:
@@ -327,9 +336,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 def _up(settings: Settings, args: argparse.Namespace) -> int:
     data_dir = settings.data_dir.resolve()
-    with _embedded(settings, settings.redis_url is None, settings.database_url is None) as embedded:
-        redis_url = settings.redis_url or embedded[0]
-        database_url = settings.database_url or embedded[1]
+    want_redis, want_postgres = settings.redis_url is None, settings.database_url is None
+    with _embedded(settings, want_redis, want_postgres) as servers:
+        redis_url = settings.redis_url or (servers.redis_url if servers else None)
+        database_url = settings.database_url or (servers.database_url if servers else None)
         assert redis_url is not None and database_url is not None
         if settings.redis_url is not None:
             _check_redis(settings)
@@ -372,6 +382,10 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
                 return supervisor.stop(reason=reason)
             print(_banner(base, redis_url, database_url, data_dir, demo), flush=True)
             supervisor.start(demo)
+            if servers is not None:
+                # Only the servers `up` started: with a URL set, the operator owns that server.
+                names = ["Valkey"] * want_redis + ["PostgreSQL"] * want_postgres
+                supervisor.watch_servers(servers, names)
             return supervisor.wait()
         finally:
             supervisor.stop()
@@ -394,10 +408,10 @@ def _settings_with_servers(*, need_database: bool = True) -> Settings:
 @contextmanager
 def _embedded(
     settings: Settings, want_redis: bool, want_postgres: bool
-) -> Iterator[tuple[str | None, str | None]]:
-    """Embedded servers for what the settings leave unset, as (redis_url, database_url)."""
+) -> Iterator[EmbeddedServers | None]:
+    """Embedded servers for what the settings leave unset (None when both URLs are set)."""
     if not (want_redis or want_postgres):
-        yield None, None
+        yield None
         return
     from scripts.embedded import EmbeddedError, EmbeddedServers
 
@@ -407,10 +421,7 @@ def _embedded(
     except EmbeddedError as e:
         raise StartupError(str(e), e.log_tail) from None
     try:
-        yield (
-            servers.redis_url if want_redis else None,
-            servers.database_url if want_postgres else None,
-        )
+        yield servers
     finally:
         try:
             servers.stop()
@@ -685,62 +696,201 @@ def _banner(
     )
 
 
+class RestartPolicy(NamedTuple):
+    """When `mnemo up` starts a process again after it exits by itself.
+
+    Like systemd's `Restart=always` with a growing `RestartSec`: the first restart comes after
+    `first_s`, each further one waits twice as long, up to `max_s`, while the process keeps
+    exiting within `reset_after_s` of its start; one that ran longer than that counts as healthy,
+    and its next exit starts over at `first_s`. There is no limit on attempts: a process that
+    keeps failing is retried at `max_s` intervals for as long as `mnemo up` runs.
+    """
+
+    first_s: float = 1.0
+    max_s: float = 30.0
+    reset_after_s: float = 60.0
+
+    def delay_s(self, streak: int) -> float:
+        """The wait before restart number `streak` of a row of quick exits (1, 2, ...)."""
+        return min(self.first_s * 2.0 ** max(0, streak - 1), self.max_s)
+
+
+_CRASH_LOOP = 3
+"""Quick exits in a row after which the log calls it a crash loop."""
+
+
+class _Unit:
+    """One supervised thing (a Procfile process or an embedded server) and its restart state."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.restarts = 0
+        self.streak = 0
+        """Exits in a row, each within the policy's `reset_after_s` of its start."""
+        self.started_at = time.monotonic()
+        self.due: float | None = None
+        """When to start it again; None while it runs."""
+
+    def launch(self) -> int:
+        """Start it; its pid."""
+        raise NotImplementedError
+
+    def poll(self) -> int | None:
+        """Its exit status once it ended by itself, else None."""
+        raise NotImplementedError
+
+    def reap(self) -> None:
+        """Release what an exited run left behind."""
+
+
+class _Child(_Unit):
+    def __init__(self, spec: ProcessSpec, supervisor: _Supervisor) -> None:
+        super().__init__(spec.name)
+        self.spec = spec
+        self.supervisor = supervisor
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> int:
+        from scripts.embedded import parent_death_signal
+
+        proc = subprocess.Popen(
+            list(self.spec.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.supervisor.env,
+            start_new_session=True,
+            preexec_fn=parent_death_signal(signal.SIGTERM),
+        )
+        self.proc = proc
+        pump = threading.Thread(
+            target=self.supervisor._pump, args=(self.name, proc), name=f"pump-{self.name}"
+        )
+        pump.daemon = True
+        pump.start()
+        self.supervisor.pumps.append(pump)
+        return proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
+    def reap(self) -> None:
+        # Whatever the child left in its group (uvicorn workers, helpers) goes with it, so the
+        # next run finds its port and its peers free.
+        if self.proc is not None:
+            _signal_group(self.proc.pid, signal.SIGKILL)
+
+
+class _Server(_Unit):
+    def __init__(self, name: str, servers: EmbeddedServers) -> None:
+        super().__init__(name)
+        self.servers = servers
+
+    def launch(self) -> int:
+        return self.servers.restart(self.name)
+
+    def poll(self) -> int | None:
+        return dict(self.servers.exited()).get(self.name)
+
+
 class _Supervisor:
-    """Runs child processes, prefixes their output, and stops them all together.
+    """Runs child processes, prefixes their output, restarts them, and stops them all together.
 
     Each child gets a session (process group) of its own, so it and anything it spawns (uvicorn
     workers) are signalled as one, and the parent-death signal, so a `kill -9` of `mnemo up`
-    still ends them. When any child exits, everything is stopped: a half-running exchange is
-    worse than a stopped one. Stopping goes in reverse start order (the demo fleet first, so it
-    can sign off through a still-running gateway): SIGTERM, then SIGKILL after a grace period.
+    still ends them. Until `wait()`, a child that exits is a failed start (the caller stops
+    everything, `exited()` says who). From `wait()` on, the exchange is up and anything that
+    exits by itself, children and the embedded servers given to `watch_servers` alike, is
+    started again under the `RestartPolicy`, each on its own: the others keep running and
+    reconnect by themselves. Only Ctrl-C or SIGTERM stops everything, in reverse start order
+    (the demo fleet first, so it can sign off through a still-running gateway): SIGTERM, then
+    SIGKILL after a grace period. The servers are stopped by their owner afterwards.
+
+    Restarts happen in the calling (main) thread: the parent-death signal of a process follows
+    the thread that started it.
     """
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], policy: RestartPolicy | None = None) -> None:
         self.env = env
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.policy = policy or RestartPolicy()
+        self.units: list[_Unit] = []
         self.pumps: list[threading.Thread] = []
         self.print_lock = threading.Lock()
         self.width = 8
         self.stopped = False
 
-    def start(self, specs: Sequence[ProcessSpec]) -> None:
-        from scripts.embedded import parent_death_signal
+    def watch_servers(self, servers: EmbeddedServers, names: Sequence[str]) -> None:
+        """Restart the embedded servers `names` too when they exit (they run already)."""
+        self.width = max([self.width, *(len(name) for name in names)])
+        self.units[:0] = [_Server(name, servers) for name in names]
 
+    def start(self, specs: Sequence[ProcessSpec]) -> None:
         for spec in specs:
             self.width = max(self.width, len(spec.name))
-            proc = subprocess.Popen(
-                list(spec.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-                preexec_fn=parent_death_signal(signal.SIGTERM),
-            )
-            self.children.append((spec.name, proc))
-            self._say(f"started {spec.name} (pid {proc.pid})")
-            pump = threading.Thread(
-                target=self._pump, args=(spec.name, proc), name=f"pump-{spec.name}", daemon=True
-            )
-            pump.start()
-            self.pumps.append(pump)
+            child = _Child(spec, self)
+            self.units.append(child)
+            pid = child.launch()
+            self._say(f"started {spec.name} (pid {pid})")
 
     def exited(self) -> tuple[str, int] | None:
-        for name, proc in self.children:
-            code = proc.poll()
-            if code is not None:
-                return name, code
+        """The first child that has exited, and its status (while starting up)."""
+        for unit in self.units:
+            if isinstance(unit, _Child) and (code := unit.poll()) is not None:
+                return unit.name, code
         return None
 
     def wait(self) -> int:
-        """Block until a child exits or Ctrl-C/SIGTERM; then stop everything."""
+        """Keep everything running until Ctrl-C/SIGTERM; then stop the children. Returns 0."""
         try:
-            while (gone := self.exited()) is None:
+            while True:
+                self._tick(time.monotonic())
                 time.sleep(0.2)
         except KeyboardInterrupt:
             return self.stop(reason=None)
-        name, code = gone
-        return self.stop(reason=f"{name} exited ({_exit_text(code)})")
+
+    def _tick(self, now: float) -> None:
+        # Servers come first in `units`: a child due in the same tick finds them back.
+        for unit in self.units:
+            if unit.due is None:
+                code = unit.poll()
+                if code is not None:
+                    unit.reap()
+                    self._schedule(unit, now, f"exited {_exit_words(code)}")
+            elif now >= unit.due:
+                self._restart(unit)
+
+    def _schedule(self, unit: _Unit, now: float, what: str, *, ran: bool = True) -> None:
+        ran_s = now - unit.started_at
+        healthy = ran and ran_s >= self.policy.reset_after_s
+        unit.streak = 1 if healthy else unit.streak + 1
+        unit.restarts += 1
+        delay = self.policy.delay_s(unit.streak)
+        unit.due = now + delay
+        note = ""
+        if unit.streak >= _CRASH_LOOP:
+            note = (
+                f"; crash loop: {unit.streak} exits in a row, each within "
+                f"{self.policy.reset_after_s:.0f} s of its start; retrying with backoff up to "
+                f"{self.policy.max_s:.0f} s"
+            )
+        self._say(
+            f"{unit.name} {what} after {ran_s:.1f} s; restarting in {delay:.1f} s "
+            f"(restart {unit.restarts}{note})"
+        )
+
+    def _restart(self, unit: _Unit) -> None:
+        from scripts.embedded import EmbeddedError
+
+        unit.started_at = time.monotonic()
+        try:
+            pid = unit.launch()
+        except (EmbeddedError, OSError) as e:
+            # Nothing of the failed start is left running (EmbeddedServers.restart stops what
+            # it started; a child that could not be spawned has no process).
+            self._schedule(unit, time.monotonic(), f"could not start ({_one_line(e)})", ran=False)
+            return
+        unit.due = None
+        self._say(f"restarted {unit.name} (pid {pid}, restart {unit.restarts})")
 
     def stop(self, reason: str | None = None) -> int:
         """Stop every child (idempotent); 0 when asked to stop, 1 when `reason` says why."""
@@ -752,8 +902,9 @@ class _Supervisor:
         # A second Ctrl-C (or a SIGTERM) must not cut the stopping short.
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for name, proc in reversed(self.children):
-                self._end(name, proc)
+            for unit in reversed(self.units):
+                if isinstance(unit, _Child) and unit.proc is not None:
+                    self._end(unit.name, unit.proc)
             for pump in self.pumps:
                 pump.join(timeout=2)
         finally:
@@ -785,6 +936,16 @@ class _Supervisor:
         with self.print_lock:
             sys.stdout.write(f"{name:<{self.width}} | {line}\n")
             sys.stdout.flush()
+
+
+def _exit_words(code: int) -> str:
+    """How a process ended, for the restart log: "with signal 9 (SIGKILL)", "with exit code 1"."""
+    if code < 0:
+        try:
+            return f"with signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"with signal {-code}"
+    return f"with exit code {code}"
 
 
 def _exit_text(code: int) -> str:

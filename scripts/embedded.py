@@ -25,6 +25,9 @@ Rules:
   still running on this folder (orphaned) is shut down cleanly first.
 - Stopping: Valkey `SHUTDOWN` (fsyncs the AOF), Postgres fast shutdown (SIGINT, which is what
   `pg_ctl stop -m fast` sends); both are waited for, so nothing is left running.
+- A server that ends by itself (crashed, killed) is reported by `exited()` and brought back by
+  `restart(name)` on the same port, so the URLs its clients hold stay valid: Valkey replays its
+  AOF, Postgres recovers from its WAL. Restart from the thread that started the servers.
 - A server that cannot start raises `EmbeddedError`: one line saying which and why (the last line
   of its log), with the log's tail in `log_tail`.
 """
@@ -126,6 +129,31 @@ class EmbeddedServers:
     def pids(self) -> list[int]:
         """Process ids of the running servers (for checks that nothing is left behind)."""
         return [s.pid for s in (self._valkey, self._postgres) if s is not None and s.pid]
+
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit status) of each server that ended by itself and was not restarted yet.
+
+        A negative status is the signal that ended it (as `subprocess` reports it). The names are
+        those `restart` takes: `"Valkey"`, `"PostgreSQL"`.
+        """
+        return [
+            (server.name, code)
+            for server in (self._valkey, self._postgres)
+            if server is not None and (code := server.returncode) is not None
+        ]
+
+    def restart(self, name: str) -> int:
+        """Start server `name` again on its port and data, after it ended by itself; its pid.
+
+        Raises EmbeddedError (and leaves nothing running) when it cannot start, for instance
+        while processes of the killed server still hold its data or its port: try again later.
+        """
+        server = {s.name: s for s in (self._valkey, self._postgres) if s is not None}.get(name)
+        if server is None:
+            raise ValueError(f"no embedded server {name!r} was started")
+        server.restart()
+        assert server.pid is not None
+        return server.pid
 
     def __enter__(self) -> EmbeddedServers:
         self.start()
@@ -295,6 +323,11 @@ class _Server:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status if the server ended without being stopped, else None."""
+        return self.proc.poll() if self.proc is not None else None
+
     def start(self, ports: _Ports) -> None:
         self.prepare()
         # A port picked as free can be taken before the server binds it; try a fresh one then.
@@ -311,6 +344,16 @@ class _Server:
             ports.remember(self.port_key, self.port)
             self.after_start()
             return
+
+    def restart(self) -> None:
+        """Start again on the port in use: a fresh port would strand every client's URL."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.proc = None
+        self.prepare()
+        self.spawn()
+        self.wait_ready()
+        self.after_start()
 
     def prepare(self) -> None:
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -237,4 +238,27 @@ async def test_stale_pid_files_from_a_killed_run(folder: Path) -> None:
         in_redis, in_postgres = await _read(servers)
         assert in_postgres == ["from-killed-run"]
         assert in_redis in ([], ["from-killed-run"])
+    assert _leftovers(folder) == []
+
+
+def test_a_killed_server_restarts_on_its_url_with_its_data(folder: Path) -> None:
+    """kill -9 of either server is reported by `exited()`; `restart` brings it back on the same
+    URL with everything acknowledged before the kill (Valkey's AOF, Postgres's WAL)."""
+    with EmbeddedServers(folder) as servers:
+        asyncio.run(_write(servers, "before"))
+        urls = (servers.redis_url, servers.database_url)
+        assert servers.exited() == []
+        old = servers.pids
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while len(servers.exited()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(servers.exited()) == [("PostgreSQL", -9), ("Valkey", -9)]
+        for name in ("Valkey", "PostgreSQL"):
+            servers.restart(name)
+        assert servers.exited() == []
+        assert (servers.redis_url, servers.database_url) == urls
+        assert not set(servers.pids) & set(old)
+        assert asyncio.run(_read(servers)) == (["before"], ["before"])
     assert _leftovers(folder) == []
