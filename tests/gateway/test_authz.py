@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 
 from .conftest import (
     JWT_SECRET,
@@ -204,6 +204,9 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("GET", "/metrics"): Rule(R, 403, 403, _const("/metrics")),
     ("GET", "/openapi.json"): Rule(R, 200, 200, _const("/openapi.json"), public=True),
     ("GET", "/docs"): Rule(R, 200, 200, _const("/docs"), public=True),
+    ("GET", "/docs/swagger-init.js"): Rule(
+        R, 200, 200, _const("/docs/swagger-init.js"), public=True
+    ),
     ("POST", "/api/auth/signup"): Rule(R, 201, 201, _signup_body, public=True),
     ("POST", "/api/auth/token"): Rule(R, 200, 200, _token_body, public=True),
     ("GET", "/api/auth/me"): Rule(R, 200, 200, _const("/api/auth/me")),
@@ -256,6 +259,10 @@ TABLE: dict[tuple[str, str], Rule] = {
 WEBSOCKET_ROUTES = {
     "/ws": "tests/gateway/test_ws*.py walk the socket's authentication and channels"
 }
+MOUNTS = {
+    "/docs/assets": "Swagger UI's static files, public like /docs "
+    "(tests/gateway/test_openapi.py loads each one the page names)"
+}
 
 
 def app_routes(gw: Gateway) -> tuple[set[tuple[str, str]], set[str]]:
@@ -264,6 +271,8 @@ def app_routes(gw: Gateway) -> tuple[set[tuple[str, str]], set[str]]:
     for route in gw.app.routes:
         if isinstance(route, WebSocketRoute):
             sockets.add(route.path)
+        elif isinstance(route, Mount):
+            assert route.path in MOUNTS, f"unexpected mount {route.path}: add it to the walk"
         elif isinstance(route, Route):
             for method in route.methods or ():
                 if method != "HEAD":
