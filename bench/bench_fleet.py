@@ -16,8 +16,9 @@ What it does, all on loopback and bounded in time and size:
 2. starts the gateway (`uvicorn gateway.app:app_from_env`, `--workers` processes) with the
    per-node heartbeat minimum set to `--min-interval` s;
 3. signs up one provider and registers `--http-register` virtual nodes over HTTP the way
-   `mnemo-agent --simulate` does (`agent.fleet.register_fleet`: `POST /api/nodes/register/batch`
-   with `--register-batch` nodes a request, `--batches-in-flight` at a time; or, with
+   `mnemo-agent --simulate` does (`agent.registration.register_fleet`:
+   `POST /api/nodes/register/batch` with `--register-batch` nodes a request, `--batches-in-flight`
+   at a time; or, with
    `--register-batch 1`, one `POST /api/nodes/register` per node, `--concurrency` in flight)
    and reports the rate (extrapolated to 1M), the CPU of each process per node (the gateway's
    workers, Redis, the Postgres backends of the bench database, the simulator), the cost of
@@ -65,7 +66,11 @@ import psutil
 import redis.asyncio as aioredis
 
 from agent.client import Gateway
-from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet
+from agent.fleet import drive_fleet
+from agent.population import make_fleet
+from agent.registration import register_fleet
+from agent.shards import FleetStats
+from agent.simulation import Fleet
 from bench.servers import UNTHROTTLED_ENV, free_port, private_redis, require_loopback
 
 REPO = Path(__file__).resolve().parent.parent

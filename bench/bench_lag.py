@@ -75,7 +75,10 @@ import psutil
 import redis.asyncio as aioredis
 
 from agent.client import Gateway
-from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet
+from agent.fleet import drive_fleet
+from agent.population import make_fleet
+from agent.shards import FleetStats
+from agent.simulation import Fleet
 from bench.bench_fleet import _backends, _Cpu, _database, _env, _gateway, _seed
 from bench.load_http import _balanced, _open_loop, _renter_token, _requests
 from bench.servers import private_redis

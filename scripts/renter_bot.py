@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent.client import ApiError, Backoff, Gateway, GatewaySocket, GatewayUnavailable, retrying
-from agent.fleet import METROS, Metro
+from agent.metros import METROS, Metro
 
 __all__ = ["RenterBot", "main"]
 

@@ -11,8 +11,10 @@ import msgspec
 from agent.client import Backoff, Beat, ws_url
 from agent.config import build_config
 from agent.detect import GpuReading, MachineReading
-from agent.fleet import METROS, Fleet, make_fleet
+from agent.metros import METROS
+from agent.population import make_fleet
 from agent.runner import _terms_changes, registration_body
+from agent.simulation import Fleet
 from tests.agent.test_agent_config import SPEC_CONFIG
 
 

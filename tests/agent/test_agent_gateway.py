@@ -22,8 +22,12 @@ import uvicorn
 from agent.client import Gateway, GatewaySocket
 from agent.config import AgentConfig, save_config
 from agent.detect import GpuProbe, MachineReading
-from agent.fleet import Fleet, FleetStats, drive_fleet, make_fleet, register_fleet, run_fleet
+from agent.fleet import drive_fleet, run_fleet
+from agent.population import make_fleet
+from agent.registration import register_fleet
 from agent.runner import NodeAgent
+from agent.shards import FleetStats
+from agent.simulation import Fleet
 from engine.keys import Keys
 from engine.settings import Settings
 from scripts.renter_bot import RenterBot
