@@ -25,6 +25,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ async def drive_fleet(
     stats = stats or FleetStats()
     rng = random.Random(len(fleet.ids))
     order = list(range(len(fleet.ids)))
+    last_sent = [-math.inf] * len(fleet.ids)
     per = max(1, nodes_per_connection)
     shards = [
         Shard(
@@ -88,6 +90,7 @@ async def drive_fleet(
             batch=batch,
             stats=stats,
             rng=rng,
+            last_sent=last_sent,
         )
         for k, lo in enumerate(range(0, len(order), per))
     ]
@@ -113,13 +116,13 @@ async def drive_fleet(
                 )
             )
     # Schedules change by the minute: compute every group's state once per second, not per node.
-    cache: dict[str, Any] = {"at": 0.0, "idle": fleet.idle_now()}
+    cache: dict[str, Any] = {"at": 0.0, "idle": fleet.idle_now(datetime.now(UTC))}
 
     def idle_of() -> list[bool]:
         now = time.monotonic()
         if now - cache["at"] >= 1.0:
             cache["at"] = now
-            cache["idle"] = fleet.idle_now()
+            cache["idle"] = fleet.idle_now(datetime.now(UTC))
         return cache["idle"]
 
     tasks: list[asyncio.Task[Any]] = []

@@ -167,10 +167,14 @@ class Shard:
         batch: int,
         stats: FleetStats,
         rng: random.Random,
+        last_sent: list[float],
     ) -> None:
         self.number = number
         self.fleet = fleet
         self.members = members
+        self.last_sent = last_sent
+        """Monotonic time of each node's last beat (by fleet row, shared by all shards), moved to
+        its ack's arrival when that comes (the rate-limit guard: see `_on_ack`)."""
         self.min_gap_s = min_gap_s
         self.in_flight_hold_s = max(30.0, 10 * interval_s)
         self.tick_s = tick_s
@@ -207,7 +211,7 @@ class Shard:
             # The script that applied these beats ran before this ack arrived: measuring the
             # next beat's gap from here keeps every node within the limit as the gateway
             # measures it, whatever the delays in between.
-            last_sent = self.fleet.last_sent
+            last_sent = self.last_sent
             for i in sent:
                 last_sent[i] = now
         if results is None:  # the whole batch was refused (the gateway could not apply it)
@@ -235,7 +239,7 @@ class Shard:
         # Beats in flight when the socket went down may or may not have been applied: count
         # their gap from now.
         now = time.monotonic()
-        last_sent = self.fleet.last_sent
+        last_sent = self.last_sent
         for sent in self.pending.values():
             for i in sent:
                 last_sent[i] = now
@@ -270,7 +274,7 @@ class Shard:
                 continue
             idle = idle_of()
             group = fleet.group
-            next_ok, last_sent = self.next_ok, fleet.last_sent
+            next_ok, last_sent = self.next_ok, self.last_sent
             min_gap = self.min_gap_s
             in_flight_hold = self.in_flight_hold_s
             beats: list[Beat] = []

@@ -8,12 +8,17 @@ is queued in `repricing` for `agent.repricer` to PUT).
 Capacity reported follows the agent's accounting (`agent.leases.available_gb`): with notices on,
 the fleet keeps each node's lease totals from its `node:<id>` channel (`apply_notice`).
 
+The model is pure: no I/O, no clock, no global random state. Time comes in as arguments (the
+wall-clock instant for the schedules, one call of `beat` per interval passed), randomness from the
+model's own generator seeded by the caller, so the same seed and the same calls give the same
+beats. What it wants done outside (PUT a new ask) it leaves in `repricing`; the heartbeat shards
+(`agent.shards`) keep their own clock readings. The I/O shell is `agent.fleet.drive_fleet`.
+
 Scale: a node is a row in parallel lists (no object per node).
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from datetime import datetime
@@ -57,9 +62,6 @@ class Fleet:
         # long-run fraction up matches `reliability`.
         self.p_outage = [(1.0 - v.reliability) / self.OUTAGE_BEATS for v in nodes]
         self.silent_left = [0] * len(nodes)
-        self.last_sent = [-math.inf] * len(nodes)
-        """Monotonic time of each node's last beat, moved to its ack's arrival when that comes
-        (the rate-limit guard: see `agent.shards.Shard._on_ack`)."""
         self.leased_ram = [0] * len(nodes)
         self.leased_vram = [0] * len(nodes)
         self.books: dict[int, LeaseBook] = {}
@@ -81,11 +83,12 @@ class Fleet:
     OUTAGE_BEATS = 4
     """An outage lasts this many intervals (> the engine's 3 missed heartbeats: it goes offline)."""
 
-    def idle_now(self, now: datetime | None = None) -> list[bool]:
-        """Whether each schedule group lends capacity now."""
+    def idle_now(self, now: datetime) -> list[bool]:
+        """Whether each schedule group lends capacity at `now` (an aware datetime), read in the
+        group's time zone."""
         out = []
         for schedule, zone in self.schedules:
-            local = (now or datetime.now(zone)).astimezone(zone)
+            local = now.astimezone(zone)
             out.append(schedule.is_idle(local.hour * 60 + local.minute))
         return out
 

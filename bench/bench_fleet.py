@@ -57,6 +57,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -535,7 +536,7 @@ def test_fleet_beat_generation(benchmark: Any) -> None:
 
     nodes = make_fleet(100_000, seed=3)
     fleet = Fleet(nodes, [uuid.UUID(int=i).hex for i in range(len(nodes))], seed=3, churn=False)
-    idle = fleet.idle_now()
+    idle = fleet.idle_now(datetime.now(UTC))
     group = fleet.group
     cursor = iter(range(10**9))
 
