@@ -49,6 +49,7 @@ from gateway.schemas import (
     to_pusd,
     to_usd,
 )
+from persistence import history
 
 __all__ = ["OPERATIONS", "PROVIDERS", "OwnerIndex", "node_earnings"]
 
@@ -260,30 +261,15 @@ async def list_nodes(call: Call) -> NodeList:
     q: NodeListQuery = call.query
     if q.mine:
         return _own_nodes(call, q)
-    clauses: list[str] = []
-    args: list[Any] = []
-
-    def where(sql: str, value: Any) -> None:
-        args.append(value)
-        clauses.append(sql.replace("?", f"${len(args)}"))
-
-    if q.node_type is not None:
-        where("node_type = ?", q.node_type)
-    if q.region is not None:
-        where("region = ?", q.region)
-    if q.status is not None:
-        where("status = ?", q.status)
-    if q.min_ram is not None:
-        where("available_ram_gb >= ?", q.min_ram)
-    if q.min_vram is not None:
-        where("available_vram_gb >= ?", q.min_vram)
-    condition = " AND ".join(clauses) or "true"
-    pool = call.state.pool
-    total = await pool.fetchval(f"SELECT count(*) FROM nodes WHERE {condition}", *args)
-    rows = await pool.fetch(
-        f"SELECT * FROM nodes WHERE {condition} ORDER BY created_at, id "
-        f"LIMIT {q.limit} OFFSET {q.offset}",
-        *args,
+    total, rows = await history.nodes_page(
+        call.state.pool,
+        node_type=q.node_type,
+        region=q.region,
+        status=q.status,
+        min_ram_gb=q.min_ram,
+        min_vram_gb=q.min_vram,
+        limit=q.limit,
+        offset=q.offset,
     )
     me, admin = call.user.user_id, call.user.is_admin
     return NodeList(
@@ -418,16 +404,10 @@ async def node_earnings(call: Call, node: Node) -> NodeEarnings:
         (c.ram_gb + c.vram_gb) * _elapsed_s(c.start_ms, c.duration_s, now_ms) * c.price_pusd
         for c in active
     )
-    row = await call.state.pool.fetchrow(
-        """
-        SELECT coalesce(sum(total_cost_pusd), 0) AS total, count(*) AS n FROM contracts
-        WHERE node_id = $1 AND status <> 'active'
-        """,
-        uuid.UUID(node.node_id),
-    )
+    settled = await history.node_settled(call.state.pool, node.node_id)
     return NodeEarnings(
-        total_earned_usd=to_usd(int(row["total"])),
-        settled_contracts=int(row["n"]),
+        total_earned_usd=to_usd(settled.total_pusd),
+        settled_contracts=settled.contracts,
         active_contracts=len(active),
         accrued_active_usd=to_usd(accrued),
     )
