@@ -207,14 +207,11 @@ async def get_contract(call: Call) -> ContractOut:
     live = None
     if contract.status == "active":
         now_ms = call.now_ms()
-        elapsed_s = min(max(0, -(-(now_ms - contract.start_ms) // 1000)), contract.duration_s)
         node = await call.state.market.get_node(contract.node_id)
         live = ContractLive(
-            elapsed_sec=elapsed_s,
+            elapsed_sec=core.used_seconds(contract.start_ms, now_ms, contract.duration_s),
             remaining_sec=max(0, (contract.end_ms - now_ms) // 1000),
-            accrued_cost_usd=to_usd(
-                (contract.ram_gb + contract.vram_gb) * elapsed_s * contract.price_pusd
-            ),
+            accrued_cost_usd=to_usd(core.accrued_cost_pusd(contract, now_ms)),
             node_status=node.status if node is not None else "unknown",
             node_last_heartbeat_ms=node.last_heartbeat_ms if node is not None else 0,
         )

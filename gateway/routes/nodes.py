@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from engine import core
 from engine.errors import Conflict, NotFound
 from engine.types import Heartbeat, Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
@@ -400,10 +401,7 @@ async def node_earnings(call: Call, node: Node) -> NodeEarnings:
     contracts have accrued so far (from the live market)."""
     now_ms = call.now_ms()
     active = await call.state.market.contracts(node_id=node.node_id)
-    accrued = sum(
-        (c.ram_gb + c.vram_gb) * _elapsed_s(c.start_ms, c.duration_s, now_ms) * c.price_pusd
-        for c in active
-    )
+    accrued = sum(core.accrued_cost_pusd(c, now_ms) for c in active)
     settled = await history.node_settled(call.state.pool, node.node_id)
     return NodeEarnings(
         total_earned_usd=to_usd(settled.total_pusd),
@@ -411,11 +409,6 @@ async def node_earnings(call: Call, node: Node) -> NodeEarnings:
         active_contracts=len(active),
         accrued_active_usd=to_usd(accrued),
     )
-
-
-def _elapsed_s(start_ms: int, duration_s: int, now_ms: int) -> int:
-    """Whole seconds served so far (started seconds count, as in settlement), capped."""
-    return min(max(0, -(-(now_ms - start_ms) // 1000)), duration_s)
 
 
 OPERATIONS: list[Operation] = [
