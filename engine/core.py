@@ -81,6 +81,7 @@ __all__ = [
     "MAX_PRICE_PUSD",
     "MAX_TIME_MS",
     "Fill",
+    "accrued_cost_pusd",
     "apply_fill",
     "ask_listed",
     "bid_expired",
@@ -540,6 +541,17 @@ def contract_cost_pusd(
 ) -> int:
     """`(ram_gb + vram_gb) * used_s * price_pusd + egress_mgb * egress_price_pusd // 1000`."""
     return (ram_gb + vram_gb) * used_s * price_pusd + egress_mgb * egress_price_pusd // 1000
+
+
+def accrued_cost_pusd(contract: Contract, now_ms: int) -> int:
+    """What an open contract has cost so far: its `used_seconds` at `now_ms` at its price. Egress
+    is left out: the node reports it only at settlement."""
+    return contract_cost_pusd(
+        ram_gb=contract.ram_gb,
+        vram_gb=contract.vram_gb,
+        used_s=used_seconds(contract.start_ms, now_ms, contract.duration_s),
+        price_pusd=contract.price_pusd,
+    )
 
 
 _UNHASHED = frozenset({"settlement_hash", "version"})

@@ -1,5 +1,6 @@
 """Clusters and analytics: the history in Postgres, served read-only (queries in
-`persistence.analytics`).
+`persistence.analytics`; this module holds their wire types and maps the query results to them,
+money to USD with the API's converters).
 
 Every route needs a principal (any role). Object-level rules: a node's earnings are its owner's
 (or an admin's): another caller gets 403, the node being public anyway; a client's spending is
@@ -24,10 +25,30 @@ from msgspec import Meta
 from engine.errors import NotFound
 from gateway.errors import Forbidden
 from gateway.operations import Call, Link, Operation, route
-from gateway.schemas import Limit, Offset, Region
+from gateway.schemas import Limit, Offset, Region, decimal_to_usd, to_usd
+from persistence import accounts, history
 from persistence import analytics as q
 
-__all__ = ["OPERATIONS", "routes"]
+__all__ = [
+    "OPERATIONS",
+    "Candle",
+    "Center",
+    "ClientSpending",
+    "Cluster",
+    "ClusterList",
+    "ClusterNode",
+    "ClusterNodes",
+    "ClusterStats",
+    "ClusterStatsBucket",
+    "EarningsBucket",
+    "MarketPricing",
+    "MarketSupply",
+    "NodeEarningsHistory",
+    "SpendingBreakdown",
+    "SupplyBucket",
+    "SupplyNow",
+    "routes",
+]
 
 NodeStatus = Annotated[str, Meta(pattern=r"^(active|maintenance|offline|deactivated)$")]
 Instant = Annotated[
@@ -58,8 +79,348 @@ class ClusterNodesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     limit: Limit = 100
 
 
+# ---------------------------------------------------------------------------------------------
+# Responses (the records of `persistence.analytics`, money in USD)
+
+
+class Center(msgspec.Struct):
+    lat: float
+    lng: float
+
+
+class Cluster(msgspec.Struct, kw_only=True):
+    """A region's nodes in aggregate (counts exclude deactivated nodes; available capacity and
+    the average price cover active nodes only)."""
+
+    region: str
+    center: Center | None
+    total_nodes: int
+    active_nodes: int
+    node_composition: dict[str, int]
+    total_ram_gb: int
+    available_ram_gb: int
+    total_vram_gb: int
+    available_vram_gb: int
+    offered_ram_gb: int
+    offered_vram_gb: int
+    reserved_ram_gb: int
+    reserved_vram_gb: int
+    avg_price_per_gb_sec: float | None
+    last_updated: datetime | None
+
+
 class ClusterList(msgspec.Struct, kw_only=True):
-    clusters: list[q.Cluster]
+    clusters: list[Cluster]
+
+
+class ClusterNode(msgspec.Struct, kw_only=True):
+    node_id: str
+    name: str
+    node_type: str
+    status: str
+    lat: float | None
+    lng: float | None
+    total_ram_gb: int
+    available_ram_gb: int
+    total_vram_gb: int
+    available_vram_gb: int
+    price_per_gb_sec: float
+    uptime_score: float | None
+    last_heartbeat: datetime | None
+
+
+class ClusterNodes(msgspec.Struct, kw_only=True):
+    region: str
+    nodes: list[ClusterNode]
+    total_count: int
+
+
+class ClusterStatsBucket(msgspec.Struct, kw_only=True):
+    start: datetime
+    fills: int = 0
+    volume_gb: int = 0
+    settled: int = 0
+    revenue_usd: float = 0.0
+    offered_ram_gb: float = 0.0
+    offered_vram_gb: float = 0.0
+    available_ram_gb: float = 0.0
+    available_vram_gb: float = 0.0
+    reporting_nodes: int = 0
+
+
+class ClusterStats(msgspec.Struct, kw_only=True):
+    region: str
+    cluster: Cluster | None
+    start: datetime
+    end: datetime
+    bucket_s: int
+    fills: int
+    volume_gb: int
+    revenue_usd: float
+    buckets: list[ClusterStatsBucket]
+
+
+class EarningsBucket(msgspec.Struct, kw_only=True):
+    start: datetime
+    amount_usd: float
+    contracts: int
+    gb_seconds: int
+
+
+class NodeEarningsHistory(msgspec.Struct, kw_only=True):
+    node_id: str
+    start: datetime
+    end: datetime
+    bucket_s: int
+    total_usd: float
+    contracts: int
+    gb_seconds: int
+    buckets: list[EarningsBucket]
+
+
+class SpendingBreakdown(msgspec.Struct, kw_only=True):
+    key: str
+    amount_usd: float
+    contracts: int
+    gb_seconds: int
+
+
+class ClientSpending(msgspec.Struct, kw_only=True):
+    client_id: str
+    start: datetime
+    end: datetime
+    bucket_s: int
+    total_usd: float
+    contracts: int
+    gb_seconds: int
+    by_node_type: list[SpendingBreakdown]
+    by_region: list[SpendingBreakdown]
+    buckets: list[EarningsBucket]
+
+
+class SupplyBucket(msgspec.Struct, kw_only=True):
+    region: str
+    start: datetime
+    offered_ram_gb: float = 0.0
+    offered_vram_gb: float = 0.0
+    reserved_ram_gb: float = 0.0
+    reserved_vram_gb: float = 0.0
+    reporting_nodes: int = 0
+    bids: int = 0
+    bid_ram_gb: int = 0
+    bid_vram_gb: int = 0
+    fills: int = 0
+    filled_ram_gb: int = 0
+    filled_vram_gb: int = 0
+
+
+class SupplyNow(msgspec.Struct, kw_only=True):
+    region: str
+    active_nodes: int
+    offered_ram_gb: int
+    offered_vram_gb: int
+    reserved_ram_gb: int
+    reserved_vram_gb: int
+    resting_bids: int
+    resting_bid_ram_gb: int
+    resting_bid_vram_gb: int
+
+
+class MarketSupply(msgspec.Struct, kw_only=True):
+    start: datetime
+    end: datetime
+    bucket_s: int
+    buckets: list[SupplyBucket]
+    current: list[SupplyNow]
+
+
+class Candle(msgspec.Struct, kw_only=True):
+    """Cleared prices (USD per GB-second) of one region's fills in one bucket."""
+
+    region: str
+    start: datetime
+    open: float
+    high: float
+    low: float
+    close: float
+    vwap: float
+    fills: int
+    volume_gb: int
+    volume_gb_s: int
+
+
+class MarketPricing(msgspec.Struct, kw_only=True):
+    start: datetime
+    end: datetime
+    bucket_s: int
+    candles: list[Candle]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records to wire types
+
+
+def cluster_out(c: q.Cluster) -> Cluster:
+    return Cluster(
+        region=c.region,
+        center=None if c.center is None else Center(c.center.lat, c.center.lng),
+        total_nodes=c.total_nodes,
+        active_nodes=c.active_nodes,
+        node_composition=c.node_composition,
+        total_ram_gb=c.total_ram_gb,
+        available_ram_gb=c.available_ram_gb,
+        total_vram_gb=c.total_vram_gb,
+        available_vram_gb=c.available_vram_gb,
+        offered_ram_gb=c.offered_ram_gb,
+        offered_vram_gb=c.offered_vram_gb,
+        reserved_ram_gb=c.reserved_ram_gb,
+        reserved_vram_gb=c.reserved_vram_gb,
+        avg_price_per_gb_sec=None if c.avg_price_pusd is None else decimal_to_usd(c.avg_price_pusd),
+        last_updated=c.last_updated,
+    )
+
+
+def cluster_nodes_out(r: q.ClusterNodes) -> ClusterNodes:
+    return ClusterNodes(
+        region=r.region,
+        nodes=[
+            ClusterNode(
+                node_id=n.node_id,
+                name=n.name,
+                node_type=n.node_type,
+                status=n.status,
+                lat=n.lat,
+                lng=n.lng,
+                total_ram_gb=n.total_ram_gb,
+                available_ram_gb=n.available_ram_gb,
+                total_vram_gb=n.total_vram_gb,
+                available_vram_gb=n.available_vram_gb,
+                price_per_gb_sec=to_usd(n.price_pusd),
+                uptime_score=n.uptime_score,
+                last_heartbeat=n.last_heartbeat,
+            )
+            for n in r.nodes
+        ],
+        total_count=r.total_count,
+    )
+
+
+def cluster_stats_out(r: q.ClusterStats) -> ClusterStats:
+    return ClusterStats(
+        region=r.region,
+        cluster=None if r.cluster is None else cluster_out(r.cluster),
+        start=r.start,
+        end=r.end,
+        bucket_s=r.bucket_s,
+        fills=r.fills,
+        volume_gb=r.volume_gb,
+        revenue_usd=to_usd(r.revenue_pusd),
+        buckets=[
+            ClusterStatsBucket(
+                start=b.start,
+                fills=b.fills,
+                volume_gb=b.volume_gb,
+                settled=b.settled,
+                revenue_usd=to_usd(b.revenue_pusd),
+                offered_ram_gb=b.offered_ram_gb,
+                offered_vram_gb=b.offered_vram_gb,
+                available_ram_gb=b.available_ram_gb,
+                available_vram_gb=b.available_vram_gb,
+                reporting_nodes=b.reporting_nodes,
+            )
+            for b in r.buckets
+        ],
+    )
+
+
+def _earnings_buckets(buckets: list[q.EarningsBucket]) -> list[EarningsBucket]:
+    return [
+        EarningsBucket(
+            start=b.start,
+            amount_usd=to_usd(b.amount_pusd),
+            contracts=b.contracts,
+            gb_seconds=b.gb_seconds,
+        )
+        for b in buckets
+    ]
+
+
+def node_earnings_out(r: q.NodeEarnings) -> NodeEarningsHistory:
+    return NodeEarningsHistory(
+        node_id=r.node_id,
+        start=r.start,
+        end=r.end,
+        bucket_s=r.bucket_s,
+        total_usd=to_usd(r.total_pusd),
+        contracts=r.contracts,
+        gb_seconds=r.gb_seconds,
+        buckets=_earnings_buckets(r.buckets),
+    )
+
+
+def _breakdown(rows: list[q.SpendingBreakdown]) -> list[SpendingBreakdown]:
+    return [
+        SpendingBreakdown(
+            key=b.key,
+            amount_usd=to_usd(b.amount_pusd),
+            contracts=b.contracts,
+            gb_seconds=b.gb_seconds,
+        )
+        for b in rows
+    ]
+
+
+def client_spending_out(r: q.ClientSpending) -> ClientSpending:
+    return ClientSpending(
+        client_id=r.client_id,
+        start=r.start,
+        end=r.end,
+        bucket_s=r.bucket_s,
+        total_usd=to_usd(r.total_pusd),
+        contracts=r.contracts,
+        gb_seconds=r.gb_seconds,
+        by_node_type=_breakdown(r.by_node_type),
+        by_region=_breakdown(r.by_region),
+        buckets=_earnings_buckets(r.buckets),
+    )
+
+
+def market_supply_out(r: q.MarketSupply) -> MarketSupply:
+    # No money in these: the records' fields are the wire's, one for one.
+    return MarketSupply(
+        start=r.start,
+        end=r.end,
+        bucket_s=r.bucket_s,
+        buckets=[SupplyBucket(**msgspec.structs.asdict(b)) for b in r.buckets],
+        current=[SupplyNow(**msgspec.structs.asdict(c)) for c in r.current],
+    )
+
+
+def market_pricing_out(r: q.MarketPricing) -> MarketPricing:
+    return MarketPricing(
+        start=r.start,
+        end=r.end,
+        bucket_s=r.bucket_s,
+        candles=[
+            Candle(
+                region=c.region,
+                start=c.start,
+                open=to_usd(c.open_pusd),
+                high=to_usd(c.high_pusd),
+                low=to_usd(c.low_pusd),
+                close=to_usd(c.close_pusd),
+                vwap=decimal_to_usd(c.vwap_pusd),
+                fills=c.fills,
+                volume_gb=c.volume_gb,
+                volume_gb_s=c.volume_gb_s,
+            )
+            for c in r.candles
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
 
 
 def _window(query: RangeQuery) -> q.Window:
@@ -67,71 +428,62 @@ def _window(query: RangeQuery) -> q.Window:
 
 
 async def list_clusters(call: Call) -> ClusterList:
-    return ClusterList(clusters=await q.clusters(call.state.pool))
+    return ClusterList(clusters=[cluster_out(c) for c in await q.clusters(call.state.pool)])
 
 
-async def cluster_nodes(call: Call) -> q.ClusterNodes:
+async def cluster_nodes(call: Call) -> ClusterNodes:
     query: ClusterNodesQuery = call.query
-    return await q.cluster_nodes(
+    found = await q.cluster_nodes(
         call.state.pool,
         call.path["region"],
         status=query.status,
         limit=query.limit,
         offset=query.offset,
     )
+    return cluster_nodes_out(found)
 
 
-async def cluster_stats(call: Call) -> q.ClusterStats:
-    return await q.cluster_stats(call.state.pool, call.path["region"], _window(call.query))
+async def cluster_stats(call: Call) -> ClusterStats:
+    stats = await q.cluster_stats(call.state.pool, call.path["region"], _window(call.query))
+    return cluster_stats_out(stats)
 
 
-def _as_uuid(value: str, name: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise NotFound(f"no such {name.removesuffix('_id')}", field=name) from None
-
-
-async def node_earnings(call: Call) -> q.NodeEarnings:
+async def node_earnings(call: Call) -> NodeEarningsHistory:
     node_id = call.path["node_id"]
     w = _window(call.query)
     # The live market knows a node the moment it registers; Postgres a moment later.
     node = await call.state.market.get_node(node_id)
-    if node is not None:
-        owner = node.owner_id
-    else:
-        row = await call.state.pool.fetchval(
-            "SELECT owner_id FROM nodes WHERE id = $1", _as_uuid(node_id, "node_id")
-        )
-        if row is None:
-            raise NotFound("no such node", field="node_id")
-        owner = row.hex
+    owner = (
+        node.owner_id if node is not None else await history.node_owner(call.state.pool, node_id)
+    )
+    if owner is None:
+        raise NotFound("no such node", field="node_id")
     who = call.user
     if not who.is_admin and _norm(owner) != _norm(who.user_id):
         raise Forbidden("only the node's owner may see its earnings")
-    return await q.node_earnings(call.state.pool, node_id, w)
+    return node_earnings_out(await q.node_earnings(call.state.pool, node_id, w))
 
 
-async def client_spending(call: Call) -> q.ClientSpending:
+async def client_spending(call: Call) -> ClientSpending:
     client_id = call.path["client_id"]
     w = _window(call.query)
-    user_id = await call.state.pool.fetchval(
-        "SELECT user_id FROM clients WHERE id = $1", _as_uuid(client_id, "client_id")
-    )
+    client = await accounts.client(call.state.pool, client_id)
     who = call.user
-    if user_id is None or (not who.is_admin and user_id.hex != _norm(who.user_id)):
+    if client is None or (not who.is_admin and client["user_id"].hex != _norm(who.user_id)):
         raise NotFound("no such client", field="client_id")
-    return await q.client_spending(call.state.pool, client_id, w)
+    return client_spending_out(await q.client_spending(call.state.pool, client_id, w))
 
 
-async def market_supply(call: Call) -> q.MarketSupply:
+async def market_supply(call: Call) -> MarketSupply:
     query: MarketQuery = call.query
-    return await q.market_supply(call.state.pool, _window(query), region=query.region)
+    supply = await q.market_supply(call.state.pool, _window(query), region=query.region)
+    return market_supply_out(supply)
 
 
-async def market_pricing(call: Call) -> q.MarketPricing:
+async def market_pricing(call: Call) -> MarketPricing:
     query: MarketQuery = call.query
-    return await q.market_pricing(call.state.pool, _window(query), region=query.region)
+    pricing = await q.market_pricing(call.state.pool, _window(query), region=query.region)
+    return market_pricing_out(pricing)
 
 
 def _norm(user_id: str) -> str:
@@ -163,7 +515,7 @@ OPERATIONS: list[Operation] = [
         summary="The nodes of a cluster (history database)",
         tag="clusters",
         query=ClusterNodesQuery,
-        response=q.ClusterNodes,
+        response=ClusterNodes,
     ),
     Operation(
         "GET",
@@ -173,7 +525,7 @@ OPERATIONS: list[Operation] = [
         summary="A cluster's fills, revenue and reported capacity over time",
         tag="clusters",
         query=RangeQuery,
-        response=q.ClusterStats,
+        response=ClusterStats,
     ),
     Operation(
         "GET",
@@ -183,7 +535,7 @@ OPERATIONS: list[Operation] = [
         summary="A node's earnings over time (owner)",
         tag="analytics",
         query=RangeQuery,
-        response=q.NodeEarnings,
+        response=NodeEarningsHistory,
         errors=(403, 404),
     ),
     Operation(
@@ -194,7 +546,7 @@ OPERATIONS: list[Operation] = [
         summary="A client's spending over time, by node type and region (owner)",
         tag="analytics",
         query=RangeQuery,
-        response=q.ClientSpending,
+        response=ClientSpending,
         errors=(404,),
     ),
     Operation(
@@ -205,7 +557,7 @@ OPERATIONS: list[Operation] = [
         summary="Supply (offered, reserved) against demand (bids, fills) per region",
         tag="analytics",
         query=MarketQuery,
-        response=q.MarketSupply,
+        response=MarketSupply,
     ),
     Operation(
         "GET",
@@ -215,7 +567,7 @@ OPERATIONS: list[Operation] = [
         summary="Cleared-price candles (open, high, low, close, volume) per region",
         tag="analytics",
         query=MarketQuery,
-        response=q.MarketPricing,
+        response=MarketPricing,
     ),
 ]
 

@@ -9,8 +9,7 @@ services, and hands everything to requests through the typed lifespan state (`Ap
 read as `request.state.<name>`). On shutdown it releases them in reverse order.
 
 Routes: the REST operations of `gateway.routes`, `/metrics`, `/openapi.json`, `/docs` (with its
-assets), the clusters/analytics routes of `gateway.analytics` and `/ws` of `gateway.ws`. Those two
-modules are required: if one is missing, `create_app` raises ImportError naming it.
+assets), the clusters/analytics routes of `gateway.analytics` and `/ws` of `gateway.ws`.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from engine.keys import Keys
 from engine.market import Market
 from engine.settings import ConfigError, Settings
 from engine.view import MarketView
+from gateway import analytics, ws
 from gateway.auth import Authenticator
 from gateway.errors import ERROR_HANDLERS
 from gateway.idempotency import IdempotencyStore
@@ -77,24 +77,6 @@ class AppState(TypedDict):
     """`gateway.ws.WsServices` (under `gateway.ws.STATE_KEY`)."""
 
 
-def _mounted() -> tuple[list[BaseRoute], list[BaseRoute], Any]:
-    """(analytics routes, ws routes, ws module). Both modules are part of the gateway."""
-    modules = {}
-    for name in ("gateway.analytics", "gateway.ws"):
-        try:
-            modules[name] = __import__(name, fromlist=["_"])
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            raise ImportError(
-                f"{name} is missing: the gateway mounts its routes "
-                "(gateway.analytics: clusters and analytics; gateway.ws: /ws). "
-                "Install the complete gateway package."
-            ) from exc
-    analytics, ws = modules["gateway.analytics"], modules["gateway.ws"]
-    return list(analytics.routes), list(ws.ws_routes), ws
-
-
 async def _with_retry(what: str, connect: Callable[[], Awaitable[_T]]) -> _T:
     """Retry `connect` while the server is coming up (narrow errors, logged countdown), then raise."""
     for attempt in range(1, _CONNECT_ATTEMPTS + 1):
@@ -130,7 +112,6 @@ def create_app(settings: Settings) -> Starlette:
     if len(settings.jwt_secret) < 32:
         raise ConfigError("MNEMO_JWT_SECRET", "must be at least 32 characters")
     redis_url, database_url = settings.redis_url, settings.database_url
-    analytics_routes, ws_routes, ws = _mounted()
     metrics = Metrics(settings.metrics_token)
     openapi = OpenApiEndpoints(
         title="Mnemo API",
@@ -204,8 +185,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics.endpoint, methods=["GET"], name="metrics"),
         *openapi.routes(),
     ]
-    routes += analytics_routes
-    routes += ws_routes
+    routes += analytics.routes
+    routes += ws.ws_routes
     return Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -40,6 +40,7 @@ from starlette.requests import HTTPConnection
 
 from engine.settings import Settings
 from gateway.errors import Unauthorized
+from persistence import accounts
 
 __all__ = [
     "ROLES",
@@ -198,16 +199,8 @@ class Authenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > now:
             return cached[0]
-        # One statement both authenticates and stamps last use (at most once per cache period).
-        row = await self._pool.fetchrow(
-            """
-            UPDATE api_keys AS k SET last_used_at = now()
-            FROM users AS u
-            WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND u.id = k.user_id
-            RETURNING k.id, k.user_id, u.role
-            """,
-            digest,
-        )
+        # Authenticates and stamps last use in one statement, at most once per cache period.
+        row = await accounts.use_api_key(self._pool, digest)
         if row is None:
             self._cache.pop(digest, None)
             raise Unauthorized("invalid API key", code="invalid_api_key")

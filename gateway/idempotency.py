@@ -1,4 +1,5 @@
-"""`Idempotency-Key` for creating POSTs, kept in Postgres (`idempotency_keys`).
+"""`Idempotency-Key` for creating POSTs, kept in Postgres (`idempotency_keys`, through
+`persistence.idempotency`).
 
 Semantics (per user and key):
 - the first request claims the key (INSERT ... ON CONFLICT DO NOTHING) before any work starts;
@@ -31,6 +32,7 @@ import msgspec
 from starlette.responses import Response
 
 from gateway.errors import IdempotencyConflict, ValidationFailed
+from persistence import idempotency as records
 
 __all__ = ["IdempotencyStore", "Produced", "check_key"]
 
@@ -95,16 +97,7 @@ class IdempotencyStore:
             return await self._produce_and_store(user_id, key, produce)
         deadline = asyncio.get_running_loop().time() + self.wait_s
         while True:
-            row = await self._pool.fetchrow(
-                """
-                SELECT request_hash, status_code, response_body,
-                       created_at < now() - make_interval(secs => $3) AS stale
-                FROM idempotency_keys WHERE user_id = $1 AND key = $2
-                """,
-                user_id,
-                key,
-                self.stale_after_s,
-            )
+            row = await records.recorded(self._pool, user_id, key, stale_after_s=self.stale_after_s)
             if row is None:
                 # The first attempt failed and released the key: this one runs afresh.
                 if await self._claim(user_id, key, fingerprint):
@@ -135,32 +128,12 @@ class IdempotencyStore:
             await asyncio.sleep(self.poll_s)
 
     async def _claim(self, user_id: str, key: str, fingerprint: str) -> bool:
-        row = await self._pool.fetchrow(
-            """
-            INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES ($1, $2, $3)
-            ON CONFLICT (user_id, key) DO NOTHING
-            RETURNING 1
-            """,
-            user_id,
-            key,
-            fingerprint,
-        )
-        return row is not None
+        return await records.claim(self._pool, user_id, key, fingerprint)
 
     async def _take_over(self, user_id: str, key: str, fingerprint: str) -> bool:
-        row = await self._pool.fetchrow(
-            """
-            UPDATE idempotency_keys SET created_at = now()
-            WHERE user_id = $1 AND key = $2 AND request_hash = $3 AND status_code IS NULL
-              AND created_at < now() - make_interval(secs => $4)
-            RETURNING 1
-            """,
-            user_id,
-            key,
-            fingerprint,
-            self.stale_after_s,
+        return await records.take_over(
+            self._pool, user_id, key, fingerprint, stale_after_s=self.stale_after_s
         )
-        return row is not None
 
     async def _produce_and_store(
         self, user_id: str, key: str, produce: Callable[[], Awaitable[Produced]]
@@ -177,36 +150,19 @@ class IdempotencyStore:
             await asyncio.shield(self._release(user_id, key))
             return produced.response
         await asyncio.shield(
-            self._pool.execute(
-                """
-                UPDATE idempotency_keys SET status_code = $3, response_body = $4
-                WHERE user_id = $1 AND key = $2
-                """,
-                user_id,
-                key,
-                status,
-                produced.stored_body,
-            )
+            records.store_response(self._pool, user_id, key, status, produced.stored_body)
         )
         return produced.response
 
     async def _release(self, user_id: str, key: str) -> None:
         try:
-            await self._pool.execute(
-                "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND status_code IS NULL",
-                user_id,
-                key,
-            )
+            await records.release(self._pool, user_id, key)
         except Exception:
             log.exception("could not release Idempotency-Key of user %s", user_id)
 
     async def sweep(self) -> int:
         """Delete records older than `retention_s`; returns how many."""
-        result = await self._pool.execute(
-            "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
-            float(self.retention_s),
-        )
-        return int(result.rsplit(" ", 1)[-1])
+        return await records.sweep(self._pool, self.retention_s)
 
     async def sweep_forever(self, every_s: float = 3600.0) -> None:
         """Sweep periodically until cancelled; a failed sweep is logged and retried next time."""

@@ -19,13 +19,14 @@ Rules every Struct here follows:
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 from engine import core
-from engine.types import Bid, Contract, Node, NodeType, Quote, pusd, usd
+from engine.types import PUSD_PER_USD, Bid, Contract, Node, NodeType, Quote, pusd, usd
 
 # ---------------------------------------------------------------------------------------------
 # Bounded scalar types
@@ -707,6 +708,15 @@ def to_usd(amount_pusd: int) -> float:
         # same double as float(Decimal): the nearest to amount / 10**12, without the Decimal.
         return amount_pusd / 1e12
     return float(usd(amount_pusd))
+
+
+_PUSD_PER_USD = Decimal(PUSD_PER_USD)
+
+
+def decimal_to_usd(amount_pusd: Decimal) -> float:
+    """A fraction of a pico-USD (a mean: an average price, a VWAP) to USD for the wire, rounded
+    once from the exact quotient (to 28 digits) to the nearest double."""
+    return float(amount_pusd / _PUSD_PER_USD)
 
 
 def metadata_to_market(metadata: dict[str, Any]) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """History queries for analysts: clusters, earnings, spending, supply and demand, price candles.
 
 Plain SQL over the tables the journal keeps (persistence/migrations/002_market.sql); results are
-msgspec Structs with money as USD floats (the API's convention), computed exactly in pico-USD and
-converted once at the end.
+plain records (msgspec Structs) with money exact in pico-USD (`_pusd`): integers for sums and
+prices, a `Decimal` where a mean makes a fraction of a pico-USD (an average price, a VWAP). The
+API converts to its units at its edge (`gateway.analytics`).
 
 Time series take a `Window`: a half-open range [start, end) widened to whole buckets, and a bucket
 size from `BUCKETS`. Buckets are aligned to the Unix epoch (UTC) and labelled by their start; a
@@ -25,7 +26,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 import asyncpg
 import msgspec
@@ -70,16 +71,6 @@ EARLIEST = _EPOCH
 LATEST = datetime(9999, 12, 1, tzinfo=UTC)
 """The last instant a range may name: room below datetime's year-9999 ceiling to round up to a
 whole bucket and to add a day."""
-_PUSD = Decimal(10) ** 12
-
-
-def _usd(pusd: Any) -> float:
-    return float(Decimal(pusd or 0) / _PUSD)
-
-
-def _usd_opt(pusd: Any) -> float | None:
-    return None if pusd is None else float(Decimal(pusd) / _PUSD)
-
 
 # ---------------------------------------------------------------------------------------------
 # Time windows
@@ -176,7 +167,7 @@ class Cluster(msgspec.Struct, kw_only=True):
     offered_vram_gb: int
     reserved_ram_gb: int
     reserved_vram_gb: int
-    avg_price_per_gb_sec: float | None
+    avg_price_pusd: Decimal | None
     last_updated: datetime | None
 
 
@@ -202,7 +193,7 @@ def _cluster(r: asyncpg.Record) -> Cluster:
         offered_vram_gb=r["offered_vram_gb"],
         reserved_ram_gb=r["reserved_ram_gb"],
         reserved_vram_gb=r["reserved_vram_gb"],
-        avg_price_per_gb_sec=_usd_opt(r["avg_price_pusd"]),
+        avg_price_pusd=r["avg_price_pusd"],
         last_updated=r["last_updated"],
     )
 
@@ -224,7 +215,7 @@ class ClusterNode(msgspec.Struct, kw_only=True):
     available_ram_gb: int
     total_vram_gb: int
     available_vram_gb: int
-    price_per_gb_sec: float
+    price_pusd: int
     uptime_score: float | None
     last_heartbeat: datetime | None
 
@@ -282,7 +273,7 @@ async def cluster_nodes(
                 available_ram_gb=max(0, r["available_ram_gb"]),
                 total_vram_gb=r["total_vram_gb"],
                 available_vram_gb=max(0, r["available_vram_gb"]),
-                price_per_gb_sec=_usd(r["price_pusd"]),
+                price_pusd=r["price_pusd"],
                 uptime_score=None if r["uptime_score"] is None else float(r["uptime_score"]),
                 last_heartbeat=r["last_heartbeat"],
             )
@@ -297,7 +288,7 @@ class ClusterStatsBucket(msgspec.Struct, kw_only=True):
     fills: int = 0
     volume_gb: int = 0
     settled: int = 0
-    revenue_usd: float = 0.0
+    revenue_pusd: int = 0
     offered_ram_gb: float = 0.0
     offered_vram_gb: float = 0.0
     available_ram_gb: float = 0.0
@@ -313,7 +304,7 @@ class ClusterStats(msgspec.Struct, kw_only=True):
     bucket_s: int
     fills: int
     volume_gb: int
-    revenue_usd: float
+    revenue_pusd: int
     buckets: list[ClusterStatsBucket]
 
 
@@ -373,11 +364,9 @@ async def cluster_stats(
         w.bucket_s,
         region,
     )
-    revenue = 0
     for r in settled:
         b = at(r["bucket"])
-        b.settled, b.revenue_usd = r["n"], _usd(r["cost"])
-        revenue += r["cost"]
+        b.settled, b.revenue_pusd = r["n"], int(r["cost"])
     for r in await db.fetch(_CAPACITY_SQL, w.start, w.end, w.bucket_s, region):
         b = at(r["bucket"])
         b.offered_ram_gb = float(r["offered_ram"])
@@ -394,7 +383,7 @@ async def cluster_stats(
         bucket_s=w.bucket_s,
         fills=sum(b.fills for b in ordered),
         volume_gb=sum(b.volume_gb for b in ordered),
-        revenue_usd=_usd(revenue),
+        revenue_pusd=sum(b.revenue_pusd for b in ordered),
         buckets=ordered,
     )
 
@@ -405,7 +394,7 @@ async def cluster_stats(
 
 class EarningsBucket(msgspec.Struct, kw_only=True):
     start: datetime
-    amount_usd: float
+    amount_pusd: int
     contracts: int
     gb_seconds: int
 
@@ -415,7 +404,7 @@ class NodeEarnings(msgspec.Struct, kw_only=True):
     start: datetime
     end: datetime
     bucket_s: int
-    total_usd: float
+    total_pusd: int
     contracts: int
     gb_seconds: int
     buckets: list[EarningsBucket]
@@ -434,7 +423,7 @@ def _earnings_buckets(rows: list[asyncpg.Record]) -> list[EarningsBucket]:
     return [
         EarningsBucket(
             start=r["bucket"],
-            amount_usd=_usd(r["cost"]),
+            amount_pusd=int(r["cost"]),
             contracts=r["n"],
             gb_seconds=int(r["gbs"]),
         )
@@ -455,7 +444,7 @@ async def node_earnings(
         start=w.start,
         end=w.end,
         bucket_s=w.bucket_s,
-        total_usd=_usd(sum(r["cost"] for r in rows)),
+        total_pusd=int(sum(r["cost"] for r in rows)),
         contracts=sum(r["n"] for r in rows),
         gb_seconds=int(sum(r["gbs"] for r in rows)),
         buckets=_earnings_buckets(rows),
@@ -464,7 +453,7 @@ async def node_earnings(
 
 class SpendingBreakdown(msgspec.Struct, kw_only=True):
     key: str
-    amount_usd: float
+    amount_pusd: int
     contracts: int
     gb_seconds: int
 
@@ -474,7 +463,7 @@ class ClientSpending(msgspec.Struct, kw_only=True):
     start: datetime
     end: datetime
     bucket_s: int
-    total_usd: float
+    total_pusd: int
     contracts: int
     gb_seconds: int
     by_node_type: list[SpendingBreakdown]
@@ -510,7 +499,7 @@ async def client_spending(
             a[1] += r["n"]
             a[2] += r["gbs"]
         return [
-            SpendingBreakdown(key=k, amount_usd=_usd(a[0]), contracts=a[1], gb_seconds=int(a[2]))
+            SpendingBreakdown(key=k, amount_pusd=int(a[0]), contracts=a[1], gb_seconds=int(a[2]))
             for k, a in sorted(acc.items())
         ]
 
@@ -519,7 +508,7 @@ async def client_spending(
         start=w.start,
         end=w.end,
         bucket_s=w.bucket_s,
-        total_usd=_usd(sum(r["cost"] for r in rows)),
+        total_pusd=int(sum(r["cost"] for r in rows)),
         contracts=sum(r["n"] for r in rows),
         gb_seconds=int(sum(r["gbs"] for r in rows)),
         by_node_type=group("node_type"),
@@ -661,15 +650,15 @@ async def market_supply(
 
 
 class Candle(msgspec.Struct, kw_only=True):
-    """Cleared prices (USD per GB-second) of one region's fills in one bucket."""
+    """Cleared prices (pico-USD per GB-second) of one region's fills in one bucket."""
 
     region: str
     start: datetime
-    open: float
-    high: float
-    low: float
-    close: float
-    vwap: float
+    open_pusd: int
+    high_pusd: int
+    low_pusd: int
+    close_pusd: int
+    vwap_pusd: Decimal
     fills: int
     volume_gb: int
     volume_gb_s: int
@@ -713,11 +702,11 @@ async def market_pricing(
             Candle(
                 region=r["region"],
                 start=r["bucket"],
-                open=_usd(r["open"]),
-                high=_usd(r["high"]),
-                low=_usd(r["low"]),
-                close=_usd(r["close"]),
-                vwap=_usd(vwap),
+                open_pusd=r["open"],
+                high_pusd=r["high"],
+                low_pusd=r["low"],
+                close_pusd=r["close"],
+                vwap_pusd=vwap,
                 fills=r["fills"],
                 volume_gb=int(r["gb"]),
                 volume_gb_s=gbs,

@@ -10,7 +10,6 @@ Who may do what:
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -40,6 +39,7 @@ from gateway.schemas import (
     TokenResponse,
     UserOut,
 )
+from persistence import accounts
 
 __all__ = ["OPERATIONS", "RENTERS", "first_client", "owned_client"]
 
@@ -49,13 +49,6 @@ RENTERS = frozenset({"user", "admin"})
 class EmailTaken(ApiError):
     code = "email_taken"
     status = 409
-
-
-def _uuid(raw: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        return None
 
 
 def _user_out(row: asyncpg.Record) -> UserOut:
@@ -112,10 +105,7 @@ async def owned_client(
 
     Unknown and foreign ids are answered alike, so ids of other tenants cannot be probed.
     """
-    parsed = _uuid(client_id)
-    row = None
-    if parsed is not None:
-        row = await pool.fetchrow("SELECT * FROM clients WHERE id = $1", parsed)
+    row = await accounts.client(pool, client_id)
     if row is None or (str(row["user_id"]) != principal.user_id and not principal.is_admin):
         raise Forbidden("client_id is not one of your clients", field=field)
     return row
@@ -123,17 +113,11 @@ async def owned_client(
 
 async def first_client(pool: asyncpg.Pool, principal: Principal) -> asyncpg.Record | None:
     """The caller's oldest client profile (their default), if any."""
-    return await pool.fetchrow(
-        "SELECT * FROM clients WHERE user_id = $1 ORDER BY created_at, id LIMIT 1",
-        uuid.UUID(principal.user_id),
-    )
+    return await accounts.first_client(pool, principal.user_id)
 
 
 async def client_ids_of(pool: asyncpg.Pool, principal: Principal) -> list[str]:
-    rows = await pool.fetch(
-        "SELECT id FROM clients WHERE user_id = $1", uuid.UUID(principal.user_id)
-    )
-    return [str(r["id"]) for r in rows]
+    return await accounts.client_ids(pool, principal.user_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,32 +131,20 @@ async def signup(call: Call) -> Reply:
     email = body.email.strip()
     password_hash = await hash_password(body.password)
     key, prefix, key_hash = new_api_key()
-    try:
-        async with state.pool.acquire() as conn, conn.transaction():
-            user = await conn.fetchrow(
-                """
-                INSERT INTO users (email, password_hash, role, full_name, organization)
-                VALUES ($1, $2, $3, $4, $5)
-                RETURNING id, email, role, full_name, organization, created_at
-                """,
-                email,
-                password_hash,
-                body.role,
-                body.full_name,
-                body.organization,
-            )
-            key_row = await conn.fetchrow(
-                """
-                INSERT INTO api_keys (user_id, prefix, key_hash, name) VALUES ($1, $2, $3, $4)
-                RETURNING id, prefix, name, created_at
-                """,
-                user["id"],
-                prefix,
-                key_hash,
-                "default",
-            )
-    except asyncpg.UniqueViolationError:
-        raise EmailTaken("an account with this email exists", field="email") from None
+    created_rows = await accounts.create_user(
+        state.pool,
+        email=email,
+        password_hash=password_hash,
+        role=body.role,
+        full_name=body.full_name,
+        organization=body.organization,
+        key_prefix=prefix,
+        key_hash=key_hash,
+        key_name="default",
+    )
+    if created_rows is None:
+        raise EmailTaken("an account with this email exists", field="email")
+    user, key_row = created_rows
     created = ApiKeyCreated(
         id=str(key_row["id"]),
         prefix=key_row["prefix"],
@@ -189,29 +161,20 @@ async def token(call: Call) -> TokenResponse:
     email = body.email.strip().lower()
     await state.limiter.hit("token_ip", _client_address(call))
     await state.limiter.check("login_failures", email)
-    row = await state.pool.fetchrow(
-        "SELECT id, role, password_hash FROM users WHERE lower(email) = $1", email
-    )
+    row = await accounts.user_for_login(state.pool, email)
     ok, rehash = await verify_password(row["password_hash"] if row else None, body.password)
     if not ok or row is None:
         await state.limiter.hit("login_failures", email)
         raise Unauthorized("wrong email or password", code="invalid_credentials")
     await state.limiter.reset("login_failures", email)
     new_hash = await hash_password(body.password) if rehash else None
-    await state.pool.execute(
-        "UPDATE users SET last_login = now(), password_hash = coalesce($2, password_hash) WHERE id = $1",
-        row["id"],
-        new_hash,
-    )
+    await accounts.record_login(state.pool, str(row["id"]), new_hash)
     access_token, ttl_s = state.auth.issue_token(str(row["id"]), row["role"])
     return TokenResponse(access_token=access_token, token_type="bearer", expires_in=ttl_s)
 
 
 async def me(call: Call) -> MeResponse:
-    row = await call.state.pool.fetchrow(
-        "SELECT id, email, role, full_name, organization, created_at FROM users WHERE id = $1",
-        uuid.UUID(call.user.user_id),
-    )
+    row = await accounts.user(call.state.pool, call.user.user_id)
     if row is None:
         raise Unauthorized("this account no longer exists", code="invalid_token")
     return MeResponse(user=_user_out(row), via=call.user.via)
@@ -231,15 +194,8 @@ async def create_api_key(call: Call) -> Reply:
     state = call.state
     await state.limiter.hit("api_key_create", call.user.user_id)
     key, prefix, key_hash = new_api_key()
-    row = await state.pool.fetchrow(
-        """
-        INSERT INTO api_keys (user_id, prefix, key_hash, name) VALUES ($1, $2, $3, $4)
-        RETURNING id, prefix, name, created_at
-        """,
-        uuid.UUID(call.user.user_id),
-        prefix,
-        key_hash,
-        body.name,
+    row = await accounts.add_api_key(
+        state.pool, call.user.user_id, prefix=prefix, key_hash=key_hash, name=body.name
     )
     fields: dict[str, Any] = {
         "id": str(row["id"]),
@@ -252,29 +208,12 @@ async def create_api_key(call: Call) -> Reply:
 
 
 async def list_api_keys(call: Call) -> ApiKeyList:
-    rows = await call.state.pool.fetch(
-        """
-        SELECT id, prefix, name, created_at, last_used_at, revoked_at FROM api_keys
-        WHERE user_id = $1 ORDER BY created_at, id
-        """,
-        uuid.UUID(call.user.user_id),
-    )
+    rows = await accounts.api_keys(call.state.pool, call.user.user_id)
     return ApiKeyList(api_keys=[_key_out(r) for r in rows])
 
 
 async def revoke_api_key(call: Call) -> ApiKeyOut:
-    key_id = _uuid(call.path["key_id"])
-    if key_id is None:
-        raise NotFound("no such API key", field="key_id")
-    row = await call.state.pool.fetchrow(
-        """
-        UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
-        WHERE id = $1 AND user_id = $2
-        RETURNING id, prefix, name, created_at, last_used_at, revoked_at, key_hash
-        """,
-        key_id,
-        uuid.UUID(call.user.user_id),
-    )
+    row = await accounts.revoke_api_key(call.state.pool, call.path["key_id"], call.user.user_id)
     if row is None:
         raise NotFound("no such API key", field="key_id")
     call.state.auth.forget_key(row["key_hash"])
@@ -292,45 +231,28 @@ async def create_client(call: Call) -> ClientOut:
             "give latitude and longitude together",
             field="longitude" if body.longitude is None else "latitude",
         )
-    row = await call.state.pool.fetchrow(
-        """
-        INSERT INTO clients (user_id, org_name, default_region, latitude, longitude,
-                             budget_monthly_usd, prefer_local, max_latency_ms, min_reliability)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-        RETURNING *
-        """,
-        uuid.UUID(call.user.user_id),
-        body.org_name,
-        body.default_region,
-        _decimal(body.latitude, 6),
-        _decimal(body.longitude, 6),
-        _decimal(body.budget_monthly_usd, 2),
-        body.prefer_local,
-        _decimal(body.max_latency_ms, 3),
-        _decimal(body.min_reliability, 2),
+    row = await accounts.add_client(
+        call.state.pool,
+        call.user.user_id,
+        org_name=body.org_name,
+        default_region=body.default_region,
+        latitude=body.latitude,
+        longitude=body.longitude,
+        budget_monthly_usd=body.budget_monthly_usd,
+        prefer_local=body.prefer_local,
+        max_latency_ms=body.max_latency_ms,
+        min_reliability=body.min_reliability,
     )
     return client_out(row)
 
 
-def _decimal(value: float | None, places: int) -> Decimal | None:
-    if value is None:
-        return None
-    return Decimal(repr(value)).quantize(Decimal(1).scaleb(-places))
-
-
 async def list_clients(call: Call) -> ClientList:
-    rows = await call.state.pool.fetch(
-        "SELECT * FROM clients WHERE user_id = $1 ORDER BY created_at, id",
-        uuid.UUID(call.user.user_id),
-    )
+    rows = await accounts.clients(call.state.pool, call.user.user_id)
     return ClientList(clients=[client_out(r) for r in rows])
 
 
 async def get_client(call: Call) -> ClientOut:
-    client_id = _uuid(call.path["client_id"])
-    row = None
-    if client_id is not None:
-        row = await call.state.pool.fetchrow("SELECT * FROM clients WHERE id = $1", client_id)
+    row = await accounts.client(call.state.pool, call.path["client_id"])
     if row is None or (str(row["user_id"]) != call.user.user_id and not call.user.is_admin):
         raise NotFound("no such client", field="client_id")
     return client_out(row)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
 
 import asyncpg
 
@@ -33,6 +32,7 @@ from gateway.schemas import (
     to_pusd,
     to_usd,
 )
+from persistence import history
 
 __all__ = ["OPERATIONS"]
 
@@ -100,27 +100,20 @@ async def list_bids(call: Call) -> BidList:
     q: BidListQuery = call.query
     who = call.user
     pool = call.state.pool
-    args: list[Any] = []
-    clauses: list[str] = []
-
-    def where(sql: str, value: Any) -> None:
-        args.append(value)
-        clauses.append(sql.replace("?", f"${len(args)}"))
-
+    client_id: str | None = None
+    client_ids: list[str] | None = None
     if q.client_id is not None:
-        where("client_id = ?", (await owned_client(pool, who, q.client_id))["id"])
+        client_id = str((await owned_client(pool, who, q.client_id))["id"])
     elif not who.is_admin:
-        where("client_id = ANY(?)", [uuid.UUID(c) for c in await client_ids_of(pool, who)])
-    if q.region is not None:
-        where("region = ?", q.region)
-    if q.status is not None:
-        where("status = ?", q.status)
-    condition = " AND ".join(clauses) or "true"
-    total = await pool.fetchval(f"SELECT count(*) FROM bids WHERE {condition}", *args)
-    rows = await pool.fetch(
-        f"SELECT * FROM bids WHERE {condition} ORDER BY created_at DESC, id "
-        f"LIMIT {q.limit} OFFSET {q.offset}",
-        *args,
+        client_ids = await client_ids_of(pool, who)
+    total, rows = await history.bids_page(
+        pool,
+        client_id=client_id,
+        client_ids=client_ids,
+        region=q.region,
+        status=q.status,
+        limit=q.limit,
+        offset=q.offset,
     )
     return BidList(
         bids=[_bid_from_row(r) for r in rows], total_count=total, offset=q.offset, limit=q.limit

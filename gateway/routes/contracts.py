@@ -15,14 +15,12 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import asyncpg
 
 from engine import core
 from engine.errors import MarketError, NotFound
 from engine.types import Contract
-from gateway.auth import Principal
 from gateway.errors import Forbidden, ValidationFailed
 from gateway.operations import Call, Link, Operation
 from gateway.ratelimit import WRITES
@@ -39,6 +37,7 @@ from gateway.schemas import (
     to_pusd,
     to_usd,
 )
+from persistence import history
 
 __all__ = ["OPERATIONS"]
 
@@ -128,11 +127,7 @@ async def list_contracts(call: Call) -> ContractList:
             if who.role == "provider":
                 # A provider may have thousands of nodes: their active contracts come from the
                 # journal's copy (one indexed query) rather than one live read per node.
-                rows = await pool.fetch(
-                    "SELECT * FROM contracts WHERE owner_id = $1 AND status = 'active'",
-                    uuid.UUID(who.user_id),
-                )
-                for row in rows:
+                for row in await history.provider_active_contracts(pool, who.user_id):
                     out = contract_from_row(row)
                     active[out.contract_id] = out
         for c in found:
@@ -145,17 +140,18 @@ async def list_contracts(call: Call) -> ContractList:
     closed_total = 0
     closed: list[ContractOut] = []
     if q.status != "active":
-        where, args = _history_filter(who, client_id, node_id, q.status)
-        closed_total = await pool.fetchval(f"SELECT count(*) FROM contracts WHERE {where}", *args)
         skip = max(0, q.offset - len(ordered))
         room = q.limit - max(0, min(len(ordered) - q.offset, q.limit))
-        if room > 0 and skip < closed_total:
-            rows = await pool.fetch(
-                f"SELECT * FROM contracts WHERE {where} "
-                f"ORDER BY start_time DESC, id LIMIT {room} OFFSET {skip}",
-                *args,
-            )
-            closed = [contract_from_row(r) for r in rows]
+        closed_total, rows = await history.closed_contracts(
+            pool,
+            status=q.status,
+            client_id=client_id,
+            node_id=node_id,
+            party_id=None if who.is_admin else who.user_id,
+            limit=room,
+            offset=skip,
+        )
+        closed = [contract_from_row(r) for r in rows]
     page = ordered[q.offset : q.offset + q.limit] + closed
     return ContractList(
         contracts=page,
@@ -163,26 +159,6 @@ async def list_contracts(call: Call) -> ContractList:
         offset=q.offset,
         limit=q.limit,
     )
-
-
-def _history_filter(
-    who: Principal, client_id: str | None, node_id: str | None, status: str | None
-) -> tuple[str, list[Any]]:
-    clauses = ["status <> 'active'"]
-    args: list[Any] = []
-    if status is not None:
-        args.append(status)
-        clauses.append(f"status = ${len(args)}")
-    if client_id is not None:
-        args.append(uuid.UUID(client_id))
-        clauses.append(f"client_id = ${len(args)}")
-    elif node_id is not None:
-        args.append(uuid.UUID(node_id))
-        clauses.append(f"node_id = ${len(args)}")
-    elif not who.is_admin:
-        args.append(uuid.UUID(who.user_id))
-        clauses.append(f"(user_id = ${len(args)} OR owner_id = ${len(args)})")
-    return " AND ".join(clauses), args
 
 
 def _ms(value: dt.datetime | None) -> int:
@@ -231,14 +207,11 @@ async def get_contract(call: Call) -> ContractOut:
     live = None
     if contract.status == "active":
         now_ms = call.now_ms()
-        elapsed_s = min(max(0, -(-(now_ms - contract.start_ms) // 1000)), contract.duration_s)
         node = await call.state.market.get_node(contract.node_id)
         live = ContractLive(
-            elapsed_sec=elapsed_s,
+            elapsed_sec=core.used_seconds(contract.start_ms, now_ms, contract.duration_s),
             remaining_sec=max(0, (contract.end_ms - now_ms) // 1000),
-            accrued_cost_usd=to_usd(
-                (contract.ram_gb + contract.vram_gb) * elapsed_s * contract.price_pusd
-            ),
+            accrued_cost_usd=to_usd(core.accrued_cost_pusd(contract, now_ms)),
             node_status=node.status if node is not None else "unknown",
             node_last_heartbeat_ms=node.last_heartbeat_ms if node is not None else 0,
         )
@@ -246,11 +219,7 @@ async def get_contract(call: Call) -> ContractOut:
 
 
 async def _from_history(call: Call) -> ContractOut:
-    try:
-        contract_uuid = uuid.UUID(call.path["contract_id"])
-    except ValueError:
-        raise NotFound("no such contract", field="contract_id") from None
-    row = await call.state.pool.fetchrow("SELECT * FROM contracts WHERE id = $1", contract_uuid)
+    row = await history.contract(call.state.pool, call.path["contract_id"])
     who = call.user
     if row is None or not (
         who.is_admin or who.user_id in (str(row["user_id"]), str(row["owner_id"]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import persistence
 from gateway.operations import Call, Operation, Reply
 from gateway.schemas import HealthOut, ReadyOut
 
@@ -36,7 +37,7 @@ async def readyz(call: Call) -> Reply:
     async def postgres_ok() -> bool:
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT_S):
-                return await state.pool.fetchval("SELECT 1") == 1
+                return await persistence.ping(state.pool)
         except Exception as exc:
             log.warning("readiness: Postgres: %s", exc)
             return False

@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from engine import core
 from engine.errors import Conflict, NotFound
 from engine.types import Heartbeat, Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
@@ -49,6 +50,7 @@ from gateway.schemas import (
     to_pusd,
     to_usd,
 )
+from persistence import history
 
 __all__ = ["OPERATIONS", "PROVIDERS", "OwnerIndex", "node_earnings"]
 
@@ -260,30 +262,15 @@ async def list_nodes(call: Call) -> NodeList:
     q: NodeListQuery = call.query
     if q.mine:
         return _own_nodes(call, q)
-    clauses: list[str] = []
-    args: list[Any] = []
-
-    def where(sql: str, value: Any) -> None:
-        args.append(value)
-        clauses.append(sql.replace("?", f"${len(args)}"))
-
-    if q.node_type is not None:
-        where("node_type = ?", q.node_type)
-    if q.region is not None:
-        where("region = ?", q.region)
-    if q.status is not None:
-        where("status = ?", q.status)
-    if q.min_ram is not None:
-        where("available_ram_gb >= ?", q.min_ram)
-    if q.min_vram is not None:
-        where("available_vram_gb >= ?", q.min_vram)
-    condition = " AND ".join(clauses) or "true"
-    pool = call.state.pool
-    total = await pool.fetchval(f"SELECT count(*) FROM nodes WHERE {condition}", *args)
-    rows = await pool.fetch(
-        f"SELECT * FROM nodes WHERE {condition} ORDER BY created_at, id "
-        f"LIMIT {q.limit} OFFSET {q.offset}",
-        *args,
+    total, rows = await history.nodes_page(
+        call.state.pool,
+        node_type=q.node_type,
+        region=q.region,
+        status=q.status,
+        min_ram_gb=q.min_ram,
+        min_vram_gb=q.min_vram,
+        limit=q.limit,
+        offset=q.offset,
     )
     me, admin = call.user.user_id, call.user.is_admin
     return NodeList(
@@ -414,28 +401,14 @@ async def node_earnings(call: Call, node: Node) -> NodeEarnings:
     contracts have accrued so far (from the live market)."""
     now_ms = call.now_ms()
     active = await call.state.market.contracts(node_id=node.node_id)
-    accrued = sum(
-        (c.ram_gb + c.vram_gb) * _elapsed_s(c.start_ms, c.duration_s, now_ms) * c.price_pusd
-        for c in active
-    )
-    row = await call.state.pool.fetchrow(
-        """
-        SELECT coalesce(sum(total_cost_pusd), 0) AS total, count(*) AS n FROM contracts
-        WHERE node_id = $1 AND status <> 'active'
-        """,
-        uuid.UUID(node.node_id),
-    )
+    accrued = sum(core.accrued_cost_pusd(c, now_ms) for c in active)
+    settled = await history.node_settled(call.state.pool, node.node_id)
     return NodeEarnings(
-        total_earned_usd=to_usd(int(row["total"])),
-        settled_contracts=int(row["n"]),
+        total_earned_usd=to_usd(settled.total_pusd),
+        settled_contracts=settled.contracts,
         active_contracts=len(active),
         accrued_active_usd=to_usd(accrued),
     )
-
-
-def _elapsed_s(start_ms: int, duration_s: int, now_ms: int) -> int:
-    """Whole seconds served so far (started seconds count, as in settlement), capped."""
-    return min(max(0, -(-(now_ms - start_ms) // 1000)), duration_s)
 
 
 OPERATIONS: list[Operation] = [

@@ -100,6 +100,17 @@ def test_used_seconds_counts_started_seconds_within_the_term(
     assert core.used_seconds(start, now, duration) == used
 
 
+@pytest.mark.parametrize("elapsed_ms", [-5000, 0, 1, 1000, 1001, 1_800_000, 3_600_000, 10**9])
+def test_accrued_cost_is_what_settling_now_would_charge_for_time(elapsed_ms: int) -> None:
+    """The live view's accrued cost is the settlement's cost at that instant, less egress."""
+    c = contract()
+    now = T0 + elapsed_ms
+    closed = core.close_contract(c, now_ms=now, status="completed", egress_mgb=2400)
+    egress = 2400 * c.egress_price_pusd // 1000
+    assert core.accrued_cost_pusd(c, now) == closed.cost_pusd - egress
+    assert core.accrued_cost_pusd(c, now) == 44 * core.used_seconds(T0, now, 3600) * 800_000
+
+
 @pytest.mark.parametrize(
     ("given", "mgb"),
     [(0, 0), (2.4, 2400), ("2.4", 2400), (0.0005, 0), (0.0015, 2), (0.0025, 2), (1e3, 10**6)],

@@ -30,7 +30,6 @@ from tests.conftest import _SEED
 from tests.persistence.history import History, seed_accounts
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_P = 10**12
 
 
 def _bucket(ms: int, size_s: int) -> datetime:
@@ -39,10 +38,6 @@ def _bucket(ms: int, size_s: int) -> datetime:
 
 def _ms(t: datetime) -> int:
     return (t - _EPOCH) // timedelta(milliseconds=1)
-
-
-def _usd(pusd: Fraction | int) -> float:
-    return float(Fraction(pusd) / _P)
 
 
 @pytest.fixture
@@ -99,22 +94,18 @@ async def test_node_earnings_and_client_spending(
     assert by_node, "the window should hold settled contracts"
     for node_id, buckets in by_node.items():
         got = await q.node_earnings(conn, node_id, w)
-        assert [(b.start, b.amount_usd, b.contracts, b.gb_seconds) for b in got.buckets] == [
-            (t, _usd(v[0]), v[1], v[2]) for t, v in sorted(buckets.items())
+        assert [(b.start, b.amount_pusd, b.contracts, b.gb_seconds) for b in got.buckets] == [
+            (t, v[0], v[1], v[2]) for t, v in sorted(buckets.items())
         ]
-        assert got.total_usd == _usd(sum(v[0] for v in buckets.values()))
+        assert got.total_pusd == sum(v[0] for v in buckets.values())
     for _, client_id in h.renters:
         got_c = await q.client_spending(conn, client_id, w)
         buckets = by_client.get(client_id, {})
-        assert [(b.start, b.amount_usd, b.contracts) for b in got_c.buckets] == [
-            (t, _usd(v[0]), v[1]) for t, v in sorted(buckets.items())
+        assert [(b.start, b.amount_pusd, b.contracts) for b in got_c.buckets] == [
+            (t, v[0], v[1]) for t, v in sorted(buckets.items())
         ]
-        assert {b.key: b.amount_usd for b in got_c.by_node_type} == {
-            k: _usd(v) for k, v in client_types[client_id].items()
-        }
-        assert {b.key: b.amount_usd for b in got_c.by_region} == {
-            k: _usd(v) for k, v in client_regions[client_id].items()
-        }
+        assert {b.key: b.amount_pusd for b in got_c.by_node_type} == dict(client_types[client_id])
+        assert {b.key: b.amount_pusd for b in got_c.by_region} == dict(client_regions[client_id])
 
 
 @pytest.mark.parametrize("bucket", ["1m", "5m"])
@@ -142,11 +133,11 @@ async def test_pricing_candles(
             (
                 region,
                 start,
-                _usd(prices[0]),
-                _usd(max(prices)),
-                _usd(min(prices)),
-                _usd(prices[-1]),
-                pytest.approx(_usd(Fraction(sum(x[2] * x[3] * x[4] for x in f), gbs)), rel=1e-12),
+                prices[0],
+                max(prices),
+                min(prices),
+                prices[-1],
+                pytest.approx(float(Fraction(sum(x[2] * x[3] * x[4] for x in f), gbs)), rel=1e-12),
                 len(f),
                 sum(x[3] for x in f),
                 gbs,
@@ -158,11 +149,11 @@ async def test_pricing_candles(
         (
             c.region,
             c.start,
-            c.open,
-            c.high,
-            c.low,
-            c.close,
-            c.vwap,
+            c.open_pusd,
+            c.high_pusd,
+            c.low_pusd,
+            c.close_pusd,
+            float(c.vwap_pusd),
             c.fills,
             c.volume_gb,
             c.volume_gb_s,
@@ -306,8 +297,9 @@ async def test_clusters_match_the_nodes(
         assert sum(c.node_composition.values()) == len(rows)
         active = [r for r in rows if r["status"] == "active"]
         assert c.available_ram_gb == sum(r["available_ram_gb"] for r in active)
-        assert c.avg_price_per_gb_sec == pytest.approx(
-            sum(r["price_pusd"] for r in active) / len(active) / _P, rel=1e-9
+        assert c.avg_price_pusd is not None
+        assert float(c.avg_price_pusd) == pytest.approx(
+            sum(r["price_pusd"] for r in active) / len(active), rel=1e-9
         )
         listed = await q.cluster_nodes(conn, region, limit=3)
         assert listed.total_count == len(rows) and len(listed.nodes) == min(3, len(rows))
@@ -320,7 +312,7 @@ async def test_clusters_match_the_nodes(
         and s.region == "us-east-2"
         and _ms(w.start) <= s.event.completed_ms < _ms(w.end)
     ]
-    assert stats.revenue_usd == _usd(sum(e.cost_pusd for e in settled))
+    assert stats.revenue_pusd == sum(e.cost_pusd for e in settled)
     assert sum(b.settled for b in stats.buckets) == len(settled)
 
 
