@@ -1,6 +1,7 @@
 """Clusters and analytics: the history in Postgres, served read-only (queries in
 `persistence.analytics`; this module holds their wire types and maps the query results to them,
-money to USD with the API's converters).
+money to USD with the API's converters, each exact amount with its pico-USD twin: the unit
+convention of `gateway.protocol`).
 
 Every route needs a principal (any role). Object-level rules: a node's earnings are its owner's
 (or an admin's): another caller gets 403, the node being public anyway; a client's spending is
@@ -127,6 +128,7 @@ class ClusterNode(msgspec.Struct, kw_only=True):
     price_per_gb_sec: float
     uptime_score: float | None
     last_heartbeat: datetime | None
+    price_pusd: int = 0
 
 
 class ClusterNodes(msgspec.Struct, kw_only=True):
@@ -146,6 +148,7 @@ class ClusterStatsBucket(msgspec.Struct, kw_only=True):
     available_ram_gb: float = 0.0
     available_vram_gb: float = 0.0
     reporting_nodes: int = 0
+    revenue_pusd: int = 0
 
 
 class ClusterStats(msgspec.Struct, kw_only=True):
@@ -158,6 +161,7 @@ class ClusterStats(msgspec.Struct, kw_only=True):
     volume_gb: int
     revenue_usd: float
     buckets: list[ClusterStatsBucket]
+    revenue_pusd: int = 0
 
 
 class EarningsBucket(msgspec.Struct, kw_only=True):
@@ -165,6 +169,7 @@ class EarningsBucket(msgspec.Struct, kw_only=True):
     amount_usd: float
     contracts: int
     gb_seconds: int
+    amount_pusd: int = 0
 
 
 class NodeEarningsHistory(msgspec.Struct, kw_only=True):
@@ -176,6 +181,7 @@ class NodeEarningsHistory(msgspec.Struct, kw_only=True):
     contracts: int
     gb_seconds: int
     buckets: list[EarningsBucket]
+    total_pusd: int = 0
 
 
 class SpendingBreakdown(msgspec.Struct, kw_only=True):
@@ -183,6 +189,7 @@ class SpendingBreakdown(msgspec.Struct, kw_only=True):
     amount_usd: float
     contracts: int
     gb_seconds: int
+    amount_pusd: int = 0
 
 
 class ClientSpending(msgspec.Struct, kw_only=True):
@@ -196,6 +203,7 @@ class ClientSpending(msgspec.Struct, kw_only=True):
     by_node_type: list[SpendingBreakdown]
     by_region: list[SpendingBreakdown]
     buckets: list[EarningsBucket]
+    total_pusd: int = 0
 
 
 class SupplyBucket(msgspec.Struct, kw_only=True):
@@ -235,7 +243,8 @@ class MarketSupply(msgspec.Struct, kw_only=True):
 
 
 class Candle(msgspec.Struct, kw_only=True):
-    """Cleared prices (USD per GB-second) of one region's fills in one bucket."""
+    """Cleared prices (USD per GB-second) of one region's fills in one bucket; the `_pusd`
+    twins are exact (the VWAP, a mean, comes in USD only)."""
 
     region: str
     start: datetime
@@ -247,6 +256,10 @@ class Candle(msgspec.Struct, kw_only=True):
     fills: int
     volume_gb: int
     volume_gb_s: int
+    open_pusd: int = 0
+    high_pusd: int = 0
+    low_pusd: int = 0
+    close_pusd: int = 0
 
 
 class MarketPricing(msgspec.Struct, kw_only=True):
@@ -298,6 +311,7 @@ def cluster_nodes_out(r: q.ClusterNodes) -> ClusterNodes:
                 price_per_gb_sec=to_usd(n.price_pusd),
                 uptime_score=n.uptime_score,
                 last_heartbeat=n.last_heartbeat,
+                price_pusd=n.price_pusd,
             )
             for n in r.nodes
         ],
@@ -315,6 +329,7 @@ def cluster_stats_out(r: q.ClusterStats) -> ClusterStats:
         fills=r.fills,
         volume_gb=r.volume_gb,
         revenue_usd=to_usd(r.revenue_pusd),
+        revenue_pusd=r.revenue_pusd,
         buckets=[
             ClusterStatsBucket(
                 start=b.start,
@@ -327,6 +342,7 @@ def cluster_stats_out(r: q.ClusterStats) -> ClusterStats:
                 available_ram_gb=b.available_ram_gb,
                 available_vram_gb=b.available_vram_gb,
                 reporting_nodes=b.reporting_nodes,
+                revenue_pusd=b.revenue_pusd,
             )
             for b in r.buckets
         ],
@@ -340,6 +356,7 @@ def _earnings_buckets(buckets: list[q.EarningsBucket]) -> list[EarningsBucket]:
             amount_usd=to_usd(b.amount_pusd),
             contracts=b.contracts,
             gb_seconds=b.gb_seconds,
+            amount_pusd=b.amount_pusd,
         )
         for b in buckets
     ]
@@ -355,6 +372,7 @@ def node_earnings_out(r: q.NodeEarnings) -> NodeEarningsHistory:
         contracts=r.contracts,
         gb_seconds=r.gb_seconds,
         buckets=_earnings_buckets(r.buckets),
+        total_pusd=r.total_pusd,
     )
 
 
@@ -365,6 +383,7 @@ def _breakdown(rows: list[q.SpendingBreakdown]) -> list[SpendingBreakdown]:
             amount_usd=to_usd(b.amount_pusd),
             contracts=b.contracts,
             gb_seconds=b.gb_seconds,
+            amount_pusd=b.amount_pusd,
         )
         for b in rows
     ]
@@ -382,6 +401,7 @@ def client_spending_out(r: q.ClientSpending) -> ClientSpending:
         by_node_type=_breakdown(r.by_node_type),
         by_region=_breakdown(r.by_region),
         buckets=_earnings_buckets(r.buckets),
+        total_pusd=r.total_pusd,
     )
 
 
@@ -413,6 +433,10 @@ def market_pricing_out(r: q.MarketPricing) -> MarketPricing:
                 fills=c.fills,
                 volume_gb=c.volume_gb,
                 volume_gb_s=c.volume_gb_s,
+                open_pusd=c.open_pusd,
+                high_pusd=c.high_pusd,
+                low_pusd=c.low_pusd,
+                close_pusd=c.close_pusd,
             )
             for c in r.candles
         ],

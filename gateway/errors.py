@@ -1,8 +1,9 @@
 """The gateway's one error shape, and the one place that maps failures to HTTP status codes.
 
-Every error leaves the API as `{"error": {"code": str, "message": str, "field"?: str}}` with a 4xx
-(or, for a bug or a lost dependency, a 5xx that never carries internals). `code` is stable and
-machine-readable; `field` names the offending input (a dotted path into the body or a query
+Every error leaves the API as `{"error": {"code": str, "message": str, "field"?: str}}` (the
+`ErrorBody` of `gateway.protocol`, whose `ErrorDetail` the WebSocket's errors carry too) with a
+4xx (or, for a bug or a lost dependency, a 5xx that never carries internals). `code` is stable
+and machine-readable; `field` names the offending input (a dotted path into the body or a query
 parameter) when there is one.
 
 Sources of errors and where they map:
@@ -35,6 +36,7 @@ from engine.errors import (
     NotFound,
     Unavailable,
 )
+from gateway.protocol import ErrorBody, ErrorDetail
 
 __all__ = [
     "ERROR_HANDLERS",
@@ -54,20 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("mnemo.gateway")
-
-
-class ErrorDetail(msgspec.Struct, omit_defaults=True):
-    """The inside of every error response."""
-
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorBody(msgspec.Struct):
-    """`{"error": {...}}`: the shape of every error response."""
-
-    error: ErrorDetail
 
 
 _encode = msgspec.json.Encoder().encode

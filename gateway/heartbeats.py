@@ -27,17 +27,32 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from engine.errors import MarketError
+from engine.market import HeartbeatOutcome as Outcome
 from engine.types import Heartbeat
+from gateway import protocol
 
-__all__ = ["HeartbeatBatcher", "HeartbeatSink", "Outcome"]
+__all__ = ["HeartbeatBatcher", "HeartbeatSink", "Outcome", "market_heartbeat"]
 
 log = logging.getLogger("mnemo.gateway.heartbeats")
 
-Outcome = Any
-"""`engine.market.HeartbeatOutcome`: `node_id`, `outcome`, `retry_after_ms`."""
+
+def market_heartbeat(node_id: str, body: protocol.Heartbeat) -> Heartbeat:
+    """The market's heartbeat of node `node_id` from the wire's body (REST's, or a `Beat` of a
+    WebSocket batch): the one place that maps the wire's fields to the engine's."""
+    return Heartbeat(
+        node_id=node_id,
+        available_ram_gb=body.available_ram_gb,
+        available_vram_gb=body.available_vram_gb,
+        cpu_usage_pct=body.cpu_usage_pct,
+        gpu_usage_pct=body.gpu_usage_pct,
+        temperature_c=body.temperature_c,
+        bandwidth_mbps=body.bandwidth_mbps,
+        lat=body.latitude,
+        lng=body.longitude,
+    )
 
 
 class HeartbeatSink(Protocol):

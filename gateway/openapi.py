@@ -30,8 +30,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway.errors import ErrorBody
 from gateway.operations import ApiRoute, Operation
+from gateway.protocol import ErrorBody
 
 __all__ = [
     "DOCS_ASSETS",

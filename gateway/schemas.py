@@ -10,10 +10,15 @@ Rules every Struct here follows:
   (a lease's value, size x duration x price cap, is at most 1,000,000 USD) is in the
   descriptions.
 - Money is decimal USD on the wire, named as in the spec (`price_per_gb_sec`, `estimated_cost`,
-  `total_cost_usd`); inside it is integer pico-USD (`engine.types.pusd`/`usd`). The converters at
-  the bottom are the only place that crosses between the two.
-- Units live in names: `_gb`, `_sec`, `_ms` (Unix milliseconds), `_km`, `_usd`.
+  `total_cost_usd`), and every exact amount has its integer pico-USD twin (`price_pusd`,
+  `estimated_cost_pusd`, `total_cost_pusd`): the unit convention of `gateway.protocol`, which
+  REST and the WebSocket share. Inside, money is integer pico-USD (`engine.types.pusd`/`usd`);
+  the converters at the bottom are the only place that crosses between the two.
+- Units live in names: `_gb`, `_sec`, `_ms` (Unix milliseconds), `_km`, `_usd`, `_pusd`.
 - Ids are opaque strings (uuid hex or uuid text).
+- The shapes the WebSocket sends too (`ContractOut`, `BidOut`, `BookOut`, ...) and the heartbeat
+  body (`Heartbeat`) live in `gateway.protocol`, which imports nothing of the exchange; the
+  converters here build them from the market's types.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ from msgspec import Meta, Struct
 
 from engine import core
 from engine.types import PUSD_PER_USD, Bid, Contract, Node, NodeType, Quote, pusd, usd
+from gateway.protocol import (
+    BidOut,
+    BookOut,
+    ContractLive,
+    ContractOut,
+    DepthLevel,
+    Gigabytes,
+    Id,
+    Latitude,
+    Longitude,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Bounded scalar types
@@ -44,7 +60,6 @@ MAX_PAGE = 500
 MAX_OFFSET = 1_000_000
 EARTH_HALF_CIRCUMFERENCE_KM = 20_038.0
 
-Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Region = Annotated[
     str,
     Meta(
@@ -55,9 +70,6 @@ Region = Annotated[
         examples=["us-east-2"],
     ),
 ]
-Latitude = Annotated[float, Meta(ge=-90.0, le=90.0, description="Degrees north.")]
-Longitude = Annotated[float, Meta(ge=-180.0, le=180.0, description="Degrees east.")]
-Gigabytes = Annotated[int, Meta(ge=0, le=MAX_GB)]
 DurationSec = Annotated[int, Meta(ge=1, le=MAX_DURATION_S)]
 PriceUsd = Annotated[
     float,
@@ -222,6 +234,7 @@ class ClientOut(_Response, kw_only=True):
     max_latency_ms: float | None
     min_reliability: float | None
     created_at: dt.datetime
+    current_spend_pusd: int = 0
 
 
 class ClientList(_Response, kw_only=True):
@@ -292,23 +305,6 @@ class NodeUpdateRequest(_Request, kw_only=True):
     metadata: Metadata | None = None
 
 
-class HeartbeatRequest(_Request, kw_only=True):
-    """The spec's heartbeat. `available_*_gb`: memory the node could lend right now, NOT counting
-    what Mnemo already leases from it (the market adds its own leases back). `latitude` and
-    `longitude` come together."""
-
-    json_schema_rules: ClassVar[dict[str, Any]] = _together("latitude", "longitude")
-
-    available_ram_gb: Gigabytes
-    available_vram_gb: Gigabytes
-    cpu_usage_pct: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
-    gpu_usage_pct: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
-    temperature_c: Annotated[int, Meta(ge=-100, le=200)] | None = None
-    bandwidth_mbps: Annotated[int, Meta(ge=0, le=10_000_000)] | None = None
-    latitude: Latitude | None = None
-    longitude: Longitude | None = None
-
-
 class NodeEarnings(_Response, kw_only=True):
     """What the node has earned: settled contracts (history, from the journal) plus what its
     active contracts have accrued so far."""
@@ -317,6 +313,8 @@ class NodeEarnings(_Response, kw_only=True):
     settled_contracts: int
     active_contracts: int
     accrued_active_usd: float
+    total_earned_pusd: int = 0
+    accrued_active_pusd: int = 0
 
 
 class NodeOut(_Response, kw_only=True):
@@ -350,6 +348,8 @@ class NodeOut(_Response, kw_only=True):
     last_heartbeat_ms: int
     created_ms: int
     metadata: dict[str, str]
+    price_pusd: int = 0
+    egress_price_pusd: int = 0
 
 
 class NodeDetail(NodeOut, kw_only=True):
@@ -438,6 +438,7 @@ class OfferOut(_Response, kw_only=True):
     uptime_score: float
     distance_km: float | None
     estimated_latency_ms: float
+    price_pusd: int = 0
 
 
 class MarketplaceResponse(_Response, kw_only=True):
@@ -496,6 +497,8 @@ class MatchOut(_Response, kw_only=True):
     available_ram_gb: int
     available_vram_gb: int
     uptime_score: float
+    estimated_cost_pusd: int = 0
+    price_pusd: int = 0
 
 
 class MatchResponse(_Response, kw_only=True):
@@ -534,42 +537,6 @@ class ContractSettleRequest(_Request, kw_only=True):
     1,000,000 USD of egress (else 422 naming `actual_egress_gb`)."""
 
     actual_egress_gb: Annotated[float, Meta(ge=0.0, le=MAX_EGRESS_GB)] = 0.0
-
-
-class ContractLive(_Response, kw_only=True):
-    """Real-time view of an active contract (absent once it ended)."""
-
-    elapsed_sec: int
-    remaining_sec: int
-    accrued_cost_usd: float
-    node_status: Literal["active", "maintenance", "offline", "deactivated", "unknown"]
-    node_last_heartbeat_ms: int
-
-
-class ContractOut(_Response, kw_only=True):
-    contract_id: str
-    client_id: str
-    node_id: str
-    region: str
-    ram_gb: int
-    vram_gb: int
-    duration_sec: int
-    start_ms: int
-    end_ms: int
-    price_per_gb_sec: float
-    egress_price_per_gb: float
-    max_price_per_gb_sec: float
-    status: Literal["active", "completed", "failed", "failed_over"]
-    bid_id: str | None
-    predecessor_id: str | None
-    successor_id: str | None
-    extensions: int
-    used_sec: int
-    egress_gb: float
-    total_cost_usd: float
-    settlement_hash: str | None
-    completed_ms: int
-    live: ContractLive | None = None
 
 
 class ContractList(_Response, kw_only=True):
@@ -618,32 +585,6 @@ class BidCreateRequest(_Request, kw_only=True):
     """0: good till cancelled."""
 
 
-class BidOut(_Response, kw_only=True):
-    bid_id: str
-    client_id: str
-    region: str
-    ram_gb: int
-    vram_gb: int
-    duration_sec: int
-    max_price_per_gb_sec: float
-    client_lat: float | None
-    client_lng: float | None
-    max_distance_km: float | None
-    min_uptime_score: float
-    prefer_local: bool
-    node_type: NodeType | None
-    allow_split: bool
-    min_fill_gb: int
-    filled_ram_gb: int
-    filled_vram_gb: int
-    remaining_ram_gb: int
-    remaining_vram_gb: int
-    status: Literal["open", "filled", "cancelled", "expired"]
-    created_ms: int
-    expires_ms: int
-    contract_ids: list[str]
-
-
 class BidList(_Response, kw_only=True):
     bids: list[BidOut]
     total_count: int
@@ -657,22 +598,6 @@ class BidListQuery(_Request, kw_only=True):
     status: BidStatusFilter | None = None
     offset: Offset = 0
     limit: Limit = 50
-
-
-class DepthLevel(_Response, kw_only=True):
-    price_per_gb_sec: float
-    gb: int
-
-
-class BookOut(_Response, kw_only=True):
-    region: str
-    ts_ms: int
-    best_ask_per_gb_sec: float | None
-    best_bid_per_gb_sec: float | None
-    last_fill_per_gb_sec: float | None
-    ask_depth: list[DepthLevel]
-    bid_depth: list[DepthLevel]
-    volume_24h_gb_sec: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,6 +693,8 @@ def _node_fields(node: Node, *, show_owner: bool) -> dict[str, Any]:
         "last_heartbeat_ms": node.last_heartbeat_ms,
         "created_ms": node.created_ms,
         "metadata": dict(node.metadata),
+        "price_pusd": node.price_pusd,
+        "egress_price_pusd": node.egress_price_pusd,
     }
 
 
@@ -796,6 +723,10 @@ def contract_out(contract: Contract, *, live: ContractLive | None = None) -> Con
         settlement_hash=contract.settlement_hash,
         completed_ms=contract.completed_ms,
         live=live,
+        price_pusd=contract.price_pusd,
+        egress_price_pusd=contract.egress_price_pusd,
+        max_price_pusd=contract.max_price_pusd,
+        total_cost_pusd=contract.cost_pusd,
     )
 
 
@@ -824,6 +755,7 @@ def bid_out(bid: Bid) -> BidOut:
         created_ms=bid.created_ms,
         expires_ms=bid.expires_ms,
         contract_ids=list(bid.contract_ids),
+        max_price_pusd=bid.max_price_pusd,
     )
 
 
@@ -837,10 +769,17 @@ def book_out(quote: Quote) -> BookOut:
         best_ask_per_gb_sec=price(quote.best_ask_pusd),
         best_bid_per_gb_sec=price(quote.best_bid_pusd),
         last_fill_per_gb_sec=price(quote.last_fill_pusd),
-        ask_depth=[DepthLevel(price_per_gb_sec=to_usd(p), gb=gb) for p, gb in quote.ask_depth],
-        bid_depth=[DepthLevel(price_per_gb_sec=to_usd(p), gb=gb) for p, gb in quote.bid_depth],
+        ask_depth=[depth_level(p, gb) for p, gb in quote.ask_depth],
+        bid_depth=[depth_level(p, gb) for p, gb in quote.bid_depth],
         volume_24h_gb_sec=quote.volume_24h_gb_s,
+        best_ask_pusd=quote.best_ask_pusd,
+        best_bid_pusd=quote.best_bid_pusd,
+        last_fill_pusd=quote.last_fill_pusd,
     )
+
+
+def depth_level(price_pusd: int, gb: int) -> DepthLevel:
+    return DepthLevel(price_per_gb_sec=to_usd(price_pusd), gb=gb, price_pusd=price_pusd)
 
 
 JSON_ENCODER = msgspec.json.Encoder()

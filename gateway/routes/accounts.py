@@ -91,6 +91,7 @@ def client_out(row: asyncpg.Record) -> ClientOut:
         max_latency_ms=_float(row["max_latency_ms"]),
         min_reliability=_float(row["min_reliability"]),
         created_at=row["created_at"],
+        current_spend_pusd=int(row["current_spend_pusd"]),
     )
 
 

@@ -19,14 +19,13 @@ from engine.errors import NotFound
 from engine.types import Bid
 from gateway.errors import ValidationFailed
 from gateway.operations import Call, Link, Operation
+from gateway.protocol import BidOut, BookOut
 from gateway.ratelimit import WRITES
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
     BidCreateRequest,
     BidList,
     BidListQuery,
-    BidOut,
-    BookOut,
     bid_out,
     book_out,
     to_pusd,
@@ -151,6 +150,7 @@ def _bid_from_row(row: asyncpg.Record) -> BidOut:
         created_ms=_ms(row["created_at"]),
         expires_ms=_ms(row["expires_at"]),
         contract_ids=[c.hex for c in row["contract_ids"]],
+        max_price_pusd=row["max_price_pusd"],
     )
 
 

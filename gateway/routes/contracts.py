@@ -23,6 +23,7 @@ from engine.errors import MarketError, NotFound
 from engine.types import Contract
 from gateway.errors import Forbidden, ValidationFailed
 from gateway.operations import Call, Link, Operation
+from gateway.protocol import ContractLive, ContractOut
 from gateway.ratelimit import WRITES
 from gateway.routes.accounts import RENTERS, client_ids_of, owned_client
 from gateway.schemas import (
@@ -30,8 +31,6 @@ from gateway.schemas import (
     ContractExtendRequest,
     ContractList,
     ContractListQuery,
-    ContractLive,
-    ContractOut,
     ContractSettleRequest,
     contract_out,
     to_pusd,
@@ -194,6 +193,10 @@ def contract_from_row(row: asyncpg.Record) -> ContractOut:
         total_cost_usd=to_usd(row["total_cost_pusd"]),
         settlement_hash=row["settlement_hash"],
         completed_ms=_ms(row["completed_at"]),
+        price_pusd=row["price_pusd"],
+        egress_price_pusd=row["egress_price_pusd"],
+        max_price_pusd=row["max_price_pusd"],
+        total_cost_pusd=row["total_cost_pusd"],
     )
 
 
@@ -208,10 +211,12 @@ async def get_contract(call: Call) -> ContractOut:
     if contract.status == "active":
         now_ms = call.now_ms()
         node = await call.state.market.get_node(contract.node_id)
+        accrued = core.accrued_cost_pusd(contract, now_ms)
         live = ContractLive(
             elapsed_sec=core.used_seconds(contract.start_ms, now_ms, contract.duration_s),
             remaining_sec=max(0, (contract.end_ms - now_ms) // 1000),
-            accrued_cost_usd=to_usd(core.accrued_cost_pusd(contract, now_ms)),
+            accrued_cost_usd=to_usd(accrued),
+            accrued_cost_pusd=accrued,
             node_status=node.status if node is not None else "unknown",
             node_last_heartbeat_ms=node.last_heartbeat_ms if node is not None else 0,
         )

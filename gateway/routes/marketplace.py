@@ -81,6 +81,7 @@ async def browse_market(call: Call) -> MarketplaceResponse:
                 uptime_score=o.uptime_score,
                 distance_km=None if o.distance_km is None else round(o.distance_km, 3),
                 estimated_latency_ms=o.estimated_latency_ms,
+                price_pusd=o.price_pusd,
             )
             for o in offers
         ],
@@ -175,6 +176,8 @@ def _match_out(m: Match) -> MatchOut:
         available_ram_gb=m.available_ram_gb,
         available_vram_gb=m.available_vram_gb,
         uptime_score=m.uptime_score,
+        estimated_cost_pusd=m.estimated_cost_pusd,
+        price_pusd=m.price_pusd,
     )
 
 

@@ -25,14 +25,15 @@ import msgspec
 
 from engine import core
 from engine.errors import Conflict, NotFound
-from engine.types import Heartbeat, Node, NodeChanges
+from engine.types import Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
+from gateway.heartbeats import market_heartbeat
 from gateway.operations import Call, Link, Operation
+from gateway.protocol import Heartbeat
 from gateway.ratelimit import WRITES
 from gateway.schemas import (
     MAX_REGISTER_BATCH,
     MAX_REGISTER_BATCH_BYTES,
-    HeartbeatRequest,
     HeartbeatResponse,
     NodeBatchRegistered,
     NodeBatchRegisterRequest,
@@ -156,23 +157,13 @@ async def register_batch(call: Call) -> NodeBatchRegistered:
 
 
 async def heartbeat(call: Call) -> HeartbeatResponse:
-    body: HeartbeatRequest = call.body
-    if (body.latitude is None) != (body.longitude is None):
-        raise ValidationFailed("give latitude and longitude together", field="latitude")
+    body: Heartbeat = call.body
+    if (problem := body.location_error()) is not None:
+        raise ValidationFailed(problem, field="latitude")
     node_id = call.path["node_id"]
     state = call.state
     settings = state.settings
-    beat = Heartbeat(
-        node_id=node_id,
-        available_ram_gb=body.available_ram_gb,
-        available_vram_gb=body.available_vram_gb,
-        cpu_usage_pct=body.cpu_usage_pct,
-        gpu_usage_pct=body.gpu_usage_pct,
-        temperature_c=body.temperature_c,
-        bandwidth_mbps=body.bandwidth_mbps,
-        lat=body.latitude,
-        lng=body.longitude,
-    )
+    beat = market_heartbeat(node_id, body)
     [outcome] = await state.market.heartbeat(
         call.user.user_id,
         [beat],
@@ -338,6 +329,8 @@ def _node_from_row(row: asyncpg.Record, *, me: str, admin: bool) -> NodeOut:
         last_heartbeat_ms=_ms(row["last_heartbeat"]),
         created_ms=_ms(row["created_at"]),
         metadata={str(k): str(v) for k, v in metadata.items()},
+        price_pusd=row["price_pusd"],
+        egress_price_pusd=row["egress_price_pusd"],
     )
 
 
@@ -408,6 +401,8 @@ async def node_earnings(call: Call, node: Node) -> NodeEarnings:
         settled_contracts=settled.contracts,
         active_contracts=len(active),
         accrued_active_usd=to_usd(accrued),
+        total_earned_pusd=settled.total_pusd,
+        accrued_active_pusd=accrued,
     )
 
 
@@ -471,7 +466,7 @@ OPERATIONS: list[Operation] = [
         name="node_heartbeat",
         summary="Report a node's free capacity and metrics (owner; at most one per interval)",
         tag="nodes",
-        body=HeartbeatRequest,
+        body=Heartbeat,
         response=HeartbeatResponse,
         roles=PROVIDERS,
         errors=(404, 409, 429),

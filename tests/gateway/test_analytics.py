@@ -12,7 +12,8 @@ from gateway import analytics as wire
 from persistence import analytics as q
 
 T = datetime(2026, 3, 1, tzinfo=UTC)
-# Record fields in pico-USD and the wire field each becomes (in USD).
+# Record fields in pico-USD and the wire field each becomes (in USD); every one but a mean also
+# keeps its exact pico-USD twin, after the record's fields.
 _MONEY = {
     "avg_price_pusd": "avg_price_per_gb_sec",
     "price_pusd": "price_per_gb_sec",
@@ -25,6 +26,7 @@ _MONEY = {
     "close_pusd": "close",
     "vwap_pusd": "vwap",
 }
+_MEANS = {"avg_price_pusd", "vwap_pusd"}
 _PAIRS = [
     (q.Center, wire.Center),
     (q.Cluster, wire.Cluster),
@@ -48,8 +50,11 @@ _PAIRS = [
 def test_every_record_field_has_its_wire_field_in_order(
     record: type[msgspec.Struct], wire_type: type[msgspec.Struct]
 ) -> None:
-    """A field added to a record cannot be left out of the API silently, nor one renamed."""
-    assert [_MONEY.get(f, f) for f in record.__struct_fields__] == list(wire_type.__struct_fields__)
+    """A field added to a record cannot be left out of the API silently, nor one renamed; each
+    exact amount is there in USD and in pico-USD."""
+    fields = record.__struct_fields__
+    twins = [f for f in fields if f in _MONEY and f not in _MEANS]
+    assert [_MONEY.get(f, f) for f in fields] + twins == list(wire_type.__struct_fields__)
 
 
 def _cluster() -> q.Cluster:
@@ -88,6 +93,7 @@ def test_money_becomes_usd_and_nothing_else_changes() -> None:
         )
     )
     assert stats.revenue_usd == 0.12672 and stats.buckets[0].revenue_usd == 3e-12
+    assert stats.revenue_pusd == 126_720_000_000 and stats.buckets[0].revenue_pusd == 3
     assert stats.cluster is not None and stats.cluster.center == wire.Center(40.1, -83.0)
     assert stats.cluster.avg_price_per_gb_sec == float(Decimal("1.500000333333E-6"))
     assert stats.buckets[0].reporting_nodes == 1 and stats.buckets[0].fills == 2
@@ -115,6 +121,8 @@ def test_money_becomes_usd_and_nothing_else_changes() -> None:
     )
     (candle,) = pricing.candles
     assert (candle.open, candle.high, candle.low, candle.close) == (8e-7, 9e-7, 7e-7, 8.5e-7)
+    prices = (candle.open_pusd, candle.high_pusd, candle.low_pusd, candle.close_pusd)
+    assert prices == (800_000, 900_000, 700_000, 850_000)
     assert candle.vwap == pytest.approx(2.45e-6 / 3, rel=1e-15)
     assert (candle.fills, candle.volume_gb, candle.volume_gb_s) == (3, 10, 600)
 
@@ -135,6 +143,7 @@ def test_money_becomes_usd_and_nothing_else_changes() -> None:
         )
     )
     assert spending.total_usd == float(Decimal(2**60) / 10**12)
+    assert spending.total_pusd == 2**60  # past 2**53: only the integer twin is exact
     assert spending.by_node_type[0].amount_usd == spending.buckets[0].amount_usd == 5e-12
 
     supply = q.MarketSupply(
