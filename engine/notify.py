@@ -1,21 +1,26 @@
-"""Stream events to pub/sub notifications: a pure translator (no Redis, no clock, no await).
+"""Stream events to pub/sub notes: a pure translator (no Redis, no clock, no await).
 
 The engine process feeds every event of a region's stream, in stream order, to that region's
 `Notifier`, and publishes what comes back. The Notifier keeps only what addressing needs and
-the events do not carry: who placed each open bid and the live contracts (so a settlement or an
-extension can reach the renter's user channel and the node's channel with the whole contract).
+the events do not carry: each open bid (so a fill, a cancellation or an expiry reaches the
+bidder with the whole bid) and the live contracts (so a settlement or an extension reaches the
+renter's user channel and the node's channel with the whole contract).
 
-Every message is JSON `{"channel": <WebSocket channel name>, "data": {...}}`, published on a Redis
-channel named by `engine.keys.Keys`:
+Every message is JSON `{"channel": <WebSocket channel name>, "data": <note>}`, published on a
+Redis channel named by `engine.keys.Keys`. The notes are internal, in the engine's types and
+units, like the events: the gateway maps each to the channel's public event (`gateway.events`,
+`gateway.protocol`) before a client sees it, so the notes follow the internal rules of
+`engine.types` (new fields get defaults, a field's type never changes) and bind no client.
 
 | Redis channel          | ws channel    | data                                                       |
 | ---------------------- | ------------- | ---------------------------------------------------------- |
-| `trades_channel(r)`    | `trades:<r>`  | `{contract_id, node_id, region, price_pusd, ram_gb, vram_gb, duration_s, ts_ms}` for every new contract except a failover successor (that is not a trade) |
-| `user_channel(user)`   | `fills`       | the `ContractCreated` event of each of the renter's new contracts (successors excluded) |
-|                        | `bids`        | `BidPlaced`, `BidCancelled`, `BidExpired`, and `ContractCreated` carrying a `bid_id` |
-|                        | `contracts`   | `ContractExtended`, `ContractSettled` (any final status), and a failover notice `{type: "contract_failed_over", event_id, region, ts_ms, contract_id: <old>, successor: <new contract>}` |
-| `node_channel(node)`   | `node:<id>`   | `{notice, contract}`; notice is `contract_started`, `contract_extended`, `contract_ending` (sent `ENDING_NOTICE_LEAD_MS` before the end, or at the start of a shorter contract), `contract_ended` (completed or failed) or `contract_failed_over` (to the node that lost it) |
-| `market_channel`       | `market`      | `{region, nodes, available_ram_gb, available_vram_gb, best_ask_pusd}` (see `market_summary`) |
+| `quotes_channel(r)`    | `quotes:<r>`  | `engine.types.Quote` (published by the engine's loop)      |
+| `trades_channel(r)`    | `trades:<r>`  | `TradeNote` for every new contract except a failover successor (that is not a trade) |
+| `user_channel(user)`   | `fills`       | the `Contract` of each of the renter's new contracts (successors excluded) |
+|                        | `bids`        | `BidNote`: `bid_placed`, `bid_filled` (with the fill), `bid_cancelled`, `bid_expired` |
+|                        | `contracts`   | `ContractNote`: `contract_extended`, `contract_ended` (completed or failed), `contract_failed_over` (the old contract, settled), `contract_started` (its successor) |
+| `node_channel(node)`   | `node:<id>`   | `ContractNote`: `contract_started`, `contract_extended`, `contract_ending` (sent `ENDING_NOTICE_LEAD_MS` before the end, or at the start of a shorter contract), `contract_ended` (completed or failed) or `contract_failed_over` (to the node that lost it) |
+| `market_channel`       | `market`      | `SummaryNote` (see `market_summary`)                       |
 
 `contract_ending` is sent once per end time: an extension pushes the end back and re-arms it.
 """
@@ -23,7 +28,7 @@ channel named by `engine.keys.Keys`:
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -40,7 +45,17 @@ from engine.types import (
     Event,
 )
 
-__all__ = ["ENDING_NOTICE_LEAD_MS", "Message", "Notifier", "encode_message", "market_summary"]
+__all__ = [
+    "ENDING_NOTICE_LEAD_MS",
+    "BidNote",
+    "ContractNote",
+    "Message",
+    "Notifier",
+    "SummaryNote",
+    "TradeNote",
+    "encode_message",
+    "market_summary",
+]
 
 ENDING_NOTICE_LEAD_MS = 65_000
 """`contract_ending` goes out this long before `end_ms`: the promise is at least 60 s, and the
@@ -48,6 +63,58 @@ ENDING_NOTICE_LEAD_MS = 65_000
 
 Message = tuple[str, bytes]
 """(Redis channel, encoded JSON payload)."""
+
+ContractNoticeKind = Literal[
+    "contract_started",
+    "contract_extended",
+    "contract_ending",
+    "contract_ended",
+    "contract_failed_over",
+]
+BidNoticeKind = Literal["bid_placed", "bid_filled", "bid_cancelled", "bid_expired"]
+
+
+class TradeNote(msgspec.Struct, frozen=True, kw_only=True):
+    """A contract made by a reserve, for the region's public tape."""
+
+    contract_id: str
+    node_id: str
+    region: str
+    price_pusd: int
+    ram_gb: int
+    vram_gb: int
+    duration_s: int
+    ts_ms: int
+
+
+class SummaryNote(msgspec.Struct, frozen=True, kw_only=True):
+    """The `market` channel's per-region summary: `nodes` counts active nodes; capacity is the
+    free capacity of active nodes whose ask has not expired; the best ask is the lowest such
+    price (None: nothing listed)."""
+
+    region: str
+    nodes: int
+    available_ram_gb: int
+    available_vram_gb: int
+    best_ask_pusd: int | None
+
+
+class BidNote(msgspec.Struct, frozen=True, kw_only=True):
+    """A change to a bid: `bid` as it is after it; with `bid_filled`, `contract` is the fill."""
+
+    notice: BidNoticeKind
+    ts_ms: int
+    bid: Bid
+    contract: Contract | None = None
+
+
+class ContractNote(msgspec.Struct, frozen=True, kw_only=True):
+    """A change to a contract: `contract` as it is after it."""
+
+    notice: ContractNoticeKind
+    ts_ms: int
+    contract: Contract
+
 
 _encoder = msgspec.json.Encoder()
 
@@ -64,15 +131,16 @@ def market_summary(
     available_vram_gb: int,
     best_ask_pusd: int | None,
 ) -> dict[str, Any]:
-    """The `market` channel's per-region summary (nodes counts active nodes; capacity is free
-    capacity of active nodes whose ask has not expired; best ask is the lowest such price)."""
-    return {
-        "region": region,
-        "nodes": nodes,
-        "available_ram_gb": available_ram_gb,
-        "available_vram_gb": available_vram_gb,
-        "best_ask_pusd": best_ask_pusd,
-    }
+    """The `market` channel's per-region summary: a `SummaryNote`'s fields, as a dict (the
+    engine compares it with the last one it published)."""
+    note = SummaryNote(
+        region=region,
+        nodes=nodes,
+        available_ram_gb=available_ram_gb,
+        available_vram_gb=available_vram_gb,
+        best_ask_pusd=best_ask_pusd,
+    )
+    return msgspec.structs.asdict(note)
 
 
 class Notifier:
@@ -86,7 +154,7 @@ class Notifier:
     def __init__(self, keys: Keys, region: str) -> None:
         self.keys = keys
         self.region = region
-        self._bid_users: dict[str, str] = {}
+        self._bids: dict[str, Bid] = {}
         self._contracts: dict[str, Contract] = {}
         # (notice_at_ms, contract_id, end_ms): lazily invalidated when end_ms no longer matches
         self._ending: list[tuple[int, str, int]] = []
@@ -99,14 +167,14 @@ class Notifier:
         Notifier never saw: then it may already be closed, and the event's message still goes
         out). Only an active contract is armed for its ending notice."""
         if isinstance(obj, Bid):
-            self._bid_users[obj.bid_id] = obj.user_id
+            self._bids[obj.bid_id] = obj
         else:
             self._contracts[obj.contract_id] = obj
             if obj.status == "active":
                 self._arm(obj)
 
     def knows_bid(self, bid_id: str) -> bool:
-        return bid_id in self._bid_users
+        return bid_id in self._bids
 
     def knows_contract(self, contract_id: str) -> bool:
         return contract_id in self._contracts
@@ -134,16 +202,27 @@ class Notifier:
                 return self._extended(event)
             case ContractSettled():
                 return self._settled(event)
-            case BidPlaced():
-                self._bid_users[event.bid.bid_id] = event.bid.user_id
-                return [(self.keys.user_channel(event.bid.user_id), encode_message("bids", event))]
+            case BidPlaced(bid=bid):
+                if bid.status == "open":
+                    self._bids[bid.bid_id] = bid
+                return [self._bid_note("bid_placed", event.ts_ms, bid)]
             case BidCancelled() | BidExpired():
-                user_id = self._bid_users.pop(event.bid_id, None)
-                if user_id is None:
+                known = self._bids.pop(event.bid_id, None)
+                if known is None:
                     return []
-                return [(self.keys.user_channel(user_id), encode_message("bids", event))]
+                if isinstance(event, BidCancelled):
+                    gone = msgspec.structs.replace(known, status="cancelled")
+                    return [self._bid_note("bid_cancelled", event.ts_ms, gone)]
+                gone = msgspec.structs.replace(known, status="expired")
+                return [self._bid_note("bid_expired", event.ts_ms, gone)]
             case _:
                 return []
+
+    def _bid_note(
+        self, notice: BidNoticeKind, ts_ms: int, bid: Bid, contract: Contract | None = None
+    ) -> Message:
+        note = BidNote(notice=notice, ts_ms=ts_ms, bid=bid, contract=contract)
+        return (self.keys.user_channel(bid.user_id), encode_message("bids", note))
 
     def _created(self, event: ContractCreated) -> list[Message]:
         c = event.contract
@@ -152,35 +231,41 @@ class Notifier:
         user = self.keys.user_channel(c.user_id)
         out: list[Message] = []
         if c.predecessor_id is None:
-            trade = {
-                "contract_id": c.contract_id,
-                "node_id": c.node_id,
-                "region": c.region,
-                "price_pusd": c.price_pusd,
-                "ram_gb": c.ram_gb,
-                "vram_gb": c.vram_gb,
-                "duration_s": c.duration_s,
-                "ts_ms": event.ts_ms,
-            }
+            trade = TradeNote(
+                contract_id=c.contract_id,
+                node_id=c.node_id,
+                region=c.region,
+                price_pusd=c.price_pusd,
+                ram_gb=c.ram_gb,
+                vram_gb=c.vram_gb,
+                duration_s=c.duration_s,
+                ts_ms=event.ts_ms,
+            )
             out.append(
                 (self.keys.trades_channel(c.region), encode_message(f"trades:{c.region}", trade))
             )
-            out.append((user, encode_message("fills", event)))
+            out.append((user, encode_message("fills", c)))
         else:
-            notice = {
-                "type": "contract_failed_over",
-                "event_id": event.event_id,
-                "region": event.region,
-                "ts_ms": event.ts_ms,
-                "contract_id": c.predecessor_id,
-                "successor": c,
-            }
-            out.append((user, encode_message("contracts", notice)))
-        if event.bid_id is not None:
-            out.append((user, encode_message("bids", event)))
-            if event.bid_status != "open":
-                self._bid_users.pop(event.bid_id, None)
-        out.append(self._node_notice("contract_started", c))
+            # A failover's successor: the renter learnt of the old contract's end just before.
+            note = ContractNote(notice="contract_started", ts_ms=event.ts_ms, contract=c)
+            out.append((user, encode_message("contracts", note)))
+        if event.bid_id is not None and (bid := self._bids.get(event.bid_id)) is not None:
+            ids = bid.contract_ids
+            if c.contract_id not in ids:
+                ids = [*ids, c.contract_id]
+            bid = msgspec.structs.replace(
+                bid,
+                filled_ram_gb=event.bid_filled_ram_gb,
+                filled_vram_gb=event.bid_filled_vram_gb,
+                status=event.bid_status or bid.status,
+                contract_ids=ids,
+            )
+            if bid.status == "open":
+                self._bids[bid.bid_id] = bid
+            else:
+                del self._bids[bid.bid_id]
+            out.append(self._bid_note("bid_filled", event.ts_ms, bid, c))
+        out.append(self._node_notice("contract_started", c, event.ts_ms))
         return out
 
     def _extended(self, event: ContractExtended) -> list[Message]:
@@ -197,8 +282,8 @@ class Notifier:
         self._contracts[c.contract_id] = c
         self._arm(c)
         return [
-            (self.keys.user_channel(c.user_id), encode_message("contracts", event)),
-            self._node_notice("contract_extended", c),
+            self._renter_notice("contract_extended", c, event.ts_ms),
+            self._node_notice("contract_extended", c, event.ts_ms),
         ]
 
     def _settled(self, event: ContractSettled) -> list[Message]:
@@ -216,17 +301,23 @@ class Notifier:
             completed_ms=event.completed_ms,
             successor_id=event.successor_id,
         )
-        notice = "contract_failed_over" if event.status == "failed_over" else "contract_ended"
+        notice: ContractNoticeKind = (
+            "contract_failed_over" if event.status == "failed_over" else "contract_ended"
+        )
         return [
-            (self.keys.user_channel(c.user_id), encode_message("contracts", event)),
-            self._node_notice(notice, c),
+            self._renter_notice(notice, c, event.ts_ms),
+            self._node_notice(notice, c, event.ts_ms),
         ]
 
-    def _node_notice(self, notice: str, contract: Contract) -> Message:
-        data = {"notice": notice, "contract": contract}
+    def _renter_notice(self, notice: ContractNoticeKind, contract: Contract, ts_ms: int) -> Message:
+        note = ContractNote(notice=notice, ts_ms=ts_ms, contract=contract)
+        return (self.keys.user_channel(contract.user_id), encode_message("contracts", note))
+
+    def _node_notice(self, notice: ContractNoticeKind, contract: Contract, ts_ms: int) -> Message:
+        note = ContractNote(notice=notice, ts_ms=ts_ms, contract=contract)
         return (
             self.keys.node_channel(contract.node_id),
-            encode_message(f"node:{contract.node_id}", data),
+            encode_message(f"node:{contract.node_id}", note),
         )
 
     # -- time-driven notices ----------------------------------------------------------------
@@ -254,12 +345,12 @@ class Notifier:
                 and self._ending_sent.get(contract_id) != end_ms
             ):
                 self._ending_sent[contract_id] = end_ms
-                out.append(self._node_notice("contract_ending", c))
+                out.append(self._node_notice("contract_ending", c, now_ms))
         return out
 
     def forget_all(self) -> None:
         """Drop all state (the region was handed to another engine)."""
-        self._bid_users.clear()
+        self._bids.clear()
         self._contracts.clear()
         self._ending.clear()
         self._ending_sent.clear()

@@ -10,9 +10,14 @@ Rules:
   `engine.notify`). Local subscriptions are (Redis channel, ws channel) pairs: a message reaches
   the subscribers of its Redis channel that asked for its ws channel. That is how one user channel
   carries `fills`, `bids` and `contracts` and each socket gets only the ones it asked for.
+- The engine's `data` is internal; with a `translate` (the gateway gives `gateway.events`'s
+  `public_event`) it becomes the channel's public event before it leaves, once per message
+  that has a subscriber here, never per subscriber. A message `translate` refuses is skipped
+  with a warning. Without one (tests of the fan-out itself) `data` goes out as it came.
 - Encode once: the envelope is decoded once per message, the outgoing frame
-  `{"type": "event", "channel", "data"}` is encoded once (the `data` bytes are copied, never
-  re-parsed) and framed once; the same bytes (direct) or `str` (queued) go to every subscriber.
+  (`gateway.protocol.Event`, `{"type": "event", "channel", "data"}`) is encoded once (the `data`
+  bytes are copied, never re-parsed) and framed once; the same bytes (direct) or `str` (queued)
+  go to every subscriber.
 - Two delivery paths per subscriber, one at a time, never reordering its frames:
   * direct (a subscriber attached with a `gateway.direct.DirectWriter`): the message is framed
     once as a WebSocket text frame and the same bytes go to every such subscriber's transport,
@@ -37,9 +42,10 @@ Rules:
   reader reconnects with capped exponential backoff and re-subscribes every channel still wanted.
   Durable history is the event stream and the REST API, not this path.
 
-Cost: one decode, encode and framing per message; per receiving subscriber a list append, and
-one transport `write` per subscriber per run of messages (direct), or one `put_nowait` and a
-writer wake-up (queued). Subscribe and unsubscribe are O(channels of the call).
+Cost: one decode, translation, encode and framing per message; per receiving subscriber a list
+append, and one transport `write` per subscriber per run of messages (direct), or one
+`put_nowait` and a writer wake-up (queued). Subscribe and unsubscribe are O(channels of the
+call).
 """
 
 from __future__ import annotations
@@ -57,12 +63,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.direct import FULL, OK, DirectWriter, frame_payload, frame_text
+from gateway.protocol import Event
 
 __all__ = ["Hub", "HubUnavailable", "Subscriber"]
 
 log = logging.getLogger("mnemo.gateway.hub")
 
 DropCallback = Callable[["Subscriber", str], None]
+Translate = Callable[[str, msgspec.Raw], bytes]
+"""(ws channel, the engine's data) -> the public event's JSON; raises `ValueError` (msgspec's
+errors are ones) for data it cannot map."""
 
 
 class HubUnavailable(Exception):
@@ -133,11 +143,6 @@ class _Envelope(msgspec.Struct):
     data: msgspec.Raw
 
 
-class _EventFrame(msgspec.Struct, tag="event", tag_field="type"):
-    channel: str
-    data: msgspec.Raw
-
-
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _encode = msgspec.json.Encoder().encode
 
@@ -176,7 +181,8 @@ class Hub:
     `client_name` names the connection in Redis's CLIENT LIST. `burst`: messages dispatched
     between two yields to the event loop (direct writes go out at each yield); a queued
     subscriber can be up to `burst` frames behind without being slow, so queues should hold
-    several times that.
+    several times that. `translate` turns the engine's data into the public event (see the
+    module's rules).
     """
 
     def __init__(
@@ -190,9 +196,11 @@ class Hub:
         max_backoff_s: float = 5.0,
         client_name: str = "mnemo-gateway-hub",
         burst: int = 16,
+        translate: Translate | None = None,
     ) -> None:
         if not 1 <= burst <= queue_size:
             raise ValueError("burst must be between 1 and queue_size")
+        self._translate = translate
         self._source = redis
         self.client_name = client_name
         self.burst = burst
@@ -600,7 +608,14 @@ class Hub:
         subs = by_ws.get(env.channel)
         if not subs:
             return
-        data = _encode(_EventFrame(env.channel, env.data))
+        body = env.data
+        if self._translate is not None:
+            try:
+                body = msgspec.Raw(self._translate(env.channel, body))
+            except ValueError as exc:
+                log.warning("skipping message on %r: no public event (%s)", ch, exc)
+                return
+        data = _encode(Event(channel=env.channel, data=body))
         try:
             text = data.decode()  # a text frame must be UTF-8; the queued path sends the str
         except UnicodeDecodeError:

@@ -10,23 +10,24 @@ An account holds at most `MNEMO_WS_CONNECTIONS_PER_ACCOUNT` sockets at once over
 `Retry-After` and the usual error body (`rate_limited`). The slot is given back when the socket
 ends, however it ends.
 
-Client -> server (JSON text or binary frames, at most `max_message_bytes`):
+Messages are those of `gateway.protocol` (the one definition the agent and clients import too):
     {"op": "subscribe",   "channels": [...]}     -> {"type": "subscribed",   "channels": [...]}
     {"op": "unsubscribe", "channels": [...]}     -> {"type": "unsubscribed", "channels": [...]}
-    {"op": "heartbeat", "beats": [{"node_id", <the REST heartbeat's fields>}...], "ref"?: scalar}
+    {"op": "heartbeat", "beats": [Beat...], "ref"?: scalar}
         -> {"type": "heartbeat_ack", "ref", "results": [{"node_id", "outcome", "retry_after_ms"}]}
-           (outcome: ok | not_found | forbidden | too_soon | deactivated; one per beat, in order)
+           (a `HeartbeatOutcome` per beat, in order)
     {"op": "ping", "ref"?: scalar}              -> {"type": "pong", "ref"}
-Server -> client:
-    {"type": "event", "channel", "data"} for each notification of a subscribed channel
-    {"type": "error", "error": {"code", "message", "field"?}, "channel"?, "ref"?} for a bad
-    message, an unknown or forbidden channel, or a failed heartbeat batch; the socket stays open.
-    A subscribe that would take the socket past `max_channels` (`MNEMO_WS_CHANNELS_PER_SOCKET`)
-    channels adds none of its new ones and gets one `too_many_channels` error naming the limit.
-    {"type": "batch", "messages": [<any of the above>, ...]} only on sockets opened with
-    `?batch=1`: when several messages are already queued for the socket they go in one frame,
-    in order (nothing is held back to fill a batch; a lone message is sent as itself). For
-    high-rate consumers: one frame and one write instead of one per message.
+and, from the server, {"type": "event", "channel", "data"} for each notification of a subscribed
+channel, its data the channel's public event (`protocol.CHANNEL_EVENTS`: REST's shapes and
+units, mapped from the engine's notes by `gateway.events`), and {"type": "error", "error":
+{"code", "message", "field"?}, "channel"?, "ref"?} for a bad message (JSON text or binary
+frames, at most `max_message_bytes`), an unknown or forbidden channel, or a failed heartbeat
+batch; the socket stays open. A subscribe that would take the socket past `max_channels`
+(`MNEMO_WS_CHANNELS_PER_SOCKET`) channels adds none of its new ones and gets one
+`too_many_channels` error naming the limit. {"type": "batch", "messages": [...]} only on
+sockets opened with `?batch=1`: when several messages are already queued for the socket they
+go in one frame, in order (nothing is held back to fill a batch; a lone message is sent as
+itself). For high-rate consumers: one frame and one write instead of one per message.
 
 Channels and who may subscribe:
     quotes:<region>, trades:<region>, market   any authenticated caller
@@ -62,11 +63,10 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from msgspec import Meta
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -74,14 +74,28 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from engine.errors import MarketError
 from engine.keys import Keys
 from engine.settings import Settings
-from engine.types import Heartbeat
+from gateway import protocol
 from gateway.auth import Principal, authenticate
 from gateway.direct import denied, direct_writer
-from gateway.errors import ErrorDetail, RateLimited, Unauthorized, error_response, from_msgspec
-from gateway.heartbeats import HeartbeatBatcher, HeartbeatSink
+from gateway.errors import RateLimited, Unauthorized, error_response, from_msgspec
+from gateway.events import public_event
+from gateway.heartbeats import HeartbeatBatcher, HeartbeatSink, Outcome, market_heartbeat
 from gateway.hub import Hub, HubUnavailable, Subscriber
+from gateway.protocol import (
+    BeatResult,
+    ErrorDetail,
+    ErrorReply,
+    HeartbeatAck,
+    HeartbeatOp,
+    PingOp,
+    Pong,
+    Ref,
+    Subscribed,
+    SubscribeOp,
+    Unsubscribed,
+    UnsubscribeOp,
+)
 from gateway.ratelimit import RateLimiter
-from gateway.schemas import HeartbeatRequest, Id
 
 __all__ = [
     "STATE_KEY",
@@ -176,6 +190,7 @@ async def ws_services(
         queue_size=options.queue_size,
         high_water_bytes=options.send_buffer_bytes,
         subscribe_timeout_s=options.subscribe_timeout_s,
+        translate=public_event,
     )
     batcher = HeartbeatBatcher(
         market,
@@ -190,79 +205,7 @@ async def ws_services(
         await asyncio.shield(hub.stop())
 
 
-# ---------------------------------------------------------------------------------------------
-# Wire messages
-
-ChannelName = Annotated[str, Meta(min_length=1, max_length=128)]
-Channels = Annotated[list[ChannelName], Meta(min_length=1, max_length=64)]
-Ref = Annotated[str, Meta(max_length=256)] | int | float | bool | None
-
-
-class WsBeat(HeartbeatRequest, kw_only=True):
-    """One heartbeat in a batch: the REST heartbeat body plus the node it is for."""
-
-    node_id: Id
-
-
-class _Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class SubscribeOp(_Op, tag="subscribe"):
-    channels: Channels
-
-
-class UnsubscribeOp(_Op, tag="unsubscribe"):
-    channels: Channels
-
-
-class HeartbeatOp(_Op, tag="heartbeat"):
-    beats: Annotated[list[WsBeat], Meta(min_length=1, max_length=1000)]
-    ref: Ref = None
-
-
-class PingOp(_Op, tag="ping"):
-    ref: Ref = None
-
-
-ClientMessage = SubscribeOp | UnsubscribeOp | HeartbeatOp | PingOp
-
-
-class _Reply(msgspec.Struct, tag_field="type", kw_only=True):
-    pass
-
-
-class Subscribed(_Reply, tag="subscribed"):
-    channels: list[str]
-
-
-class Unsubscribed(_Reply, tag="unsubscribed"):
-    channels: list[str]
-
-
-class BeatResult(msgspec.Struct):
-    node_id: str
-    outcome: str
-    retry_after_ms: int = 0
-
-
-class HeartbeatAck(_Reply, tag="heartbeat_ack"):
-    ref: Ref
-    results: list[BeatResult]
-
-
-class Pong(_Reply, tag="pong"):
-    ref: Ref
-
-
-class ErrorReply(_Reply, tag="error", omit_defaults=True):
-    error: ErrorDetail
-    channel: str | None = None
-    ref: Ref = None
-
-
-_decode_client = msgspec.json.Decoder(ClientMessage).decode
-_encode = msgspec.json.Encoder().encode
+_encode = protocol.encode
 
 
 class _ChannelRefused(Exception):
@@ -490,7 +433,7 @@ class _Session:
 
     # -- replies --------------------------------------------------------------------------------
 
-    def _reply(self, message: _Reply) -> None:
+    def _reply(self, message: Subscribed | Unsubscribed | HeartbeatAck | Pong | ErrorReply) -> None:
         if not self._done.is_set():
             self.hub.deliver(self.sub, _encode(message).decode())
 
@@ -501,7 +444,7 @@ class _Session:
         *,
         field: str | None = None,
         channel: str | None = None,
-        ref: Any = None,
+        ref: Ref = None,
     ) -> None:
         detail = ErrorDetail(code=code, message=message, field=field)
         self._reply(ErrorReply(error=detail, channel=channel, ref=ref))
@@ -516,7 +459,7 @@ class _Session:
             )
             return
         try:
-            op = _decode_client(data)
+            op = protocol.decode_client_message(data)
         except msgspec.DecodeError as exc:
             api = from_msgspec(exc, where="message")
             self._error(api.code, api.message, field=api.field)
@@ -599,35 +542,17 @@ class _Session:
         # The bounds are the REST heartbeat's (msgspec checked them); this is the one rule
         # across fields, checked here so a bad beat never reaches a batch shared with others.
         for i, b in enumerate(op.beats):
-            if (b.latitude is None) != (b.longitude is None):
-                self._error(
-                    "validation_error",
-                    "latitude and longitude come together",
-                    field=f"beats[{i}].latitude",
-                    ref=op.ref,
-                )
+            if (problem := b.location_error()) is not None:
+                self._error("validation_error", problem, field=f"beats[{i}].latitude", ref=op.ref)
                 return
-        beats = [
-            Heartbeat(
-                node_id=b.node_id,
-                available_ram_gb=b.available_ram_gb,
-                available_vram_gb=b.available_vram_gb,
-                cpu_usage_pct=b.cpu_usage_pct,
-                gpu_usage_pct=b.gpu_usage_pct,
-                temperature_c=b.temperature_c,
-                bandwidth_mbps=b.bandwidth_mbps,
-                lat=b.latitude,
-                lng=b.longitude,
-            )
-            for b in op.beats
-        ]
+        beats = [market_heartbeat(b.node_id, b) for b in op.beats]
         # Read no further while too many batches of this socket await their ack.
         await self._inflight.acquire()
         fut = self.services.batcher.submit(self.principal.user_id, beats)
         ref = op.ref
         fut.add_done_callback(lambda f: self._acked(f, ref))
 
-    def _acked(self, fut: asyncio.Future[list[Any]], ref: Any) -> None:
+    def _acked(self, fut: asyncio.Future[list[Outcome]], ref: Ref) -> None:
         self._inflight.release()
         if fut.cancelled():
             return

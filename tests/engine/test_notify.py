@@ -1,4 +1,5 @@
-"""The event -> notification translator (pure: no server needed)."""
+"""The event -> notification translator (pure: no server needed). Its notes are internal (the
+gateway maps them to the public events: tests/gateway/test_events.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import msgspec
 
 from engine.keys import Keys
-from engine.notify import ENDING_NOTICE_LEAD_MS, Notifier, market_summary
+from engine.notify import ENDING_NOTICE_LEAD_MS, Notifier, SummaryNote, market_summary
 from engine.types import (
     Bid,
     BidCancelled,
@@ -94,13 +95,7 @@ def test_bid_fill_reaches_trades_fills_bids_and_node() -> None:
             KEYS.user_channel("u1"),
             {
                 "channel": "bids",
-                "data": {
-                    "type": "bid_placed",
-                    "event_id": f"{R}:1",
-                    "region": R,
-                    "ts_ms": 1,
-                    "bid": bid_data,
-                },
+                "data": {"notice": "bid_placed", "ts_ms": 1, "bid": bid_data, "contract": None},
             },
         )
     ]
@@ -126,8 +121,19 @@ def test_bid_fill_reaches_trades_fills_bids_and_node() -> None:
         "duration_s": 600,
         "ts_ms": 1_000_000,
     }
-    assert by_ws[(KEYS.user_channel("u1"), "fills")]["contract"]["contract_id"] == "c1"
-    assert by_ws[(KEYS.user_channel("u1"), "bids")]["bid_status"] == "filled"
+    assert by_ws[(KEYS.user_channel("u1"), "fills")] == msgspec.to_builtins(ev.contract)
+    bid = by_ws[(KEYS.user_channel("u1"), "bids")]
+    assert (bid["notice"], bid["ts_ms"], bid["contract"]["contract_id"]) == (
+        "bid_filled",
+        1_000_000,
+        "c1",
+    )
+    assert bid["bid"] == bid_data | {
+        "filled_ram_gb": 8,
+        "filled_vram_gb": 4,
+        "status": "filled",
+        "contract_ids": ["c1"],
+    }
     node = by_ws[(KEYS.node_channel("n1"), "node:n1")]
     assert node["notice"] == "contract_started" and node["contract"]["contract_id"] == "c1"
     # the filled bid is forgotten: a late cancel for it addresses nobody
@@ -140,24 +146,19 @@ def test_cancel_and_expiry_reach_the_bidder() -> None:
     n.remember(_bid(bid_id="b1", user_id="u7"))
     n.remember(_bid(bid_id="b2", user_id="u8"))
     got = _decode(n.on_event(BidExpired(event_id=f"{R}:4", region=R, ts_ms=5, bid_id="b1")))
+    expired = msgspec.to_builtins(_bid(bid_id="b1", user_id="u7", status="expired"))
     assert got == [
         (
             KEYS.user_channel("u7"),
             {
                 "channel": "bids",
-                "data": {
-                    "type": "bid_expired",
-                    "event_id": f"{R}:4",
-                    "region": R,
-                    "ts_ms": 5,
-                    "bid_id": "b1",
-                },
+                "data": {"notice": "bid_expired", "ts_ms": 5, "bid": expired, "contract": None},
             },
         )
     ]
     got = _decode(n.on_event(BidCancelled(event_id=f"{R}:5", region=R, ts_ms=6, bid_id="b2")))
-    assert [(ch, m["data"]["type"]) for ch, m in got] == [
-        (KEYS.user_channel("u8"), "bid_cancelled")
+    assert [(ch, m["data"]["notice"], m["data"]["bid"]["status"]) for ch, m in got] == [
+        (KEYS.user_channel("u8"), "bid_cancelled", "cancelled")
     ]
     assert not n.knows_bid("b1") and not n.knows_bid("b2")
 
@@ -176,15 +177,16 @@ def test_extend_then_settle_notify_renter_and_node_with_whole_contract() -> None
         version=2,
     )
     got = _decode(n.on_event(ext))
-    assert got[0] == (
-        KEYS.user_channel("u1"),
-        {"channel": "contracts", "data": msgspec.to_builtins(ext)},
+    extended = msgspec.to_builtins(
+        _contract(duration_s=900, end_ms=1_900_000, version=2, extensions=1)
     )
-    assert got[1][0] == KEYS.node_channel("n1")
-    assert got[1][1]["data"]["notice"] == "contract_extended"
-    assert got[1][1]["data"]["contract"]["end_ms"] == 1_900_000
+    note = {"notice": "contract_extended", "ts_ms": 1_100_000, "contract": extended}
+    assert got == [
+        (KEYS.user_channel("u1"), {"channel": "contracts", "data": note}),
+        (KEYS.node_channel("n1"), {"channel": "node:n1", "data": note}),
+    ]
     got = _decode(n.on_event(_settled()))
-    assert got[0][1]["channel"] == "contracts" and got[0][1]["data"]["type"] == "contract_settled"
+    assert got[0][1]["channel"] == "contracts" and got[0][1]["data"] == got[1][1]["data"]
     ended = got[1][1]["data"]
     assert ended["notice"] == "contract_ended"
     assert ended["contract"]["status"] == "completed"
@@ -198,7 +200,9 @@ def test_failover_notifies_both_nodes_and_the_renter() -> None:
     n = Notifier(KEYS, R)
     n.remember(_contract())
     old = _decode(n.on_event(_settled(status="failed_over", successor_id="c2", used_s=100)))
-    assert old[0][1]["data"]["status"] == "failed_over"
+    assert old[0][0] == KEYS.user_channel("u1")
+    assert old[0][1]["data"]["notice"] == "contract_failed_over"
+    assert old[0][1]["data"]["contract"]["status"] == "failed_over"
     assert old[1][0] == KEYS.node_channel("n1")
     assert old[1][1]["data"]["notice"] == "contract_failed_over"
     assert old[1][1]["data"]["contract"]["successor_id"] == "c2"
@@ -209,9 +213,9 @@ def test_failover_notifies_both_nodes_and_the_renter() -> None:
     assert [ch for ch, _ in new] == [KEYS.user_channel("u1"), KEYS.node_channel("n2")]
     notice = new[0][1]
     assert notice["channel"] == "contracts"
-    assert notice["data"]["type"] == "contract_failed_over"
-    assert notice["data"]["contract_id"] == "c1"
-    assert notice["data"]["successor"]["contract_id"] == "c2"
+    assert notice["data"]["notice"] == "contract_started"
+    assert notice["data"]["contract"]["contract_id"] == "c2"
+    assert notice["data"]["contract"]["predecessor_id"] == "c1"
     assert new[1][1]["data"]["notice"] == "contract_started"
 
 
@@ -262,7 +266,8 @@ def test_short_contract_ending_is_due_at_once_and_unrelated_events_say_nothing()
 
 
 def test_market_summary_shape() -> None:
-    """The market channel's summary has exactly the documented fields."""
+    """The market channel's summary has exactly the fields of its note."""
+    assert list(market_summary(R, 3, 10, 4, 500)) == list(SummaryNote.__struct_fields__)
     assert market_summary(R, 3, 10, 4, 500) == {
         "region": R,
         "nodes": 3,

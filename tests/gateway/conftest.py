@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from engine.keys import Keys
+from engine.notify import TradeNote, encode_message, market_summary
 from engine.settings import Settings
 from gateway.app import create_app
 
@@ -236,3 +237,47 @@ def assert_error(
     if field is not None:
         assert error.get("field") == field, body
     return error
+
+
+# ---------------------------------------------------------------------------------------------
+# What the engine publishes for /ws (its internal notes), and what a socket receives for them
+
+
+def market_message(n: int, pad: int = 0) -> bytes:
+    """A `market` note as the engine publishes it (`engine.notify`), numbered `n` (its `nodes`)
+    and `pad` bytes longer (its region's name), for tests of the fan-out's order and sizes."""
+    return encode_message("market", market_summary("r" + "x" * pad, n, 0, 0, None))
+
+
+def market_event(n: int, pad: int = 0) -> dict[str, Any]:
+    """The frame a socket subscribed to `market` receives for `market_message(n, pad)`."""
+    data = {
+        "region": "r" + "x" * pad,
+        "nodes": n,
+        "available_ram_gb": 0,
+        "available_vram_gb": 0,
+        "best_ask_per_gb_sec": None,
+        "best_ask_pusd": None,
+    }
+    return {"type": "event", "channel": "market", "data": data}
+
+
+def numbered(frame: dict[str, Any]) -> int:
+    """The number of a `market_message` as its frame arrived."""
+    n: int = frame["data"]["nodes"]
+    return n
+
+
+def trade_message(region: str, contract_id: str = "c1") -> bytes:
+    """A `trades:<region>` note as the engine publishes it."""
+    trade = TradeNote(
+        contract_id=contract_id,
+        node_id="n1",
+        region=region,
+        price_pusd=700_000,
+        ram_gb=8,
+        vram_gb=4,
+        duration_s=600,
+        ts_ms=1_700_000_000_000,
+    )
+    return encode_message(f"trades:{region}", trade)

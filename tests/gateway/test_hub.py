@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -210,6 +211,39 @@ async def test_malformed_payload_is_skipped(hub: Hub, redis: aioredis.Redis, key
     await redis.publish(ch, encode_message("market", {"ok": True}))
     assert [m["data"] for m in await c.wait_for(1)] == [{"ok": True}]
     await c.close()
+
+
+async def test_translate_makes_the_public_event_once_and_skips_what_it_refuses(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """With a `translate`, subscribers get the public event (translated once per message, not
+    per subscriber); a message it refuses is skipped and the next one still arrives."""
+    calls: list[str] = []
+
+    def translate(ws_channel: str, data: msgspec.Raw) -> bytes:
+        calls.append(ws_channel)
+        n = msgspec.json.decode(data)["n"]
+        if n < 0:
+            raise ValueError("not a note")
+        return msgspec.json.encode({"public": n})
+
+    h = Hub(redis, client_name=f"test-hub-{uuid.uuid4().hex[:12]}", translate=translate)
+    await h.start()
+    try:
+        ch = keys.market_channel
+        a, b = Consumer(h, "a"), Consumer(h, "b")
+        for c in (a, b):
+            await h.subscribe(c.sub, [(ch, "market")])
+        await redis.publish(ch, encode_message("market", {"n": -1}))
+        await redis.publish(ch, encode_message("market", {"n": 2}))
+        for c in (a, b):
+            assert await c.wait_for(1) == [
+                {"type": "event", "channel": "market", "data": {"public": 2}}
+            ]
+            await c.close()
+        assert calls == ["market", "market"]
+    finally:
+        await h.stop()
 
 
 async def test_reconnects_and_resubscribes_after_connection_loss(

@@ -18,7 +18,6 @@ import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
 from engine.keys import Keys
-from engine.notify import encode_message
 from engine.settings import Settings
 from gateway.errors import RateLimited
 from gateway.ratelimit import WRITES, Rate, RateLimiter
@@ -30,7 +29,10 @@ from tests.gateway.conftest import (
     create_client,
     eventually,
     make_settings,
+    market_event,
+    market_message,
     signup,
+    trade_message,
 )
 from tests.gateway.test_ws import Live, recv, request, serving, subscribe
 
@@ -256,11 +258,9 @@ async def test_a_subscribe_past_the_channel_limit_is_refused_and_the_socket_keep
     assert f"at most {CHANNELS} channels" in reply["error"]["message"]
 
     # trades:us-east-2 was not added: an event there does not arrive, one on market does.
-    await redis.publish(
-        live.keys.trades_channel("us-east-2"), encode_message("trades:us-east-2", {"t": 1})
-    )
-    await redis.publish(live.keys.market_channel, encode_message("market", {"m": 1}))
-    assert await recv(ws) == {"type": "event", "channel": "market", "data": {"m": 1}}
+    await redis.publish(live.keys.trades_channel("us-east-2"), trade_message("us-east-2"))
+    await redis.publish(live.keys.market_channel, market_message(1))
+    assert await recv(ws) == market_event(1)
     assert (await request(ws, {"op": "ping", "ref": 1})) == {"type": "pong", "ref": 1}
     assert await subscribe(ws, "trades:us-east-2", "market") == {
         "type": "subscribed",

@@ -23,11 +23,24 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from engine.errors import MarketError
 from engine.keys import Keys
-from engine.notify import encode_message
+from engine.notify import ContractNote, encode_message
 from engine.settings import Settings
+from engine.types import Contract, Quote
+from gateway import protocol
 from gateway.app import create_app
 from gateway.hub import Hub
-from tests.gateway.conftest import JWT_SECRET, Actor, Gateway, bearer, register_node, signup
+from tests.gateway.conftest import (
+    JWT_SECRET,
+    Actor,
+    Gateway,
+    bearer,
+    market_event,
+    market_message,
+    numbered,
+    register_node,
+    signup,
+    trade_message,
+)
 
 WAIT_S = 10.0
 
@@ -205,10 +218,44 @@ async def test_handshake_gets_503_when_credentials_cannot_be_checked(live: Live)
 # channels
 
 
+def _quote(region: str) -> Quote:
+    return Quote(
+        region=region,
+        ts_ms=1_700_000_000_000,
+        best_ask_pusd=700_000,
+        best_bid_pusd=None,
+        ask_depth=[(700_000, 24), (900_001, 8)],
+        bid_depth=[],
+        last_fill_pusd=650_000,
+        volume_24h_gb_s=7200,
+    )
+
+
+def _contract(user_id: str, **kw: Any) -> Contract:
+    fields: dict[str, Any] = {
+        "contract_id": "c1",
+        "region": "us-east-2",
+        "client_id": "cl1",
+        "user_id": user_id,
+        "node_id": "n1",
+        "owner_id": "o1",
+        "ram_gb": 8,
+        "vram_gb": 4,
+        "duration_s": 600,
+        "start_ms": 1_700_000_000_000,
+        "end_ms": 1_700_000_600_000,
+        "price_pusd": 700_000,
+        "max_price_pusd": 1_000_000,
+        "version": 3,
+    }
+    return Contract(**(fields | kw))
+
+
 async def test_events_reach_the_subscribers_of_their_channel_only(
     live: Live, redis: aioredis.Redis
 ) -> None:
-    """A message published on Redis reaches every socket subscribed to its channel, no other."""
+    """A message published on Redis reaches every socket subscribed to its channel, no other,
+    as its channel's public event: REST's names and units, USD with exact pico-USD twins."""
     alice, bob = await signup(live.gw, "user"), await signup(live.gw, "user")
     a1, a2, b = await live.socket(alice), await live.socket(alice), await live.socket(bob)
     assert await subscribe(a1, "quotes:us-east-2", "fills") == {
@@ -220,21 +267,45 @@ async def test_events_reach_the_subscribers_of_their_channel_only(
 
     keys = live.keys
     await redis.publish(
-        keys.quotes_channel("us-east-2"), encode_message("quotes:us-east-2", {"q": 1})
+        keys.quotes_channel("us-east-2"), encode_message("quotes:us-east-2", _quote("us-east-2"))
     )
     await redis.publish(
-        keys.quotes_channel("eu-west-1"), encode_message("quotes:eu-west-1", {"q": 2})
+        keys.quotes_channel("eu-west-1"), encode_message("quotes:eu-west-1", _quote("eu-west-1"))
     )
-    await redis.publish(keys.user_channel(alice.user_id), encode_message("fills", {"f": "alice"}))
-    await redis.publish(keys.user_channel(alice.user_id), encode_message("bids", {"b": "alice"}))
-    await redis.publish(keys.user_channel(bob.user_id), encode_message("fills", {"f": "bob"}))
+    alices = _contract(alice.user_id)
+    await redis.publish(keys.user_channel(alice.user_id), encode_message("fills", alices))
+    note = ContractNote(notice="contract_extended", ts_ms=1, contract=alices)
+    await redis.publish(keys.user_channel(alice.user_id), encode_message("contracts", note))
+    bobs = _contract(bob.user_id, contract_id="c2")
+    await redis.publish(keys.user_channel(bob.user_id), encode_message("fills", bobs))
 
-    quote = {"type": "event", "channel": "quotes:us-east-2", "data": {"q": 1}}
+    book = {
+        "region": "us-east-2",
+        "ts_ms": 1_700_000_000_000,
+        "best_ask_per_gb_sec": 7e-7,
+        "best_bid_per_gb_sec": None,
+        "last_fill_per_gb_sec": 6.5e-7,
+        "ask_depth": [
+            {"price_per_gb_sec": 7e-7, "gb": 24, "price_pusd": 700_000},
+            {"price_per_gb_sec": 9.00001e-7, "gb": 8, "price_pusd": 900_001},
+        ],
+        "bid_depth": [],
+        "volume_24h_gb_sec": 7200,
+        "best_ask_pusd": 700_000,
+        "best_bid_pusd": None,
+        "last_fill_pusd": 650_000,
+    }
+    quote = {"type": "event", "channel": "quotes:us-east-2", "data": book}
     assert await recv(a1) == quote
-    assert await recv(a1) == {"type": "event", "channel": "fills", "data": {"f": "alice"}}
+    fill = await recv(a1)
+    assert fill["channel"] == "fills"
+    assert fill["data"]["contract_id"] == "c1" and fill["data"]["duration_sec"] == 600
+    assert (fill["data"]["price_per_gb_sec"], fill["data"]["price_pusd"]) == (7e-7, 700_000)
+    assert not {"duration_s", "version", "user_id", "owner_id", "cost_pusd"} & set(fill["data"])
     assert await recv(a2) == quote
-    assert await recv(b) == {"type": "event", "channel": "quotes:eu-west-1", "data": {"q": 2}}
-    assert await recv(b) == {"type": "event", "channel": "fills", "data": {"f": "bob"}}
+    other = await recv(b)
+    assert other["channel"] == "quotes:eu-west-1" and other["data"]["region"] == "eu-west-1"
+    assert (await recv(b))["data"]["contract_id"] == "c2"
     # nothing else was on its way: the next thing each socket reads is the answer to a ping
     for ws in (a1, a2, b):
         assert (await request(ws, {"op": "ping"}))["type"] == "pong"
@@ -254,7 +325,7 @@ async def test_batch_socket_gets_queued_messages_in_one_frame_in_order(
     n = 200
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(n):
-            pipe.publish(live.keys.market_channel, encode_message("market", {"i": i}))
+            pipe.publish(live.keys.market_channel, market_message(i))
         await pipe.execute()
     frames = []
     flat: list[dict[str, Any]] = []
@@ -262,7 +333,7 @@ async def test_batch_socket_gets_queued_messages_in_one_frame_in_order(
         msg = await recv(batched)
         frames.append(msg)
         flat.extend(msg["messages"] if msg["type"] == "batch" else [msg])
-    expected = [{"type": "event", "channel": "market", "data": {"i": i}} for i in range(n)]
+    expected = [market_event(i) for i in range(n)]
     assert flat == expected
     assert [await recv(plain) for _ in range(n)] == expected
     assert any(f["type"] == "batch" for f in frames)  # a burst of 200 coalesces somewhere
@@ -277,10 +348,23 @@ async def test_unsubscribe_stops_delivery(live: Live, redis: aioredis.Redis) -> 
     await subscribe(ws, "market", "trades:us-east-2")
     reply = await request(ws, {"op": "unsubscribe", "channels": ["market"]})
     assert reply == {"type": "unsubscribed", "channels": ["market"]}
-    await redis.publish(live.keys.market_channel, encode_message("market", {"m": 1}))
-    trade = encode_message("trades:us-east-2", {"t": 1})
-    await redis.publish(live.keys.trades_channel("us-east-2"), trade)
-    assert (await recv(ws))["channel"] == "trades:us-east-2"
+    await redis.publish(live.keys.market_channel, market_message(1))
+    await redis.publish(live.keys.trades_channel("us-east-2"), trade_message("us-east-2"))
+    assert await recv(ws) == {
+        "type": "event",
+        "channel": "trades:us-east-2",
+        "data": {
+            "contract_id": "c1",
+            "node_id": "n1",
+            "region": "us-east-2",
+            "ram_gb": 8,
+            "vram_gb": 4,
+            "duration_sec": 600,
+            "price_per_gb_sec": 7e-7,
+            "price_pusd": 700_000,
+            "ts_ms": 1_700_000_000_000,
+        },
+    }
     await ws.close()
 
 
@@ -319,11 +403,19 @@ async def test_channel_authorization(live: Live, redis: aioredis.Redis) -> None:
         "type": "subscribed",
         "channels": [f"node:{node_id}"],
     }
-    notice = {"notice": "contract_started", "contract": {"contract_id": "c1"}}
+    contract = _contract("u1", node_id=node_id)
+    notice = ContractNote(notice="contract_started", ts_ms=5, contract=contract)
     await redis.publish(live.keys.node_channel(node_id), encode_message(f"node:{node_id}", notice))
-    assert await recv(mine) == {"type": "event", "channel": f"node:{node_id}", "data": notice}
-    await redis.publish(live.keys.market_channel, encode_message("market", {"m": 1}))
-    assert (await recv(ws))["data"] == {"m": 1}
+    got = await recv(mine)
+    assert (got["channel"], got["data"]["notice"], got["data"]["ts_ms"]) == (
+        f"node:{node_id}",
+        "contract_started",
+        5,
+    )
+    assert got["data"]["contract"]["contract_id"] == "c1"
+    assert got["data"]["contract"]["end_ms"] == contract.end_ms
+    await redis.publish(live.keys.market_channel, market_message(1))
+    assert await recv(ws) == market_event(1)
     for s in (ws, mine):
         await s.close()
 
@@ -428,18 +520,16 @@ async def test_heartbeats_from_many_sockets_are_coalesced_and_each_acked(live: L
 
 
 async def flood_market_until_a_drop(live: Live, redis: aioredis.Redis, hub: Hub) -> int:
-    """Publish numbered 16 KiB messages (`{"i": n}`) on the `market` channel, 50 at a time,
-    until the hub drops a subscriber; returns how many were published."""
-    pad = "x" * 16_384  # large frames fill the kernel buffers quickly
+    """Publish numbered 16 KiB messages (`market_message`) on the `market` channel, 50 at a
+    time, until the hub drops a subscriber; returns how many were published."""
+    pad = 16_384  # large frames fill the kernel buffers quickly
     sent = 0
     dropped_before = hub.dropped
     async with asyncio.timeout(60):
         while hub.dropped == dropped_before:
             async with redis.pipeline(transaction=False) as pipe:
                 for _ in range(50):
-                    pipe.publish(
-                        live.keys.market_channel, encode_message("market", {"i": sent, "p": pad})
-                    )
+                    pipe.publish(live.keys.market_channel, market_message(sent, pad))
                     sent += 1
                 await pipe.execute()
             await asyncio.sleep(0.005)
@@ -462,8 +552,7 @@ async def test_slow_socket_is_closed_1013_and_fast_ones_get_everything(
 
     async def drain(i: int, ws: ClientConnection) -> None:
         while True:
-            msg = json.loads(await ws.recv())
-            got[i].append(msg["data"]["i"])
+            got[i].append(numbered(json.loads(await ws.recv())))
 
     readers = [asyncio.create_task(drain(i, ws)) for i, ws in enumerate(fast)]
     sent = await flood_market_until_a_drop(live, redis, hub)
@@ -487,7 +576,8 @@ async def test_slow_socket_is_closed_1013_and_fast_ones_get_everything(
 
 async def test_resting_bid_fills_and_the_bot_sees_it_on_its_socket(live: Live) -> None:
     """A bid rests; a provider brings capacity; the engine crosses them and the bot's socket gets
-    the `bids` update and the `fills` event, the provider's socket the node notice."""
+    the `bids` update, the `fills` event and the trade, the provider's socket the node notice:
+    each in REST's shape and units, its USD and exact pico-USD amounts in agreement."""
     from engine.process import run_engine
     from tests.gateway.conftest import create_client
 
@@ -498,7 +588,8 @@ async def test_resting_bid_fills_and_the_bot_sees_it_on_its_socket(live: Live) -
     engine = asyncio.create_task(run_engine(live.gw.settings, regions=[region], stop=stop))
     try:
         bot_ws = await live.socket(bot)
-        assert (await subscribe(bot_ws, "fills", "bids"))["type"] == "subscribed"
+        channels = ("fills", "bids", f"trades:{region}")
+        assert (await subscribe(bot_ws, *channels))["type"] == "subscribed"
         r = await live.gw.client.post(
             "/api/bids",
             headers=bot.headers,
@@ -526,19 +617,43 @@ async def test_resting_bid_fills_and_the_bot_sees_it_on_its_socket(live: Live) -
 
         # (`bid_placed` comes too if the engine was already tailing the stream when the bid
         # was placed; an engine that starts later picks the bid up from its snapshot.)
-        events: dict[str, dict[str, Any]] = {}
+        events: dict[str, Any] = {}
         async with asyncio.timeout(WAIT_S):
-            while "fills" not in events or events.get("bids", {}).get("type") != "contract_created":
-                msg = await recv(bot_ws)
-                events[msg["channel"]] = msg["data"]
+            while len(events) < 3 or events["bids"].notice != "bid_filled":
+                # Read as a bot would, with the protocol's own types.
+                frame = protocol.decode_server_message(await bot_ws.recv())
+                assert isinstance(frame, protocol.Event)
+                events[frame.channel.partition(":")[0]] = protocol.decode_event(
+                    frame.channel, frame.data
+                )
         fill = events["fills"]
-        assert fill["type"] == "contract_created"
-        assert fill["contract"]["node_id"] == node_id and fill["bid_id"] == bid_id
-        assert events["bids"]["bid_id"] == bid_id and events["bids"]["bid_status"] == "filled"
+        assert isinstance(fill, protocol.ContractOut)
+        assert (fill.node_id, fill.bid_id, fill.duration_sec) == (node_id, bid_id, 600)
+        assert fill.price_pusd == 800_000 == round(fill.price_per_gb_sec * 1e12)
+        assert fill.max_price_pusd == 1_000_000 == round(fill.max_price_per_gb_sec * 1e12)
+        # the fill is the contract REST answers (less the live view, which only REST computes)
+        r = await live.gw.client.get(f"/api/contracts/{fill.contract_id}", headers=bot.headers)
+        assert r.status_code == 200, r.text
+        rest = r.json()
+        assert rest.pop("live") is not None
+        assert rest == {k: v for k, v in msgspec.to_builtins(fill).items() if k != "live"}
+
+        bid = events["bids"]
+        assert isinstance(bid, protocol.BidNotice)
+        assert (bid.bid.bid_id, bid.bid.status, bid.bid.filled_ram_gb) == (bid_id, "filled", 8)
+        assert bid.bid.contract_ids == [fill.contract_id] and bid.contract == fill
+        assert bid.bid.max_price_pusd == 1_000_000 == round(bid.bid.max_price_per_gb_sec * 1e12)
+        trade = events["trades"]
+        assert isinstance(trade, protocol.Trade)
+        assert (trade.contract_id, trade.price_pusd, trade.price_per_gb_sec) == (
+            fill.contract_id,
+            800_000,
+            8e-7,
+        )
         notice = await recv(provider_ws)
         assert notice["channel"] == f"node:{node_id}"
         assert notice["data"]["notice"] == "contract_started"
-        assert notice["data"]["contract"]["contract_id"] == fill["contract"]["contract_id"]
+        assert notice["data"]["contract"] == msgspec.to_builtins(fill)
         for ws in (bot_ws, provider_ws):
             await ws.close()
     finally:

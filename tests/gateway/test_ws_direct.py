@@ -16,11 +16,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from engine.keys import Keys
-from engine.notify import encode_message
 from engine.settings import Settings
 from gateway.direct import direct_writer, frame_payload, frame_text
 from gateway.hub import Hub, Subscriber
-from tests.gateway.conftest import signup
+from tests.gateway.conftest import market_event, market_message, numbered, signup
 from tests.gateway.test_ws import (
     WAIT_S,
     Live,
@@ -61,10 +60,6 @@ async def _until(predicate: Any) -> None:
     async with asyncio.timeout(WAIT_S):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-
-
-def _event(channel: str, data: Any) -> dict[str, Any]:
-    return {"type": "event", "channel": channel, "data": data}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +118,9 @@ async def test_events_are_written_directly_on_the_real_app(
     written = hub.written
     sizes = [1, 100, 126, 65_000, 65_536, 200_000]
     for i, n in enumerate(sizes):
-        await redis.publish(
-            live.keys.market_channel, encode_message("market", {"i": i, "p": "x" * n})
-        )
+        await redis.publish(live.keys.market_channel, market_message(i, n))
     for i, n in enumerate(sizes):
-        assert await recv(ws) == _event("market", {"i": i, "p": "x" * n})
+        assert await recv(ws) == market_event(i, n)
     assert hub.written - written == len(sizes)
     assert (await request(ws, {"op": "ping", "ref": 1})) == {"type": "pong", "ref": 1}
     await ws.close()
@@ -149,16 +142,14 @@ async def test_reply_waiting_in_send_is_not_overtaken_by_direct_events(
     assert sub.direct is not None
     assert (await subscribe(ws, "market"))["type"] == "subscribed"
 
-    pad = "x" * 32_768
+    pad = 32_768
     sent = 0
 
     async def publish(n: int) -> None:
         nonlocal sent
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(n):
-                pipe.publish(
-                    live.keys.market_channel, encode_message("market", {"i": sent, "p": pad})
-                )
+                pipe.publish(live.keys.market_channel, market_message(sent, pad))
                 sent += 1
             await pipe.execute()
         await _until(lambda: hub.delivered >= delivered0 + sent)
@@ -181,13 +172,13 @@ async def test_reply_waiting_in_send_is_not_overtaken_by_direct_events(
     async with asyncio.timeout(WAIT_S):
         while len(seen) < sent + 1:
             msg = json.loads(await ws.recv())
-            seen.append(msg["ref"] if msg["type"] == "pong" else msg["data"]["i"])
+            seen.append(msg["ref"] if msg["type"] == "pong" else numbered(msg))
     assert seen == [*range(before_reply), "r", *range(before_reply, sent)]
     # once the queue has drained, events go directly again
     await _until(lambda: not sub.busy)
     written = hub.written
-    await redis.publish(live.keys.market_channel, encode_message("market", {"i": "last"}))
-    assert (await recv(ws))["data"] == {"i": "last"}
+    await redis.publish(live.keys.market_channel, market_message(-1))
+    assert await recv(ws) == market_event(-1)
     assert hub.written == written + 1
     await ws.close()
 
@@ -208,7 +199,7 @@ async def test_socket_over_its_send_buffer_is_closed_1013_others_get_everything(
 
     async def drain() -> None:
         while True:
-            got.append(json.loads(await fast.recv())["data"]["i"])
+            got.append(numbered(json.loads(await fast.recv())))
 
     reader = asyncio.create_task(drain())
     sent = await flood_market_until_a_drop(live, redis, hub)
@@ -234,9 +225,7 @@ async def test_batch_socket_written_directly_splits_batches_at_max_batch_bytes(
     n = 300
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(n):
-            pipe.publish(
-                live.keys.market_channel, encode_message("market", {"i": i, "p": "y" * 100})
-            )
+            pipe.publish(live.keys.market_channel, market_message(i))
         await pipe.execute()
     flat: list[Any] = []
     batches = 0
@@ -247,11 +236,11 @@ async def test_batch_socket_written_directly_splits_batches_at_max_batch_bytes(
         if msg["type"] == "batch":
             batches += 1
             assert len(raw) <= 2_000 + 200  # the limit, give or take the envelope
-            flat.extend(m["data"]["i"] for m in msg["messages"])
+            flat.extend(numbered(m) for m in msg["messages"])
         else:
-            flat.append(msg["data"]["i"])
+            flat.append(numbered(msg))
     assert flat == list(range(n))
-    assert batches > 1  # 300 messages of ~150 bytes cannot fit one 2 KB batch
+    assert batches > 1  # 300 messages of ~160 bytes cannot fit one 2 KB batch
     await ws.close()
 
 
@@ -281,10 +270,8 @@ async def test_unsupported_sockets_keep_the_queued_path(
         assert (await subscribe(ws, "market"))["type"] == "subscribed"
         written = hub.written
         for i in range(20):
-            await redis.publish(live.keys.market_channel, encode_message("market", {"i": i}))
-        assert [await recv(ws) for _ in range(20)] == [
-            _event("market", {"i": i}) for i in range(20)
-        ]
+            await redis.publish(live.keys.market_channel, market_message(i))
+        assert [await recv(ws) for _ in range(20)] == [market_event(i) for i in range(20)]
         assert hub.written == written
         await ws.close()
 
@@ -304,7 +291,7 @@ async def test_jwt_expiry_closes_a_socket_receiving_direct_events(
     async def publish() -> None:
         i = 0
         while True:
-            await redis.publish(live.keys.market_channel, encode_message("market", {"i": i}))
+            await redis.publish(live.keys.market_channel, market_message(i))
             i += 1
             await asyncio.sleep(0.02)
 
