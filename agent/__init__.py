@@ -6,5 +6,7 @@ simulate a fleet of virtual nodes for demos and load (`agent.fleet`). Console sc
 `mnemo-agent` (`agent.cli:main`).
 
 Light dependencies only (msgspec, psutil, websockets, httpx, optionally nvidia-ml-py): nothing
-here imports the exchange's packages (`engine`, `gateway`, `persistence`) or Numba.
+here imports the exchange's packages (`engine`, `persistence`, the gateway's server) or Numba.
+The one module of the exchange it imports is `gateway.protocol`, the wire protocol the gateway
+serves, which imports only msgspec and the standard library (the wheel ships it).
 """

@@ -5,11 +5,12 @@ gateway's `{"error": {code, message, field}}` with the HTTP status, and `retry_a
 429). A lost connection or a 502/503/504 is `GatewayUnavailable`: callers retry those, and only
 those, with `Backoff` (exponential, full jitter, capped) — see `retrying()`.
 
-WebSocket: `GatewaySocket` is one connection to `/ws` authenticated by the `X-API-Key` header.
-It subscribes to channels, sends batched heartbeats (`{"op": "heartbeat", "beats": [...],
-"ref": n}`) and resolves each batch with the server's `heartbeat_ack`; events
-(`{"type": "event", "channel", "data"}`) go to the `on_event` callback. One socket carries any
-number of nodes of one owner, which is how the simulator drives a large fleet over few
+WebSocket: `GatewaySocket` is one connection to `/ws` authenticated by the `X-API-Key` header,
+speaking `gateway.protocol` (the gateway's own definition of every message, which imports nothing
+but msgspec). It subscribes to channels, sends batched heartbeats (`HeartbeatOp` of `Beat`s) and
+resolves each batch with the server's `HeartbeatAck`; each event goes to the `on_event` callback
+as its channel's typed public event (`ContractNotice` on `node:<id>`, ...). One socket carries
+any number of nodes of one owner, which is how the simulator drives a large fleet over few
 connections.
 """
 
@@ -29,11 +30,33 @@ import msgspec
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from gateway.protocol import (
+    MAX_BEATS_PER_MESSAGE,
+    MAX_CHANNELS_PER_MESSAGE,
+    Batch,
+    Beat,
+    BeatResult,
+    ContractOut,
+    ErrorReply,
+    Event,
+    Heartbeat,
+    HeartbeatAck,
+    HeartbeatOp,
+    PublicEvent,
+    Ref,
+    ServerMessage,
+    Subscribed,
+    SubscribeOp,
+    decode_event,
+    decode_server_message,
+    encode,
+)
+
 __all__ = [
+    "AckHandler",
     "ApiError",
     "Backoff",
-    "Beat",
-    "BeatOutcome",
+    "EventHandler",
     "Gateway",
     "GatewaySocket",
     "GatewayUnavailable",
@@ -288,14 +311,13 @@ class Gateway:
     async def update_node(self, node_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         return await self.request("PUT", f"/api/nodes/{node_id}", body=changes)
 
-    async def heartbeat(self, node_id: str, beat: Beat) -> dict[str, Any]:
+    async def heartbeat(self, node_id: str, body: Heartbeat) -> dict[str, Any]:
         """POST /api/nodes/{id}/heartbeat (the HTTP fallback of the socket's batched beats)."""
-        body = msgspec.structs.replace(beat, node_id=None)
         return await self.request("POST", f"/api/nodes/{node_id}/heartbeat", body=body)
 
-    async def node_contracts(self, node_id: str, *, status: str = "active") -> list[dict[str, Any]]:
+    async def node_contracts(self, node_id: str, *, status: str = "active") -> list[ContractOut]:
         """Every contract on the node with this status (all pages)."""
-        out: list[dict[str, Any]] = []
+        out: list[ContractOut] = []
         offset = 0
         while True:
             page = await self.request(
@@ -303,9 +325,10 @@ class Gateway:
                 "/api/contracts",
                 params={"node_id": node_id, "status": status, "offset": offset, "limit": 500},
             )
-            out.extend(page["contracts"])
-            offset += len(page["contracts"])
-            if not page["contracts"] or offset >= page["total_count"]:
+            contracts = msgspec.convert(page["contracts"], list[ContractOut])
+            out.extend(contracts)
+            offset += len(contracts)
+            if not contracts or offset >= page["total_count"]:
                 return out
 
 
@@ -313,53 +336,9 @@ class Gateway:
 # WebSocket
 
 
-class Beat(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One node's heartbeat on the wire (the spec's body; `node_id` inside a socket batch)."""
-
-    node_id: str | None = None
-    available_ram_gb: int
-    available_vram_gb: int
-    cpu_usage_pct: float | None = None
-    gpu_usage_pct: float | None = None
-    temperature_c: int | None = None
-    latitude: float | None = None
-    longitude: float | None = None
-
-
-class BeatOutcome(msgspec.Struct):
-    """The server's verdict on one beat: ok | not_found | forbidden | too_soon | deactivated."""
-
-    node_id: str
-    outcome: str
-    retry_after_ms: int = 0
-
-
-class _HeartbeatOp(msgspec.Struct, tag="heartbeat", tag_field="op"):
-    beats: list[Beat]
-    ref: int
-
-
-class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op"):
-    channels: list[str]
-
-
-class _Incoming(msgspec.Struct):
-    """Any server message; fields by `type` (subscribed, event, heartbeat_ack, error)."""
-
-    type: str
-    channel: str | None = None
-    channels: list[str] | None = None
-    data: Any = None
-    ref: Any = None
-    results: list[BeatOutcome] | None = None
-    error: dict[str, Any] | None = None
-
-
-_encode = msgspec.json.Encoder().encode
-_decode_incoming = msgspec.json.Decoder(_Incoming).decode
-
-EventHandler = Callable[[str, Any], None]
-AckHandler = Callable[[Any, list[BeatOutcome] | None], None]
+EventHandler = Callable[[str, PublicEvent], None]
+"""Called with (channel, the channel's public event) for each event of a subscribed channel."""
+AckHandler = Callable[[Ref, list[BeatResult] | None], None]
 """Called with (ref, results) for each ack of `send_heartbeats`; results None: batch refused."""
 
 
@@ -378,10 +357,10 @@ class GatewaySocket:
     the connection closes; it never raises into the caller.
     """
 
-    CHANNELS_PER_MESSAGE = 64
-    """The gateway takes at most 64 channels per subscribe message."""
-    MAX_BEATS_PER_MESSAGE = 1000
-    """The gateway takes at most 1000 beats per heartbeat message."""
+    CHANNELS_PER_MESSAGE = MAX_CHANNELS_PER_MESSAGE
+    """The gateway takes at most this many channels per subscribe message."""
+    MAX_BEATS_PER_MESSAGE = MAX_BEATS_PER_MESSAGE
+    """The gateway takes at most this many beats per heartbeat message."""
 
     def __init__(
         self,
@@ -393,7 +372,7 @@ class GatewaySocket:
         self._on_event = on_event
         self._on_ack = on_ack
         self._refs = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[list[BeatOutcome]]] = {}
+        self._pending: dict[int, asyncio.Future[list[BeatResult]]] = {}
         self._await_channels: dict[str, None] = {}
         self._refused: list[ApiError] = []
         self._subscription: asyncio.Future[None] | None = None
@@ -441,8 +420,9 @@ class GatewaySocket:
         try:
             async for raw in self._ws:
                 try:
-                    msg = _decode_incoming(raw)
+                    msg = decode_server_message(raw)
                 except msgspec.DecodeError as exc:
+                    # A message type of a newer gateway, say: skip it, keep the connection.
                     log.warning("websocket: undecodable message (%s)", exc)
                     continue
                 self._dispatch(msg)
@@ -460,35 +440,44 @@ class GatewaySocket:
             if not self.closed.done():
                 self.closed.set_result(reason)
 
-    def _dispatch(self, msg: _Incoming) -> None:
-        match msg.type:
-            case "heartbeat_ack":
-                results = msg.results or []
-                future = self._pending.pop(msg.ref, None) if isinstance(msg.ref, int) else None
+    def _dispatch(self, msg: ServerMessage) -> None:
+        match msg:
+            case HeartbeatAck(ref=ref, results=results):
+                future = self._pending.pop(ref, None) if isinstance(ref, int) else None
                 if future is not None and not future.done():
                     future.set_result(results)
                 elif self._on_ack is not None:
-                    self._on_ack(msg.ref, results)
-            case "event":
-                if self._on_event is not None and msg.channel is not None:
-                    try:
-                        self._on_event(msg.channel, msg.data)
-                    except Exception:
-                        # A handler bug must not kill the connection (and with it every node on it).
-                        log.exception("event handler failed on %s", msg.channel)
-            case "subscribed":
-                for channel in msg.channels or []:
+                    self._on_ack(ref, results)
+            case Event(channel=channel):
+                if self._on_event is not None:
+                    self._on_channel_event(channel, msg)
+            case Subscribed(channels=channels):
+                for channel in channels:
                     self._await_channels.pop(channel, None)
                 self._check_subscription()
-            case "error":
+            case ErrorReply():
                 self._on_error(msg)
-            case other:
-                log.debug("websocket: ignoring message type %r", other)
+            case Batch(messages=messages):
+                for inner in messages:
+                    self._dispatch(inner)
+            case _:
+                log.debug("websocket: ignoring %s", type(msg).__name__)
 
-    def _on_error(self, msg: _Incoming) -> None:
-        error = msg.error or {}
-        code = str(error.get("code", "error"))
-        message = str(error.get("message", ""))
+    def _on_channel_event(self, channel: str, msg: Event) -> None:
+        assert self._on_event is not None
+        try:
+            event = decode_event(channel, msg.data)
+        except ValueError as exc:
+            log.warning("websocket: undecodable event on %s (%s)", channel, exc)
+            return
+        try:
+            self._on_event(channel, event)
+        except Exception:
+            # A handler bug must not kill the connection (and with it every node on it).
+            log.exception("event handler failed on %s", channel)
+
+    def _on_error(self, msg: ErrorReply) -> None:
+        code, message = msg.error.code, msg.error.message
         if msg.channel is not None and msg.channel in self._await_channels:
             del self._await_channels[msg.channel]
             self._refused.append(ApiError(0, code, f"{msg.channel}: {message}"))
@@ -519,7 +508,7 @@ class GatewaySocket:
             self._refused = []
             waiter: asyncio.Future[None] = loop.create_future()
             self._subscription = waiter
-            await self._send(_encode(Subscribe(chunk)))
+            await self._send(encode(SubscribeOp(channels=chunk)))
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
             except TimeoutError:
@@ -536,17 +525,17 @@ class GatewaySocket:
         except websockets.ConnectionClosed as exc:
             raise GatewayUnavailable(f"websocket: {exc}") from exc
 
-    async def send_heartbeats(self, beats: list[Beat], ref: Any = None) -> int:
+    async def send_heartbeats(self, beats: list[Beat], ref: int | None = None) -> int:
         """Send one batch without waiting; its ack goes to `on_ack(ref, results)`. Returns ref."""
         if ref is None:
             ref = next(self._refs)
-        await self._send(_encode(_HeartbeatOp(beats=beats, ref=ref)))
+        await self._send(encode(HeartbeatOp(beats=beats, ref=ref)))
         return ref
 
-    async def heartbeat(self, beats: list[Beat], *, timeout_s: float = 10.0) -> list[BeatOutcome]:
+    async def heartbeat(self, beats: list[Beat], *, timeout_s: float = 10.0) -> list[BeatResult]:
         """Send one batch and wait for its ack."""
         ref = next(self._refs)
-        future: asyncio.Future[list[BeatOutcome]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[BeatResult]] = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
         try:
             await self.send_heartbeats(beats, ref)

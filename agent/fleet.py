@@ -37,6 +37,7 @@ from agent.registration import REGISTER_BATCH, register_fleet
 from agent.repricer import run_repricer
 from agent.shards import FleetStats, Link, Shard
 from agent.simulation import Fleet
+from gateway.protocol import ContractNotice, PublicEvent
 
 __all__ = ["drive_fleet", "run_fleet"]
 
@@ -95,11 +96,10 @@ async def drive_fleet(
         for k, lo in enumerate(range(0, len(order), per))
     ]
 
-    def on_notice(channel: str, data: Any) -> None:
-        if channel.startswith("node:") and isinstance(data, dict):
-            notice = str(data.get("notice"))
-            stats.notices[notice] += 1
-            fleet.apply_notice(channel[5:], notice, data.get("contract") or {})
+    def on_notice(channel: str, event: PublicEvent) -> None:
+        if channel.startswith("node:") and isinstance(event, ContractNotice):
+            stats.notices[event.notice] += 1
+            fleet.apply_notice(channel[5:], event.notice, event.contract)
 
     links = [shard.link for shard in shards]
     if notices:

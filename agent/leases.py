@@ -18,23 +18,21 @@ memory, `free` has already dropped and the subtraction makes the figure conserva
 may under-offer, it never over-offers. With the engine's `reserved == leased` the node's total
 offer becomes `min(total, free, limit)` -- the owner's limit holds with leases included.
 
-`LeaseBook` keeps the record from the `node:<id>` notices and is resynchronised from the
-gateway's contract list whenever the agent (re)connects, since notices sent while it was
-away are lost. Pure: no clock, no I/O.
+`LeaseBook` keeps the record from the `node:<id>` notices (`gateway.protocol.ContractNotice`)
+and is resynchronised from the gateway's contract list whenever the agent (re)connects, since
+notices sent while it was away are lost; both carry the same `ContractOut`. Pure: no clock, no
+I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import msgspec
 
-__all__ = ["Lease", "LeaseBook", "NoticeKind", "available_gb"]
+from gateway.protocol import ContractNoticeKind, ContractOut
 
-NoticeKind = str
-"""One of contract_started, contract_extended, contract_ending, contract_ended,
-contract_failed_over (the engine's `node:<id>` notices)."""
+__all__ = ["Lease", "LeaseBook", "available_gb"]
 
 _ENDING_NOTICES = frozenset({"contract_ended", "contract_failed_over"})
 
@@ -57,16 +55,13 @@ class Lease(msgspec.Struct, kw_only=True):
     client_id: str | None = None
 
 
-def _lease_from(contract: Mapping[str, Any]) -> Lease | None:
-    contract_id = contract.get("contract_id") or contract.get("id")
-    if not contract_id:
-        return None
+def _lease_from(contract: ContractOut) -> Lease:
     return Lease(
-        contract_id=str(contract_id),
-        ram_gb=int(contract.get("ram_gb") or 0),
-        vram_gb=int(contract.get("vram_gb") or 0),
-        end_ms=int(contract.get("end_ms") or 0),
-        client_id=contract.get("client_id"),
+        contract_id=contract.contract_id,
+        ram_gb=contract.ram_gb,
+        vram_gb=contract.vram_gb,
+        end_ms=contract.end_ms,
+        client_id=contract.client_id,
     )
 
 
@@ -95,32 +90,22 @@ class LeaseBook:
     def leases(self) -> list[Lease]:
         return list(self._leases.values())
 
-    def apply(self, notice: NoticeKind, contract: Mapping[str, Any]) -> Lease | None:
-        """Apply one notice; returns the lease it concerned (None if it named no contract).
+    def apply(self, notice: ContractNoticeKind, contract: ContractOut) -> Lease:
+        """Apply one notice; returns the lease it concerned.
 
         Idempotent: a repeated start or end changes nothing. `contract_ending` is only a
         warning: the lease holds until `contract_ended` (or `contract_failed_over`).
         """
         lease = _lease_from(contract)
-        if lease is None:
-            return None
-        status = contract.get("status")
-        if notice in _ENDING_NOTICES or status in ("completed", "failed", "failed_over"):
+        if notice in _ENDING_NOTICES or contract.status != "active":
             self._leases.pop(lease.contract_id, None)
         elif notice in ("contract_started", "contract_extended", "contract_ending"):
             self._leases[lease.contract_id] = lease
         return lease
 
-    def replace(self, contracts: Iterable[Mapping[str, Any]]) -> None:
+    def replace(self, contracts: Iterable[ContractOut]) -> None:
         """Reset the record to the given contracts (those not active are ignored)."""
-        fresh: dict[str, Lease] = {}
-        for contract in contracts:
-            if contract.get("status", "active") != "active":
-                continue
-            lease = _lease_from(contract)
-            if lease is not None:
-                fresh[lease.contract_id] = lease
-        self._leases = fresh
+        self._leases = {c.contract_id: _lease_from(c) for c in contracts if c.status == "active"}
 
     def prune(self, now_ms: int, grace_ms: int) -> list[Lease]:
         """Forget leases whose end passed more than `grace_ms` ago (their end notice was lost).

@@ -32,19 +32,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.client import (
-    ApiError,
-    Backoff,
-    Beat,
-    BeatOutcome,
-    Gateway,
-    GatewaySocket,
-    GatewayUnavailable,
-    retrying,
-)
+from agent.client import ApiError, Backoff, Gateway, GatewaySocket, GatewayUnavailable, retrying
 from agent.config import AgentConfig, ConfigError, save_node_id
 from agent.detect import GpuProbe, MachineReading, read_machine, system_metadata
 from agent.leases import LeaseBook, available_gb
+from gateway.protocol import (
+    Beat,
+    BeatResult,
+    ContractNotice,
+    ContractNoticeKind,
+    ContractOut,
+    HeartbeatOutcome,
+    PublicEvent,
+)
 
 __all__ = ["AgentStopped", "NodeAgent", "registration_body"]
 
@@ -142,7 +142,7 @@ class NodeAgent:
         self._rng = rng or random.Random()
         self._read_machine = sample
         self._socket: GatewaySocket | None = None
-        self._resync_buffer: list[tuple[str, dict[str, Any]]] | None = None
+        self._resync_buffer: list[tuple[ContractNoticeKind, ContractOut]] | None = None
         self._idle: bool | None = None
         self.server_interval_s: float | None = None
         """The node's `heartbeat_interval_sec` at the exchange (offline after missing 3)."""
@@ -153,7 +153,7 @@ class NodeAgent:
         """The last HTTP heartbeat reply (the node's capacity as the exchange sees it)."""
         self.connected = asyncio.Event()
         """Set while the WebSocket is up and subscribed (tests and `status` watch it)."""
-        self.notices: list[tuple[str, dict[str, Any]]] = []
+        self.notices: list[tuple[ContractNoticeKind, ContractOut]] = []
         """Every contract notice received, in order (bounded to the last 1000)."""
 
     # -- the run -----------------------------------------------------------------------------
@@ -343,19 +343,15 @@ class NodeAgent:
             self.leases.leased_vram_gb,
         )
 
-    def _on_event(self, channel: str, data: Any) -> None:
-        if not isinstance(data, dict) or "notice" not in data:
+    def _on_event(self, channel: str, event: PublicEvent) -> None:
+        if not isinstance(event, ContractNotice):
             return
-        notice = str(data["notice"])
-        contract = data.get("contract") or {}
+        notice, contract = event.notice, event.contract
         if self._resync_buffer is not None:
             self._resync_buffer.append((notice, contract))
         lease = self.leases.apply(notice, contract)
         self.notices.append((notice, contract))
         del self.notices[:-1000]
-        if lease is None:
-            log.warning("notice %s without a contract id on %s", notice, channel)
-            return
         log.info(
             "%s: %s (%d GB RAM + %d GB VRAM, ends %s); leased now %d GB RAM + %d GB VRAM",
             notice.replace("_", " "),
@@ -377,6 +373,7 @@ class NodeAgent:
 
     def make_beat(self) -> Beat:
         """Sample the machine and build this instant's heartbeat (see `agent.leases`)."""
+        assert self.node_id is not None
         machine = self._sample()
         local = self._local_now()
         idle = self.schedule.is_idle_at(local)
@@ -412,7 +409,9 @@ class NodeAgent:
             longitude=self.config.longitude,
         )
 
-    async def _send_beat(self, beat: Beat) -> BeatOutcome:
+    async def _send_beat(self, beat: Beat) -> BeatResult | None:
+        """The gateway's verdict on `beat`; None when it refused it for a reason no outcome
+        names (logged)."""
         assert self.node_id is not None
         socket = self._socket
         if socket is not None and socket.is_open:
@@ -426,13 +425,16 @@ class NodeAgent:
                         return result
                 log.warning("heartbeat ack without this node; falling back to HTTP")
         try:
-            reply = await self.gateway.heartbeat(self.node_id, beat)
+            reply = await self.gateway.heartbeat(self.node_id, beat.body())
         except ApiError as exc:
-            return BeatOutcome(self.node_id, _outcome_of(exc), int((exc.retry_after_s or 0) * 1000))
+            outcome = _outcome_of(exc)
+            if outcome is None:
+                return None
+            return BeatResult(self.node_id, outcome, int((exc.retry_after_s or 0) * 1000))
         self.last_reply = reply
         self.server_interval_s = float(reply.get("next_heartbeat_in_sec") or 0) or None
         self.server_min_interval_s = float(reply.get("min_interval_sec") or 0)
-        return BeatOutcome(self.node_id, "ok")
+        return BeatResult(self.node_id, "ok")
 
     def _interval_s(self) -> float:
         """The config's interval, kept within what the exchange asks: no slower than the node's
@@ -456,6 +458,9 @@ class NodeAgent:
                 await _sleep(stop, delay)
                 continue
             backoff.reset()
+            if outcome is None:
+                await _sleep(stop, self.config.heartbeat_interval)
+                continue
             match outcome.outcome:
                 case "ok":
                     self.beats_sent += 1
@@ -483,9 +488,6 @@ class NodeAgent:
                     )
                 case "forbidden":
                     raise AgentStopped(f"the API key does not own node {self.node_id}")
-                case other:
-                    log.warning("heartbeat outcome %r; retrying later", other)
-                    delay = self.config.heartbeat_interval
             await _sleep(stop, delay)
 
     async def _reconnect(self) -> None:
@@ -500,7 +502,8 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         log.error("the gateway socket task failed; contract notices stop", exc_info=exc)
 
 
-def _outcome_of(exc: ApiError) -> str:
+def _outcome_of(exc: ApiError) -> HeartbeatOutcome | None:
+    """The outcome the socket would have answered for the REST route's refusal (None: none)."""
     if exc.status == 429:
         return "too_soon"
     if exc.status == 404:
@@ -509,8 +512,8 @@ def _outcome_of(exc: ApiError) -> str:
         return "forbidden"
     if exc.status == 409 and "deactivated" in exc.message:
         return "deactivated"
-    log.error("heartbeat refused: %s", exc)
-    return exc.code
+    log.error("heartbeat refused: %s; trying again at the next interval", exc)
+    return None
 
 
 async def _sleep(stop: asyncio.Event, delay_s: float) -> None:

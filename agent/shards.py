@@ -23,8 +23,16 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from agent.client import ApiError, Backoff, Beat, BeatOutcome, GatewaySocket, GatewayUnavailable
+from agent.client import (
+    AckHandler,
+    ApiError,
+    Backoff,
+    EventHandler,
+    GatewaySocket,
+    GatewayUnavailable,
+)
 from agent.simulation import Fleet
+from gateway.protocol import Beat, BeatResult, Ref
 
 __all__ = ["FleetStats", "Link", "Shard"]
 
@@ -103,8 +111,8 @@ class Link:
         api_key: str,
         channels: list[str],
         stats: FleetStats,
-        on_event: Callable[[str, Any], None] | None = None,
-        on_ack: Callable[[Any, list[BeatOutcome] | None], None] | None = None,
+        on_event: EventHandler | None = None,
+        on_ack: AckHandler | None = None,
         on_down: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
@@ -200,7 +208,7 @@ class Shard:
             on_down=self._on_down,
         )
 
-    def _on_ack(self, ref: Any, results: list[BeatOutcome] | None) -> None:
+    def _on_ack(self, ref: Ref, results: list[BeatResult] | None) -> None:
         sent = self.pending.pop(ref, None) if isinstance(ref, int) else None
         outcomes = self.stats.outcomes
         now = time.monotonic()

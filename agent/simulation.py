@@ -22,13 +22,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent.client import Beat
 from agent.leases import LeaseBook, available_gb
 from agent.population import VirtualNode
 from agent.schedule import IdleSchedule
+from gateway.protocol import Beat, ContractNoticeKind, ContractOut
 
 __all__ = ["Fleet"]
 
@@ -121,7 +120,7 @@ class Fleet:
             cpu_usage_pct=round((1.0 - f) * 80.0 + rng.random() * 10.0, 1),
         )
 
-    def apply_notice(self, node_id: str, notice: str, contract: dict[str, Any]) -> None:
+    def apply_notice(self, node_id: str, notice: ContractNoticeKind, contract: ContractOut) -> None:
         """Keep node `node_id`'s lease totals from a `node:<id>` notice."""
         i = self.index.get(node_id)
         if i is None:

@@ -532,7 +532,7 @@ def test_fleet_beat_generation(benchmark: Any) -> None:
     """Build and encode one 1000-beat heartbeat message from a 100k-node fleet."""
     import msgspec
 
-    from agent.client import _HeartbeatOp
+    from gateway.protocol import HeartbeatOp
 
     nodes = make_fleet(100_000, seed=3)
     fleet = Fleet(nodes, [uuid.UUID(int=i).hex for i in range(len(nodes))], seed=3, churn=False)
@@ -543,7 +543,7 @@ def test_fleet_beat_generation(benchmark: Any) -> None:
     def one_message() -> bytes:
         start = next(cursor) * 1000 % len(nodes)
         beats = [fleet.beat(i, idle[group[i]]) for i in range(start, start + 1000)]
-        return msgspec.json.encode(_HeartbeatOp(beats=[b for b in beats if b], ref=1))
+        return msgspec.json.encode(HeartbeatOp(beats=[b for b in beats if b], ref=1))
 
     frame = benchmark(one_message)
     assert frame.count(b'"node_id"') == 1000

@@ -36,8 +36,11 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from agent.client import ApiError, Backoff, Gateway, GatewaySocket, GatewayUnavailable, retrying
 from agent.metros import METROS, Metro
+from gateway.protocol import PUSD_PER_USD, BidNotice, ContractNotice, ContractOut, PublicEvent
 
 __all__ = ["RenterBot", "main"]
 
@@ -356,58 +359,38 @@ class RenterBot:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff.next_delay())
 
-    def _on_event(self, channel: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            return
-        kind = data.get("type")
-        if channel == "fills" and kind == "contract_created":
-            contract = data.get("contract", {})
-            if contract.get("bid_id"):
+    def _on_event(self, channel: str, event: PublicEvent) -> None:
+        # Events come in REST's shapes (`gateway.protocol`): what is kept is what
+        # `POST /api/contracts/create` answers for the bot's own RFQ contracts.
+        match event:
+            case ContractOut(bid_id=str(bid_id)):  # `fills`: a resting bid filled
                 self._count("bid_fills")
-                self.active[contract["contract_id"]] = {
-                    "contract_id": contract["contract_id"],
-                    "ram_gb": contract["ram_gb"],
-                    "vram_gb": contract["vram_gb"],
-                    "duration_sec": contract["duration_s"],
-                    "end_ms": contract["end_ms"],
-                    "price_per_gb_sec": contract["price_pusd"] / 1e12,
-                }
-                self.spent_usd += (
-                    (contract["ram_gb"] + contract["vram_gb"])
-                    * contract["duration_s"]
-                    * contract["price_pusd"]
-                    / 1e12
-                )
+                self.active[event.contract_id] = msgspec.to_builtins(event)
+                gb_s = (event.ram_gb + event.vram_gb) * event.duration_sec
+                self.spent_usd += gb_s * event.price_pusd / PUSD_PER_USD
                 log.info(
                     "bid %s filled: %d GB RAM + %d GB VRAM on node %s at $%.3g/GB-s",
-                    contract["bid_id"],
-                    contract["ram_gb"],
-                    contract["vram_gb"],
-                    contract["node_id"],
-                    contract["price_pusd"] / 1e12,
+                    bid_id,
+                    event.ram_gb,
+                    event.vram_gb,
+                    event.node_id,
+                    event.price_per_gb_sec,
                 )
-        elif channel == "contracts" and kind in ("contract_settled", "contract_failed_over"):
-            contract_id = data.get("contract_id")
-            if kind == "contract_failed_over":
-                successor = data.get("successor") or {}
+            case ContractNotice(notice="contract_started", contract=successor):
+                # On `contracts`, only a failover's successor starts (new fills go to `fills`).
                 log.info(
-                    "contract %s failed over to node %s", contract_id, successor.get("node_id")
+                    "contract %s failed over to node %s",
+                    successor.predecessor_id,
+                    successor.node_id,
                 )
-                if successor.get("contract_id"):
-                    self.active[successor["contract_id"]] = {
-                        "contract_id": successor["contract_id"],
-                        "ram_gb": successor["ram_gb"],
-                        "vram_gb": successor["vram_gb"],
-                        "duration_sec": successor["duration_s"],
-                        "end_ms": successor["end_ms"],
-                        "price_per_gb_sec": successor["price_pusd"] / 1e12,
-                    }
-            else:
-                log.info("contract %s ended (%s)", contract_id, data.get("status"))
-            if contract_id:
-                self.active.pop(contract_id, None)
-        elif channel == "bids" and kind == "bid_expired":
-            self.open_bids.pop(data.get("bid_id", ""), None)
+                self.active[successor.contract_id] = msgspec.to_builtins(successor)
+            case ContractNotice(notice="contract_ended" | "contract_failed_over", contract=ended):
+                log.info("contract %s ended (%s)", ended.contract_id, ended.status)
+                self.active.pop(ended.contract_id, None)
+            case BidNotice(bid=bid) if bid.status != "open":
+                self.open_bids.pop(bid.bid_id, None)
+            case _:
+                pass
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -128,7 +128,8 @@ def test_wheel_is_ours_and_the_readme_installs_it(agent_install: AgentInstall) -
 
 def test_agent_extra_brings_nothing_of_the_exchange(agent_install: AgentInstall) -> None:
     """The agent's dependencies are installed; the exchange's (Numba, NumPy, asyncpg, Redis,
-    Starlette, ...) are neither installed nor importable, and every agent module imports."""
+    Starlette, ...) are neither installed nor importable, and every agent module imports, and
+    the wire protocol it speaks (`gateway.protocol`) with it, loading nothing of the exchange."""
     pip_list = agent_install.run(
         agent_install.venv / "bin" / "python", "-m", "pip", "list", "--format=json"
     )
@@ -142,17 +143,29 @@ def test_agent_extra_brings_nothing_of_the_exchange(agent_install: AgentInstall)
     report = json.loads(
         agent_install.python(
             "import importlib, importlib.util, json, pkgutil, sys\n"
+            "import gateway.protocol\n"
             "import agent\n"
             "for m in pkgutil.walk_packages(agent.__path__, 'agent.'):\n"
             "    importlib.import_module(m.name)\n"
             f"names = {list(_EXCHANGE_MODULES)!r}\n"
+            "ours = sorted(m for m in sys.modules if m.split('.')[0] in\n"
+            "              ('engine', 'gateway', 'persistence', 'scripts'))\n"
             "print(json.dumps({'findable': [n for n in names if importlib.util.find_spec(n)],\n"
             "                  'loaded': [n for n in names if n in sys.modules],\n"
-            "                  'agent': agent.__file__}))\n"
+            "                  'exchange_loaded': ours,\n"
+            "                  'agent': agent.__file__,\n"
+            "                  'protocol': gateway.protocol.__file__}))\n"
         )
     )
-    assert report == {"findable": [], "loaded": [], "agent": report["agent"]}
+    assert report == {
+        "findable": [],
+        "loaded": [],
+        "exchange_loaded": ["gateway", "gateway.protocol"],
+        "agent": report["agent"],
+        "protocol": report["protocol"],
+    }
     assert Path(report["agent"]).is_relative_to(agent_install.venv)
+    assert Path(report["protocol"]).is_relative_to(agent_install.venv)
 
 
 def test_mnemo_agent_help_and_init(agent_install: AgentInstall) -> None:

@@ -30,6 +30,7 @@ from agent.shards import FleetStats
 from agent.simulation import Fleet
 from engine.keys import Keys
 from engine.settings import Settings
+from gateway.protocol import MarketSummary, PublicEvent
 from scripts.renter_bot import RenterBot
 from tests.agent.test_agent_detect import FakeNVML, _gpu
 
@@ -185,8 +186,8 @@ async def _engine_serving(exchange: Exchange, who: Gateway, region: str) -> None
     happens before that are not sent (the engine starts from a snapshot)."""
     seen = asyncio.Event()
 
-    def on_event(channel: str, data: Any) -> None:
-        if channel == "market" and isinstance(data, dict) and data.get("region") == region:
+    def on_event(channel: str, event: PublicEvent) -> None:
+        if isinstance(event, MarketSummary) and event.region == region:
             seen.set()
 
     socket = await GatewaySocket.open(exchange.url, who.api_key or "", on_event=on_event)
@@ -321,7 +322,7 @@ async def test_contract_notices_keep_capacity_consistent_with_the_engine(
         )
         cid = contract["contract_id"]
         await eventually(lambda: cid in agent.leases, "the contract_started notice")
-        assert ("contract_started", cid) in [(n, c.get("contract_id")) for n, c in agent.notices]
+        assert ("contract_started", cid) in [(n, c.contract_id) for n, c in agent.notices]
         assert (agent.leases.leased_ram_gb, agent.leases.leased_vram_gb) == (2, 8)
         beats = agent.beats_sent
         await eventually(lambda: agent.beats_sent >= beats + 2, "heartbeats after the lease")

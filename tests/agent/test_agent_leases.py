@@ -6,10 +6,39 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.leases import LeaseBook, available_gb
+from gateway.protocol import ContractOut, ContractStatus
 
 
-def _c(cid: str, ram: int, vram: int, end_ms: int = 10_000, status: str = "active") -> dict:
-    return {"contract_id": cid, "ram_gb": ram, "vram_gb": vram, "end_ms": end_ms, "status": status}
+def contract(
+    cid: str, ram: int, vram: int = 0, end_ms: int = 10_000, status: ContractStatus = "active"
+) -> ContractOut:
+    """A contract as the gateway sends it (REST's list, a notice's `contract`)."""
+    return ContractOut(
+        contract_id=cid,
+        client_id="client",
+        node_id="node",
+        region="us-east-2",
+        ram_gb=ram,
+        vram_gb=vram,
+        duration_sec=600,
+        start_ms=end_ms - 600_000,
+        end_ms=end_ms,
+        price_per_gb_sec=1e-6,
+        egress_price_per_gb=0.0,
+        max_price_per_gb_sec=1e-6,
+        status=status,
+        bid_id=None,
+        predecessor_id=None,
+        successor_id=None,
+        extensions=0,
+        used_sec=0,
+        egress_gb=0.0,
+        total_cost_usd=0.0,
+        settlement_hash=None,
+        completed_ms=0,
+        price_pusd=1_000_000,
+        max_price_pusd=1_000_000,
+    )
 
 
 def test_available_subtracts_leases_from_the_capped_free_memory() -> None:
@@ -50,26 +79,31 @@ def test_engine_accounting_holds_for_any_report(
 def test_notices_maintain_the_lease_record() -> None:
     """started adds, extended updates, ending keeps, ended and failed over remove; idempotent."""
     book = LeaseBook()
-    book.apply("contract_started", _c("a", 8, 4))
-    book.apply("contract_started", _c("a", 8, 4))
-    book.apply("contract_started", _c("b", 2, 0))
+    book.apply("contract_started", contract("a", 8, 4))
+    book.apply("contract_started", contract("a", 8, 4))
+    book.apply("contract_started", contract("b", 2, 0))
     assert (book.leased_ram_gb, book.leased_vram_gb) == (10, 4)
-    book.apply("contract_extended", _c("a", 8, 4, end_ms=20_000))
-    book.apply("contract_ending", _c("a", 8, 4, end_ms=20_000))
+    book.apply("contract_extended", contract("a", 8, 4, end_ms=20_000))
+    book.apply("contract_ending", contract("a", 8, 4, end_ms=20_000))
     assert len(book) == 2 and book.leases()[0].end_ms == 20_000
-    book.apply("contract_ended", _c("a", 8, 4, status="completed"))
-    book.apply("contract_ended", _c("a", 8, 4, status="completed"))
+    book.apply("contract_ended", contract("a", 8, 4, status="completed"))
+    book.apply("contract_ended", contract("a", 8, 4, status="completed"))
     assert (book.leased_ram_gb, book.leased_vram_gb) == (2, 0)
-    book.apply("contract_failed_over", _c("b", 2, 0, status="failed_over"))
+    book.apply("contract_failed_over", contract("b", 2, 0, status="failed_over"))
     assert len(book) == 0
-    assert book.apply("contract_started", {"ram_gb": 1}) is None
 
 
 def test_resync_and_prune() -> None:
     """replace() keeps only active contracts; prune() drops leases long past their end."""
     book = LeaseBook()
-    book.apply("contract_started", _c("old", 4, 0))
-    book.replace([_c("x", 1, 1, end_ms=1_000), _c("y", 2, 0, status="completed"), _c("z", 3, 0)])
+    book.apply("contract_started", contract("old", 4, 0))
+    book.replace(
+        [
+            contract("x", 1, 1, end_ms=1_000),
+            contract("y", 2, 0, status="completed"),
+            contract("z", 3, 0),
+        ]
+    )
     assert "old" not in book and "y" not in book
     assert book.leased_ram_gb == 4
     gone = book.prune(now_ms=70_000, grace_ms=60_000)

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from agent.client import Beat
 from agent.population import VirtualNode, make_fleet
 from agent.simulation import Fleet
+from gateway.protocol import Beat
+from tests.agent.test_agent_leases import contract
 
 # Fixed instants, read in each node's zone: New York is UTC-5 in January and UTC-4 in July.
 _JAN_NOON_NY = datetime(2026, 1, 14, 17, 0, tzinfo=UTC)  # 12:00 New York, 02:00 Tokyo
@@ -69,16 +70,12 @@ def test_availability_changes_and_respects_schedule_and_leases() -> None:
     i = max(range(200), key=lambda k: nodes[k].total_ram_gb)
     fleet.free[i] = fleet.mean_free[i] = 1.0
     before = fleet.beat(i, True)
-    fleet.apply_notice(
-        fleet.ids[i], "contract_started", {"contract_id": "c1", "ram_gb": 8, "vram_gb": 0}
-    )
+    fleet.apply_notice(fleet.ids[i], "contract_started", contract("c1", 8))
     fleet.free[i] = 1.0
     after = fleet.beat(i, True)
     assert before is not None and after is not None
     assert after.available_ram_gb <= nodes[i].total_ram_gb - 8
-    fleet.apply_notice(
-        fleet.ids[i], "contract_ended", {"contract_id": "c1", "ram_gb": 8, "vram_gb": 0}
-    )
+    fleet.apply_notice(fleet.ids[i], "contract_ended", contract("c1", 8, status="completed"))
     assert fleet.leased_ram[i] == 0 and not fleet.books
 
 
@@ -113,9 +110,7 @@ def test_reported_capacity_stays_within_the_machine() -> None:
     for i in range(300):
         # A lease on every tenth node with the memory for it.
         if i % 10 == 0 and nodes[i].total_ram_gb >= 16:
-            fleet.apply_notice(
-                fleet.ids[i], "contract_started", {"contract_id": f"c{i}", "ram_gb": 16}
-            )
+            fleet.apply_notice(fleet.ids[i], "contract_started", contract(f"c{i}", 16))
             leased += 1
     assert leased > 20
     for now in (_JAN_NOON_NY, _JAN_1AM_NY) * 50:
