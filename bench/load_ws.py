@@ -18,8 +18,11 @@ What it does:
 - fanout: `--connections` sockets each subscribe to `--per-conn` of `--channels` channels
   (`quotes:bench-<i>`), so connections x per-conn subscriptions, each channel with the same number
   of subscribers. A publisher process publishes `--rate` messages a second round-robin over the
-  channels on Redis (as the engine does), each carrying its publish time; every delivered
-  message is one WebSocket frame to one subscription. Counted: frames received per second and
+  channels on Redis, each a quote as the engine publishes it (`engine.types.Quote`, three price
+  levels a side), which the gateway maps to the public `BookOut` (`gateway.events`) once per
+  message; every delivered message is one WebSocket frame to one subscription. A quote has no
+  clock finer than its `ts_ms`, so the publish time (ns) rides in its `volume_24h_gb_s`, which
+  the client reads back as `volume_24h_gb_sec`. Counted: frames received per second and
   the publish-to-receive latency (p50/p99/max) of every frame in the measured window, plus frames
   expected vs received and sockets closed by the server.
   Clients run in `--client-procs` processes (default 1) so the load generator's own work is
@@ -381,8 +384,15 @@ def run_heartbeats(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class _Probe(msgspec.Struct):
-    t: int
-    s: int
+    """The publish time of a quote (see the module docstring): `volume_24h_gb_sec` in the public
+    book; `volume_24h_gb_s` if a gateway passes the engine's quote through unmapped."""
+
+    volume_24h_gb_sec: int = 0
+    volume_24h_gb_s: int = 0
+
+    @property
+    def t(self) -> int:
+        return self.volume_24h_gb_sec or self.volume_24h_gb_s
 
 
 class _Frame(msgspec.Struct):
@@ -597,11 +607,27 @@ def _publisher_proc(
     async def main() -> int:
         from engine.keys import Keys
         from engine.notify import encode_message
+        from engine.types import Quote
 
         keys = Keys(prefix)
         r = aioredis.from_url(redis_url)
         names = [(keys.quotes_channel(f"bench-{i}"), f"quotes:bench-{i}") for i in range(channels)]
-        pad = "x" * 120  # a quote-sized payload
+        asks = [(700_000, 24), (750_000, 64), (800_000, 8)]
+        bids = [(650_000, 16), (600_000, 32), (550_000, 8)]
+
+        def quote(region: str) -> Quote:
+            now_ns = time.time_ns()
+            return Quote(
+                region=region,
+                ts_ms=now_ns // 1_000_000,
+                best_ask_pusd=asks[0][0],
+                best_bid_pusd=bids[0][0],
+                ask_depth=asks,
+                bid_depth=bids,
+                last_fill_pusd=680_000,
+                volume_24h_gb_s=now_ns,  # the publish time (see the module docstring)
+            )
+
         sent = 0
         per_tick = max(1, round(rate * 0.002))  # a pipeline every ~2 ms
         tick_s = per_tick / rate
@@ -615,9 +641,7 @@ def _publisher_proc(
                 async with r.pipeline(transaction=False) as pipe:
                     for _ in range(per_tick):
                         ch, ws = names[i % channels]
-                        pipe.publish(
-                            ch, encode_message(ws, {"t": time.time_ns(), "s": i, "p": pad})
-                        )
+                        pipe.publish(ch, encode_message(ws, quote(ws[7:])))
                         i += 1
                     await pipe.execute()
                 sent += per_tick
