@@ -34,10 +34,11 @@ Units, across REST and WebSocket alike:
   `egress_price_per_gb` USD per GB, `total_cost_usd`, ...), as JSON numbers: the double nearest
   the exact amount. Exact amounts are in the integer pico-USD twins (1e-12 USD) named `..._pusd`
   (`price_pusd` per GB-second, `egress_price_pusd` per GB, `total_cost_pusd`, ...), the
-  market's own unit: a bot computes with those. `round(usd * 1e12) == pusd` for every price;
-  a cost may pass 2**53 pico-USD (about 9,007 USD), where only the integer is exact, so parse
-  JSON integers as 64-bit integers (Python, Go, Rust and Java do; JavaScript needs a BigInt-aware
-  parser). Means (an average price, a VWAP) are not whole pico-USD and come in USD only.
+  market's own unit: a bot computes with those. `round(usd * 1e12) == pusd` for every price and
+  every amount under 1,000 USD; beyond, only the integer is exact. A cost may pass 2**53
+  pico-USD (about 9,007 USD), so parse JSON integers as 64-bit integers (Python, Go, Rust and
+  Java do; JavaScript needs a BigInt-aware parser). Means (an average price, a VWAP) are not
+  whole pico-USD and come in USD only.
 - Sizes are whole GB (`_gb`), durations whole seconds (`_sec`), instants Unix milliseconds
   (`_ms`). The engine's internal names and units (`_s`, `version`, `owner_id`, pico-USD without
   a USD twin) never appear here.
