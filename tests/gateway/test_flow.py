@@ -258,7 +258,8 @@ async def test_bids_rest_in_the_book_and_cancel(gw: Gateway, journal: None) -> N
     assert r.status_code == 200, r.text
     book = r.json()
     assert book["best_bid_per_gb_sec"] == 0.000001
-    assert {"price_per_gb_sec": 0.000001, "gb": 12} in book["bid_depth"]
+    assert {"price_per_gb_sec": 0.000001, "gb": 12, "price_pusd": 1_000_000} in book["bid_depth"]
+    assert book["best_bid_pusd"] == 1_000_000
 
     async def listed_bids() -> list | None:
         r = await api.get("/api/bids", params={"status": "open"}, headers=renter.headers)

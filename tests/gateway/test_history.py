@@ -37,6 +37,8 @@ async def test_earnings_and_closed_contracts_from_the_journal(gw: Gateway, journ
 
     earnings = await eventually(earned, timeout_s=20)
     assert earnings["total_earned_usd"] == settled["total_cost_usd"]
+    assert earnings["total_earned_pusd"] == settled["total_cost_pusd"] > 0
+    assert settled["total_cost_pusd"] == round(settled["total_cost_usd"] * 1e12)
 
     for who, params in (
         (renter, {"status": "completed"}),
@@ -53,6 +55,10 @@ async def test_earnings_and_closed_contracts_from_the_journal(gw: Gateway, journ
             "node_id",
             "status",
             "total_cost_usd",
+            "total_cost_pusd",
+            "price_pusd",
+            "egress_price_pusd",
+            "max_price_pusd",
             "settlement_hash",
             "used_sec",
             "egress_gb",
