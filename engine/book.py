@@ -25,7 +25,7 @@ Rules
   no later bid, its cap lower still, could fill.
 - Which bids a pass tries: every open bid on a new book (after a snapshot) and when the adapter
   asks for `everything` (its slow backstop tick); otherwise the bids placed since the last pass,
-  the split bids that filled in part in it, and the resting bids that an ask which got better
+  the split bids that filled in part in that pass, and the resting bids that an ask which got better
   since (`QuoteBook.take_improved`'s bounds: price, free RAM, free VRAM, free total) could serve.
   A resting bid those bounds do not admit already failed against the rest of the book.
 - What a bid tries (`plan`): `engine.core.plan_fills` over the asks as `engine.scoring.rank` orders
@@ -40,19 +40,21 @@ Rules
   still open is tried again in the next pass. A lost race (`CapacityTaken`, `Unavailable`: the
   view was stale) makes the bid fall through to its next candidate with that node excluded, one
   reserve at a time, at most `MAX_FALL_THROUGH` of them, stopping at the first outcome that is not
-  a lost race; after that the next pass tries again. A bid gone (`Conflict`, `NotFound`: cancelled,
-  expired, or our fill state behind) is to be re-read. Any other refusal is dropped for the pass.
-- Invariants: the book holds open bids only (one leaves on its last fill, cancel, expiry, or a
-  re-read finding it closed); a bid's fill state only grows, `filled + remaining == original`;
-  a planned fill never exceeds the remainder nor falls below the minimum piece; each attempt
-  debits the view once when planned and credits it once if refused. Events carry absolute fill
-  states, so one the book already applied (its own fill, the overlap after a snapshot) changes
-  nothing.
+  a lost race; a bid that found no taker waits for a pass that includes it again. A bid gone
+  (`Conflict`, `NotFound`: cancelled, expired, or our fill state behind) is to be re-read. Any
+  other refusal (a split bid's "rest" that is no longer the rest because a piece before it
+  failed) is dropped for the pass.
+- Invariants: the book holds open bids only (one leaves on its last fill, its cancel, its expiry
+  by the script, or a re-read finding it closed); a bid's fill state only grows, `filled +
+  remaining == original`; a planned fill never exceeds what the fills planned before it left of
+  the bid, and is at least the minimum piece unless it is all of that; each attempt debits the
+  view once when planned and credits it once if refused. Events carry absolute fill states, so
+  one the book already applied (its own fill, the overlap after a snapshot) changes nothing.
 
-Complexity: `add`, `apply`, `resolve`, `refresh` O(1) (`add` O(log b) with an expiry); a pass
-O(c log c) to sort its c candidates (all b open bids for `everything` or improved asks, O(b) to
-filter), and per bid planned one `rank` (O(n log K) over the n asks of the region, three for a
-split bid) and `plan_fills` (O(K)).
+Complexity: `add`, `apply`, `resolve`, `refresh` O(1), but for copying a filled bid's contract
+ids (`add` O(log b) with an expiry); a pass O(c log c) to sort its c candidates (all b open bids
+for `everything` or improved asks, O(b) to filter), and per bid planned one `rank` (O(n log K)
+over the n asks of the region, three for a split bid) and `plan_fills` (O(K)).
 """
 
 from __future__ import annotations
