@@ -7,8 +7,8 @@
 What it does, on loopback only and bounded in time:
 1. starts a Redis of its own (`redis-server` on a free 127.0.0.1 port, no persistence) unless
    `--redis-url` is given (then it works under a key prefix of its own and deletes it after);
-2. registers `--nodes` nodes in one region (prices 500-900 pico-USD/GB-s, 100,000 GB of RAM
-   each, so capacity never runs out), directly through `engine.market.Market`;
+2. registers `--nodes` nodes in one region (prices 500-900 pico-USD/GB-s, `MAX_GB` (65,536 GB)
+   of RAM each, so capacity never runs out), directly through `engine.market.Market`;
 3. starts the engine exactly as production does, as its own process:
    `python -m scripts.cli engine --regions bench-region` (uvloop), and waits for its lease;
 4. per round:
@@ -58,6 +58,7 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench.servers import delete_prefix, private_redis
+from engine.core import MAX_GB
 from engine.keys import Keys
 from engine.market import Market
 from engine.types import (
@@ -72,7 +73,7 @@ from engine.types import (
 REPO = Path(__file__).resolve().parent.parent
 REGION = "bench-region"
 CENTER = (40.73, -73.99)
-NODE_RAM_GB = 100_000
+NODE_RAM_GB = MAX_GB  # the most a node may declare
 ROUND_LIMIT_S = 120.0
 
 
