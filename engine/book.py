@@ -62,7 +62,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, assert_never
 
 import msgspec
 
@@ -77,7 +77,22 @@ from engine.errors import (
 )
 from engine.quotes import QuoteBook
 from engine.scoring import AskBook, MatchRequest, browse, merge_matches, rank
-from engine.types import Bid, BidCancelled, BidExpired, BidPlaced, Contract, ContractCreated, Event
+from engine.types import (
+    Bid,
+    BidCancelled,
+    BidExpired,
+    BidPlaced,
+    Contract,
+    ContractCreated,
+    ContractExtended,
+    ContractSettled,
+    Event,
+    HeartbeatsApplied,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeUpdated,
+)
 
 __all__ = [
     "MAX_FALL_THROUGH",
@@ -210,10 +225,21 @@ class BidBook:
                     self._fresh.append(bid.bid_id)
             case BidCancelled(bid_id=bid_id) | BidExpired(bid_id=bid_id):
                 self._bids.pop(bid_id, None)
-            case ContractCreated() if event.bid_id is not None:
-                self._bid_filled(event)
+            case ContractCreated():
+                if event.bid_id is not None:
+                    self._bid_filled(event)
+            case (
+                NodeRegistered()
+                | NodeUpdated()
+                | NodeDeactivated()
+                | HeartbeatsApplied()
+                | NodeOffline()
+                | ContractExtended()
+                | ContractSettled()
+            ):
+                pass  # nodes and contracts change no bid (a bid's fill comes as ContractCreated)
             case _:
-                pass
+                assert_never(event)
 
     def _bid_filled(self, event: ContractCreated) -> None:
         assert event.bid_id is not None

@@ -23,7 +23,7 @@ channel named by `engine.keys.Keys`:
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 
@@ -38,6 +38,11 @@ from engine.types import (
     ContractExtended,
     ContractSettled,
     Event,
+    HeartbeatsApplied,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeUpdated,
 )
 
 __all__ = ["ENDING_NOTICE_LEAD_MS", "Message", "Notifier", "encode_message", "market_summary"]
@@ -142,8 +147,16 @@ class Notifier:
                 if user_id is None:
                     return []
                 return [(self.keys.user_channel(user_id), encode_message("bids", event))]
+            case (
+                NodeRegistered()
+                | NodeUpdated()
+                | NodeDeactivated()
+                | HeartbeatsApplied()
+                | NodeOffline()
+            ):
+                return []  # the node's owner hears of its nodes from the gateway, not from here
             case _:
-                return []
+                assert_never(event)
 
     def _created(self, event: ContractCreated) -> list[Message]:
         c = event.contract

@@ -61,13 +61,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from engine import log as event_log
 from engine.book import Attempt, BidBook, Outcome
 from engine.core import successor_duration_s
 from engine.errors import CapacityTaken, Conflict, MarketError, NotFound, Unavailable
@@ -78,7 +79,6 @@ from engine.quotes import QuoteBook
 from engine.scoring import AskBook, MatchRequest, rank, warm_up
 from engine.settings import ConfigError, Settings
 from engine.types import (
-    EVENT_DECODER,
     BidCancelled,
     BidExpired,
     BidPlaced,
@@ -87,7 +87,12 @@ from engine.types import (
     ContractExtended,
     ContractSettled,
     Event,
+    HeartbeatsApplied,
     Node,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeUpdated,
     Quote,
 )
 
@@ -152,27 +157,6 @@ def _reserve_request(attempt: Attempt) -> ReserveRequest:
         max_price_pusd=bid.max_price_pusd,
         bid_id=bid.bid_id,
     )
-
-
-def _as_sent(response: Any, **_options: Any) -> Any:
-    return response
-
-
-def _streams(reply: Any) -> list[tuple[Any, list[Any]]]:
-    """(stream, entries) of a raw XREAD reply: a map under RESP3, a list of pairs under RESP2."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(reply.items())
-    return [(stream, entries) for stream, entries in reply]
-
-
-def _e_field(fields: list[Any]) -> Any:
-    """The `e` field of a raw entry (a flat [field, value, ...] list); KeyError without one."""
-    for i in range(0, len(fields or ()) - 1, 2):
-        if fields[i] in (b"e", "e"):
-            return fields[i + 1]
-    raise KeyError("e")
 
 
 def wall_clock_ms() -> int:
@@ -269,7 +253,7 @@ class Engine:
         # hands XREAD replies over as the server sent them, skipping redis-py's building of a
         # dict per entry (a few microseconds an event, two events a bid).
         self.stream_reader = aioredis.Redis(connection_pool=redis.connection_pool)
-        self.stream_reader.set_response_callback("XREAD", _as_sent)
+        self.stream_reader.set_response_callback("XREAD", event_log.as_sent)
         self.workers: dict[str, RegionWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -566,7 +550,7 @@ class RegionWorker:
                 {self.stream: self.last_id}, count=STREAM_BATCH, block=block_ms
             )
             n = 0
-            for _stream, entries in _streams(reply):
+            for _stream, entries in event_log.stream_entries(reply):
                 for entry_id, fields in entries:
                     self.last_id = entry_id
                     n += 1
@@ -612,8 +596,8 @@ class RegionWorker:
 
     async def _on_entry(self, fields: list[Any]) -> None:
         try:
-            event = EVENT_DECODER.decode(_e_field(fields))
-        except (KeyError, msgspec.DecodeError) as exc:
+            event = event_log.decode(event_log.entry_payload(fields))
+        except (TypeError, msgspec.DecodeError) as exc:
             log.error("region %s: undecodable stream entry skipped: %s", self.region, exc)
             return
         self.quotes.apply(event)
@@ -621,14 +605,26 @@ class RegionWorker:
         self.bids.apply(event)
         self._quote_dirty = True
         match event:
-            case BidPlaced(bid=bid) if bid.status == "open":
-                self.notifier.remember(bid)
+            case BidPlaced(bid=bid):
+                if bid.status == "open":
+                    self.notifier.remember(bid)
             case ContractCreated(contract=c):
                 heapq.heappush(self._ends, (c.end_ms, c.contract_id))
             case ContractExtended():
                 heapq.heappush(self._ends, (event.end_ms, event.contract_id))
+            case (
+                NodeRegistered()
+                | NodeUpdated()
+                | NodeDeactivated()
+                | HeartbeatsApplied()
+                | NodeOffline()
+                | BidCancelled()
+                | BidExpired()
+                | ContractSettled()
+            ):
+                pass  # no contract's end to schedule, no new bid to address notices to
             case _:
-                pass
+                assert_never(event)
         await self._notify(event)
 
     async def _notify(self, event: Event) -> None:
@@ -646,8 +642,18 @@ class RegionWorker:
                     found_bid = await self.market.get_bid(bid_id)
                     if found_bid is not None:
                         notifier.remember(found_bid)
+            case (
+                NodeRegistered()
+                | NodeUpdated()
+                | NodeDeactivated()
+                | HeartbeatsApplied()
+                | NodeOffline()
+                | BidPlaced()
+                | ContractCreated()
+            ):
+                pass  # these carry whatever their notices are addressed by
             case _:
-                pass
+                assert_never(event)
         self.publisher.publish(notifier.on_event(event))
 
     # -- time-driven duties -------------------------------------------------------------------

@@ -26,12 +26,13 @@ import json
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import redis.asyncio as aioredis
 
 from engine import core
+from engine import log as event_log
 from engine.keys import Keys
 from engine.types import (
     Bid,
@@ -120,7 +121,7 @@ class RegionImage:
         """Fold one event (of this region, in stream order) into the image."""
         if event.region != self.region:
             raise ValueError(f"event {event.event_id} is not of region {self.region}")
-        self.seq = int(event.event_id.rsplit(":", 1)[1])
+        self.seq = event_log.seq_of(event.event_id)
         now = event.ts_ms
         match event:
             case NodeRegistered(node=node):
@@ -184,6 +185,8 @@ class RegionImage:
                 self.ends[c.contract_id] = event.end_ms
             case ContractSettled():
                 self._settled(event)
+            case _:
+                assert_never(event)
 
     def _created(self, event: ContractCreated) -> None:
         c = event.contract

@@ -5,7 +5,7 @@ fills, with how each column's values travel to Postgres.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 
@@ -437,6 +437,8 @@ class _Fold:
                     self.spend[ev.client_id] = self.spend.get(ev.client_id, 0) + ev.cost_pusd
             case Unreadable():
                 raise ValueError(ev.problem)
+            case _:
+                assert_never(ev)
 
     def _node(self, node_id: str, region: str, values: _Row) -> None:
         _merge(self.nodes, self.node_patches, node_id, values)

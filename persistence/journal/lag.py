@@ -12,6 +12,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from engine import log as event_log
 from engine.keys import Keys
 from persistence.journal.stored import decode_entry
 from persistence.journal.streams import GROUP, _text
@@ -48,7 +49,7 @@ async def _entry_ts_ms(redis: aioredis.Redis, key: str, entry_id: Any) -> int | 
     entries = await redis.xrange(key, min=entry_id, max=entry_id, count=1)
     if not entries or not entries[0][1]:
         return None
-    raw = entries[0][1].get(b"e") or entries[0][1].get("e")
+    raw = event_log.entry_payload(entries[0][1])
     try:
         return decode_entry(raw).ts_ms if raw is not None else None
     except ValueError:
@@ -102,7 +103,7 @@ async def journal_lag(
         last_event_id = None
         last_entry = info.get("last-entry")
         if last_entry and last_entry[1]:
-            raw = last_entry[1].get(b"e") or last_entry[1].get("e")
+            raw = event_log.entry_payload(last_entry[1])
             with contextlib.suppress(ValueError, TypeError):
                 last_event_id = decode_entry(raw).event_id
         out.append(

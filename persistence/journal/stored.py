@@ -10,8 +10,9 @@ from typing import NamedTuple, get_args
 
 import msgspec
 
+from engine import log as event_log
 from engine.core import MAX_TIME_MS
-from engine.types import EVENT_DECODER, Event
+from engine.types import Event
 
 __all__ = ["StoredEvent", "Unreadable", "decode_entry"]
 
@@ -57,13 +58,14 @@ def decode_entry(raw: bytes | str, *, lenient: bool = False) -> StoredEvent:
     with `lenient`, an event whose envelope is sound but whose body is not (see `Unreadable`)
     comes back with an `Unreadable` as its event instead."""
     try:
-        event = EVENT_DECODER.decode(raw)
+        event = event_log.decode(raw)
     except msgspec.DecodeError as e:
         problem = f"not an event: {e}"
         if not lenient:
             raise ValueError(problem) from None
         return _unreadable(raw, problem)
     event_id = event.event_id
+    # `engine.log.parse_event_id`, inlined on the hot path; anything unusual takes `_envelope`.
     region, sep, seq_text = event_id.rpartition(":")
     if (
         not sep
@@ -86,19 +88,15 @@ def _envelope(event_id: str, region: str, ts_ms: int) -> int:
     """The seq of a sound envelope, else ValueError: an id spelling `<region>:<seq>` exactly (the
     `events` table checks it), a region name as the market makes them, a seq and a time that
     Postgres and Python can both hold."""
-    prefix, sep, seq_text = event_id.rpartition(":")
-    if (
-        not sep
-        or prefix != region
-        or not _REGION_NAME.fullmatch(region)
-        or not seq_text.isdigit()
-        or seq_text != str(int(seq_text))
-        or not 0 < int(seq_text) <= _MAX_SEQ
-    ):
+    try:
+        prefix, seq = event_log.parse_event_id(event_id)
+    except ValueError:
+        prefix, seq = "", 0
+    if prefix != region or not _REGION_NAME.fullmatch(region) or not 0 < seq <= _MAX_SEQ:
         raise ValueError(f"malformed event id {event_id!r} for region {region!r}")
     if not 0 <= ts_ms <= MAX_TIME_MS:
         raise ValueError(f"event {event_id}: ts_ms {ts_ms} is not a time")
-    return int(seq_text)
+    return seq
 
 
 def _unreadable(raw: bytes | str, problem: str) -> StoredEvent:

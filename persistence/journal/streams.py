@@ -8,42 +8,11 @@ from typing import Any
 
 __all__ = ["GROUP"]
 
+# The stream entries' shape (the `e` field, the reply formats, entry ids) is `engine.log`'s.
+
 GROUP = "journal"
 """The consumer group every journal worker joins on every region's stream."""
 _GROUP_B = GROUP.encode()
-
-
-def _as_is(response: Any, **options: Any) -> Any:
-    return response
-
-
-def _streams(reply: Any) -> list[tuple[bytes, list[Any]]]:
-    """(stream, entries) pairs of a raw XREADGROUP reply: a map under RESP3, a list of pairs
-    under RESP2."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(reply.items())
-    return [(stream, entries) for stream, entries in reply]
-
-
-def _e_field(fields: Any) -> bytes | None:
-    """The `e` field of an entry given as a flat [field, value, ...] list (None for an entry
-    deleted while pending, or one without `e`)."""
-    if not fields:
-        return None
-    if isinstance(fields, dict):
-        return fields.get(b"e")
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == b"e":
-            return fields[i + 1]
-    return None
-
-
-def _stream_id(value: Any) -> tuple[int, int]:
-    text = _text(value) or "0-0"
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str | None:

@@ -22,25 +22,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from engine import log as event_log
 from engine.keys import Keys
 from engine.settings import ConfigError, Settings
 from persistence.journal.batch import _CHUNK, Batch, BatchResult, _pg_transient, write
 from persistence.journal.clusters import refresh_clusters
 from persistence.journal.partitions import metrics_partitions
 from persistence.journal.stored import StoredEvent, _new_tuple, decode_entry
-from persistence.journal.streams import (
-    _GROUP_B,
-    GROUP,
-    _as_is,
-    _e_field,
-    _stream_id,
-    _streams,
-    _text,
-)
+from persistence.journal.streams import _GROUP_B, GROUP, _text
 
 __all__ = ["BATCH_SIZE", "run_journal", "shard_regions"]
 
 log = logging.getLogger("mnemo.journal")
+_FIELD_B = event_log.FIELD.encode()
 
 BATCH_SIZE = 20_000
 """Stream entries a batch (a transaction) takes at most. A batch holds what arrived since the
@@ -107,7 +101,7 @@ class _Worker:
         self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, decode_responses=False)
         # The worker reads XREADGROUP replies as the server sends them (lists), skipping
         # redis-py's per-entry dict building: a few microseconds an event at full speed.
-        self.redis.set_response_callback("XREADGROUP", _as_is)
+        self.redis.set_response_callback("XREADGROUP", event_log.as_sent)
         self.conn: asyncpg.Connection | None = None
         self.streams: dict[bytes, str] = {}  # stream key -> region
         self.pel_cursor: dict[bytes, bytes] = {}  # own pending entries not yet re-read
@@ -223,8 +217,8 @@ class _Worker:
     @staticmethod
     def _raws(reply: Any) -> list[_Raw]:
         out = []
-        for stream, entries in _streams(reply):
-            # The engine writes one field, `e` (the usual case, without a function call).
+        for stream, entries in event_log.stream_entries(reply):
+            # The engine writes one field (the usual case, without a function call).
             out += [
                 _new_tuple(
                     _Raw,
@@ -232,8 +226,8 @@ class _Worker:
                         stream,
                         entry_id,
                         fields[1]
-                        if type(fields) is list and len(fields) == 2 and fields[0] == b"e"
-                        else _e_field(fields),
+                        if type(fields) is list and len(fields) == 2 and fields[0] == _FIELD_B
+                        else event_log.entry_payload(fields),
                     ),
                 )
                 for entry_id, fields in entries
@@ -250,14 +244,14 @@ class _Worker:
             count=self.batch_size,
         )
         out = []
-        replied = _streams(reply)
+        replied = event_log.stream_entries(reply)
         for stream, entries in replied:
             if not entries:
                 self.pel_cursor.pop(stream, None)
                 continue
             self.pel_cursor[stream] = entries[-1][0]
             for entry_id, fields in entries:
-                out.append(_Raw(stream, entry_id, _e_field(fields)))
+                out.append(_Raw(stream, entry_id, event_log.entry_payload(fields)))
         # Streams absent from the reply have no pending entries of ours left.
         for stream in list(self.pel_cursor):
             if all(s != stream for s, _ in replied):
@@ -273,7 +267,7 @@ class _Worker:
             )
             self.claim_cursor[stream] = reply[0]
             for entry_id, fields in reply[1]:
-                out.append(_Raw(stream, entry_id, (fields or {}).get(b"e")))
+                out.append(_Raw(stream, entry_id, event_log.entry_payload(fields)))
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
                 # Entries trimmed away while pending: nothing left to journal, only to forget.
@@ -566,9 +560,9 @@ class _Worker:
                 continue
             if int(group.get("pending", 0)):
                 summary = await self.redis.xpending(key, GROUP)
-                bound = _stream_id(summary.get("min"))
+                bound = event_log.stream_id(summary.get("min"))
             else:
-                bound = _stream_id(group.get("last-delivered-id"))
+                bound = event_log.stream_id(group.get("last-delivered-id"))
             minid = min(bound, keep_from)
             if minid > (0, 0):
                 await self.redis.xtrim(key, minid=f"{minid[0]}-{minid[1]}", approximate=True)
