@@ -40,6 +40,7 @@ ones outside the region's slot.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable
 from functools import cache
 
 __all__ = ["REGION_KEYS", "Keys", "key_shape", "lua_prelude"]
@@ -108,6 +109,16 @@ class Keys:
 
     def fills(self, region: str) -> str:
         return f"{self.tag(region)}fills"
+
+    @staticmethod
+    def each(build: Callable[[str, str], str], region: str, ids: Iterable[str]) -> list[bytes]:
+        """`build(region, id)` (an object's key: `node`, `bid`...) for each id, UTF-8 encoded.
+
+        A script call declares every key it touches, a heartbeat batch a thousand node keys:
+        built from the shape once and sent as bytes, they cost the client a fifth of what
+        calling `build` per id and letting redis-py encode each str does."""
+        head, tail = build(region, _ID).encode().split(_ID.encode())
+        return [head + i.encode() + tail for i in ids]
 
     @property
     def regions(self) -> str:

@@ -278,14 +278,15 @@ class Market:
             pipe.script_load(_source(name))
         await pipe.execute()
 
-    def _check_slot(self, keys: Sequence[str]) -> None:
+    def _check_slot(self, keys: Sequence[str | bytes]) -> None:
         """Test mode: the call's keys, but the global ones, are in one slot."""
-        outside = (self.keys.directory, self.keys.regions)
-        slots = {key_slot(k.encode()) for k in keys if k not in outside}
+        outside = (self.keys.directory.encode(), self.keys.regions.encode())
+        encoded = (k if isinstance(k, bytes) else k.encode() for k in keys)
+        slots = {key_slot(k) for k in encoded if k not in outside}
         if len(slots) > 1:
             raise RuntimeError(f"a script call declares keys of {len(slots)} slots: {keys}")
 
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _eval(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         if CHECK_DECLARED_KEYS:
             self._check_slot(keys)
         try:
@@ -295,7 +296,7 @@ class Market:
             return await self.redis.evalsha(_sha(name), len(keys), *keys, *args)
 
     async def _eval_many(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+        self, name: str, calls: Sequence[tuple[Sequence[str | bytes], Sequence[Any]]]
     ) -> list[Any]:
         """Pipelined calls of one script (each call stays atomic on its own)."""
         results: list[Any] = [None] * len(calls)
@@ -508,8 +509,8 @@ class Market:
                     k.asks(region),
                     k.bids(region),
                     k.fills(region),
-                    *(k.node(region, _text(i)) for i in node_ids),
-                    *(k.bid(region, core.parse_bid_member(_text(m))[1]) for m in members),
+                    *k.each(k.node, region, (_text(i) for i in node_ids)),
+                    *k.each(k.bid, region, (core.parse_bid_member(_text(m))[1] for m in members)),
                 ],
                 [*self._head(region, now_ms), QUOTE_LEVELS, QUOTE_SCAN_LIMIT],
             )
@@ -623,7 +624,7 @@ class Market:
                     [
                         *self._creating(region),
                         *self._node_indexes(region),
-                        *(self.keys.node(region, stored[i].node_id) for i in idx),
+                        *self.keys.each(self.keys.node, region, (stored[i].node_id for i in idx)),
                     ],
                     [
                         *self._head(region, now_ms),
@@ -713,7 +714,7 @@ class Market:
             for start in range(0, len(idx), HEARTBEAT_BATCH)
         ]
 
-        def request(region: str, idx: list[int]) -> tuple[list[str], list[Any]]:
+        def request(region: str, idx: list[int]) -> tuple[list[str | bytes], list[Any]]:
             entries = [
                 [
                     b.node_id,
@@ -740,7 +741,7 @@ class Market:
                 k.seq(region),
                 k.events(region),
                 *self._node_indexes(region),
-                *(k.node(region, beats[i].node_id) for i in idx),
+                *k.each(k.node, region, (beats[i].node_id for i in idx)),
             ], args
 
         def record(idx: list[int], result: Any) -> None:
@@ -807,7 +808,7 @@ class Market:
                 k.events(region),
                 k.asks(region),
                 k.ask_expiry(region),
-                *(k.node(region, i) for i in ids),
+                *k.each(k.node, region, ids),
             ],
             [*self._head(region, now_ms), *ids],
         )
@@ -916,7 +917,7 @@ class Market:
                 k.events(region),
                 k.bids(region),
                 k.bid_expiry(region),
-                *(k.bid(region, i) for i in ids),
+                *k.each(k.bid, region, ids),
             ],
             [*self._head(region, now_ms), self.retention_ms, *ids],
         )
@@ -926,9 +927,9 @@ class Market:
 
     def _reserve_call(
         self, region: str, now_ms: int, entries: list[list[str]]
-    ) -> tuple[list[str], list[Any]]:
+    ) -> tuple[list[str | bytes], list[Any]]:
         k = self.keys
-        keys = [
+        keys: list[str | bytes] = [
             k.seq(region),
             k.directory,
             k.events(region),
@@ -940,17 +941,14 @@ class Market:
             k.fills(region),
         ]
         # the objects of the requests (_reserve_entry), each key once
-        nodes, clients, bids = (
-            {e[0] for e in entries},
-            {e[2] for e in entries},
-            {e[8] for e in entries},
-        )
-        bids.discard("")
-        keys += [k.node(region, i) for i in nodes]
-        keys += [k.node_contracts(region, i) for i in nodes]
-        keys += [k.client_contracts(region, c) for c in clients]
-        keys += [k.bid(region, b) for b in bids]
-        keys += [k.contract(region, e[1]) for e in entries]
+        nodes = {e[0] for e in entries}
+        clients = {e[2] for e in entries}
+        bids = {e[8] for e in entries if e[8]}
+        keys += k.each(k.node, region, nodes)
+        keys += k.each(k.node_contracts, region, nodes)
+        keys += k.each(k.client_contracts, region, clients)
+        keys += k.each(k.bid, region, bids)
+        keys += k.each(k.contract, region, (e[1] for e in entries))
         return keys, [*self._head(region, now_ms), self.retention_ms, _json(entries)]
 
     @staticmethod
