@@ -115,7 +115,7 @@ class Keys:
         """`build(region, id)` (an object's key: `node`, `bid`...) for each id, UTF-8 encoded.
 
         A script call declares every key it touches, a heartbeat batch a thousand node keys:
-        built from the shape once and sent as bytes, they cost the client a fifth of what
+        built from the shape once and sent as bytes, they cost the client under a third of what
         calling `build` per id and letting redis-py encode each str does."""
         head, tail = build(region, _ID).encode().split(_ID.encode())
         return [head + i.encode() + tail for i in ids]
