@@ -4,9 +4,10 @@
 -- Conventions. ARGV[1] is the region's key prefix with its hash tag (`P{region}:`, `TAG`),
 -- ARGV[2] the region, ARGV[3] the time of the change in ms (the caller's clock; scripts never
 -- read one). Every key a script touches is declared in KEYS (engine.market lists them; a Redis
--- Cluster routes by them): KEYS[1] is the region's `seq`; the scripts that create objects
--- declare the global directory and regions set as KEYS[2] and KEYS[3] and name them DIRECTORY
--- and REGIONS, the only keys outside the region's slot; the region's keys follow, in any order.
+-- Cluster routes by them): KEYS[1] is the region's `seq` (the read-only quote's: its asks); the
+-- scripts that create objects declare the global directory and regions set as KEYS[2] and
+-- KEYS[3] and name them DIRECTORY and REGIONS, the only keys outside the region's slot; the
+-- region's keys follow, in any order.
 -- A script returns {1, ...} when it made its change, {0, code, message, field} when it refused
 -- (before its first write: Lua does not roll back), and {2} when an optimistic version check
 -- failed (the caller re-reads and retries).

@@ -9,10 +9,11 @@
 -- dimension, moves the heartbeat deadline, and brings an offline node back to active.
 -- Returns {1, codes, wait...}: `codes` a string of one digit per beat, then the ms to wait of
 -- each too_soon beat, in order (a small answer: the event is for the stream's readers). One
--- HeartbeatsApplied event carries every accepted beat, in order.
+-- HeartbeatsApplied event carries every accepted beat, in order. KEYS: the region's seq,
+-- events and node indexes, then each beat's node key (a call of 1,000 beats declares 1,006).
 local min_interval, missed, owner = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local beats = cjson.decode(ARGV[7])
-local node_key = K.node
+local node_key = K.node -- a local: the loop below names a key per beat
 
 local codes, out = {}, {1, false}
 -- This loop is the hot path of heartbeat ingestion: positional fields, no per-beat tables, only
