@@ -58,11 +58,11 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench.servers import delete_prefix, private_redis
+from engine import log as event_log
 from engine.core import MAX_GB
 from engine.keys import Keys
 from engine.market import Market
 from engine.types import (
-    EVENT_DECODER,
     Bid,
     BidPlaced,
     ContractCreated,
@@ -225,7 +225,7 @@ async def _events_since(redis: aioredis.Redis, keys: Keys, start_id: bytes) -> l
         if not batch:
             return out
         for entry_id, fields in batch:
-            out.append(EVENT_DECODER.decode(fields[b"e"]))
+            out.append(event_log.decode(event_log.entry_payload(fields)))
             last = entry_id
 
 

@@ -346,9 +346,12 @@ async def region_snapshot(
         names = sorted(k[len(tag) :] for k in found)
     else:
         names = sorted(set(suffixes))
-    names = [n for n in names if n != "events"]
+    # every key but the event stream: the suffixes of its keys' names, as Keys builds them
+    events, geo = keys.events(region)[len(tag) :], keys.geo(region)[len(tag) :]
+    contract = keys.contract(region, "")[len(tag) :]
+    names = [n for n in names if n != events]
     pipe = redis.pipeline(transaction=False)
-    pipe.eval(_snapshot_source(), 0, tag, *names)
+    pipe.eval(_snapshot_source(), len(names), *(tag + name for name in names))
     pipe.hgetall(keys.directory)
     pipe.sismember(keys.regions, region)
     contents, directory, member = await pipe.execute()
@@ -361,8 +364,8 @@ async def region_snapshot(
             out[name] = sorted(data)
         elif kind == "zset":
             pairs = [[m, float(s)] for m, s in zip(data[::2], data[1::2], strict=True)]
-            out[name] = sorted(m for m, _ in pairs) if name == "geo" and not geo_scores else pairs
-        elif kind == "string" and name.startswith("contract:"):
+            out[name] = sorted(m for m, _ in pairs) if name == geo and not geo_scores else pairs
+        elif kind == "string" and name.startswith(contract):
             # stored as JSON: compared as the fields of its hash form (the text may differ)
             out[name] = dict(sorted(core.to_fields(_decode_contract(data[0])).items()))
         elif kind == "string":
