@@ -7,8 +7,8 @@
 What it does, on loopback only and bounded in time:
 1. starts a Redis of its own (`redis-server` on a free 127.0.0.1 port, no persistence) unless
    `--redis-url` is given (then it works under a key prefix of its own and deletes it after);
-2. registers `--nodes` nodes in one region (prices 500-900 pico-USD/GB-s, 100,000 GB of RAM
-   each, so capacity never runs out), directly through `engine.market.Market`;
+2. registers `--nodes` nodes in one region (prices 500-900 pico-USD/GB-s, `MAX_GB` (65,536 GB)
+   of RAM each, so capacity never runs out), directly through `engine.market.Market`;
 3. starts the engine exactly as production does, as its own process:
    `python -m scripts.cli engine --regions bench-region` (uvloop), and waits for its lease;
 4. per round:
@@ -30,8 +30,8 @@ What it does, on loopback only and bounded in time:
    (a process needing C us of CPU per bid tops out near 1e6 / C bids/s on a core of its own).
 
 The pytest-benchmark test at the bottom measures the engine's in-process decision per bid
-(rank over a 10,000-node book + plan_fills), no server: `pytest bench/bench_crossing.py
---benchmark-only`.
+(`engine.book.BidBook.plan`: rank over a 10,000-node book + plan_fills), no server:
+`pytest bench/bench_crossing.py --benchmark-only`.
 """
 
 from __future__ import annotations
@@ -58,10 +58,11 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench.servers import delete_prefix, private_redis
+from engine import log as event_log
+from engine.core import MAX_GB
 from engine.keys import Keys
 from engine.market import Market
 from engine.types import (
-    EVENT_DECODER,
     Bid,
     BidPlaced,
     ContractCreated,
@@ -72,7 +73,7 @@ from engine.types import (
 REPO = Path(__file__).resolve().parent.parent
 REGION = "bench-region"
 CENTER = (40.73, -73.99)
-NODE_RAM_GB = 100_000
+NODE_RAM_GB = MAX_GB  # the most a node may declare
 ROUND_LIMIT_S = 120.0
 
 
@@ -224,7 +225,7 @@ async def _events_since(redis: aioredis.Redis, keys: Keys, start_id: bytes) -> l
         if not batch:
             return out
         for entry_id, fields in batch:
-            out.append(EVENT_DECODER.decode(fields[b"e"]))
+            out.append(event_log.decode(event_log.entry_payload(fields)))
             last = entry_id
 
 
@@ -469,23 +470,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def test_plan_one_bid(benchmark: Any) -> None:
-    """rank (Numba) + plan_fills for one bid over a 10,000-node book, as the engine does it."""
-    from engine.process import Engine, RegionWorker
+    """rank (Numba) + plan_fills for one bid over a 10,000-node book: `BidBook.plan`, the
+    engine's decision per bid (engine/book.py)."""
+    from engine.book import BidBook
+    from engine.quotes import QuoteBook
+    from engine.scoring import AskBook
 
     rng = random.Random(3)
-    engine = Engine(aioredis.Redis(), Keys("bench-plan:"), regions=[REGION])
-    worker = RegionWorker(engine, REGION, asyncio.Event())
+    asks = AskBook(REGION)
+    book = BidBook(REGION, asks, QuoteBook(REGION))
     for i, n in enumerate(_nodes(10_000, rng, offered=True)):
-        worker.book.upsert(msgspec.structs.replace(n, arrival_seq=i + 1))
+        asks.upsert(msgspec.structs.replace(n, arrival_seq=i + 1))
     bids = _bids(1000, rng, 0)
     now = _now_ms()
     for b in bids:
-        worker.bids[b.bid_id] = b
+        book.add(b)
     it = iter(range(10**9))
 
     def plan() -> int:
         b = bids[next(it) % len(bids)]
-        return len(worker._plan(b, now, ()))
+        return len(book.plan(b, now))
 
     assert benchmark.pedantic(plan, rounds=200, iterations=10, warmup_rounds=2) == 1
 

@@ -54,7 +54,8 @@ import redis.asyncio as aioredis
 from bench.servers import delete_prefix
 from engine.keys import Keys
 from engine.settings import Settings
-from persistence.journal import BATCH_SIZE, ensure_partitions, run_journal
+from persistence.journal.partitions import ensure_partitions
+from persistence.journal.worker import BATCH_SIZE, run_journal
 from persistence.migrations import migrate
 from tests.persistence.history import History, seed_accounts, xadd_all
 

@@ -14,9 +14,9 @@
     python -m bench.bench_lag --seconds 30 --repeat 3 --http-rate 500
 
 Lag is the age of the oldest event in the Redis streams that the journal has not acknowledged
-(it acknowledges after its Postgres transaction commits): `persistence.journal.journal_lag`, the
-maximum over regions, sampled every `--sample-every` s from a thread of this process with its own
-event loop and Redis connection (so the simulator's loop cannot delay the samples much).
+(it acknowledges after its Postgres transaction commits): `persistence.journal.lag.journal_lag`,
+the maximum over regions, sampled every `--sample-every` s from a thread of this process with its
+own event loop and Redis connection (so the simulator's loop cannot delay the samples much).
 
 What one run does, on loopback and bounded in time (`--seconds` <= 600, every wait has a limit):
 1. starts a Redis of its own (`bench.servers.private_redis`) unless `--redis-url` is given, and a
@@ -83,7 +83,8 @@ from bench.bench_fleet import _backends, _Cpu, _database, _env, _gateway, _seed
 from bench.load_http import _balanced, _open_loop, _renter_token, _requests
 from bench.servers import private_redis
 from engine.keys import Keys
-from persistence.journal import journal_lag, positions
+from persistence.journal.lag import journal_lag
+from persistence.journal.status import positions
 
 REPO = Path(__file__).resolve().parent.parent
 MNEMO = str(Path(sys.executable).with_name("mnemo"))

@@ -35,6 +35,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.servers import delete_prefix
+from engine import core
 from engine.keys import Keys
 from engine.market import Market, ReserveRequest
 from engine.types import Contract, Heartbeat, Node
@@ -83,8 +84,8 @@ def market(loop: asyncio.AbstractEventLoop, redis_url: str) -> Iterator[Market]:
 def _node(i: int) -> Node:
     return Node(
         node_id=f"n{i}", owner_id="fleet", region="us-east-2", node_type="mist_node",
-        name=f"node {i}", lat=40.0 + i % 100 / 100, lng=-74.0, total_ram_gb=1_000_000,
-        total_vram_gb=1_000_000, offered_ram_gb=1_000_000, offered_vram_gb=1_000_000,
+        name=f"node {i}", lat=40.0 + i % 100 / 100, lng=-74.0, total_ram_gb=core.MAX_GB,
+        total_vram_gb=core.MAX_GB, offered_ram_gb=core.MAX_GB, offered_vram_gb=core.MAX_GB,
         price_pusd=800_000 + i % 50,
     )  # fmt: skip
 

@@ -766,7 +766,7 @@ def bid_refusal(
 # Every value is a string: ints in decimal, floats as Python's repr (exact round trip), bools as
 # "true"/"false", `metadata` as JSON with sorted keys, `contract_ids` comma-joined (absent when
 # empty), None absent. The Lua scripts copy these strings into events unchanged, and
-# EVENT_DECODER (strict=False) turns them back into exact ints and floats.
+# engine.log.DECODER (strict=False) turns them back into exact ints and floats.
 
 
 _sorted_json = msgspec.json.Encoder(order="sorted").encode

@@ -1,10 +1,11 @@
 """The live market in Redis: one atomic Lua script per kind of state change.
 
 `Market` is a thin adapter. The rules and the exact arithmetic live in `engine.core`; the scripts
-in `engine/lua/` (each prefixed with `_lib.lua`) check every precondition before their first
-write, mutate, bump the region's sequence number and append one event per change to the region's
-stream (`{"e": <event JSON>}`, decodable by `engine.types.EVENT_DECODER`, event id
-`"<region>:<seq>"`). A refusal raises an `engine.errors` subclass; nothing was written.
+in `engine/lua/` (each prefixed with the key names of `engine.keys` and `_lib.lua`) check every
+precondition before their first write, mutate, bump the region's sequence number and append one
+event per change to the region's stream (its shape is `engine.log`'s: one field holding the
+event's JSON, event id `"<region>:<seq>"`). A refusal raises an `engine.errors`
+subclass; nothing was written.
 
 Most calls make one change and append one event. Batches are one call too: a heartbeat batch
 appends one `HeartbeatsApplied` for all its accepted beats; a reserve batch (`reserve_many`),
@@ -16,11 +17,20 @@ The batch scripts group their writes (one command per touched key or index) at t
 - Time is always an argument (`now_ms`); no clock is read here or in the scripts.
 - Scripts are loaded once (`load_scripts()`) and called by SHA; a server that lost them
   (restart, `SCRIPT FLUSH`) gets them again on the `NOSCRIPT` reply, transparently.
-- Every key of a region shares its hash tag (`engine.keys`). The global directory (`dir`: id ->
-  region) and the `regions` set are written by the scripts that create objects, declared as
-  KEYS. That is atomic on one Redis or Valkey server; on Redis Cluster those two keys live in
-  another slot and the calls would be refused (CROSSSLOT): a Cluster deployment must move them
-  into a separate idempotent call made before the script.
+- Every key of a region shares its hash tag (`engine.keys`). The scripts name keys only through
+  `engine.keys.lua_prelude()` and each call declares in KEYS every key its script may touch
+  (built here with `Keys`); where a script would find a key from data (the node of a contract,
+  the entries due in an expiry index, the top of a book for a quote), this adapter reads that
+  first and passes the keys (a contract's node and client never change; an expiry still due
+  and the top of a book are re-checked by the script). `CHECK_DECLARED_KEYS`
+  (the tests) makes every script verify it. Scripts carry a `#!lua` shebang without
+  `allow-cross-slot-keys`, so a Cluster refuses any access outside the call's slot.
+- The global directory (`dir`: id -> region) and the `regions` set are the only keys outside a
+  region's slot. They are written by the scripts that create objects (`register`,
+  `register_many`, `place_bid`: both; `reserve`, `failover`: `dir`), declared as KEYS[2] (and
+  KEYS[3]). That is atomic on one Redis or Valkey server; on Redis Cluster those calls would be
+  refused (CROSSSLOT): a Cluster deployment must move those writes into a separate idempotent
+  call made before the script.
 - Money that can exceed 2**53 (a settlement's cost) is computed in Python (`engine.core`) from
   the contract as read, and the script applies it only if the contract's `version` is still the
   one read (optimistic concurrency; the adapter re-reads and retries on a mismatch).
@@ -43,9 +53,11 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError, ResponseError
 
 from engine import core
+from engine import log as event_log
 from engine.errors import (
     CapacityTaken,
     Conflict,
@@ -55,9 +67,8 @@ from engine.errors import (
     OutsideTerms,
     Unavailable,
 )
-from engine.keys import Keys
+from engine.keys import Keys, lua_prelude
 from engine.types import (
-    EVENT_DECODER,
     Bid,
     Contract,
     Event,
@@ -93,6 +104,7 @@ PLACE_BATCH = 200
 QUOTE_LEVELS = 20
 QUOTE_SCAN_LIMIT = 5000
 """A quote reads at most this many asks and this many bids (the top of each book)."""
+_QUOTE_READ = 200  # entries of each book whose keys a region's first quote declares
 
 _VERSION_RETRIES = 16
 _CALLS_IN_FLIGHT = 4  # concurrent heartbeat calls of one batch: enough to overlap client and server
@@ -145,14 +157,38 @@ class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True):
     bid_id: str | None = None
 
 
+CHECK_DECLARED_KEYS = False
+"""Test mode: when true, every script loaded afterwards raises if a command of it touches a key
+not declared in its KEYS (no single server checks that; Redis Cluster needs it), and every call
+checks that its KEYS share one slot but the global `dir` and `regions`. Slower (one more
+command per command); the tests turn it on."""
+
+
 @cache
+def _script(name: str, checked: bool) -> tuple[str, str]:
+    """The source of script `name` as loaded, and its SHA-1: the shebang (the script's own first
+    line when it starts with one, `#!lua flags=no-writes` for the read-only ones; else `#!lua`:
+    no flags, so a Cluster refuses any access outside the slot of the declared keys), the key
+    names (`engine.keys.lua_prelude`), the key check in test mode, the helpers, the script."""
+    body = (_LUA / f"{name}.lua").read_text()
+    shebang = "#!lua\n"
+    if body.startswith("#!"):
+        shebang, body = body.split("\n", 1)
+        shebang += "\n"
+    parts = [shebang, lua_prelude()]
+    if checked:
+        parts.append((_LUA / "_declared.lua").read_text())
+    parts += [(_LUA / "_lib.lua").read_text(), body]
+    source = "\n".join(parts)
+    return source, hashlib.sha1(source.encode()).hexdigest()
+
+
 def _source(name: str) -> str:
-    return (_LUA / "_lib.lua").read_text() + "\n" + (_LUA / f"{name}.lua").read_text()
+    return _script(name, CHECK_DECLARED_KEYS)[0]
 
 
-@cache
 def _sha(name: str) -> str:
-    return hashlib.sha1(_source(name).encode()).hexdigest()
+    return _script(name, CHECK_DECLARED_KEYS)[1]
 
 
 def _new_id() -> str:
@@ -189,12 +225,14 @@ _O = TypeVar("_O", Node, Bid, Contract)
 
 
 class _BidBatch:
-    """`place_bid` calls sharing one script call: its arguments and the callers' futures."""
+    """`place_bid` calls sharing one script call: its keys, arguments and the callers'
+    futures."""
 
-    __slots__ = ("args", "waiters")
+    __slots__ = ("args", "keys", "waiters")
 
     def __init__(self) -> None:
         self.args: list[str | bytes] = []
+        self.keys: list[str] = []
         self.waiters: list[asyncio.Future[Any]] = []
 
 
@@ -228,6 +266,8 @@ class Market:
         # place_bid calls waiting for their batch's script call, by (region, now_ms)
         self._bids_to_place: dict[tuple[str, int], _BidBatch] = {}
         self._placing: set[asyncio.Task[None]] = set()
+        # region -> book -> how many of the book's top entries a quote declares (see quote)
+        self._quote_depth: dict[str, dict[str, int]] = {}
 
     # -- scripts -----------------------------------------------------------------------------
 
@@ -238,7 +278,17 @@ class Market:
             pipe.script_load(_source(name))
         await pipe.execute()
 
-    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _check_slot(self, keys: Sequence[str | bytes]) -> None:
+        """Test mode: the call's keys, but the global ones, are in one slot."""
+        outside = (self.keys.directory.encode(), self.keys.regions.encode())
+        encoded = (k if isinstance(k, bytes) else k.encode() for k in keys)
+        slots = {key_slot(k) for k in encoded if k not in outside}
+        if len(slots) > 1:
+            raise RuntimeError(f"a script call declares keys of {len(slots)} slots: {keys}")
+
+    async def _eval(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        if CHECK_DECLARED_KEYS:
+            self._check_slot(keys)
         try:
             return await self.redis.evalsha(_sha(name), len(keys), *keys, *args)
         except NoScriptError:
@@ -246,7 +296,7 @@ class Market:
             return await self.redis.evalsha(_sha(name), len(keys), *keys, *args)
 
     async def _eval_many(
-        self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+        self, name: str, calls: Sequence[tuple[Sequence[str | bytes], Sequence[Any]]]
     ) -> list[Any]:
         """Pipelined calls of one script (each call stays atomic on its own)."""
         results: list[Any] = [None] * len(calls)
@@ -255,6 +305,8 @@ class Market:
             pipe = self.redis.pipeline(transaction=False)
             for i in todo:
                 keys, args = calls[i]
+                if CHECK_DECLARED_KEYS:
+                    self._check_slot(keys)
                 pipe.evalsha(_sha(name), len(keys), *keys, *args)
             answers = await pipe.execute(raise_on_error=False)
             missing = []
@@ -273,6 +325,20 @@ class Market:
 
     def _head(self, region: str, now_ms: int) -> list[Any]:
         return [self.keys.tag(region), region, int(now_ms)]
+
+    # The KEYS of each call: every key its script touches (engine/lua/_lib.lua's conventions).
+
+    def _creating(self, region: str) -> list[str]:
+        """The first KEYS of a script that registers nodes or places bids: the region's seq,
+        the global directory and regions set (outside the region's slot: see the module's
+        docstring), then the region's event stream and arrival counter."""
+        k = self.keys
+        return [k.seq(region), k.directory, k.regions, k.events(region), k.arrival(region)]
+
+    def _node_indexes(self, region: str) -> list[str]:
+        """The region's indexes of nodes (asks, their expiry, locations, heartbeat deadlines)."""
+        k = self.keys
+        return [k.asks(region), k.ask_expiry(region), k.geo(region), k.heartbeats(region)]
 
     # -- directory ---------------------------------------------------------------------------
 
@@ -426,11 +492,37 @@ class Market:
 
     async def quote(self, region: str, now_ms: int) -> Quote:
         """The region's top of book now (levels of price, GB), last fill, 24 h volume."""
-        asks, bids, last, volume = await self._eval(
-            "quote",
-            [self.keys.seq(region)],
-            [*self._head(region, now_ms), QUOTE_LEVELS, QUOTE_SCAN_LIMIT],
-        )
+        k = self.keys
+        # The script reads the hashes of the entries at the top of each book, so it is given
+        # their keys: twice as many as the last quote of the region read, read just before, and
+        # more when the levels reach deeper or the book changed in between (the script says
+        # which book).
+        depth = self._quote_depth.setdefault(region, {"asks": _QUOTE_READ, "bids": _QUOTE_READ})
+        for _ in range(_VERSION_RETRIES):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrange(k.asks(region), 0, depth["asks"] - 1)
+            pipe.zrange(k.bids(region), 0, depth["bids"] - 1)
+            node_ids, members = await pipe.execute()
+            result = await self._eval(
+                "quote",
+                [
+                    k.asks(region),
+                    k.bids(region),
+                    k.fills(region),
+                    *k.each(k.node, region, (_text(i) for i in node_ids)),
+                    *k.each(k.bid, region, (core.parse_bid_member(_text(m))[1] for m in members)),
+                ],
+                [*self._head(region, now_ms), QUOTE_LEVELS, QUOTE_SCAN_LIMIT],
+            )
+            if result[0] == 1:
+                break
+            book = _text(result[1])
+            depth[book] = min(QUOTE_SCAN_LIMIT, depth[book] * 4)
+        else:
+            raise Conflict("the book keeps changing; try again", field="region")
+        _, asks, bids, last, volume, asks_read, bids_read = result
+        depth["asks"] = min(QUOTE_SCAN_LIMIT, max(_QUOTE_READ, 2 * int(asks_read)))
+        depth["bids"] = min(QUOTE_SCAN_LIMIT, max(_QUOTE_READ, 2 * int(bids_read)))
 
         def levels(flat: Sequence[Any]) -> list[tuple[int, int]]:
             return [(int(_text(flat[i])), int(_text(flat[i + 1]))) for i in range(0, len(flat), 2)]
@@ -454,8 +546,7 @@ class Market:
         entries = await self.redis.xrange(self.keys.events(region), start, "+", count) or []
         out = []
         for _, fields in entries:
-            raw: Any = (fields or {}).get(b"e") or (fields or {}).get("e")
-            out.append(EVENT_DECODER.decode(raw))
+            out.append(event_log.decode(event_log.entry_payload(fields)))
         return out
 
     # -- nodes -------------------------------------------------------------------------------
@@ -467,7 +558,11 @@ class Market:
         region = stored.region
         result = await self._eval(
             "register",
-            [self.keys.seq(region), self.keys.directory, self.keys.regions],
+            [
+                *self._creating(region),
+                self.keys.node(region, stored.node_id),
+                *self._node_indexes(region),
+            ],
             [
                 *self._head(region, now_ms),
                 self.missed_heartbeats_offline,
@@ -478,7 +573,7 @@ class Market:
         if result[0] == 0:
             raise _refusal(result)
         self._remember(stored.node_id, region)
-        event = EVENT_DECODER.decode(result[1])
+        event = event_log.decode(result[1])
         assert isinstance(event, NodeRegistered)
         return event.node
 
@@ -521,12 +616,15 @@ class Market:
             for region, idx in groups.items()
             for start in range(0, len(idx), REGISTER_BATCH)
         ]
-        directory, regions = self.keys.directory, self.keys.regions
         results = await self._eval_many(
             "register_many",
             [
                 (
-                    [self.keys.seq(region), directory, regions],
+                    [
+                        *self._creating(region),
+                        *self._node_indexes(region),
+                        *self.keys.each(self.keys.node, region, (stored[i].node_id for i in idx)),
+                    ],
                     [
                         *self._head(region, now_ms),
                         self.missed_heartbeats_offline,
@@ -557,22 +655,33 @@ class Market:
         Contracts already made keep their terms."""
         fields = core.change_fields(core.validate_changes(changes))
         region = await self._region_or_404(node_id, core.NODE_NOT_FOUND, "node_id")
+        k = self.keys
         result = await self._eval(
             "update",
-            [self.keys.seq(region)],
+            [
+                k.seq(region),
+                k.events(region),
+                k.node(region, node_id),
+                k.asks(region),
+                k.ask_expiry(region),
+                k.geo(region),
+            ],
             [*self._head(region, now_ms), node_id, *_flatten(fields)],
         )
         if result[0] == 0:
             raise _refusal(result)
-        event = EVENT_DECODER.decode(result[1])
+        event = event_log.decode(result[1])
         assert isinstance(event, NodeUpdated)
         return event.node
 
     async def deactivate_node(self, node_id: str, now_ms: int) -> Node:
         """No new leases and no heartbeats; the node's active contracts run to their end."""
         region = await self._region_or_404(node_id, core.NODE_NOT_FOUND, "node_id")
+        k = self.keys
         result = await self._eval(
-            "deactivate", [self.keys.seq(region)], [*self._head(region, now_ms), node_id]
+            "deactivate",
+            [k.seq(region), k.events(region), k.node(region, node_id), *self._node_indexes(region)],
+            [*self._head(region, now_ms), node_id],
         )
         if result[0] == 0:
             raise _refusal(result)
@@ -604,7 +713,7 @@ class Market:
             for start in range(0, len(idx), HEARTBEAT_BATCH)
         ]
 
-        def request(region: str, idx: list[int]) -> tuple[list[str], list[Any]]:
+        def request(region: str, idx: list[int]) -> tuple[list[str | bytes], list[Any]]:
             entries = [
                 [
                     b.node_id,
@@ -626,7 +735,13 @@ class Market:
                 owner_id,
                 _json(entries),
             ]
-            return [self.keys.seq(region)], args
+            k = self.keys
+            return [
+                k.seq(region),
+                k.events(region),
+                *self._node_indexes(region),
+                *k.each(k.node, region, (beats[i].node_id for i in idx)),
+            ], args
 
         def record(idx: list[int], result: Any) -> None:
             waits = iter(result[2:])
@@ -656,8 +771,19 @@ class Market:
         """Mark a node offline once its heartbeat deadline has passed (re-checked atomically:
         Conflict if a beat came in meanwhile). Returns its active contracts, by id."""
         region = await self._region_or_404(node_id, core.NODE_NOT_FOUND, "node_id")
+        k = self.keys
         result = await self._eval(
-            "mark_offline", [self.keys.seq(region)], [*self._head(region, now_ms), node_id]
+            "mark_offline",
+            [
+                k.seq(region),
+                k.events(region),
+                k.node(region, node_id),
+                k.node_contracts(region, node_id),
+                k.asks(region),
+                k.ask_expiry(region),
+                k.heartbeats(region),
+            ],
+            [*self._head(region, now_ms), node_id],
         )
         if result[0] == 0:
             raise _refusal(result)
@@ -666,13 +792,28 @@ class Market:
 
     async def expire_asks(self, region: str, now_ms: int, limit: int = 500) -> list[Node]:
         """Delist the nodes whose ask expired (`ask_expires_ms <= now_ms`) with no change since;
-        one NodeUpdated event each. Returns those nodes."""
+        one NodeUpdated event each. Returns those nodes (at most `limit`, earliest first)."""
+        k = self.keys
+        # The script touches the nodes found due here (their keys must be declared) and delists
+        # those still due when it runs.
+        due = await self.redis.zrangebyscore(k.ask_expiry(region), "-inf", now_ms, 0, limit)
+        if not due:
+            return []
+        ids = [_text(i) for i in due]
         result = await self._eval(
-            "expire_asks", [self.keys.seq(region)], [*self._head(region, now_ms), int(limit)]
+            "expire_asks",
+            [
+                k.seq(region),
+                k.events(region),
+                k.asks(region),
+                k.ask_expiry(region),
+                *k.each(k.node, region, ids),
+            ],
+            [*self._head(region, now_ms), *ids],
         )
         out = []
         for raw in result[1:]:
-            event = EVENT_DECODER.decode(raw)
+            event = event_log.decode(raw)
             assert isinstance(event, NodeUpdated)
             out.append(event.node)
         return out
@@ -700,6 +841,7 @@ class Market:
             self._placing.add(task)
             task.add_done_callback(self._placing.discard)
         batch.args += (stored.bid_id, _json(fields))
+        batch.keys.append(self.keys.bid(stored.region, stored.bid_id))
         batch.waiters.append(waiter)
         if len(batch.waiters) >= PLACE_BATCH:
             del self._bids_to_place[key]  # the next call starts another batch
@@ -717,9 +859,10 @@ class Market:
         waiters = batch.waiters
         region, now_ms = key
         try:
+            k = self.keys
             results = await self._eval(
                 "place_bid",
-                [self.keys.seq(region), self.keys.directory, self.keys.regions],
+                [*self._creating(region), k.bids(region), k.bid_expiry(region), *batch.keys],
                 [*self._head(region, now_ms), *batch.args],
             )
         except BaseException as exc:
@@ -740,9 +883,16 @@ class Market:
     async def cancel_bid(self, bid_id: str, now_ms: int) -> Bid:
         """Cancel an open bid (Conflict once it is filled, cancelled or expired)."""
         region = await self._region_or_404(bid_id, core.BID_NOT_FOUND, "bid_id")
+        k = self.keys
         result = await self._eval(
             "cancel_bid",
-            [self.keys.seq(region)],
+            [
+                k.seq(region),
+                k.events(region),
+                k.bid(region, bid_id),
+                k.bids(region),
+                k.bid_expiry(region),
+            ],
             [*self._head(region, now_ms), bid_id, self.retention_ms],
         )
         if result[0] == 0:
@@ -750,11 +900,25 @@ class Market:
         return core.from_fields(Bid, _pairs(result[2]))
 
     async def expire_bids(self, region: str, now_ms: int, limit: int = 500) -> list[Bid]:
-        """Expire open bids whose `expires_ms <= now_ms`, earliest first; one event each."""
+        """Expire open bids whose `expires_ms <= now_ms`, earliest first (at most `limit`); one
+        event each."""
+        k = self.keys
+        # The script touches the bids found due here (their keys must be declared) and expires
+        # those still due when it runs.
+        due = await self.redis.zrangebyscore(k.bid_expiry(region), "-inf", now_ms, 0, limit)
+        if not due:
+            return []
+        ids = [_text(i) for i in due]
         result = await self._eval(
             "expire_bids",
-            [self.keys.seq(region)],
-            [*self._head(region, now_ms), int(limit), self.retention_ms],
+            [
+                k.seq(region),
+                k.events(region),
+                k.bids(region),
+                k.bid_expiry(region),
+                *k.each(k.bid, region, ids),
+            ],
+            [*self._head(region, now_ms), self.retention_ms, *ids],
         )
         return [core.from_fields(Bid, _pairs(result[i])) for i in range(2, len(result), 2)]
 
@@ -762,11 +926,29 @@ class Market:
 
     def _reserve_call(
         self, region: str, now_ms: int, entries: list[list[str]]
-    ) -> tuple[list[str], list[Any]]:
-        return (
-            [self.keys.seq(region), self.keys.directory],
-            [*self._head(region, now_ms), self.retention_ms, _json(entries)],
-        )
+    ) -> tuple[list[str | bytes], list[Any]]:
+        k = self.keys
+        keys: list[str | bytes] = [
+            k.seq(region),
+            k.directory,
+            k.events(region),
+            k.asks(region),
+            k.ask_expiry(region),
+            k.bids(region),
+            k.bid_expiry(region),
+            k.ends(region),
+            k.fills(region),
+        ]
+        # the objects of the requests (_reserve_entry), each key once
+        nodes = {e[0] for e in entries}
+        clients = {e[2] for e in entries}
+        bids = {e[8] for e in entries if e[8]}
+        keys += k.each(k.node, region, nodes)
+        keys += k.each(k.node_contracts, region, nodes)
+        keys += k.each(k.client_contracts, region, clients)
+        keys += k.each(k.bid, region, bids)
+        keys += k.each(k.contract, region, (e[1] for e in entries))
+        return keys, [*self._head(region, now_ms), self.retention_ms, _json(entries)]
 
     @staticmethod
     def _reserve_entry(contract_id: str, r: ReserveRequest) -> list[str]:
@@ -939,9 +1121,17 @@ class Market:
         longest_s = core.longest_lease_s(
             contract.ram_gb + contract.vram_gb, contract.max_price_pusd or contract.price_pusd
         )
+        k = self.keys
         result = await self._eval(
             "extend",
-            [self.keys.seq(region)],
+            [
+                k.seq(region),
+                k.events(region),
+                k.contract(region, contract_id),
+                # a contract's node never changes: the one read here is the script's
+                k.node(region, contract.node_id),
+                k.ends(region),
+            ],
             [*self._head(region, now_ms), contract_id, extra_s, longest_s],
         )
         if result[0] == 0:
@@ -965,6 +1155,22 @@ class Market:
             raise Conflict(f"contract is {contract.status}", field="contract_id")
         return contract
 
+    def _closing(self, region: str, contract: Contract) -> list[str]:
+        """The keys that closing `contract` touches but the seq: it, its node's and client's
+        (they never change, so the contract as read names them), the region's event stream and
+        indexes of contracts and asks."""
+        k = self.keys
+        return [
+            k.events(region),
+            k.contract(region, contract.contract_id),
+            k.node(region, contract.node_id),
+            k.node_contracts(region, contract.node_id),
+            k.client_contracts(region, contract.client_id),
+            k.ends(region),
+            k.asks(region),
+            k.ask_expiry(region),
+        ]
+
     async def _close(self, contract_id: str, now_ms: int, status: str, egress: int) -> Contract:
         region = await self._region_or_404(contract_id, core.CONTRACT_NOT_FOUND, "contract_id")
         for _ in range(_VERSION_RETRIES):
@@ -972,7 +1178,7 @@ class Market:
             closed = core.close_contract(contract, now_ms=now_ms, status=status, egress_mgb=egress)
             result = await self._eval(
                 "settle",
-                [self.keys.seq(region)],
+                [self.keys.seq(region), *self._closing(region, contract)],
                 [
                     *self._head(region, now_ms),
                     contract_id,
@@ -1018,9 +1224,17 @@ class Market:
             closed = core.close_contract(
                 old, now_ms=now_ms, status="failed_over", successor_id=new_id
             )
+            k = self.keys
             result = await self._eval(
                 "failover",
-                [self.keys.seq(region), self.keys.directory],
+                [
+                    k.seq(region),
+                    k.directory,
+                    *self._closing(region, old),
+                    k.contract(region, new_id),
+                    k.node(region, new_node_id),
+                    k.node_contracts(region, new_node_id),
+                ],
                 [
                     *self._head(region, now_ms),
                     contract_id,

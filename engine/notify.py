@@ -28,7 +28,7 @@ units, like the events: the gateway maps each to the channel's public event (`ga
 from __future__ import annotations
 
 import heapq
-from typing import Any, Literal
+from typing import Any, Literal, assert_never
 
 import msgspec
 
@@ -43,6 +43,11 @@ from engine.types import (
     ContractExtended,
     ContractSettled,
     Event,
+    HeartbeatsApplied,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeUpdated,
 )
 
 __all__ = [
@@ -215,8 +220,16 @@ class Notifier:
                     return [self._bid_note("bid_cancelled", event.ts_ms, gone)]
                 gone = msgspec.structs.replace(known, status="expired")
                 return [self._bid_note("bid_expired", event.ts_ms, gone)]
+            case (
+                NodeRegistered()
+                | NodeUpdated()
+                | NodeDeactivated()
+                | HeartbeatsApplied()
+                | NodeOffline()
+            ):
+                return []  # the node's owner hears of its nodes from the gateway, not from here
             case _:
-                return []
+                assert_never(event)
 
     def _bid_note(
         self, notice: BidNoticeKind, ts_ms: int, bid: Bid, contract: Contract | None = None

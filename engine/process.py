@@ -7,7 +7,8 @@ never cross the same book), takes a snapshot of the region (nodes, open bids, li
 then tails the region's event stream and keeps its own view current from it:
 
 - an `AskBook` (engine.scoring) of the region's nodes, for ranking;
-- the open bids, in price-time priority (`engine.core.bid_priority`);
+- a `BidBook` (engine.book): the open bids and the crossing rule, pure; this module is its
+  adapter (it feeds the book, sends the reserves the book decides on, and hands back outcomes);
 - a `Notifier` (engine.notify) that turns every event into pub/sub messages;
 - a `QuoteBook` (engine.quotes): the region's quote and supply summary, and whether an event
   made room for a resting bid.
@@ -15,16 +16,11 @@ then tails the region's event stream and keeps its own view current from it:
 Duties, each an atomic `Market` script call (the scripts are the truth; the view may be a few
 milliseconds stale, so a refused reserve is a normal result and the next candidate is tried):
 
-- Crossing, in price-time priority. A bid is tried when it arrives; when an ask gets better (a
-  node registers, changes terms or price, comes back, reports more free memory, or a contract on
-  it ends), the resting bids that ask could serve are tried again (`QuoteBook.take_improved`
-  bounds them; the others already failed against the rest of the book); every open bid is
-  tried on a slow periodic tick as a backstop. For a bid, `engine.scoring.rank` orders the eligible asks
-  under the bid's constraints and `engine.core.plan_fills` decides the fills (one node for the
-  whole bid, or several of at least `min_fill_gb` with `allow_split`); each is one
-  `Market.reserve(..., bid_id=...)`. A pass stops early at the first bid whose cap is below the
-  cheapest live ask. A pass's reserves go out in pipelined batches (`Market.reserve_many`); the
-  view is debited as fills are planned, so later bids of the batch see the capacity as taken.
+- Crossing, in price-time priority, as `engine.book` states it: a bid is tried when it arrives,
+  when an ask it could use gets better, and (every open bid) on a slow tick, `CROSS_TICK_S`, as
+  a backstop. Each fill is one `Market.reserve(..., bid_id=...)`; a pass's reserves go out in
+  pipelined batches (`Market.reserve_many`), and a bid that lost a race falls through to its
+  next candidates with single reserves.
 - Expiry of bids (`expire_bids`) and settlement of contracts whose end passed (`due_contracts`
   then `settle(..., egress 0)`), due when the view knows of one, and on a periodic sweep, which
   also delists expired asks (`expire_asks`).
@@ -65,31 +61,24 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from engine.core import Fill, apply_fill, bid_priority, plan_fills, successor_duration_s
-from engine.errors import (
-    CapacityTaken,
-    Conflict,
-    InvalidRequest,
-    MarketError,
-    NotFound,
-    Unavailable,
-)
+from engine import log as event_log
+from engine.book import Attempt, BidBook, Outcome
+from engine.core import successor_duration_s
+from engine.errors import CapacityTaken, Conflict, MarketError, NotFound, Unavailable
 from engine.keys import Keys
 from engine.market import Market, ReserveRequest
 from engine.notify import Message, Notifier, encode_message
 from engine.quotes import QuoteBook
-from engine.scoring import AskBook, MatchRequest, browse, merge_matches, rank, warm_up
+from engine.scoring import AskBook, MatchRequest, rank, warm_up
 from engine.settings import ConfigError, Settings
 from engine.types import (
-    EVENT_DECODER,
-    Bid,
     BidCancelled,
     BidExpired,
     BidPlaced,
@@ -98,7 +87,12 @@ from engine.types import (
     ContractExtended,
     ContractSettled,
     Event,
+    HeartbeatsApplied,
     Node,
+    NodeDeactivated,
+    NodeOffline,
+    NodeRegistered,
+    NodeUpdated,
     Quote,
 )
 
@@ -129,19 +123,7 @@ SUMMARY_MIN_INTERVAL_S = 1.0
 SUMMARY_KEEPALIVE_S = 10.0
 REGION_RESCAN_S = 2.0
 STREAM_BATCH = 1_000
-RANK_K = 4
-"""Candidates ranked per bid at first (each costs ~5 us to materialise; the view is debited as
-fills are planned, so the best few almost always take it); a bid that loses races ranks again
-wider, `RANK_K` more per node excluded."""
-SPLIT_K = 64
-RESERVE_BATCH = 256
-"""Reserves per pipelined round trip within a crossing pass."""
-MAX_FALL_THROUGH = 8
-"""Reserves one bid tries, one after another, after losing a race in a batch; then it waits for
-the next pass."""
 SETTLE_CONCURRENCY = 32
-YIELD_EVERY = 500
-"""Bids planned between two yields to the event loop in a long crossing pass."""
 FAILOVER_K = 16
 SCRIPT_LIMIT = 500
 """Page size of the list-returning scripts (expire, due, stale)."""
@@ -159,40 +141,22 @@ _GONE = (Conflict, NotFound)
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
-def _may_use(bid: Bid, improved: tuple[int, int, int, int]) -> bool:
-    """Whether some ask within `improved` (QuoteBook.take_improved's bounds) might fill the bid."""
-    price, ram, vram, total = improved
-    if bid.max_price_pusd < price:
-        return False
-    if bid.allow_split:
-        rest = bid.remaining_ram_gb + bid.remaining_vram_gb
-        return total >= min(rest, max(bid.min_fill_gb, 1))
-    return bid.remaining_ram_gb <= ram and bid.remaining_vram_gb <= vram
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _as_sent(response: Any, **_options: Any) -> Any:
-    return response
-
-
-def _streams(reply: Any) -> list[tuple[Any, list[Any]]]:
-    """(stream, entries) of a raw XREAD reply: a map under RESP3, a list of pairs under RESP2."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(reply.items())
-    return [(stream, entries) for stream, entries in reply]
-
-
-def _e_field(fields: list[Any]) -> Any:
-    """The `e` field of a raw entry (a flat [field, value, ...] list); KeyError without one."""
-    for i in range(0, len(fields or ()) - 1, 2):
-        if fields[i] in (b"e", "e"):
-            return fields[i + 1]
-    raise KeyError("e")
+def _reserve_request(attempt: Attempt) -> ReserveRequest:
+    bid, fill = attempt.bid, attempt.fill
+    return ReserveRequest(
+        node_id=fill.node_id,
+        client_id=bid.client_id,
+        user_id=bid.user_id,
+        ram_gb=fill.ram_gb,
+        vram_gb=fill.vram_gb,
+        duration_s=bid.duration_s,
+        max_price_pusd=bid.max_price_pusd,
+        bid_id=bid.bid_id,
+    )
 
 
 def wall_clock_ms() -> int:
@@ -289,7 +253,7 @@ class Engine:
         # hands XREAD replies over as the server sent them, skipping redis-py's building of a
         # dict per entry (a few microseconds an event, two events a bid).
         self.stream_reader = aioredis.Redis(connection_pool=redis.connection_pool)
-        self.stream_reader.set_response_callback("XREAD", _as_sent)
+        self.stream_reader.set_response_callback("XREAD", event_log.as_sent)
         self.workers: dict[str, RegionWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -500,15 +464,11 @@ class RegionWorker:
         self._reset()
 
     def _reset(self) -> None:
-        self.book = AskBook(self.region)
+        self.asks = AskBook(self.region)
         self.quotes = QuoteBook(self.region)
+        self.bids = BidBook(self.region, self.asks, self.quotes)
         self.notifier = Notifier(self.keys, self.region)
-        self.bids: dict[str, Bid] = {}
         self.last_id: bytes | str = b"0-0"
-        self._fresh: list[str] = []
-        self._ask_dirty = True
-        self._retry: set[str] = set()
-        self._bid_expiry: list[tuple[int, str]] = []
         self._ends: list[tuple[int, str]] = []
         self._next_sweep_ms = 0
         self._next_full_cross = 0.0
@@ -580,17 +540,17 @@ class RegionWorker:
         log.info(
             "region %s: serving (%d nodes, %d open bids)",
             self.region,
-            len(self.book),
+            len(self.asks),
             len(self.bids),
         )
         crossed_at = time.monotonic()
         while self._running() and self.lease.valid():
-            block_ms = None if (self._fresh or self._retry) else max(1, int(TICK_S * 1000))
+            block_ms = None if self.bids.pending else max(1, int(TICK_S * 1000))
             reply: Any = await self.engine.stream_reader.xread(
                 {self.stream: self.last_id}, count=STREAM_BATCH, block=block_ms
             )
             n = 0
-            for _stream, entries in _streams(reply):
+            for _stream, entries in event_log.stream_entries(reply):
                 for entry_id, fields in entries:
                     self.last_id = entry_id
                     n += 1
@@ -621,69 +581,51 @@ class RegionWorker:
             self.market.contracts(region=self.region),
         )
         for node in nodes:
-            self.book.upsert(node)
+            self.asks.upsert(node)
             self.quotes.upsert_node(node)
         for member, ts in fills:
             self.quotes.load_fill(_text(member), int(ts))
         for bid in bids:
-            self._add_bid(bid)
+            self.bids.add(bid)
+            self.notifier.remember(bid)
             self.quotes.add_bid(bid)
         for contract in contracts:
             if contract.status == "active":
                 self.notifier.remember(contract)
                 heapq.heappush(self._ends, (contract.end_ms, contract.contract_id))
-        self._ask_dirty = True
-
-    def _add_bid(self, bid: Bid) -> None:
-        """Track an open bid (the QuoteBook learns it from the snapshot or its event)."""
-        self.bids[bid.bid_id] = bid
-        self.notifier.remember(bid)
-        if bid.expires_ms:
-            heapq.heappush(self._bid_expiry, (bid.expires_ms, bid.bid_id))
 
     async def _on_entry(self, fields: list[Any]) -> None:
         try:
-            event = EVENT_DECODER.decode(_e_field(fields))
-        except (KeyError, msgspec.DecodeError) as exc:
+            event = event_log.decode(event_log.entry_payload(fields))
+        except (TypeError, msgspec.DecodeError) as exc:
             log.error("region %s: undecodable stream entry skipped: %s", self.region, exc)
             return
         self.quotes.apply(event)
-        self.book.apply(event)
+        self.asks.apply(event)
+        self.bids.apply(event)
         self._quote_dirty = True
         match event:
             case BidPlaced(bid=bid):
                 if bid.status == "open":
-                    self._add_bid(bid)
-                    self._fresh.append(bid.bid_id)
-            case BidCancelled(bid_id=bid_id) | BidExpired(bid_id=bid_id):
-                self.bids.pop(bid_id, None)
+                    self.notifier.remember(bid)
             case ContractCreated(contract=c):
                 heapq.heappush(self._ends, (c.end_ms, c.contract_id))
-                if event.bid_id is not None:
-                    self._bid_filled(event)
             case ContractExtended():
                 heapq.heappush(self._ends, (event.end_ms, event.contract_id))
+            case (
+                NodeRegistered()
+                | NodeUpdated()
+                | NodeDeactivated()
+                | HeartbeatsApplied()
+                | NodeOffline()
+                | BidCancelled()
+                | BidExpired()
+                | ContractSettled()
+            ):
+                pass  # no contract's end to schedule, no new bid to address notices to
             case _:
-                pass
+                assert_never(event)
         await self._notify(event)
-
-    def _bid_filled(self, event: ContractCreated) -> None:
-        assert event.bid_id is not None
-        bid = self.bids.get(event.bid_id)
-        if bid is None:
-            return
-        if event.bid_status is not None and event.bid_status != "open":
-            del self.bids[event.bid_id]
-            return
-        ids = bid.contract_ids
-        if event.contract.contract_id not in ids:
-            ids = [*ids, event.contract.contract_id]
-        self.bids[event.bid_id] = msgspec.structs.replace(
-            bid,
-            filled_ram_gb=event.bid_filled_ram_gb,
-            filled_vram_gb=event.bid_filled_vram_gb,
-            contract_ids=ids,
-        )
 
     async def _notify(self, event: Event) -> None:
         notifier = self.notifier
@@ -700,8 +642,18 @@ class RegionWorker:
                     found_bid = await self.market.get_bid(bid_id)
                     if found_bid is not None:
                         notifier.remember(found_bid)
+            case (
+                NodeRegistered()
+                | NodeUpdated()
+                | NodeDeactivated()
+                | HeartbeatsApplied()
+                | NodeOffline()
+                | BidPlaced()
+                | ContractCreated()
+            ):
+                pass  # these carry whatever their notices are addressed by
             case _:
-                pass
+                assert_never(event)
         self.publisher.publish(notifier.on_event(event))
 
     # -- time-driven duties -------------------------------------------------------------------
@@ -710,30 +662,30 @@ class RegionWorker:
         sweep = now_ms >= self._next_sweep_ms
         if sweep:
             self._next_sweep_ms = now_ms + SWEEP_MS
-        if sweep or self._due(self._bid_expiry, now_ms, self.bids):
+        if sweep or self.bids.expiry_due(now_ms):
             await self._expire_bids(now_ms)
-        if sweep or self._due(self._ends, now_ms, None):
+        if sweep or self._due(self._ends, now_ms):
             await self._settle_ended(now_ms)
         if sweep:
             await self._check_liveness(now_ms)
             await self._expire_asks(now_ms)
         self.publisher.publish(self.notifier.due_notices(now_ms))
 
-    def _due(self, heap: list[tuple[int, str]], now_ms: int, live: dict[str, Any] | None) -> bool:
-        """Pop every entry of `heap` whose time has come; True if any is still live (`live`
-        None: every entry counts; whether a contract's end still holds is the script's call)."""
+    @staticmethod
+    def _due(heap: list[tuple[int, str]], now_ms: int) -> bool:
+        """Pop every entry of `heap` whose time has come; True if there was one (whether a
+        contract's end still holds is the script's call)."""
         due = False
         while heap and heap[0][0] <= now_ms:
-            _, key = heapq.heappop(heap)
-            if live is None or key in live:
-                due = True
+            heapq.heappop(heap)
+            due = True
         return due
 
     async def _expire_bids(self, now_ms: int) -> None:
         while True:
             expired = await self.market.expire_bids(self.region, now_ms, limit=SCRIPT_LIMIT)
             for bid in expired:
-                self.bids.pop(bid.bid_id, None)
+                self.bids.remove(bid.bid_id)
             if len(expired) < SCRIPT_LIMIT:
                 return
 
@@ -772,9 +724,9 @@ class RegionWorker:
             contracts = await self.market.mark_offline(node_id, now_ms)
         except _GONE:
             return  # a heartbeat arrived meanwhile, or the node is gone
-        self.book.set_status(node_id, "offline")
+        self.asks.set_status(node_id, "offline")
         self.quotes.set_status(node_id, "offline")
-        node = self.book.node(node_id) or await self.market.get_node(node_id)
+        node = self.asks.node(node_id) or await self.market.get_node(node_id)
         for contract in contracts:
             if contract.status == "active":
                 await self._fail_over(contract, node, now_ms)
@@ -799,7 +751,7 @@ class RegionWorker:
             region=self.region,
             limit=FAILOVER_K,
         )
-        for match in rank(self.book, req, now_ms, FAILOVER_K + 1):
+        for match in rank(self.asks, req, now_ms, FAILOVER_K + 1):
             if match.node_id == contract.node_id:
                 continue
             try:
@@ -813,7 +765,7 @@ class RegionWorker:
                     "region %s: failover to %s refused: %s", self.region, match.node_id, exc
                 )
                 continue
-            self._debit(new.node_id, new.ram_gb, new.vram_gb)
+            self.bids.debit(new.node_id, new.ram_gb, new.vram_gb)
             log.info(
                 "region %s: contract %s failed over from %s to %s",
                 self.region,
@@ -830,128 +782,38 @@ class RegionWorker:
         except _GONE:
             pass
 
-    # -- crossing -----------------------------------------------------------------------------
-
-    def _debit(self, node_id: str, ram_gb: int, vram_gb: int) -> None:
-        """Count a reserve in the view before its event arrives (the event then sets the same
-        absolute value), so later decisions of this pass see the capacity as taken."""
-        reserved = self.quotes.reserved(node_id)
-        if reserved is None:
-            return
-        ram, vram = reserved[0] + ram_gb, reserved[1] + vram_gb
-        self.book.set_reserved(node_id, ram, vram)
-        self.quotes.set_reserved(node_id, ram, vram)
-
-    def _best_ask(self, now_ms: int) -> int | None:
-        offers, _total = browse(self.book, now_ms=now_ms, limit=1)
-        return offers[0].price_pusd if offers else None
+    # -- crossing: engine.book decides, this performs ------------------------------------
 
     async def _cross(self, now_ms: int) -> None:
         now = time.monotonic()
-        improved = self.quotes.take_improved(now_ms)
-        if self._ask_dirty or now >= self._next_full_cross:
-            self._ask_dirty = False
+        crossing = self.bids.cross(now_ms, everything=now >= self._next_full_cross)
+        if crossing.everything:
             self._next_full_cross = now + CROSS_TICK_S
-            candidates = list(self.bids.values())
-        else:
-            wanted = set(self._fresh) | self._retry
-            candidates = [self.bids[i] for i in wanted if i in self.bids]
-            if improved is not None:
-                # Only a bid that one of the asks that got better could serve may cross now:
-                # the others were tried against the rest of the book already.
-                candidates += [
-                    b
-                    for b in self.bids.values()
-                    if b.bid_id not in wanted and _may_use(b, improved)
-                ]
-        self._fresh.clear()
-        self._retry.clear()
-        if not candidates:
-            return
-        best_ask = self._best_ask(now_ms)
-        if best_ask is None:
-            return
-        candidates.sort(key=bid_priority)
-        batch: list[tuple[Bid, Fill]] = []
-        for i, bid in enumerate(candidates):
-            if bid.max_price_pusd < best_ask:
-                break  # every later bid has a lower cap still
-            if i % YIELD_EVERY == YIELD_EVERY - 1:
-                await asyncio.sleep(0)  # a long pass lets the other regions' loops run
+        while not crossing.done:
+            batch = crossing.next_batch(now_ms)
             if not self.lease.valid() or not self._running():
                 return
-            for fill in self._plan(bid, now_ms, ()):
-                self._debit(fill.node_id, fill.ram_gb, fill.vram_gb)
-                batch.append((bid, fill))
-            if len(batch) >= RESERVE_BATCH:
+            if batch:
                 await self._execute(batch, now_ms)
-                batch = []
                 now_ms = self.clock()  # a long pass must not date contracts in the past
-        if batch:
-            await self._execute(batch, now_ms)
+            elif not crossing.done:
+                await asyncio.sleep(0)  # a long pass lets the other regions' loops run
 
-    def _plan(self, bid: Bid, now_ms: int, excluded: Iterable[str]) -> list[Fill]:
-        """The fills to try for `bid` now, best first: engine.core.plan_fills over the eligible
-        asks as engine.scoring ranks them under the bid's constraints."""
-        bid = self.bids.get(bid.bid_id, bid)
-        ram, vram = bid.remaining_ram_gb, bid.remaining_vram_gb
-        if bid.status != "open" or ram + vram <= 0:
-            return []
-        skip = set(excluded)
-        try:
-            matches = rank(
-                self.book, self._request(bid, ram, vram), now_ms, RANK_K * (1 + len(skip))
-            )
-            if not bid.allow_split:
-                for m in matches:
-                    node = None if m.node_id in skip else self.book.node(m.node_id)
-                    if node is not None and (fills := plan_fills(bid, [node], now_ms)):
-                        return fills
-                return []
-            # Nodes too small for the whole remainder can take a piece of it: rank on a one-GB
-            # probe for each kind of memory still wanted. Whole-remainder candidates come first
-            # (one contract beats several), then the pieces, best score first.
-            probes = []
-            if ram > 0:
-                probes.append(rank(self.book, self._request(bid, 1, 0), now_ms, SPLIT_K))
-            if vram > 0:
-                probes.append(rank(self.book, self._request(bid, 0, 1), now_ms, SPLIT_K))
-            ordered = [*matches, *merge_matches(probes, 2 * SPLIT_K)]
-        except InvalidRequest as exc:
-            log.warning("region %s: bid %s cannot be matched: %s", self.region, bid.bid_id, exc)
-            return []
-        nodes = []
-        for m in ordered:
-            if m.node_id in skip:
-                continue
-            skip.add(m.node_id)
-            node = self.book.node(m.node_id)
-            if node is not None:
-                nodes.append(node)
-        return plan_fills(bid, nodes, now_ms)
-
-    def _request(self, bid: Bid, ram_gb: int, vram_gb: int) -> MatchRequest:
-        return MatchRequest(
-            ram_gb=ram_gb,
-            vram_gb=vram_gb,
-            max_price_pusd=bid.max_price_pusd,
-            duration_s=bid.duration_s,
-            lat=bid.lat,
-            lng=bid.lng,
-            prefer_local=bid.prefer_local,
-            max_distance_km=bid.max_distance_km,
-            min_uptime_score=bid.min_uptime_score,
-            node_type=bid.node_type,
-            region=self.region,
-            limit=RANK_K,
-        )
-
-    async def _execute(self, batch: list[tuple[Bid, Fill]], now_ms: int) -> None:
+    async def _execute(self, batch: list[Attempt], now_ms: int) -> None:
         """Send the batch's reserves in one pipelined round trip (`Market.reserve_many`, each
-        still its own atomic script); a lost race falls through to the bid's next candidate."""
-        results = await self.market.reserve_many(
-            [
-                ReserveRequest(
+        still its own atomic script), then the fall-through of the bids that lost a race, one
+        reserve at a time."""
+        results = await self.market.reserve_many([_reserve_request(a) for a in batch], now_ms)
+        gone: set[str] = set()
+        for attempt, result in zip(batch, results, strict=True):
+            if self._resolve(attempt, result) == "gone":
+                gone.add(attempt.bid.bid_id)
+        for bid_id in gone:
+            await self._refresh_bid(bid_id)
+        while self.lease.valid() and (next_try := self.bids.fall_through(now_ms)) is not None:
+            bid, fill = next_try.bid, next_try.fill
+            try:
+                result = await self.market.reserve(
                     node_id=fill.node_id,
                     client_id=bid.client_id,
                     user_id=bid.user_id,
@@ -959,97 +821,30 @@ class RegionWorker:
                     vram_gb=fill.vram_gb,
                     duration_s=bid.duration_s,
                     max_price_pusd=bid.max_price_pusd,
+                    now_ms=now_ms,
                     bid_id=bid.bid_id,
                 )
-                for bid, fill in batch
-            ],
-            now_ms,
-        )
-        losers: dict[str, set[str]] = {}
-        gone: set[str] = set()
-        for (bid, fill), result in zip(batch, results, strict=True):
-            if isinstance(result, Contract):
-                self._filled(bid.bid_id, fill, result)
-                continue
-            self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
-            if isinstance(result, _LOST_RACE):
-                losers.setdefault(bid.bid_id, set()).add(fill.node_id)
-            elif isinstance(result, _GONE):
-                gone.add(bid.bid_id)
-            else:
-                # e.g. a split piece planned as "the rest" after an earlier piece lost its race
-                log.info(
-                    "region %s: reserve for bid %s refused: %s", self.region, bid.bid_id, result
-                )
-        for bid_id in gone:
-            await self._refresh_bid(bid_id)
-        for bid_id, excluded in losers.items():
-            await self._fall_through(bid_id, excluded, now_ms)
+            except MarketError as exc:
+                result = exc  # a refusal is an outcome, like reserve_many's
+            if self._resolve(next_try, result) == "gone":
+                await self._refresh_bid(bid.bid_id)
+
+    def _resolve(self, attempt: Attempt, result: Contract | MarketError) -> Outcome:
+        outcome = self.bids.resolve(attempt, result)
+        if isinstance(result, Contract):
+            self.fills += 1
+            heapq.heappush(self._ends, (result.end_ms, result.contract_id))
+        elif outcome == "refused":
+            # e.g. a split piece planned as "the rest" after an earlier piece lost its race
+            log.info(
+                "region %s: reserve for bid %s refused: %s", self.region, attempt.bid.bid_id, result
+            )
+        return outcome
 
     async def _refresh_bid(self, bid_id: str) -> None:
         """Re-read a bid the script refused to fill (it may have been cancelled or expired, or
         our view of its fill state may be behind)."""
-        bid = await self.market.get_bid(bid_id)
-        if bid is None or bid.status != "open":
-            self.bids.pop(bid_id, None)
-        elif bid_id in self.bids:
-            self.bids[bid_id] = bid
-
-    async def _fall_through(self, bid_id: str, excluded: set[str], now_ms: int) -> None:
-        for _ in range(MAX_FALL_THROUGH):
-            bid = self.bids.get(bid_id)
-            if bid is None or not self.lease.valid():
-                return
-            fills = self._plan(bid, now_ms, excluded)
-            if not fills:
-                return
-            fill = fills[0]
-            self._debit(fill.node_id, fill.ram_gb, fill.vram_gb)
-            try:
-                contract = await self._reserve(bid, fill, now_ms)
-            except _LOST_RACE:
-                self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
-                excluded.add(fill.node_id)
-                continue
-            except _GONE:
-                self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
-                await self._refresh_bid(bid_id)
-                return
-            except MarketError as exc:
-                self._debit(fill.node_id, -fill.ram_gb, -fill.vram_gb)
-                log.info("region %s: reserve for bid %s refused: %s", self.region, bid_id, exc)
-                return
-            self._filled(bid_id, fill, contract)
-            return
-        # out of candidates for now: the next full pass (an event or the tick) tries again
-
-    async def _reserve(self, bid: Bid, fill: Fill, now_ms: int) -> Contract:
-        return await self.market.reserve(
-            node_id=fill.node_id,
-            client_id=bid.client_id,
-            user_id=bid.user_id,
-            ram_gb=fill.ram_gb,
-            vram_gb=fill.vram_gb,
-            duration_s=bid.duration_s,
-            max_price_pusd=bid.max_price_pusd,
-            now_ms=now_ms,
-            bid_id=bid.bid_id,
-        )
-
-    def _filled(self, bid_id: str, fill: Fill, contract: Contract) -> None:
-        self.fills += 1
-        heapq.heappush(self._ends, (contract.end_ms, contract.contract_id))
-        bid = self.bids.get(bid_id)
-        if bid is None:
-            return
-        if contract.contract_id in bid.contract_ids:
-            return  # the stream told us first
-        bid = apply_fill(bid, fill.ram_gb, fill.vram_gb, contract.contract_id)
-        if bid.status == "open":
-            self.bids[bid_id] = bid
-            self._retry.add(bid_id)  # a split bid keeps filling
-        else:
-            del self.bids[bid_id]
+        self.bids.refresh(bid_id, await self.market.get_bid(bid_id))
 
     # -- quotes and summary -------------------------------------------------------------------
 

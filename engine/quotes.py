@@ -29,7 +29,7 @@ O(L log levels) over the L distinct price levels; the summary is O(L).
 from __future__ import annotations
 
 import heapq
-from typing import Any
+from typing import Any, assert_never
 
 from engine.core import FILLS_WINDOW_MS
 from engine.notify import market_summary
@@ -39,6 +39,7 @@ from engine.types import (
     BidExpired,
     BidPlaced,
     ContractCreated,
+    ContractExtended,
     ContractSettled,
     Event,
     HeartbeatsApplied,
@@ -319,8 +320,10 @@ class QuoteBook:
             case BidCancelled(bid_id=bid_id) | BidExpired(bid_id=bid_id):
                 self.remove_bid(bid_id)
                 return False
+            case ContractExtended():
+                return False  # the node's capacity stays reserved; no price or size moves
             case _:
-                return False
+                assert_never(event)
 
     # -- time ---------------------------------------------------------------------------------
 

@@ -26,12 +26,13 @@ import json
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import redis.asyncio as aioredis
 
 from engine import core
+from engine import log as event_log
 from engine.keys import Keys
 from engine.types import (
     Bid,
@@ -120,7 +121,7 @@ class RegionImage:
         """Fold one event (of this region, in stream order) into the image."""
         if event.region != self.region:
             raise ValueError(f"event {event.event_id} is not of region {self.region}")
-        self.seq = int(event.event_id.rsplit(":", 1)[1])
+        self.seq = event_log.seq_of(event.event_id)
         now = event.ts_ms
         match event:
             case NodeRegistered(node=node):
@@ -184,6 +185,8 @@ class RegionImage:
                 self.ends[c.contract_id] = event.end_ms
             case ContractSettled():
                 self._settled(event)
+            case _:
+                assert_never(event)
 
     def _created(self, event: ContractCreated) -> None:
         c = event.contract
@@ -343,9 +346,12 @@ async def region_snapshot(
         names = sorted(k[len(tag) :] for k in found)
     else:
         names = sorted(set(suffixes))
-    names = [n for n in names if n != "events"]
+    # every key but the event stream: the suffixes of its keys' names, as Keys builds them
+    events, geo = keys.events(region)[len(tag) :], keys.geo(region)[len(tag) :]
+    contract = keys.contract(region, "")[len(tag) :]
+    names = [n for n in names if n != events]
     pipe = redis.pipeline(transaction=False)
-    pipe.eval(_snapshot_source(), 0, tag, *names)
+    pipe.eval(_snapshot_source(), len(names), *(tag + name for name in names))
     pipe.hgetall(keys.directory)
     pipe.sismember(keys.regions, region)
     contents, directory, member = await pipe.execute()
@@ -358,8 +364,8 @@ async def region_snapshot(
             out[name] = sorted(data)
         elif kind == "zset":
             pairs = [[m, float(s)] for m, s in zip(data[::2], data[1::2], strict=True)]
-            out[name] = sorted(m for m, _ in pairs) if name == "geo" and not geo_scores else pairs
-        elif kind == "string" and name.startswith("contract:"):
+            out[name] = sorted(m for m, _ in pairs) if name == geo and not geo_scores else pairs
+        elif kind == "string" and name.startswith(contract):
             # stored as JSON: compared as the fields of its hash form (the text may differ)
             out[name] = dict(sorted(core.to_fields(_decode_contract(data[0])).items()))
         elif kind == "string":

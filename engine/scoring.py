@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 import numpy as np
@@ -54,7 +54,11 @@ from numba import njit
 from engine.errors import InvalidRequest
 from engine.types import (
     NODE_TYPES,
+    BidCancelled,
+    BidExpired,
+    BidPlaced,
     ContractCreated,
+    ContractExtended,
     ContractSettled,
     Event,
     HeartbeatsApplied,
@@ -544,8 +548,10 @@ class AskBook:
                 )
             case ContractSettled(node_id=node_id):
                 self.set_reserved(node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb)
+            case BidPlaced() | BidCancelled() | BidExpired() | ContractExtended():
+                pass  # bids and extensions leave every ask as it was
             case _:
-                pass
+                assert_never(event)
 
     # -- internals
 

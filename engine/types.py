@@ -336,6 +336,3 @@ Event = (
     | ContractExtended
     | ContractSettled
 )
-
-EVENT_DECODER = msgspec.json.Decoder(Event, strict=False)
-"""Decodes one stream entry's `e` field (JSON written by the Lua scripts)."""

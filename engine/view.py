@@ -41,9 +41,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import core
+from engine import log as event_log
 from engine.keys import Keys
 from engine.scoring import AskBook, Match, MatchRequest, merge_matches, rank, warm_up
-from engine.types import EVENT_DECODER, Node
+from engine.types import Node
 
 __all__ = ["MarketView"]
 
@@ -55,15 +56,6 @@ _YIELD_EVERY_S = 0.002
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _stream_id(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _event_seq(event_id: str) -> int:
-    return int(event_id.rpartition(":")[2])
 
 
 class MarketView:
@@ -133,13 +125,13 @@ class MarketView:
         targets: dict[str, tuple[int, int]] = {}
         for region in list(self._books):
             last = await self.redis.xrevrange(self.keys.events(region), "+", "-", count=1)
-            targets[region] = _stream_id(_text(last[0][0])) if last else (0, 0)
+            targets[region] = event_log.stream_id(last[0][0]) if last else (0, 0)
 
         def behind() -> dict[str, tuple[str, str]]:
             return {
                 r: (self._last_id[r], f"{t[0]}-{t[1]}")
                 for r, t in targets.items()
-                if r in self._resnapshot or _stream_id(self._last_id[r]) < t
+                if r in self._resnapshot or event_log.stream_id(self._last_id[r]) < t
             }
 
         deadline = time.monotonic() + timeout_s
@@ -268,11 +260,10 @@ class MarketView:
                     yielded = time.monotonic()
 
     def _apply_entry(self, region: str, entry_id: str, fields: Any) -> None:
-        if _stream_id(entry_id) <= _stream_id(self._last_id[region]):
+        if event_log.stream_id(entry_id) <= event_log.stream_id(self._last_id[region]):
             return  # read before a re-snapshot that already covers it
-        raw = fields.get(b"e") if b"e" in fields else fields.get("e")
-        event = EVENT_DECODER.decode(raw)
-        seq = _event_seq(event.event_id)
+        event = event_log.decode(event_log.entry_payload(fields))
+        seq = event_log.seq_of(event.event_id)
         if seq != self._seq[region] + 1:
             # after the snapshot's position every entry is the next event; anything else
             # means entries were trimmed unread, or the region was rebuilt under us

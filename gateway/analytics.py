@@ -10,8 +10,8 @@ private. Time series take `start`, `end` (ISO 8601; default: the last 24 hours) 
 (`1m`, `5m`, `15m`, `1h`, `6h`, `1d`; default `1h`), validated with the field named on error.
 
 The journal writes Postgres a moment after the live market changes (its lag: `mnemo
-journal-status`, or `persistence.journal.journal_lag` for `/metrics`), so these answers trail the
-live endpoints by that much.
+journal-status`, or `persistence.journal.lag.journal_lag` for `/metrics`), so these answers trail
+the live endpoints by that much.
 """
 
 from __future__ import annotations

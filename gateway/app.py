@@ -43,7 +43,8 @@ from gateway.operations import route
 from gateway.ratelimit import RateLimiter, rules_for
 from gateway.routes import OPERATIONS
 from gateway.routes.nodes import OwnerIndex
-from persistence.journal import journal_lag, rejected_counts
+from persistence.journal.lag import journal_lag
+from persistence.journal.status import rejected_counts
 
 __all__ = ["AppState", "app_from_env", "create_app"]
 

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from engine.keys import Keys
 from engine.replay import RegionImage
 from engine.settings import ConfigError, Settings
-from persistence.journal import Unreadable, decode_entry
+from persistence.journal.stored import Unreadable, decode_entry
 
 __all__ = ["rebuild_live"]
 

@@ -292,7 +292,7 @@ def _cmd_journal(args: argparse.Namespace) -> int:
     settings = _settings_with_servers()
     _check_redis(settings)
     _check_database(settings)
-    run_journal = _entry_point("persistence.journal", "run_journal")
+    run_journal = _entry_point("persistence.journal.worker", "run_journal")
     _run_until_signal(
         lambda stop: run_journal(settings, consumer=args.consumer, stop=stop, shard=args.shard)
     )
@@ -303,14 +303,14 @@ def _cmd_journal_status(args: argparse.Namespace) -> int:
     settings = _settings_with_servers()
     _check_redis(settings)
     _check_database(settings)
-    result = _entry_point("persistence.journal", "print_status")(settings)
+    result = _entry_point("persistence.journal.status", "print_status")(settings)
     return _finish(result)
 
 
 def _cmd_journal_replay(args: argparse.Namespace) -> int:
     settings = _settings_with_servers()
     _check_database(settings)
-    result = _entry_point("persistence.journal", "replay")(settings, args.region)
+    result = _entry_point("persistence.journal.replay", "replay")(settings, args.region)
     return _finish(result)
 
 

@@ -232,7 +232,7 @@ def test_a_big_demo_fleet_fits_the_accounts_socket_limit() -> None:
     assert big.argv[1:] == ("--simulate", "1000000", "--nodes-per-connection", "50000")
 
 
-_STACK = ("gateway.app", "engine.process", "persistence.journal")
+_STACK = ("gateway.app", "engine.process", "persistence.journal.worker")
 
 
 def _free_port() -> int:

@@ -12,7 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from persistence.journal import decode_entry, refresh_clusters, write_batch
+from persistence.journal.batch import write_batch
+from persistence.journal.clusters import refresh_clusters
+from persistence.journal.stored import decode_entry
 from persistence.migrations import MIGRATIONS_DIR, MigrationError, load, migrate, pending
 from tests.conftest import _SEED
 from tests.persistence.conftest import digest

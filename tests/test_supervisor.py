@@ -109,7 +109,13 @@ def test_crash_loop_is_retried_with_backoff_and_takes_nothing_down(
 # The whole exchange, killed piece by piece
 
 
-_STACK = ("gateway.app", "engine.process", "persistence.journal", "agent.cli", "scripts.renter_bot")
+_STACK = (
+    "gateway.app",
+    "engine.process",
+    "persistence.journal.worker",
+    "agent.cli",
+    "scripts.renter_bot",
+)
 _READY_S = 30.0
 """How soon after a kill the exchange must answer /readyz again (restart after 1 s, then start)."""
 _ENGINE_BACK_S = 45.0
@@ -345,7 +351,7 @@ def _leases_held_by(redis_url: str, pid: int) -> Callable[[], bool | None]:
 
 async def _journal_idle(redis_url: str) -> bool:
     from engine.keys import Keys
-    from persistence.journal import journal_lag
+    from persistence.journal.lag import journal_lag
 
     redis = aioredis.from_url(redis_url)
     try:

@@ -1,9 +1,13 @@
--- Helpers prepended to every script by engine.market (EVAL has no includes).
+-- Helpers prepended to every script by engine.market (EVAL has no includes), after the key
+-- names (`K`, generated from engine/keys.py: no script spells a key itself).
 --
--- Conventions. ARGV[1] is the region's key prefix with its hash tag (`P{region}:`), ARGV[2] the
--- region, ARGV[3] the time of the change in ms (the caller's clock; scripts never read one).
--- KEYS[1] is the region's `seq` key (it routes the call to the region's slot); scripts that
--- touch the global directory declare it as KEYS[2] (and the regions set as KEYS[3]).
+-- Conventions. ARGV[1] is the region's key prefix with its hash tag (`P{region}:`, `TAG`),
+-- ARGV[2] the region, ARGV[3] the time of the change in ms (the caller's clock; scripts never
+-- read one). Every key a script touches is declared in KEYS (engine.market lists them; a Redis
+-- Cluster routes by them): KEYS[1] is the region's `seq` (the read-only quote's: its asks); the
+-- scripts that create objects declare the global directory and regions set as KEYS[2] and
+-- KEYS[3] and name them DIRECTORY and REGIONS, the only keys outside the region's slot; the
+-- region's keys follow, in any order.
 -- A script returns {1, ...} when it made its change, {0, code, message, field} when it refused
 -- (before its first write: Lua does not roll back), and {2} when an optimistic version check
 -- failed (the caller re-reads and retries).
@@ -13,7 +17,7 @@
 -- exactly by Redis (%.17g) and by cjson (%.14g, exact below 1e14). Money is never computed here
 -- beyond comparing prices, which are < 2^53 (engine.core.MAX_PRICE_PUSD).
 
-local TAG, REGION, NOW_S = ARGV[1], ARGV[2], ARGV[3]
+local REGION, NOW_S = ARGV[2], ARGV[3]
 local NOW = tonumber(NOW_S)
 local FILLS_WINDOW_MS = 86400000 -- engine.core.FILLS_WINDOW_MS
 local GEO_LAT_LIMIT = 85.05112878 -- engine.core.GEO_LAT_LIMIT
@@ -73,11 +77,11 @@ end
 local function sync_ask(id, n)
   local exp = n0(n.ask_expires_ms)
   if listed(n) then
-    redis.call('ZADD', TAG .. 'asks', n.price_pusd, id)
-    if exp > 0 then redis.call('ZADD', TAG .. 'ask-exp', n.ask_expires_ms, id) end
+    redis.call('ZADD', K.asks, n.price_pusd, id)
+    if exp > 0 then redis.call('ZADD', K.ask_expiry, n.ask_expires_ms, id) end
   else
-    redis.call('ZREM', TAG .. 'asks', id)
-    if exp > 0 then redis.call('ZREM', TAG .. 'ask-exp', id) end
+    redis.call('ZREM', K.asks, id)
+    if exp > 0 then redis.call('ZREM', K.ask_expiry, id) end
   end
 end
 
@@ -95,12 +99,12 @@ end
 
 -- Appends one event to the region's stream under the next region sequence number.
 local function event(ev)
-  local seq = redis.call('INCR', TAG .. 'seq')
+  local seq = redis.call('INCR', K.seq)
   ev.event_id = REGION .. ':' .. seq
   ev.region = REGION
   ev.ts_ms = NOW
   local json = cjson.encode(ev)
-  redis.call('XADD', TAG .. 'events', '*', 'e', json)
+  redis.call('XADD', K.events, '*', 'e', json)
   return json
 end
 
@@ -183,10 +187,10 @@ end
 -- Appends an event given as JSON members (`"type":"...",...`, without braces) under the next
 -- region sequence number `seq` (or INCR's); returns the event text.
 local function event_text(body, seq)
-  seq = seq or redis.call('INCR', TAG .. 'seq')
+  seq = seq or redis.call('INCR', K.seq)
   local json = '{' .. body .. ',"event_id":"' .. REGION .. ':' .. int(seq) .. '","region":"'
     .. REGION .. '","ts_ms":' .. NOW_S .. '}'
-  redis.call('XADD', TAG .. 'events', '*', 'e', json)
+  redis.call('XADD', K.events, '*', 'e', json)
   return json
 end
 
@@ -198,17 +202,17 @@ end
 
 -- Opens new active contract `cid` (its JSON `cj`, from contract_json) of `client` on node `id`
 -- (NODE_TERMS in `n`, updated in place) for `ram` + `vram` GB until `end_ms`. Returns the
--- node's reserved GB. (reserve.lua does the same for a batch, its writes grouped.)
+-- node's reserved GB. (reserve.lua does the same for a batch, its writes grouped.) The caller
+-- enters the contract in the directory.
 local function open_contract(id, n, cid, cj, client, ram, vram, end_ms)
   local rr = n0(n.reserved_ram_gb) + ram
   local rv = n0(n.reserved_vram_gb) + vram
   n.reserved_ram_gb, n.reserved_vram_gb = rr, rv
-  redis.call('HSET', TAG .. 'node:' .. id, 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
-  redis.call('SET', TAG .. 'contract:' .. cid, cj)
-  redis.call('SADD', TAG .. 'node:' .. id .. ':contracts', cid)
-  redis.call('SADD', TAG .. 'client:' .. client .. ':contracts', cid)
-  redis.call('ZADD', TAG .. 'ends', end_ms, cid)
-  redis.call('HSET', KEYS[2], cid, REGION)
+  redis.call('HSET', K.node(id), 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
+  redis.call('SET', K.contract(cid), cj)
+  redis.call('SADD', K.node_contracts(id), cid)
+  redis.call('SADD', K.client_contracts(client), cid)
+  redis.call('ZADD', K.ends, end_ms, cid)
   sync_ask(id, n)
   return rr, rv
 end
@@ -216,7 +220,7 @@ end
 -- A stored contract as a table (nil when absent). A hash is a contract stored before they
 -- became JSON (an upgraded server): read as such, it is written back as JSON by its next change.
 local function contract(cid)
-  local key = TAG .. 'contract:' .. cid
+  local key = K.contract(cid)
   local raw = redis.pcall('GET', key)
   if type(raw) == 'table' and raw.err then return hmap(key) end
   if not raw then return nil end
@@ -226,7 +230,7 @@ end
 -- The checks of closing contract `t` (its stored fields): its node and the node's reserved GB
 -- after the capacity returns. Raises (no refusal is possible) if the books are inconsistent.
 local function prepare_close(t)
-  local n = hfields(TAG .. 'node:' .. t.node_id, NODE_TERMS)
+  local n = hfields(K.node(t.node_id), NODE_TERMS)
   if not n then return redis.error_reply('inconsistent: node of contract ' .. t.contract_id .. ' missing') end
   local rr = n0(n.reserved_ram_gb) - n0(t.ram_gb)
   local rv = n0(n.reserved_vram_gb) - n0(t.vram_gb)
@@ -244,12 +248,12 @@ local function close_contract(t, n, rr, rv, s, retention_ms)
   t.status, t.used_s, t.egress_mgb, t.cost_pusd = s.status, s.used_s, s.egress_mgb, s.cost_pusd
   t.settlement_hash, t.completed_ms, t.version = s.settlement_hash, NOW_S, int(n0(t.version) + 1)
   if s.successor_id then t.successor_id = s.successor_id end
-  redis.call('SET', TAG .. 'contract:' .. t.contract_id, cjson.encode(t), 'PX', retention_ms)
+  redis.call('SET', K.contract(t.contract_id), cjson.encode(t), 'PX', retention_ms)
   n.reserved_ram_gb, n.reserved_vram_gb = rr, rv
-  redis.call('HSET', TAG .. 'node:' .. nid, 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
-  redis.call('SREM', TAG .. 'node:' .. nid .. ':contracts', t.contract_id)
-  redis.call('SREM', TAG .. 'client:' .. t.client_id .. ':contracts', t.contract_id)
-  redis.call('ZREM', TAG .. 'ends', t.contract_id)
+  redis.call('HSET', K.node(nid), 'reserved_ram_gb', rr, 'reserved_vram_gb', rv)
+  redis.call('SREM', K.node_contracts(nid), t.contract_id)
+  redis.call('SREM', K.client_contracts(t.client_id), t.contract_id)
+  redis.call('ZREM', K.ends, t.contract_id)
   sync_ask(nid, n)
   return event({type = 'contract_settled', contract_id = t.contract_id, node_id = nid,
     client_id = t.client_id, ram_gb = t.ram_gb, vram_gb = t.vram_gb, status = s.status,

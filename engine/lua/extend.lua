@@ -8,7 +8,7 @@ local c = contract(cid)
 if not c then return refuse('not_found', 'contract not found', 'contract_id') end
 if c.status ~= 'active' then return refuse('conflict', 'contract is ' .. c.status, 'contract_id') end
 if NOW >= n0(c.end_ms) then return refuse('conflict', 'contract has ended', 'contract_id') end
-local n = hfields(TAG .. 'node:' .. c.node_id, {'status', 'max_duration_s'})
+local n = hfields(K.node(c.node_id), {'status', 'max_duration_s'})
 if not n then return redis.error_reply('inconsistent: node of contract ' .. cid .. ' missing') end
 if n.status ~= 'active' then return refuse('node_unavailable', 'node is ' .. n.status, 'contract_id') end
 local duration = n0(c.duration_s) + extra
@@ -28,8 +28,8 @@ local version = n0(c.version) + 1
 c.duration_s, c.end_ms, c.extensions, c.version = int(duration), end_ms, int(n0(c.extensions) + 1),
   int(version)
 local cj = cjson.encode(c)
-redis.call('SET', TAG .. 'contract:' .. cid, cj)
-redis.call('ZADD', TAG .. 'ends', end_ms, cid)
+redis.call('SET', K.contract(cid), cj)
+redis.call('ZADD', K.ends, end_ms, cid)
 local ev = event({type = 'contract_extended', contract_id = cid, duration_s = duration,
   end_ms = end_ms, version = version})
 return {1, ev, cj}

@@ -2,16 +2,18 @@
 -- (time served priced, successor_id set) and a successor opens on the new node at its price
 -- (which must be within the old contract's cap) for the remaining seconds, predecessor_id set.
 -- ARGV: tag, region, now, contract_id, expected_version, used_s, cost_pusd, settlement_hash,
--- successor_id, new_node_id, remaining_s, retention_ms. KEYS: seq, dir.
+-- successor_id, new_node_id, remaining_s, retention_ms. KEYS: seq, dir, then the region keys of
+-- both contracts and nodes (engine.market: the caller read the old contract).
 -- Two events: ContractSettled (old), ContractCreated (successor). Returns {1, ev_old, ev_new,
 -- old contract JSON, new contract JSON} or {2} on a version mismatch.
+local DIRECTORY = KEYS[2] -- global: outside the region's slot
 local cid, new_cid, new_id = ARGV[4], ARGV[9], ARGV[10]
 local remaining = tonumber(ARGV[11])
 local t = contract(cid)
 if not t then return refuse('not_found', 'contract not found', 'contract_id') end
 if t.status ~= 'active' then return refuse('conflict', 'contract is ' .. t.status, 'contract_id') end
 if n0(t.version) ~= n0(ARGV[5]) then return {2} end
-local m = hfields(TAG .. 'node:' .. new_id, NODE_TERMS)
+local m = hfields(K.node(new_id), NODE_TERMS)
 if not m then return refuse('not_found', 'node not found', 'node_id') end
 local ram, vram = n0(t.ram_gb), n0(t.vram_gb)
 local why = lease_refusal(m, ram, vram, remaining, n0(t.max_price_pusd))
@@ -26,5 +28,6 @@ local cj = contract_json(new_cid, t.client_id, t.user_id, new_id, m.owner_id, t.
   ARGV[11], end_ms, m.price_pusd, m.egress_price_pusd, t.max_price_pusd,
   ',"predecessor_id":"' .. cid .. '"')
 local mr, mv = open_contract(new_id, m, new_cid, cj, t.client_id, ram, vram, end_ms)
+redis.call('HSET', DIRECTORY, new_cid, REGION)
 local ev_new = event_text(created_body(cj, mr, mv))
 return {1, ev_old, ev_new, cjson.encode(t), cj}

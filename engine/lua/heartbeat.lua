@@ -9,10 +9,11 @@
 -- dimension, moves the heartbeat deadline, and brings an offline node back to active.
 -- Returns {1, codes, wait...}: `codes` a string of one digit per beat, then the ms to wait of
 -- each too_soon beat, in order (a small answer: the event is for the stream's readers). One
--- HeartbeatsApplied event carries every accepted beat, in order.
+-- HeartbeatsApplied event carries every accepted beat, in order. KEYS: the region's seq,
+-- events and node indexes, then each beat's node key (a call of 1,000 beats declares 1,006).
 local min_interval, missed, owner = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local beats = cjson.decode(ARGV[7])
-local NODE = TAG .. 'node:'
+local node_key = K.node -- a local: the loop below names a key per beat
 
 local codes, out = {}, {1, false}
 -- This loop is the hot path of heartbeat ingestion: positional fields, no per-beat tables, only
@@ -26,7 +27,7 @@ local ask, expiry = {}, {}
 local deadlines = {}
 for _, beat in ipairs(beats) do
   local id = beat[1]
-  local nkey = NODE .. id
+  local nkey = node_key(id)
   local v = redis.call('HMGET', nkey, 'owner_id', 'status', 'last_heartbeat_ms', 'total_ram_gb',
     'total_vram_gb', 'reserved_ram_gb', 'reserved_vram_gb', 'offered_ram_gb', 'offered_vram_gb',
     'ask_expires_ms', 'heartbeat_interval_s')
@@ -137,7 +138,7 @@ for id, on in pairs(ask) do
   local exp = expiry[id]
   if on then
     -- the price is read only here: few beats change a listing
-    ask_add[#ask_add + 1] = redis.call('HGET', NODE .. id, 'price_pusd')
+    ask_add[#ask_add + 1] = redis.call('HGET', node_key(id), 'price_pusd')
     ask_add[#ask_add + 1] = id
     if exp > 0 then
       exp_add[#exp_add + 1] = exp
@@ -148,11 +149,11 @@ for id, on in pairs(ask) do
     if exp > 0 then exp_rem[#exp_rem + 1] = id end
   end
 end
-many('ZADD', TAG .. 'hb', hb_args, 2)
-many('ZADD', TAG .. 'asks', ask_add, 2)
-many('ZREM', TAG .. 'asks', ask_rem, 1)
-many('ZADD', TAG .. 'ask-exp', exp_add, 2)
-many('ZREM', TAG .. 'ask-exp', exp_rem, 1)
-many('GEOADD', TAG .. 'geo', geo_args, 3)
+many('ZADD', K.heartbeats, hb_args, 2)
+many('ZADD', K.asks, ask_add, 2)
+many('ZREM', K.asks, ask_rem, 1)
+many('ZADD', K.ask_expiry, exp_add, 2)
+many('ZREM', K.ask_expiry, exp_rem, 1)
+many('GEOADD', K.geo, geo_args, 3)
 event_text('"type":"heartbeats","entries":[' .. table.concat(parts) .. ']')
 return out

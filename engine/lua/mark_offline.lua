@@ -2,20 +2,20 @@
 -- deadline is re-checked here, so a beat that arrived meanwhile wins). ARGV: tag, region, now,
 -- node_id. Returns the ids of the node's active contracts (for failover).
 local id = ARGV[4]
-local nkey = TAG .. 'node:' .. id
+local nkey = K.node(id)
 local n = hfields(nkey, {'status', 'last_heartbeat_ms'})
 if not n then return refuse('not_found', 'node not found', 'node_id') end
 if n.status ~= 'active' and n.status ~= 'maintenance' then
   return refuse('conflict', 'node is ' .. n.status, 'node_id')
 end
-local due = redis.call('ZSCORE', TAG .. 'hb', id)
+local due = redis.call('ZSCORE', K.heartbeats, id)
 if not due or tonumber(due) > NOW then
   return refuse('conflict', 'heartbeat deadline has not passed', 'node_id')
 end
 
 redis.call('HSET', nkey, 'status', 'offline')
-redis.call('ZREM', TAG .. 'asks', id)
-redis.call('ZREM', TAG .. 'ask-exp', id)
-redis.call('ZREM', TAG .. 'hb', id)
+redis.call('ZREM', K.asks, id)
+redis.call('ZREM', K.ask_expiry, id)
+redis.call('ZREM', K.heartbeats, id)
 local ev = event({type = 'node_offline', node_id = id, last_heartbeat_ms = n0(n.last_heartbeat_ms)})
-return {1, ev, redis.call('SMEMBERS', nkey .. ':contracts')}
+return {1, ev, redis.call('SMEMBERS', K.node_contracts(id))}

@@ -1,7 +1,8 @@
 -- Reserve capacity on nodes: each request creates an active contract at its node's ask price.
 -- ARGV: tag, region, now, retention_ms, then the requests as one JSON array, each
 -- [node_id, contract_id, client_id, user_id, ram_gb, vram_gb, duration_s, max_price_pusd,
--- bid_id ('' for none)], every value a string. KEYS: seq, dir.
+-- bid_id ('' for none)], every value a string. KEYS: seq, dir, then the region keys of the
+-- requests (engine.market).
 -- Requests apply one after the other, each on its own: it checks all its preconditions before
 -- it changes anything and is refused with nothing changed, or makes its contract and appends its
 -- ContractCreated event (so a later request of the batch sees an earlier one's lease).
@@ -18,6 +19,7 @@
 -- sees the difference, and the append-only file gets fewer, smaller commands). The asks book is
 -- left alone for a node whose ask never expires and whose listing the batch did not change (its
 -- entry is already right: engine.core.ask_listed depends on the node alone then).
+local DIRECTORY = KEYS[2] -- global: outside the region's slot
 local retention = ARGV[4]
 local requests = cjson.decode(ARGV[5])
 local BID_FIELDS = {'status', 'expires_ms', 'client_id', 'user_id', 'duration_s', 'max_price_pusd',
@@ -32,7 +34,7 @@ local contracts, ends, dir, fills, bodies = {}, {}, {}, {}, {}
 local function node_terms(id)
   local n = nodes[id]
   if n == nil then
-    n = hfields(TAG .. 'node:' .. id, NODE_TERMS) or false
+    n = hfields(K.node(id), NODE_TERMS) or false
     if n then n.was_listed = listed(n) end
     nodes[id] = n
   end
@@ -42,7 +44,7 @@ end
 local function bid_state(id)
   local b = bids[id]
   if b == nil then
-    b = hfields(TAG .. 'bid:' .. id, BID_FIELDS) or false
+    b = hfields(K.bid(id), BID_FIELDS) or false
     bids[id] = b
   end
   return b
@@ -108,7 +110,7 @@ local function reserve(r)
   if b then extra = ',"bid_id":"' .. bid_id .. '"' end
   local cj = contract_json(cid, client, user, id, n.owner_id, r[5], r[6], r[7], end_ms,
     n.price_pusd, n.egress_price_pusd, r[8], extra)
-  contracts[#contracts + 1] = TAG .. 'contract:' .. cid
+  contracts[#contracts + 1] = K.contract(cid)
   contracts[#contracts + 1] = cj
   ends[#ends + 1] = end_ms
   ends[#ends + 1] = cid
@@ -142,17 +144,17 @@ if #bodies == 0 then return out end
 
 for _, id in ipairs(node_order) do
   local n = nodes[id]
-  local nkey = TAG .. 'node:' .. id
+  local nkey = K.node(id)
   redis.call('HSET', nkey, 'reserved_ram_gb', n.reserved_ram_gb, 'reserved_vram_gb', n.reserved_vram_gb)
-  many('SADD', nkey .. ':contracts', node_cids[id], 1)
+  many('SADD', K.node_contracts(id), node_cids[id], 1)
   if n0(n.ask_expires_ms) ~= 0 or listed(n) ~= n.was_listed then sync_ask(id, n) end
 end
 for _, client in ipairs(client_order) do
-  many('SADD', TAG .. 'client:' .. client .. ':contracts', client_cids[client], 1)
+  many('SADD', K.client_contracts(client), client_cids[client], 1)
 end
 local unbooked, unexpiring = {}, {}
 for _, bid_id in ipairs(bid_order) do
-  local b, bkey = bids[bid_id], TAG .. 'bid:' .. bid_id
+  local b, bkey = bids[bid_id], K.bid(bid_id)
   redis.call('HSET', bkey, 'filled_ram_gb', b.filled_ram_gb, 'filled_vram_gb', b.filled_vram_gb,
     'status', b.status, 'contract_ids', b.contract_ids)
   if b.status == 'filled' then
@@ -161,14 +163,14 @@ for _, bid_id in ipairs(bid_order) do
     redis.call('PEXPIRE', bkey, retention)
   end
 end
-many('ZREM', TAG .. 'bids', unbooked, 1)
-many('ZREM', TAG .. 'bid-exp', unexpiring, 1)
+many('ZREM', K.bids, unbooked, 1)
+many('ZREM', K.bid_expiry, unexpiring, 1)
 many('MSET', nil, contracts, 2)
-many('ZADD', TAG .. 'ends', ends, 2)
-many('HSET', KEYS[2], dir, 2)
-many('ZADD', TAG .. 'fills', fills, 2)
+many('ZADD', K.ends, ends, 2)
+many('HSET', DIRECTORY, dir, 2)
+many('ZADD', K.fills, fills, 2)
 -- Every fill of the batch is stamped NOW, so one trim serves them all.
-redis.call('ZREMRANGEBYSCORE', TAG .. 'fills', '-inf', NOW - FILLS_WINDOW_MS)
-local seq = redis.call('INCRBY', TAG .. 'seq', #bodies) - #bodies
+redis.call('ZREMRANGEBYSCORE', K.fills, '-inf', NOW - FILLS_WINDOW_MS)
+local seq = redis.call('INCRBY', K.seq, #bodies) - #bodies
 for i, body in ipairs(bodies) do event_text(body, seq + i) end
 return out

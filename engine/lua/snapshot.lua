@@ -1,9 +1,9 @@
--- Read-only (engine.replay.region_snapshot): the contents of the named keys of one region.
--- ARGV: tag, then key suffixes. Returns, per suffix, {type, data}: a hash as a flat field/value
--- list, a set's members, a sorted set's member/score list in order, a string, or nothing.
+#!lua flags=no-writes
+-- Read-only (engine.replay.region_snapshot): the contents of the keys in KEYS (one region's).
+-- Returns, per key, {type, data}: a hash as a flat field/value list, a set's members, a sorted
+-- set's member/score list in order, a string, or nothing.
 local out = {}
-for i = 2, #ARGV do
-  local key = ARGV[1] .. ARGV[i]
+for _, key in ipairs(KEYS) do
   local kind = redis.call('TYPE', key)['ok']
   local data = {}
   if kind == 'hash' then

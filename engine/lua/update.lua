@@ -2,7 +2,7 @@
 -- pairs (engine.core.validate_changes, stored form). Refuses: unknown node, a deactivated node,
 -- a status change of an offline node (a heartbeat brings it back), min > max duration.
 local id = ARGV[4]
-local nkey = TAG .. 'node:' .. id
+local nkey = K.node(id)
 local n = hmap(nkey)
 if not n then return refuse('not_found', 'node not found', 'node_id') end
 if n.status == 'deactivated' then return refuse('conflict', 'node is deactivated', 'node_id') end
@@ -21,7 +21,7 @@ end
 local old_exp = n0(n.ask_expires_ms)
 if next(changes) then hset(nkey, changes) end
 for k, v in pairs(changes) do n[k] = v end
-if changes.lat then redis.call('GEOADD', TAG .. 'geo', n.lng, geo_lat(n.lat), id) end
-if old_exp > 0 then redis.call('ZREM', TAG .. 'ask-exp', id) end
+if changes.lat then redis.call('GEOADD', K.geo, n.lng, geo_lat(n.lat), id) end
+if old_exp > 0 then redis.call('ZREM', K.ask_expiry, id) end
 sync_ask(id, n)
 return {1, event({type = 'node_updated', node = obj(n)})}

@@ -993,7 +993,7 @@ async def test_scripts_reload_after_noscript(
     market: Market, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server that does not know a script (restart, SCRIPT FLUSH) gets it again by itself."""
-    original = market_module._source.__wrapped__
+    original = market_module._source
     marker = uuid.uuid4().hex
 
     def source(name: str) -> str:

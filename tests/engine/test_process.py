@@ -1,6 +1,10 @@
 """The engine process against a real Redis: crossing, expiry, settlement, failover, quotes,
 notifications and the per-region lease. Market time comes from an injected clock; every wait is
-bounded (a message on a channel, or a state reached, within a few seconds)."""
+bounded (a message on a channel, or a state reached, within a few seconds).
+
+The crossing rules themselves are tested without Redis in test_book.py (engine/book.py); the
+crossing tests here are integration tests of their adapter, `RegionWorker`: the same rules end to
+end through the stream, the scripts and the notifications."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ outcome (the returned objects, or the refusal's class, message and field), the w
 both regions (every hash, index, counter and directory entry), and capacity conservation
 (`reserved + available == offered <= total`, nothing negative, `reserved` = the sum over the
 node's active contracts). At the end of each sequence the regions' event streams are replayed
-into an empty key space and must reproduce the same state, GEO scores included.
+into an empty key space and must reproduce the same state, GEO scores included. The scripts run
+in their test mode (tests/engine/conftest.py): on every path a sequence takes, a script that
+touches a key its call did not declare in KEYS fails the step.
 
 Sequences per run: `MNEMO_SM_EXAMPLES` (default 200; CI runs 2000), steps per sequence:
 `MNEMO_SM_STEPS` (default 40). `MNEMO_SM_STATS=1` with `pytest -s` prints how often each

@@ -91,7 +91,7 @@ async def gw(settings: Settings) -> AsyncIterator[Gateway]:
 @pytest.fixture
 async def journal(settings: Settings) -> AsyncIterator[None]:
     """The journal worker (event streams -> Postgres history) running beside the app."""
-    from persistence.journal import run_journal
+    from persistence.journal.worker import run_journal
 
     stop = asyncio.Event()
     task = asyncio.create_task(run_journal(settings, consumer="gateway-test", stop=stop))

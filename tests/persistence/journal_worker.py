@@ -10,7 +10,7 @@ import logging
 import sys
 
 from engine.settings import Settings
-from persistence.journal import run_journal
+from persistence.journal.worker import run_journal
 
 
 def main() -> None:

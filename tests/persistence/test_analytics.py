@@ -25,7 +25,9 @@ from engine.types import (
     NodeUpdated,
 )
 from persistence import analytics as q
-from persistence.journal import decode_entry, refresh_clusters, write_batch
+from persistence.journal.batch import write_batch
+from persistence.journal.clusters import refresh_clusters
+from persistence.journal.stored import decode_entry
 from tests.conftest import _SEED
 from tests.persistence.history import History, seed_accounts
 

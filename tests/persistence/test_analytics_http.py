@@ -8,7 +8,8 @@ import time
 
 import asyncpg
 
-from persistence.journal import refresh_clusters, run_journal
+from persistence.journal.clusters import refresh_clusters
+from persistence.journal.worker import run_journal
 from tests.gateway.conftest import (  # noqa: F401 - fixtures
     Gateway,
     assert_error,

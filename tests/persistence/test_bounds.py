@@ -17,7 +17,8 @@ from engine import core
 from engine.keys import Keys
 from engine.market import Market
 from engine.types import Node
-from persistence.journal import decode_entry, write_batch
+from persistence.journal.batch import write_batch
+from persistence.journal.stored import decode_entry
 
 T0 = 1_700_000_000_000
 REGION = "bounds-1"

@@ -18,7 +18,7 @@ from engine.market import Market
 from engine.replay import region_snapshot, snapshot_digest
 from engine.settings import Settings
 from engine.types import Bid, Heartbeat, Node, NodeChanges
-from persistence.journal import run_journal
+from persistence.journal.worker import run_journal
 from persistence.rebuild import rebuild_live
 from tests.conftest import _SEED, _delete_prefix
 from tests.persistence.test_journal_worker import _eventually

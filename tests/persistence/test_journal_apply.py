@@ -16,13 +16,10 @@ from engine.types import (
     HeartbeatsApplied,
     NodeRegistered,
 )
-from persistence.journal import (
-    decode_entry,
-    refresh_clusters,
-    replay_region,
-    write,
-    write_batch,
-)
+from persistence.journal.batch import write, write_batch
+from persistence.journal.clusters import refresh_clusters
+from persistence.journal.replay import replay_region
+from persistence.journal.stored import decode_entry
 from tests.conftest import _SEED
 from tests.persistence.conftest import digest, reset_journal
 from tests.persistence.history import History, seed_accounts

@@ -29,18 +29,14 @@ from engine.types import (
     HeartbeatsApplied,
     NodeRegistered,
 )
-from persistence.journal import (
-    GROUP,
-    decode_entry,
-    journal_lag,
-    print_status,
-    refresh_clusters,
-    rejected_counts,
-    replay_region,
-    run_journal,
-    shard_regions,
-    write_batch,
-)
+from persistence.journal.batch import write_batch
+from persistence.journal.clusters import refresh_clusters
+from persistence.journal.lag import journal_lag
+from persistence.journal.replay import replay_region
+from persistence.journal.status import print_status, rejected_counts
+from persistence.journal.stored import decode_entry
+from persistence.journal.streams import GROUP
+from persistence.journal.worker import run_journal, shard_regions
 from tests.conftest import _SEED
 from tests.persistence.conftest import digest, reset_journal
 from tests.persistence.history import History, seed_accounts, xadd_all
