@@ -99,6 +99,11 @@ async def _with_retry(what: str, connect: Callable[[], Awaitable[_T]]) -> _T:
     raise AssertionError("unreachable")
 
 
+REDIS_CONNECTIONS = 128
+"""Redis connections a gateway process opens at most; further commands wait for one."""
+REDIS_WAIT_S = 10.0
+"""How long a command waits for a free connection before it fails."""
+
 def create_app(settings: Settings) -> Starlette:
     """The Mnemo gateway for `settings` (which must name Redis and Postgres and a JWT secret)."""
     if not settings.redis_url:
@@ -123,7 +128,18 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
         keys = Keys(settings.key_prefix)
-        redis = aioredis.from_url(redis_url, decode_responses=False)
+        # A burst of more concurrent commands than the pool's connections (a thousand sockets
+        # closing at once, a spike of requests) waits for a free one: redis-py's default pool
+        # refuses the excess at once ("Too many connections"), which became 500s and leaked
+        # WebSocket slots until they expired.
+        redis = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                redis_url,
+                decode_responses=False,
+                max_connections=REDIS_CONNECTIONS,
+                timeout=REDIS_WAIT_S,
+            )
+        )
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
             await _with_retry("Redis", redis.ping)

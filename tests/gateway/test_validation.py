@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -347,3 +348,21 @@ async def test_metrics_show_the_journal_lag(gw: Gateway) -> None:
         if line.startswith('mnemo_journal_oldest_unacked_age_seconds{region="eu-west-1"}')
     )
     assert float(age.split()[-1]) >= 0.0
+
+
+async def test_a_burst_beyond_the_redis_pool_waits_instead_of_failing(gw: Gateway) -> None:
+    """Three times more concurrent requests than the gateway has Redis connections: every one is
+    answered, none with a 5xx (the pool makes the excess wait)."""
+    from gateway.app import REDIS_CONNECTIONS
+
+    renter = await signup(gw)
+    paths = ["/readyz", "/api/book/us-east-2"]
+    responses = await asyncio.gather(
+        *(
+            gw.client.get(paths[i % 2], headers=renter.headers)
+            for i in range(3 * REDIS_CONNECTIONS)
+        )
+    )
+    assert sorted({r.status_code for r in responses}) == [200], [
+        r.text for r in responses if r.status_code != 200
+    ][:3]
