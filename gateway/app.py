@@ -104,6 +104,7 @@ REDIS_CONNECTIONS = 128
 REDIS_WAIT_S = 10.0
 """How long a command waits for a free connection before it fails."""
 
+
 def create_app(settings: Settings) -> Starlette:
     """The Mnemo gateway for `settings` (which must name Redis and Postgres and a JWT secret)."""
     if not settings.redis_url:

@@ -358,10 +358,7 @@ async def test_a_burst_beyond_the_redis_pool_waits_instead_of_failing(gw: Gatewa
     renter = await signup(gw)
     paths = ["/readyz", "/api/book/us-east-2"]
     responses = await asyncio.gather(
-        *(
-            gw.client.get(paths[i % 2], headers=renter.headers)
-            for i in range(3 * REDIS_CONNECTIONS)
-        )
+        *(gw.client.get(paths[i % 2], headers=renter.headers) for i in range(3 * REDIS_CONNECTIONS))
     )
     assert sorted({r.status_code for r in responses}) == [200], [
         r.text for r in responses if r.status_code != 200
