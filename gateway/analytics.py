@@ -43,11 +43,8 @@ __all__ = [
     "ClusterStatsBucket",
     "EarningsBucket",
     "MarketPricing",
-    "MarketSupply",
     "NodeEarningsHistory",
     "SpendingBreakdown",
-    "SupplyBucket",
-    "SupplyNow",
     "routes",
 ]
 
@@ -204,42 +201,6 @@ class ClientSpending(msgspec.Struct, kw_only=True):
     by_region: list[SpendingBreakdown]
     buckets: list[EarningsBucket]
     total_pusd: int = 0
-
-
-class SupplyBucket(msgspec.Struct, kw_only=True):
-    region: str
-    start: datetime
-    offered_ram_gb: float = 0.0
-    offered_vram_gb: float = 0.0
-    reserved_ram_gb: float = 0.0
-    reserved_vram_gb: float = 0.0
-    reporting_nodes: int = 0
-    bids: int = 0
-    bid_ram_gb: int = 0
-    bid_vram_gb: int = 0
-    fills: int = 0
-    filled_ram_gb: int = 0
-    filled_vram_gb: int = 0
-
-
-class SupplyNow(msgspec.Struct, kw_only=True):
-    region: str
-    active_nodes: int
-    offered_ram_gb: int
-    offered_vram_gb: int
-    reserved_ram_gb: int
-    reserved_vram_gb: int
-    resting_bids: int
-    resting_bid_ram_gb: int
-    resting_bid_vram_gb: int
-
-
-class MarketSupply(msgspec.Struct, kw_only=True):
-    start: datetime
-    end: datetime
-    bucket_s: int
-    buckets: list[SupplyBucket]
-    current: list[SupplyNow]
 
 
 class Candle(msgspec.Struct, kw_only=True):
@@ -405,17 +366,6 @@ def client_spending_out(r: q.ClientSpending) -> ClientSpending:
     )
 
 
-def market_supply_out(r: q.MarketSupply) -> MarketSupply:
-    # No money in these: the records' fields are the wire's, one for one.
-    return MarketSupply(
-        start=r.start,
-        end=r.end,
-        bucket_s=r.bucket_s,
-        buckets=[SupplyBucket(**msgspec.structs.asdict(b)) for b in r.buckets],
-        current=[SupplyNow(**msgspec.structs.asdict(c)) for c in r.current],
-    )
-
-
 def market_pricing_out(r: q.MarketPricing) -> MarketPricing:
     return MarketPricing(
         start=r.start,
@@ -498,10 +448,9 @@ async def client_spending(call: Call) -> ClientSpending:
     return client_spending_out(await q.client_spending(call.state.pool, client_id, w))
 
 
-async def market_supply(call: Call) -> MarketSupply:
+async def market_supply(call: Call) -> q.MarketSupply:
     query: MarketQuery = call.query
-    supply = await q.market_supply(call.state.pool, _window(query), region=query.region)
-    return market_supply_out(supply)
+    return await q.market_supply(call.state.pool, _window(query), region=query.region)
 
 
 async def market_pricing(call: Call) -> MarketPricing:
@@ -581,7 +530,8 @@ OPERATIONS: list[Operation] = [
         summary="Supply (offered, reserved) against demand (bids, fills) per region",
         tag="analytics",
         query=MarketQuery,
-        response=MarketSupply,
+        # No money in it: the history's record is the wire's, field for field.
+        response=q.MarketSupply,
     ),
     Operation(
         "GET",

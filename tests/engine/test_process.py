@@ -220,11 +220,17 @@ async def test_resting_bid_fills_when_capacity_registers(
         fill = await inbox.wait_for(
             lambda ch, m: ch == user and m["channel"] == "fills" and m["data"]["bid_id"] == b.bid_id
         )
-        contract = fill["data"]["contract"]
+        contract = fill["data"]  # the contract itself (the gateway maps it to REST's shape)
         assert contract["node_id"] == cheap.node_id
         assert contract["price_pusd"] == 700  # the ask's price, not the bid's cap
         assert contract["ram_gb"] == 16 and contract["duration_s"] == 3600
-        assert fill["data"]["bid_status"] == "filled"
+        note = await inbox.wait_for(
+            lambda ch, m: (
+                ch == user and m["channel"] == "bids" and m["data"]["notice"] == "bid_filled"
+            )
+        )
+        assert note["data"]["bid"]["status"] == "filled"
+        assert note["data"]["contract"]["contract_id"] == contract["contract_id"]
         stored = await market.get_bid(b.bid_id)
         assert stored is not None and stored.status == "filled"
         assert stored.filled_ram_gb == 16 and stored.contract_ids == [contract["contract_id"]]
@@ -251,7 +257,7 @@ async def test_best_priced_bid_fills_first(
         n = await market.register_node(node(ram=32, price=600), clock())
         c = await inbox.wait_for(lambda _ch, m: m["channel"] == "fills")
         assert c["data"]["bid_id"] == high.bid_id  # best price; same as late_high but earlier
-        assert c["data"]["contract"]["node_id"] == n.node_id
+        assert c["data"]["node_id"] == n.node_id
         open_ids = {x.bid_id for x in await market.bids(R)}
         assert open_ids == {low.bid_id, late_high.bid_id}
 
@@ -295,7 +301,10 @@ async def test_split_bid_fills_across_nodes_respecting_min_fill(
         fills = [m for m in inbox.on(user) if m["channel"] == "fills"]
         await inbox.wait_for(
             lambda ch, m: (
-                ch == user and m["channel"] == "bids" and m["data"].get("bid_status") == "filled"
+                ch == user
+                and m["channel"] == "bids"
+                and m["data"]["notice"] == "bid_filled"
+                and m["data"]["bid"]["status"] == "filled"
             )
         )
         assert len(fills) >= 2
@@ -313,9 +322,10 @@ async def test_bids_expire_and_the_bidder_is_told(
         assert (await market.get_bid(b.bid_id)).status == "open"  # type: ignore[union-attr]
         clock.advance(1_000)
         msg = await inbox.wait_for(
-            lambda _ch, m: m["channel"] == "bids" and m["data"]["type"] == "bid_expired"
+            lambda _ch, m: m["channel"] == "bids" and m["data"]["notice"] == "bid_expired"
         )
-        assert msg["data"]["bid_id"] == b.bid_id
+        assert msg["data"]["bid"]["bid_id"] == b.bid_id
+        assert msg["data"]["bid"]["status"] == "expired"
         assert (await market.get_bid(b.bid_id)).status == "expired"  # type: ignore[union-attr]
         assert [x.bid_id for x in await market.bids(R)] == [keep.bid_id]
 
@@ -369,9 +379,8 @@ async def test_contracts_past_their_end_settle_with_ending_notice_first(
         renter = await inbox.wait_for(
             lambda ch, m: ch == keys.user_channel("user-1") and m["channel"] == "contracts"
         )
-        assert (
-            renter["data"]["type"] == "contract_settled" and renter["data"]["status"] == "completed"
-        )
+        assert renter["data"]["notice"] == "contract_ended"
+        assert renter["data"]["contract"]["status"] == "completed"
 
 
 async def test_silent_node_goes_offline_and_its_contract_fails_over(
@@ -395,11 +404,17 @@ async def test_silent_node_goes_offline_and_its_contract_fails_over(
         notice = await inbox.wait_for(
             lambda ch, m: (
                 ch == keys.user_channel("user-1")
-                and m["data"].get("type") == "contract_failed_over"
+                and m["data"].get("notice") == "contract_failed_over"
             )
         )
-        assert notice["data"]["contract_id"] == c.contract_id
-        successor = notice["data"]["successor"]
+        assert notice["data"]["contract"]["contract_id"] == c.contract_id
+        started = await inbox.wait_for(
+            lambda ch, m: (
+                ch == keys.user_channel("user-1") and m["data"].get("notice") == "contract_started"
+            )
+        )
+        successor = started["data"]["contract"]
+        assert notice["data"]["contract"]["successor_id"] == successor["contract_id"]
         assert successor["node_id"] == spare.node_id
         assert successor["predecessor_id"] == c.contract_id
         assert successor["price_pusd"] == 800 and successor["ram_gb"] == 16
@@ -440,10 +455,10 @@ async def test_silent_node_without_alternative_fails_its_contract_pro_rated(
         clock.now_ms = t1
         settled = await inbox.wait_for(
             lambda ch, m: (
-                ch == keys.user_channel("user-1") and m["data"].get("type") == "contract_settled"
+                ch == keys.user_channel("user-1") and m["data"].get("notice") == "contract_ended"
             )
         )
-        assert settled["data"]["status"] == "failed"
+        assert settled["data"]["contract"]["status"] == "failed"
         failed = await market.get_contract(c.contract_id)
         assert failed is not None and failed.status == "failed"
         assert failed.used_s == 182 and failed.cost_pusd == 16 * 182 * 700
@@ -567,7 +582,7 @@ async def test_resting_bid_fills_when_a_contract_ends_or_a_heartbeat_frees_memor
         clock.advance(61_000)  # the lease ends, settles, and its 32 GB come back
         fill = await inbox.wait_for(lambda _ch, m: m["channel"] == "fills")
         assert fill["data"]["bid_id"] == first.bid_id
-        assert fill["data"]["contract"]["node_id"] == full.node_id
+        assert fill["data"]["node_id"] == full.node_id
         ended = await market.get_contract(lease.contract_id)
         assert ended is not None and ended.status == "completed"
         second = await market.place_bid(bid(ram=40, cap=1000, user_id="user-3"), clock())
@@ -583,7 +598,7 @@ async def test_resting_bid_fills_when_a_contract_ends_or_a_heartbeat_frees_memor
         fill = await inbox.wait_for(
             lambda _ch, m: m["channel"] == "fills" and m["data"]["bid_id"] == second.bid_id
         )
-        assert fill["data"]["contract"]["node_id"] == lean.node_id
+        assert fill["data"]["node_id"] == lean.node_id
         assert [b.bid_id for b in await market.bids(R)] == [big.bid_id]  # 100 GB fits nowhere
 
 

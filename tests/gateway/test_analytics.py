@@ -38,9 +38,6 @@ _PAIRS = [
     (q.NodeEarnings, wire.NodeEarningsHistory),
     (q.SpendingBreakdown, wire.SpendingBreakdown),
     (q.ClientSpending, wire.ClientSpending),
-    (q.SupplyBucket, wire.SupplyBucket),
-    (q.SupplyNow, wire.SupplyNow),
-    (q.MarketSupply, wire.MarketSupply),
     (q.Candle, wire.Candle),
     (q.MarketPricing, wire.MarketPricing),
 ]
@@ -145,24 +142,3 @@ def test_money_becomes_usd_and_nothing_else_changes() -> None:
     assert spending.total_usd == float(Decimal(2**60) / 10**12)
     assert spending.total_pusd == 2**60  # past 2**53: only the integer twin is exact
     assert spending.by_node_type[0].amount_usd == spending.buckets[0].amount_usd == 5e-12
-
-    supply = q.MarketSupply(
-        start=T,
-        end=T,
-        bucket_s=300,
-        buckets=[q.SupplyBucket(region="r", start=T, offered_ram_gb=1.5, bids=2)],
-        current=[
-            q.SupplyNow(
-                region="r",
-                active_nodes=1,
-                offered_ram_gb=2,
-                offered_vram_gb=0,
-                reserved_ram_gb=1,
-                reserved_vram_gb=0,
-                resting_bids=1,
-                resting_bid_ram_gb=4,
-                resting_bid_vram_gb=0,
-            )
-        ],
-    )
-    assert msgspec.json.encode(wire.market_supply_out(supply)) == msgspec.json.encode(supply)

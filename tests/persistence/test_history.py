@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from persistence import history
-from persistence.journal import decode_entry, write_batch
+from persistence.journal.batch import write_batch
+from persistence.journal.stored import decode_entry
 from tests.conftest import _SEED
 from tests.persistence.history import History, seed_accounts
 
