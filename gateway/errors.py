@@ -18,9 +18,10 @@ Sources of errors and where they map:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -53,6 +54,7 @@ __all__ = [
     "error_body",
     "error_response",
     "from_msgspec",
+    "named_as",
 ]
 
 log = logging.getLogger("mnemo.gateway")
@@ -255,3 +257,15 @@ ERROR_HANDLERS: dict[Any, Any] = {
     Exception: _unexpected,
 }
 """Starlette `exception_handlers` for `create_app`."""
+
+
+@contextlib.contextmanager
+def named_as(**api_names: str) -> Iterator[None]:
+    """Market refusals raised inside name the request's fields as this API does (the market
+    names its own: `duration_s` for the body's `duration_sec`)."""
+    try:
+        yield
+    except MarketError as exc:
+        if exc.field in api_names:
+            exc.field = api_names[exc.field]
+        raise

@@ -14,10 +14,9 @@ import uuid
 
 import asyncpg
 
-from engine import core
 from engine.errors import NotFound
 from engine.types import Bid
-from gateway.errors import ValidationFailed
+from gateway.errors import ValidationFailed, named_as
 from gateway.operations import Call, Link, Operation
 from gateway.protocol import BidOut, BookOut
 from gateway.ratelimit import WRITES
@@ -57,8 +56,6 @@ async def place(call: Call) -> BidOut:
         raise ValidationFailed(
             "price cap below 1e-12 USD per GB-second", field="max_price_per_gb_sec"
         )
-    if refusal := core.lease_value_refusal(total, body.duration_sec, cap, "duration_sec"):
-        raise refusal
     client = await owned_client(call.state.pool, call.user, body.client_id)
     lat, lng = body.client_lat, body.client_lng
     if lat is None and client["latitude"] is not None and client["longitude"] is not None:
@@ -89,7 +86,8 @@ async def place(call: Call) -> BidOut:
         created_ms=now_ms,
         expires_ms=now_ms + body.expires_in_sec * 1000 if body.expires_in_sec else 0,
     )
-    placed = await call.state.market.place_bid(bid, now_ms)
+    with named_as(duration_s="duration_sec", max_price_pusd="max_price_per_gb_sec"):
+        placed = await call.state.market.place_bid(bid, now_ms)
     return bid_out(placed)
 
 

@@ -11,17 +11,15 @@ that instant, never above the cap. A lost race is a 409 `capacity_taken`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
 
 from engine import core
-from engine.errors import MarketError, NotFound
+from engine.errors import NotFound
 from engine.types import Contract
-from gateway.errors import Forbidden, ValidationFailed
+from gateway.errors import Forbidden, ValidationFailed, named_as
 from gateway.operations import Call, Link, Operation
 from gateway.protocol import ContractLive, ContractOut
 from gateway.ratelimit import WRITES
@@ -77,20 +75,17 @@ async def create(call: Call) -> ContractOut:
         if node is None:
             raise NotFound("no such node", field="node_id")
         cap = node.price_pusd
-    if refusal := core.lease_value_refusal(
-        body.ram_gb + body.vram_gb, body.duration_sec, cap, "duration_sec"
-    ):
-        raise refusal
-    contract = await market.reserve(
-        node_id=body.node_id,
-        client_id=str(client["id"]),
-        user_id=call.user.user_id,
-        ram_gb=body.ram_gb,
-        vram_gb=body.vram_gb,
-        duration_s=body.duration_sec,
-        max_price_pusd=cap,
-        now_ms=call.now_ms(),
-    )
+    with named_as(duration_s="duration_sec", max_price_pusd="max_price_per_gb_sec"):
+        contract = await market.reserve(
+            node_id=body.node_id,
+            client_id=str(client["id"]),
+            user_id=call.user.user_id,
+            ram_gb=body.ram_gb,
+            vram_gb=body.vram_gb,
+            duration_s=body.duration_sec,
+            max_price_pusd=cap,
+            now_ms=call.now_ms(),
+        )
     return contract_out(contract)
 
 
@@ -236,7 +231,7 @@ async def _from_history(call: Call) -> ContractOut:
 async def extend(call: Call) -> ContractOut:
     body: ContractExtendRequest = call.body
     contract = await _renters(call)
-    with _named_as(extra_s="additional_duration_sec"):
+    with named_as(extra_s="additional_duration_sec"):
         extended = await call.state.market.extend(
             contract.contract_id, body.additional_duration_sec, call.now_ms()
         )
@@ -246,22 +241,11 @@ async def extend(call: Call) -> ContractOut:
 async def settle(call: Call) -> ContractOut:
     body: ContractSettleRequest = call.body
     contract = await _renters(call)
-    with _named_as(egress_gb="actual_egress_gb"):
+    with named_as(egress_gb="actual_egress_gb"):
         settled = await call.state.market.settle(
             contract.contract_id, body.actual_egress_gb, call.now_ms()
         )
     return contract_out(settled)
-
-
-@contextlib.contextmanager
-def _named_as(**api_names: str) -> Iterator[None]:
-    """Refusals of the market name the request's fields as this API does."""
-    try:
-        yield
-    except MarketError as exc:
-        if exc.field in api_names:
-            exc.field = api_names[exc.field]
-        raise
 
 
 OPERATIONS: list[Operation] = [
