@@ -26,6 +26,7 @@ from msgspec import Meta
 from engine.errors import NotFound
 from gateway.errors import Forbidden
 from gateway.operations import Call, Link, Operation, route
+from gateway.protocol import whole
 from gateway.schemas import Limit, Offset, Region, decimal_to_usd, to_usd
 from persistence import accounts, history
 from persistence import analytics as q
@@ -33,7 +34,6 @@ from persistence import analytics as q
 __all__ = [
     "OPERATIONS",
     "Candle",
-    "Center",
     "ClientSpending",
     "Cluster",
     "ClusterList",
@@ -48,7 +48,7 @@ __all__ = [
     "routes",
 ]
 
-NodeStatus = Annotated[str, Meta(pattern=r"^(active|maintenance|offline|deactivated)$")]
+NodeStatus = Annotated[str, Meta(pattern=whole("(active|maintenance|offline|deactivated)"))]
 Instant = Annotated[
     datetime,
     Meta(
@@ -81,17 +81,12 @@ class ClusterNodesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
 # Responses (the records of `persistence.analytics`, money in USD)
 
 
-class Center(msgspec.Struct):
-    lat: float
-    lng: float
-
-
 class Cluster(msgspec.Struct, kw_only=True):
     """A region's nodes in aggregate (counts exclude deactivated nodes; available capacity and
     the average price cover active nodes only)."""
 
     region: str
-    center: Center | None
+    center: q.Center | None
     total_nodes: int
     active_nodes: int
     node_composition: dict[str, int]
@@ -237,7 +232,7 @@ class MarketPricing(msgspec.Struct, kw_only=True):
 def cluster_out(c: q.Cluster) -> Cluster:
     return Cluster(
         region=c.region,
-        center=None if c.center is None else Center(c.center.lat, c.center.lng),
+        center=c.center,  # no money in it: the record's is the wire's
         total_nodes=c.total_nodes,
         active_nodes=c.active_nodes,
         node_composition=c.node_composition,

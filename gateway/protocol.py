@@ -149,7 +149,15 @@ successor, whose `predecessor_id` names the contract it replaces: a new fill goe
 `contract_failed_over`: its node went offline and the rest of its time moved to `successor_id`."""
 BidNoticeKind = Literal["bid_placed", "bid_filled", "bid_cancelled", "bid_expired"]
 
-Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+def whole(pattern: str) -> str:
+    """A regex that must match the whole string. msgspec checks patterns with Python's
+    `re.search`, whose `$` also matches before a final newline: `^[a-z]+$` takes "abc\n". The
+    lookahead refuses that newline; in JSON Schema (ECMA regexes) it changes nothing."""
+    return f"^{pattern}(?!\n)$"
+
+
+Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=whole("[A-Za-z0-9_-]+"))]
 Gigabytes = Annotated[int, Meta(ge=0, le=MAX_GB)]
 Latitude = Annotated[float, Meta(ge=-90.0, le=90.0, description="Degrees north.")]
 Longitude = Annotated[float, Meta(ge=-180.0, le=180.0, description="Degrees east.")]

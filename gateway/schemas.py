@@ -42,6 +42,7 @@ from gateway.protocol import (
     Id,
     Latitude,
     Longitude,
+    whole,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ Region = Annotated[
     Meta(
         min_length=1,
         max_length=50,
-        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        pattern=whole("[a-z0-9][a-z0-9-]*"),
         description="Region slug, e.g. `us-east-2` (lowercase letters, digits, dashes).",
         examples=["us-east-2"],
     ),
@@ -84,7 +85,7 @@ EgressPrice = Annotated[
 ]
 UptimeScore = Annotated[float, Meta(ge=0.0, le=100.0)]
 DistanceKm = Annotated[float, Meta(gt=0.0, le=EARTH_HALF_CIRCUMFERENCE_KM)]
-_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+_PRINTABLE = whole(r"[^\x00-\x1f\x7f]+")
 """No control characters (NUL in particular, which Postgres text and jsonb refuse)."""
 Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)]
 Email = Annotated[
@@ -92,7 +93,7 @@ Email = Annotated[
     Meta(
         min_length=3,
         max_length=254,
-        pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$",
+        pattern=whole(r"[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+"),
         examples=["ada@example.com"],
     ),
 ]
@@ -101,7 +102,7 @@ Offset = Annotated[int, Meta(ge=0, le=MAX_OFFSET)]
 Limit = Annotated[int, Meta(ge=1, le=MAX_PAGE)]
 MetaKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
 MetaValue = (
-    Annotated[str, Meta(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+    Annotated[str, Meta(max_length=256, pattern=whole(r"[^\x00-\x1f\x7f]*"))]
     | Annotated[int, Meta(ge=-(2**53), le=2**53)]
     | Annotated[float, Meta(ge=-1e15, le=1e15)]
     | bool

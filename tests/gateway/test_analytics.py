@@ -28,7 +28,6 @@ _MONEY = {
 }
 _MEANS = {"avg_price_pusd", "vwap_pusd"}
 _PAIRS = [
-    (q.Center, wire.Center),
     (q.Cluster, wire.Cluster),
     (q.ClusterNode, wire.ClusterNode),
     (q.ClusterNodes, wire.ClusterNodes),
@@ -91,7 +90,7 @@ def test_money_becomes_usd_and_nothing_else_changes() -> None:
     )
     assert stats.revenue_usd == 0.12672 and stats.buckets[0].revenue_usd == 3e-12
     assert stats.revenue_pusd == 126_720_000_000 and stats.buckets[0].revenue_pusd == 3
-    assert stats.cluster is not None and stats.cluster.center == wire.Center(40.1, -83.0)
+    assert stats.cluster is not None and stats.cluster.center == q.Center(40.1, -83.0)
     assert stats.cluster.avg_price_per_gb_sec == float(Decimal("1.500000333333E-6"))
     assert stats.buckets[0].reporting_nodes == 1 and stats.buckets[0].fills == 2
 

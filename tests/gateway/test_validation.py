@@ -41,6 +41,8 @@ from .conftest import (
         ({"name": ""}, "name"),
         ({"name": "x" * 201}, "name"),
         ({"name": "evil\u0000name"}, "name"),
+        ({"name": "evil\n"}, "name"),
+        ({"region": "us-east-2\n"}, "region"),
         ({"metadata": {"k": "v\u0000"}}, "metadata[...]"),
         ({"metadata": {f"k{i}": "v" for i in range(33)}}, "metadata"),
         ({"min_duration_sec": 100, "max_duration_sec": 10}, "min_duration_sec"),
