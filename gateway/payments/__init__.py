@@ -1,0 +1,1 @@
+"""Payment rails: cards (Stripe) and crypto (Ethereum, Solana)."""

@@ -1,0 +1,1 @@
+"""Chain verifiers: Ethereum (`eth`) and Solana (`solana`), one shape of answer (`transfers`)."""
