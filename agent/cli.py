@@ -37,6 +37,7 @@ from agent.config import (
     build_config,
     default_config_path,
     load_config,
+    parse_port_range,
     save_config,
 )
 from agent.detect import GpuProbe, read_machine
@@ -124,6 +125,32 @@ def _parser() -> argparse.ArgumentParser:
         help="simulate outages of unreliable nodes",
     )
     sim.add_argument("--state", type=Path, help="keep the fleet's key and node ids here to resume")
+    sim.add_argument(
+        "--lease-servers",
+        type=int,
+        default=16,
+        metavar="N",
+        help="most real lease servers the fleet runs at once (default %(default)s; 0: deliver "
+        "nothing); past it a lease is not reported ready and the exchange fails it over",
+    )
+    sim.add_argument(
+        "--lease-mib-per-gb",
+        type=int,
+        default=1,
+        metavar="MIB",
+        help="memory a simulated lease's server holds per leased GB (default %(default)s MiB)",
+    )
+    sim.add_argument(
+        "--lease-ports",
+        default="17000-17999",
+        metavar="LOW-HIGH",
+        help="ports the fleet's lease servers take (default %(default)s)",
+    )
+    sim.add_argument(
+        "--lease-host",
+        default="127.0.0.1",
+        help="address the fleet's lease servers listen on and renters dial (default %(default)s)",
+    )
     sim.add_argument("--duration", type=float, help="stop after this many seconds")
 
     # --config and -v also after the subcommand (`mnemo-agent run --config x.json`); SUPPRESS keeps
@@ -375,6 +402,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     api_url = args.sim_api_url or os.environ.get(f"{ENV_PREFIX}API_URL") or "http://127.0.0.1:8000"
     api_key = args.sim_api_key or os.environ.get(f"{ENV_PREFIX}API_KEY") or None
     regions = [r.strip() for r in args.regions.split(",") if r.strip()] if args.regions else None
+    if args.lease_servers < 0 or args.lease_mib_per_gb < 1:
+        print("--lease-servers needs N >= 0, --lease-mib-per-gb MIB >= 1", file=sys.stderr)
+        return 2
+    try:
+        lease_ports = parse_port_range(args.lease_ports)
+    except ValueError as exc:
+        print(f"--lease-ports: {exc}", file=sys.stderr)
+        return 2
 
     async def main(stop: asyncio.Event) -> Any:
         return await run_fleet(
@@ -391,6 +426,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             notices=args.notices,
             churn=args.churn,
             state_path=args.state,
+            lease_servers=args.lease_servers,
+            lease_mib_per_gb=args.lease_mib_per_gb,
+            lease_ports=lease_ports,
+            lease_host=args.lease_host,
         )
 
     try:

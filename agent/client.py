@@ -9,9 +9,9 @@ WebSocket: `GatewaySocket` is one connection to `/ws` authenticated by the `X-AP
 speaking `gateway.protocol` (the gateway's own definition of every message, which imports nothing
 but msgspec). It subscribes to channels, sends batched heartbeats (`HeartbeatOp` of `Beat`s) and
 resolves each batch with the server's `HeartbeatAck`; each event goes to the `on_event` callback
-as its channel's typed public event (`ContractNotice` on `node:<id>`, ...). One socket carries
-any number of nodes of one owner, which is how the simulator drives a large fleet over few
-connections.
+as its channel's typed public event (`ContractNotice` or `TrustNotice` on `node:<id>`, ...). One
+socket carries any number of nodes of one owner, which is how the simulator drives a large fleet
+over few connections.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ from gateway.protocol import (
     Heartbeat,
     HeartbeatAck,
     HeartbeatOp,
+    LeaseClosed,
+    LeaseCredentials,
+    LeaseEndpoint,
+    LeaseReady,
     PublicEvent,
     Ref,
     ServerMessage,
@@ -330,6 +334,36 @@ class Gateway:
             offset += len(contracts)
             if not contracts or offset >= page["total_count"]:
                 return out
+
+    # -- delivery (node-authenticated, as heartbeats) --------------------------------------
+
+    async def node_leases(self, node_id: str) -> list[LeaseEndpoint]:
+        """GET /api/nodes/{id}/leases: the leases of the node's active contracts."""
+        data = await self.request("GET", f"/api/nodes/{node_id}/leases")
+        return msgspec.convert(data, list[LeaseEndpoint])
+
+    async def lease_credentials(self, node_id: str, contract_id: str) -> LeaseCredentials:
+        """GET /api/nodes/{id}/leases/{contract_id}/credentials: the lease's ACL user."""
+        data = await self.request("GET", f"/api/nodes/{node_id}/leases/{contract_id}/credentials")
+        return msgspec.convert(data, LeaseCredentials)
+
+    async def lease_ready(self, node_id: str, contract_id: str, body: LeaseReady) -> LeaseEndpoint:
+        """POST /api/nodes/{id}/leases/{contract_id}/ready (409: the lease is no longer pending
+        or ready)."""
+        data = await self.request(
+            "POST", f"/api/nodes/{node_id}/leases/{contract_id}/ready", body=body
+        )
+        return msgspec.convert(data, LeaseEndpoint)
+
+    async def lease_closed(
+        self, node_id: str, contract_id: str, body: LeaseClosed
+    ) -> LeaseEndpoint | None:
+        """POST /api/nodes/{id}/leases/{contract_id}/closed (idempotent: a repeat, or a report
+        after the exchange settled without it, answers 200 or 409 and changes nothing)."""
+        data = await self.request(
+            "POST", f"/api/nodes/{node_id}/leases/{contract_id}/closed", body=body
+        )
+        return None if data is None else msgspec.convert(data, LeaseEndpoint)
 
 
 # ---------------------------------------------------------------------------------------------

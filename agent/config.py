@@ -6,6 +6,13 @@ The file holds the spec's fields (`api_url`, `api_key`, `node_type`, `name`, `re
 may lease in total; unset means "whatever is free"), an optional IANA `timezone` for the idle
 schedule, free-form string `metadata`, and the `node_id` the exchange assigned.
 
+Delivery (the lease servers, `agent.lease_server`): `lease_listen` (the address they bind,
+default `0.0.0.0`), `lease_advertise_host` (what renters dial; default: this machine's address
+on the route to the exchange; behind NAT set the public address and forward `lease_ports`),
+`lease_ports` (the TCP port range they take ports from, default `17000-17999`),
+`lease_tls_cert` / `lease_tls_key` (PEM files: every lease served over TLS), `lease_dir` (where
+their private directories go; default a fresh temporary directory).
+
 Where it lives: `--config PATH`, else `$MNEMO_AGENT_CONFIG`, else
 `$XDG_CONFIG_HOME/mnemo/node_config.json` (`~/.config/mnemo/...`) — never the working directory.
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +45,7 @@ __all__ = [
     "ConfigError",
     "default_config_path",
     "load_config",
+    "parse_port_range",
     "save_config",
     "save_node_id",
 ]
@@ -46,6 +55,7 @@ ENV_PREFIX = "MNEMO_AGENT_"
 NodeType = Literal["datacenter", "edge_cluster", "mist_node"]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 _Region = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,49}$")]
+_HOST = re.compile(r"[A-Za-z0-9.:_-]{1,253}\Z")
 
 
 class ConfigError(Exception):
@@ -84,6 +94,18 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The most VRAM Mnemo may lease from this machine in total; unset: whatever is free."""
     metadata: dict[str, str] = {}
     node_id: str | None = None
+    lease_listen: Annotated[str, msgspec.Meta(min_length=1)] = "0.0.0.0"
+    """The address lease servers bind (`0.0.0.0`: every IPv4 interface, `::` for IPv6)."""
+    lease_advertise_host: str | None = None
+    """The host renters dial to reach a lease (a public IP or DNS name behind NAT); unset: the
+    address of this machine on its route to the exchange."""
+    lease_ports: str = "17000-17999"
+    """The TCP ports lease servers take (one per lease); forward them when behind NAT."""
+    lease_tls_cert: str | None = None
+    """PEM certificate (chain) for TLS on every lease (with `lease_tls_key`)."""
+    lease_tls_key: str | None = None
+    lease_dir: str | None = None
+    """Where lease servers' private directories go (unset: a fresh temporary directory)."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.api_url)
@@ -98,6 +120,16 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 ZoneInfo(self.timezone)
             except (ZoneInfoNotFoundError, ValueError):
                 raise ValueError(f"timezone: unknown zone {self.timezone!r}") from None
+        try:
+            _ = self.lease_port_range
+        except ValueError as exc:
+            raise ValueError(f"lease_ports: {exc}") from None
+        if (self.lease_tls_cert is None) != (self.lease_tls_key is None):
+            raise ValueError("lease_tls_cert: lease_tls_cert and lease_tls_key come together")
+        for name in ("lease_listen", "lease_advertise_host"):
+            value = getattr(self, name)
+            if value is not None and not _HOST.match(value):
+                raise ValueError(f"{name}: expected a host name or an IP address, got {value!r}")
 
     def __repr__(self) -> str:
         shown = []
@@ -122,8 +154,26 @@ class AgentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def base_url(self) -> str:
         return self.api_url.rstrip("/")
 
+    @property
+    def lease_port_range(self) -> range:
+        """`lease_ports` as a range (ValueError if malformed)."""
+        return parse_port_range(self.lease_ports)
+
 
 FIELDS: tuple[str, ...] = AgentConfig.__struct_fields__
+
+
+def parse_port_range(text: str) -> range:
+    """`"17000-17999"` (or one port, `"17000"`) -> range(17000, 18000); ValueError if not."""
+    low_s, sep, high_s = text.strip().partition("-")
+    try:
+        low = int(low_s)
+        high = int(high_s) if sep else low
+    except ValueError:
+        raise ValueError(f"expected a range like 17000-17999, got {text!r}") from None
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"expected ports within 1-65535, the lower first, got {text!r}")
+    return range(low, high + 1)
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:

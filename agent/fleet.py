@@ -13,6 +13,15 @@ module wires the parts, as `mnemo-agent --simulate N` runs them:
 `drive_fleet` heartbeats a registered fleet (with notices on, it also subscribes each node's
 `node:<id>` channel to keep its lease totals); `run_fleet` signs up, registers (or resumes a
 saved fleet) and drives.
+
+Delivery: with notices on and `lease_servers` > 0, the fleet also subscribes each node's
+`leases:<id>` and serves its RAM leases as a real node does (`agent.delivery`): a real Valkey
+server per lease on this machine, on 127.0.0.1 by default, at most `lease_servers` at once. A
+virtual node's memory is imaginary, so its servers are scaled down: `lease_mib_per_gb` MiB per
+leased GB (default 1: a 64 GB lease holds 64 MiB), at most `SIM_MAX_LEASE_BYTES` each; the
+ready report says so (`LeaseReady.maxmemory_bytes`). With the cap reached a lease gets no
+server and no ready report, so the exchange's readiness deadline fails it over (or fails it)
+and its renter is not charged.
 """
 
 from __future__ import annotations
@@ -32,16 +41,58 @@ from typing import Any
 import msgspec
 
 from agent.client import Gateway, retrying
+from agent.delivery import Delivery
+from agent.lease_server import LeaseServers
 from agent.population import make_fleet
 from agent.registration import REGISTER_BATCH, register_fleet
 from agent.repricer import run_repricer
 from agent.shards import FleetStats, Link, Shard
 from agent.simulation import Fleet
-from gateway.protocol import ContractNotice, PublicEvent
+from gateway.protocol import ContractNotice, LeaseNotice, PublicEvent
 
-__all__ = ["drive_fleet", "run_fleet"]
+__all__ = [
+    "SIM_MAX_LEASE_BYTES",
+    "drive_fleet",
+    "fleet_delivery",
+    "follows_notices",
+    "run_fleet",
+]
 
 log = logging.getLogger("mnemo.agent.fleet")
+
+SIM_MAX_LEASE_BYTES = 256 << 20
+"""The most memory one simulated lease's server may hold, whatever its size in GB."""
+METER_EVERY_S = 5.0
+"""How often the fleet reads its lease servers' meters (each beat carries the last reading)."""
+
+
+def follows_notices(n: int, channels_per_socket: int = 256) -> bool:
+    """Whether a fleet of `n` nodes follows its nodes' channels by default."""
+    return n <= 10 * channels_per_socket
+
+
+def fleet_delivery(
+    gateway: Gateway,
+    *,
+    lease_servers: int = 16,
+    lease_mib_per_gb: int = 1,
+    lease_ports: range = range(17000, 18000),
+    lease_host: str = "127.0.0.1",
+) -> Delivery:
+    """The delivery of a simulated fleet: at most `lease_servers` real lease servers on
+    `lease_host`, scaled to `lease_mib_per_gb` MiB per leased GB (see the module docstring)."""
+    servers = LeaseServers(
+        listen=lease_host,
+        advertise_host=lease_host,
+        ports=lease_ports,
+        max_servers=lease_servers,
+    )
+    return Delivery(
+        gateway,
+        servers,
+        bytes_per_gb=lease_mib_per_gb << 20,
+        max_lease_bytes=SIM_MAX_LEASE_BYTES,
+    )
 
 
 async def drive_fleet(
@@ -59,20 +110,22 @@ async def drive_fleet(
     channels_per_socket: int = 256,
     stats: FleetStats | None = None,
     gateway: Gateway | None = None,
+    delivery: Delivery | None = None,
 ) -> FleetStats:
     """Heartbeat every node of `fleet` every `interval_s` until `stop`; returns the counters.
 
     `min_gap_s` (default 0.9 x interval) is the least time between two beats of one node: set it
     at or above the gateway's per-node minimum. `notices` (default: on up to 2,560 nodes)
     subscribes each node's `node:<id>` channel, `channels_per_socket` per extra connection (the
-    gateway's per-socket limit), to keep the nodes' lease totals.
+    gateway's per-socket limit), to keep the nodes' lease totals; with `delivery` also each
+    node's `leases:<id>`, whose orders it carries out (and `delivery` is closed at the end).
     """
     if min_gap_s is None:
         min_gap_s = 0.9 * interval_s
     if min_gap_s > interval_s:
         raise ValueError("min_gap_s must not exceed interval_s")
     if notices is None:
-        notices = len(fleet.ids) <= 10 * channels_per_socket
+        notices = follows_notices(len(fleet.ids), channels_per_socket)
     stats = stats or FleetStats()
     rng = random.Random(len(fleet.ids))
     order = list(range(len(fleet.ids)))
@@ -96,14 +149,26 @@ async def drive_fleet(
         for k, lo in enumerate(range(0, len(order), per))
     ]
 
+    if delivery is not None and not notices:
+        log.warning("the fleet delivers no leases: it does not follow its nodes' channels")
+        delivery = None
+
     def on_notice(channel: str, event: PublicEvent) -> None:
         if channel.startswith("node:") and isinstance(event, ContractNotice):
             stats.notices[event.notice] += 1
             fleet.apply_notice(channel[5:], event.notice, event.contract)
+            if delivery is not None:
+                delivery.on_contract_notice(channel[5:], event.notice, event.contract)
+        elif channel.startswith("leases:") and isinstance(event, LeaseNotice):
+            stats.notices[event.notice] += 1
+            if delivery is not None:
+                delivery.on_lease_notice(channel[7:], event)
 
     links = [shard.link for shard in shards]
     if notices:
         channels = [f"node:{node_id}" for node_id in fleet.ids]
+        if delivery is not None:
+            channels += [f"leases:{node_id}" for node_id in fleet.ids]
         for k, lo in enumerate(range(0, len(channels), channels_per_socket)):
             links.append(
                 Link(
@@ -139,6 +204,8 @@ async def drive_fleet(
         tasks.append(
             asyncio.create_task(run_repricer(gateway, fleet, stats, stop), name="fleet-price")
         )
+    if delivery is not None:
+        tasks.append(asyncio.create_task(_meter(fleet, delivery, stop), name="fleet-meter"))
     try:
         await asyncio.gather(*tasks)
     finally:
@@ -147,7 +214,23 @@ async def drive_fleet(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if delivery is not None:
+            await asyncio.shield(delivery.aclose())
     return stats
+
+
+async def _meter(fleet: Fleet, delivery: Delivery, stop: asyncio.Event) -> None:
+    """Read the lease servers' meters every few seconds into the beats' `leases`."""
+    while not stop.is_set():
+        await delivery.refresh()
+        index = fleet.index
+        fleet.lease_meters = {
+            index[node_id]: delivery.meters(node_id)
+            for node_id in delivery.nodes()
+            if node_id in index
+        }
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), METER_EVERY_S)
 
 
 class _FleetState(msgspec.Struct):
@@ -157,6 +240,7 @@ class _FleetState(msgspec.Struct):
     n: int
     regions: list[str] | None
     node_ids: list[str]
+    delivers: bool = False
 
 
 def _load_state(
@@ -212,13 +296,20 @@ async def run_fleet(
     reprice_per_beat: float = 0.002,
     state_path: Path | None = None,
     report_every_s: float = 30.0,
+    lease_servers: int = 16,
+    lease_mib_per_gb: int = 1,
+    lease_ports: range = range(17000, 18000),
+    lease_host: str = "127.0.0.1",
 ) -> FleetStats:
     """Sign up (unless `api_key`), register N virtual nodes, and drive them until `stop`.
 
     `state_path` keeps the account key and node ids, so a restart with the same `seed`, `n` and
-    `regions` resumes the same fleet instead of registering a new one.
+    `regions` resumes the same fleet instead of registering a new one. `lease_*`: the fleet's
+    delivery (module docstring; `lease_servers=0` delivers nothing).
     """
     nodes = make_fleet(n, seed=seed, regions=regions)
+    # Only a fleet that follows its nodes' channels hears lease orders, so only it delivers.
+    delivering = lease_servers > 0 and (notices if notices is not None else follows_notices(n))
     state = _load_state(state_path, api_url, api_key, seed, n, regions)
     key: str | None = api_key or (state.api_key if state else None)
     async with Gateway(api_url, key, max_connections=max(4, concurrency)) as gateway:
@@ -226,6 +317,10 @@ async def run_fleet(
             node_ids = state.node_ids
             key = state.api_key
             log.info("resuming %d virtual nodes from %s", len(node_ids), state_path)
+            if state.delivers != delivering and state_path is not None:
+                await _set_delivers(gateway, node_ids, delivering, concurrency, stop)
+                state.delivers = delivering
+                _save_state(state_path, state)
         else:
             if api_key is None:
                 email = f"fleet-{uuid.uuid4().hex[:12]}@example.com"
@@ -248,16 +343,35 @@ async def run_fleet(
                 concurrency=concurrency,
                 stop=stop,
                 progress=lambda done, s: log.info("registered %d nodes (%.0f/s)", done, done / s),
+                delivers=delivering,
             )
             elapsed = time.perf_counter() - started
             log.info("registered %d nodes in %.1f s (%.0f/s)", n, elapsed, n / max(elapsed, 1e-9))
             if state_path is not None:
                 regions_list = list(regions) if regions else None
                 _save_state(
-                    state_path, _FleetState(gateway.api_url, key, seed, n, regions_list, node_ids)
+                    state_path,
+                    _FleetState(
+                        gateway.api_url,
+                        key,
+                        seed,
+                        n,
+                        regions_list,
+                        node_ids,
+                        delivers=delivering,
+                    ),
                 )
         fleet = Fleet(nodes, node_ids, seed=seed, churn=churn, reprice_per_beat=reprice_per_beat)
         stats = FleetStats()
+        delivery = None
+        if delivering:
+            delivery = fleet_delivery(
+                gateway,
+                lease_servers=lease_servers,
+                lease_mib_per_gb=lease_mib_per_gb,
+                lease_ports=lease_ports,
+                lease_host=lease_host,
+            )
         reporter = asyncio.create_task(_report(stats, stop, report_every_s))
         try:
             log.info(
@@ -277,12 +391,31 @@ async def run_fleet(
                 notices=notices,
                 stats=stats,
                 gateway=gateway,
+                delivery=delivery,
             )
         finally:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
     return stats
+
+
+async def _set_delivers(
+    gateway: Gateway, node_ids: list[str], delivers: bool, concurrency: int, stop: asyncio.Event
+) -> None:
+    """Tell the exchange whether a resumed fleet's nodes serve their RAM leases now."""
+    log.info("marking %d resumed nodes delivers=%s", len(node_ids), delivers)
+    todo = iter(node_ids)
+
+    async def worker() -> None:
+        for node_id in todo:
+            await retrying(
+                "updating a virtual node",
+                lambda: gateway.update_node(node_id, {"delivers": delivers}),  # noqa: B023
+                stop=stop,
+            )
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, 8)))))
 
 
 async def _report(stats: FleetStats, stop: asyncio.Event, every_s: float) -> None:

@@ -6,17 +6,25 @@ could lend to Mnemo right now, NOT counting what Mnemo already leases from me"; 
 
 So the agent reports, per kind of memory (RAM, VRAM), outside the idle schedule 0, otherwise
 
-    available = max(0, min(free, limit) - leased)
+    available = max(0, min(free + held, limit) - leased)
 
 - `free`: what the machine has free now (psutil `available`, NVML free, floored to GiB);
+- `held`: memory the node's lease servers occupy for their leases' data (RAM only), floored to
+  GiB: each server's resident memory above the empty server's, at most its lease's size
+  (`agent.delivery.Delivery.used_bytes`);
 - `limit`: the owner's `max_*_gb`, the most Mnemo may hold in total (unset: no limit);
 - `leased`: the sum over the contracts on this node that the agent knows to be active.
 
-A lease is a reservation: Mnemo has no data plane that allocates the memory, so the OS still
-counts it as free and the agent must subtract it itself. If a renter's workload does occupy the
-memory, `free` has already dropped and the subtraction makes the figure conservative: the agent
-may under-offer, it never over-offers. With the engine's `reserved == leased` the node's total
-offer becomes `min(total, free, limit)` -- the owner's limit holds with leases included.
+A RAM lease is delivered: its own Valkey server (`agent.lease_server`) holds the renter's data,
+so as the renter fills it, `free` drops. That memory is already inside `leased` (each lease
+counts in full from its start, filled or not), so `held` adds it back: without it, a full
+lease would be subtracted twice and the node would under-offer by the lease's size. `held` is
+capped at each lease's size, so memory a server takes beyond its lease (allocator overhead, the
+empty server itself, a few MB) stays subtracted: the node may under-offer by that much, never
+over-offer. A VRAM lease is reserved, not delivered: nothing occupies the memory, `free`
+still counts it, and `leased` alone subtracts it. With the engine's `reserved == leased` the
+node's total offer becomes `min(total, free + held, limit)` -- the owner's limit holds with
+leases included.
 
 `LeaseBook` keeps the record from the `node:<id>` notices (`gateway.protocol.ContractNotice`)
 and is resynchronised from the gateway's contract list whenever the agent (re)connects, since
@@ -37,11 +45,14 @@ __all__ = ["Lease", "LeaseBook", "available_gb"]
 _ENDING_NOTICES = frozenset({"contract_ended", "contract_failed_over"})
 
 
-def available_gb(free_gb: int, limit_gb: int | None, leased_gb: int, *, idle: bool) -> int:
+def available_gb(
+    free_gb: int, limit_gb: int | None, leased_gb: int, *, idle: bool, held_gb: int = 0
+) -> int:
     """The `available_*_gb` a heartbeat carries (see the module docstring for the formula)."""
     if not idle:
         return 0
-    cap = free_gb if limit_gb is None else min(free_gb, limit_gb)
+    lendable = free_gb + held_gb
+    cap = lendable if limit_gb is None else min(lendable, limit_gb)
     return max(0, cap - leased_gb)
 
 

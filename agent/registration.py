@@ -108,6 +108,7 @@ async def register_fleet(
     stop: asyncio.Event | None = None,
     progress: Callable[[int, float], None] | None = None,
     idempotent: bool = True,
+    delivers: bool = False,
 ) -> list[str]:
     """Register every node; their ids, in order.
 
@@ -119,7 +120,15 @@ async def register_fleet(
     `ApiError`. `idempotent` sends an `Idempotency-Key` per request (per batch, or per node) so
     that a retry after a lost reply cannot register anything twice (the gateway keeps the keys
     in Postgres: one row per request, which costs single registrations much throughput).
+    `delivers` registers the nodes as serving their RAM leases (the fleet's delivery).
     """
+
+    def body_of(i: int) -> dict[str, Any]:
+        body = nodes[i].registration_body()
+        if delivers:
+            body["delivers"] = True
+        return body
+
     ids: list[str | None] = [None] * len(nodes)
     key_prefix = f"fleet-{uuid.uuid4().hex}" if idempotent else None
     registered = 0
@@ -152,7 +161,7 @@ async def register_fleet(
 
         async def one(i: int) -> None:
             key = f"{key_prefix}-{i}" if key_prefix else None
-            body = nodes[i].registration_body()
+            body = body_of(i)
             answer = await retrying(
                 "registering a virtual node",
                 lambda: post(_REGISTER, body, key),
@@ -165,7 +174,7 @@ async def register_fleet(
         async def many(k: int) -> None:
             span = range(k * batch, min(len(nodes), (k + 1) * batch))
             key = f"{key_prefix}-b{k}" if key_prefix else None
-            body = {"nodes": [nodes[i].registration_body() for i in span]}
+            body = {"nodes": [body_of(i) for i in span]}
             answer = await retrying(
                 "registering a batch of virtual nodes",
                 lambda: post(_REGISTER_BATCH, body, key),

@@ -7,14 +7,20 @@ Life of a run:
    An exchange that lost the node (404) gets it registered anew; a node its owner deactivated
    stops the agent with a message (re-registering would undo the owner's decision).
 2. Keep one WebSocket to the gateway (reconnecting with capped, jittered exponential backoff),
-   subscribed to `node:<id>`; every (re)connect resynchronises the lease record from the
-   contract list, since notices sent while away are lost.
+   subscribed to `node:<id>` and `leases:<id>`; every (re)connect resynchronises the lease record
+   from the contract list and the lease servers from the node's lease list, since notices sent
+   while away are lost.
+   Delivery (`agent.delivery`): each RAM lease gets a Valkey server of its own
+   (`agent.lease_server`), opened on `lease_open`, reported ready, metered in every heartbeat
+   (`leases`), closed, digested and wiped on `lease_close` or when its contract ended.
 3. Heartbeat on the interval the gateway asks for (`next_heartbeat_in_sec`, else the config's),
    with +-10% jitter so a fleet restarted together spreads out, never sooner than the gateway's
    minimum. Over the socket when it is up, else `POST /api/nodes/{id}/heartbeat`. When neither
    works the beat is retried with backoff (capped at the interval) until the gateway returns.
 4. On SIGINT/SIGTERM (the caller sets `stop`): `PUT /api/nodes/{id} {"status": "maintenance"}`,
-   so renters' matching skips the node at once instead of after three missed heartbeats.
+   so renters' matching skips the node at once instead of after three missed heartbeats. The
+   lease servers stop with the agent (their data is not kept: the exchange fails the leases over
+   when the node goes offline, or a restarted agent serves them afresh, empty).
 
 What a heartbeat reports is `agent.leases.available_gb` per memory kind (see that module).
 """
@@ -25,16 +31,20 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.client import ApiError, Backoff, Gateway, GatewaySocket, GatewayUnavailable, retrying
 from agent.config import AgentConfig, ConfigError, save_node_id
-from agent.detect import GpuProbe, MachineReading, read_machine, system_metadata
+from agent.delivery import Delivery
+from agent.detect import GIB, GpuProbe, MachineReading, read_machine, system_metadata
+from agent.lease_server import LeaseServers
 from agent.leases import LeaseBook, available_gb
 from gateway.protocol import (
     Beat,
@@ -43,12 +53,41 @@ from gateway.protocol import (
     ContractNoticeKind,
     ContractOut,
     HeartbeatOutcome,
+    LeaseNotice,
     PublicEvent,
+    TrustNotice,
 )
 
-__all__ = ["AgentStopped", "NodeAgent", "registration_body"]
+__all__ = ["AgentStopped", "NodeAgent", "advertise_host", "registration_body"]
 
 log = logging.getLogger("mnemo.agent")
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).isoformat(timespec="seconds")
+
+
+def _log_standing(event: TrustNotice) -> None:
+    """Tell the provider watching the agent's log what `node:<id>` says of its standing."""
+    score = f"uptime {event.uptime_score:.1f} over {event.uptime_history_windows} h"
+    if event.notice == "warned":
+        log.warning(
+            "node %s is warned (%s, under the threshold): it gets no new leases from %s "
+            "unless its uptime recovers by then",
+            event.node_id,
+            score,
+            _when(event.suspension_due_ms),
+        )
+    elif event.notice == "suspended":
+        log.warning(
+            "node %s is suspended from new leases (%s); its running leases go on, and it is "
+            "reinstated once its uptime recovers",
+            event.node_id,
+            score,
+        )
+    else:
+        log.info("node %s is %s (%s)", event.node_id, event.notice, score)
+
 
 JITTER = 0.1
 RESYNC_EVERY_S = 600.0
@@ -77,6 +116,8 @@ def registration_body(config: AgentConfig, machine: MachineReading) -> dict[str,
         "base_latency_ms": config.base_latency_ms,
         "price_per_gb_sec": config.price_per_gb_sec,
         "metadata": metadata,
+        # The agent serves its RAM leases (agent.delivery): the exchange expects ready reports.
+        "delivers": True,
     }
     if config.max_ram_gb is not None:
         body["max_ram_gb"] = min(config.max_ram_gb, machine.total_ram_gb)
@@ -104,6 +145,8 @@ def _terms_changes(config: AgentConfig, node: dict[str, Any]) -> dict[str, Any]:
         elif current == value:
             continue
         changes[key] = value
+    if not node.get("delivers", True):
+        changes["delivers"] = True  # registered before delivery: say it serves its leases now
     if node.get("metadata", {}).get("idle_schedule") != config.idle_schedule:
         changes["metadata"] = {**node.get("metadata", {}), "idle_schedule": config.idle_schedule}
     return changes
@@ -155,6 +198,18 @@ class NodeAgent:
         """Set while the WebSocket is up and subscribed (tests and `status` watch it)."""
         self.notices: list[tuple[ContractNoticeKind, ContractOut]] = []
         """Every contract notice received, in order (bounded to the last 1000)."""
+        self.delivery = Delivery(
+            self.gateway,
+            LeaseServers(
+                listen=config.lease_listen,
+                advertise_host=config.lease_advertise_host or "127.0.0.1",
+                ports=config.lease_port_range,
+                tls_cert=config.lease_tls_cert,
+                tls_key=config.lease_tls_key,
+                lease_dir=config.lease_dir,
+            ),
+        )
+        """The node's lease servers (see `agent.delivery`)."""
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -162,6 +217,10 @@ class NodeAgent:
         """Run until `stop` is set; raises `AgentStopped` when the agent cannot go on."""
         if self._gpus is None:
             self._gpus = GpuProbe.open()
+        if self.config.lease_advertise_host is None:
+            self.delivery.servers.advertise_host = await asyncio.to_thread(
+                advertise_host, self.config
+            )
         connection: asyncio.Task[None] | None = None
         registered = False
         try:
@@ -181,6 +240,7 @@ class NodeAgent:
             if self._socket is not None:
                 await self._socket.close()
                 self._socket = None
+            await asyncio.shield(self.delivery.aclose())
             if registered and stop.is_set():
                 await asyncio.shield(self._enter_maintenance())
             if self._own_gateway:
@@ -299,6 +359,12 @@ class NodeAgent:
                     self.config.base_url, self.config.api_key, on_event=self._on_event
                 )
                 await socket.subscribe([f"node:{self.node_id}"])
+                if self.delivery.enabled:
+                    try:
+                        await socket.subscribe([f"leases:{self.node_id}"])
+                    except ApiError as exc:  # an exchange without delivery
+                        self.delivery.enabled = False
+                        log.warning("lease orders refused (%s): serving no leases", exc)
                 await self._resync()
                 self._socket = socket
                 self.connected.set()
@@ -336,6 +402,10 @@ class NodeAgent:
                 self.leases.apply(notice, contract)
         finally:
             self._resync_buffer = None
+        try:
+            await self.delivery.resync(self.node_id)
+        except ApiError as exc:
+            log.warning("could not list the node's leases: %s", exc)
         log.debug(
             "lease record: %d contracts, %d GB RAM + %d GB VRAM leased",
             len(self.leases),
@@ -344,11 +414,20 @@ class NodeAgent:
         )
 
     def _on_event(self, channel: str, event: PublicEvent) -> None:
+        if isinstance(event, LeaseNotice) and self.node_id is not None:
+            if channel == f"leases:{self.node_id}":
+                self.delivery.on_lease_notice(self.node_id, event)
+            return
+        if isinstance(event, TrustNotice):
+            _log_standing(event)
+            return
         if not isinstance(event, ContractNotice):
             return
         notice, contract = event.notice, event.contract
         if self._resync_buffer is not None:
             self._resync_buffer.append((notice, contract))
+        if self.node_id is not None:
+            self.delivery.on_contract_notice(self.node_id, notice, contract)
         lease = self.leases.apply(notice, contract)
         self.notices.append((notice, contract))
         del self.notices[:-1000]
@@ -392,10 +471,15 @@ class NodeAgent:
             self._idle = idle
         self.leases.prune(int(time.time() * 1000), LEASE_GRACE_MS)
         gpu = machine.gpu
+        meters = self.delivery.meters(self.node_id)
         return Beat(
             node_id=self.node_id,
             available_ram_gb=available_gb(
-                machine.free_ram_gb, self.config.max_ram_gb, self.leases.leased_ram_gb, idle=idle
+                machine.free_ram_gb,
+                self.config.max_ram_gb,
+                self.leases.leased_ram_gb,
+                idle=idle,
+                held_gb=self.delivery.used_bytes(self.node_id) // GIB,
             ),
             available_vram_gb=available_gb(
                 machine.free_vram_gb, self.config.max_vram_gb, self.leases.leased_vram_gb, idle=idle
@@ -407,6 +491,7 @@ class NodeAgent:
             else min(200, max(-100, gpu.temperature_c)),
             latitude=self.config.latitude,
             longitude=self.config.longitude,
+            leases=meters or None,
         )
 
     async def _send_beat(self, beat: Beat) -> BeatResult | None:
@@ -449,6 +534,7 @@ class NodeAgent:
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         backoff = Backoff(1.0, min(30.0, self.config.heartbeat_interval))
         while not stop.is_set():
+            await self.delivery.refresh()
             beat = self.make_beat()
             try:
                 outcome = await self._send_beat(beat)
@@ -493,6 +579,23 @@ class NodeAgent:
     async def _reconnect(self) -> None:
         if self._socket is not None:
             await self._socket.close()  # the connection loop reconnects with the new node id
+
+
+def advertise_host(config: AgentConfig) -> str:
+    """The host renters dial when `lease_advertise_host` is unset: the `lease_listen` address
+    when it names one, else this machine's address on its route to the exchange (no packet
+    is sent), else 127.0.0.1."""
+    if config.lease_listen not in ("0.0.0.0", "::"):
+        return config.lease_listen
+    host = urlsplit(config.api_url).hostname or "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, 80, type=socket.SOCK_DGRAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

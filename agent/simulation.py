@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 from agent.leases import LeaseBook, available_gb
 from agent.population import VirtualNode
 from agent.schedule import IdleSchedule
-from gateway.protocol import Beat, ContractNoticeKind, ContractOut
+from gateway.protocol import Beat, ContractNoticeKind, ContractOut, LeaseMeter
 
 __all__ = ["Fleet"]
 
@@ -71,6 +71,9 @@ class Fleet:
         self.schedules = [(IdleSchedule.parse(text), ZoneInfo(tz)) for (text, tz) in groups]
         self.repricing: list[int] = []
         """Nodes whose price changed and awaits a PUT (drained by the fleet's repricer)."""
+        self.lease_meters: dict[int, list[LeaseMeter]] = {}
+        """Row -> the meters of the node's lease servers, set by the fleet's delivery (each
+        beat of the node carries them)."""
 
     @property
     def index(self) -> dict[str, int]:
@@ -118,6 +121,7 @@ class Fleet:
                 int(self.total_vram[i] * f), None, self.leased_vram[i], idle=idle
             ),
             cpu_usage_pct=round((1.0 - f) * 80.0 + rng.random() * 10.0, 1),
+            leases=self.lease_meters.get(i) or None,
         )
 
     def apply_notice(self, node_id: str, notice: ContractNoticeKind, contract: ContractOut) -> None:

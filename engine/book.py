@@ -88,10 +88,17 @@ from engine.types import (
     ContractSettled,
     Event,
     HeartbeatsApplied,
+    LeaseChanged,
     NodeDeactivated,
     NodeOffline,
     NodeRegistered,
     NodeUpdated,
+    StakeChanged,
+    TransferReceived,
+    TransferSent,
+    TrustUpdated,
+    WalletCredited,
+    WalletDebited,
 )
 
 __all__ = [
@@ -235,9 +242,14 @@ class BidBook:
                 | HeartbeatsApplied()
                 | NodeOffline()
                 | ContractExtended()
+                | LeaseChanged()
                 | ContractSettled()
+                | TrustUpdated()
+                | StakeChanged()
             ):
                 pass  # nodes and contracts change no bid (a bid's fill comes as ContractCreated)
+            case WalletCredited() | WalletDebited() | TransferSent() | TransferReceived():
+                pass  # money changes no bid (a bid's hold rides on its own events)
             case _:
                 assert_never(event)
 

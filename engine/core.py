@@ -20,8 +20,19 @@ Rules
   + egress_mgb * egress_price_pusd // 1000`, with `used_s = ceil((now_ms - start_ms) / 1000)`
   clamped to `[0, duration_s]` (a second started is a second paid, never beyond the term).
 - Settlement hash: SHA-256 (hex) of the canonical record of the closed contract: every field of
-  `Contract` except `settlement_hash` and `version`, as JSON with sorted keys, no whitespace,
-  integers as integers, UTF-8. Anyone holding the record can recompute it.
+  `Contract` except `settlement_hash`, `version`, `hold_pusd` and `hold_month`, as JSON with
+  sorted keys, no whitespace, integers as integers, UTF-8. Anyone holding the record can
+  recompute it. The delivery fields (`lease_state` and after it, `LEASE_FIELDS`) are in the
+  record of a delivered lease only, so the hash of a contract that was not delivered is what it
+  was before delivery existed; a delivered lease's record holds its meter and the digest its node
+  reported.
+- Delivered leases (`Contract.lease_state` other than `none`) bill delivered time: from the
+  node's ready report (`ready_ms`; never ready: nothing) to the first of now, the end of the
+  term, the close order (`closing_ms`) and, for a node that went offline, its last heartbeat.
+  Egress bills the node's meter (`egress_bytes`, 1 GB = 10**9 bytes, rounded to the nearest
+  thousandth of a GB, half to even) on completion only: a lease that failed or failed over
+  bills no egress, as before. The renter's own figure (`claimed_egress_mgb`) is recorded, never
+  billed.
 - Asks: a node is listed (in its region's asks sorted set, at its price) iff it is `active`,
   has free capacity (`available_ram_gb + available_vram_gb > 0`) and its ask has not expired
   (`ask_expires_ms == 0 or now_ms < ask_expires_ms`). The rule is evaluated at every change to
@@ -59,19 +70,35 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from engine import trust
 from engine.errors import (
+    BudgetExceeded,
     CapacityTaken,
     Conflict,
+    InsufficientFunds,
     InvalidRequest,
     MarketError,
     NotFound,
+    PaymentRequired,
+    TooManyOpen,
     Unavailable,
+)
+from engine.trust import (  # noqa: F401  (refusal messages the scripts share, as the others)
+    MAINTENANCE_EMPTY,
+    MAINTENANCE_IN_PROGRESS,
+    MAINTENANCE_NONE,
+    MAINTENANCE_NOT_OWNER,
+    MAINTENANCE_TOO_EARLY,
+    MAINTENANCE_TOO_LATE,
+    MAINTENANCE_TOO_LONG,
+    MAINTENANCE_TOO_SOON,
 )
 from engine.types import NODE_TYPES, Bid, Contract, Heartbeat, Node, NodeChanges
 
 __all__ = [
     "FILLS_WINDOW_MS",
     "GEO_LAT_LIMIT",
+    "LEASE_FIELDS",
     "MAX_DURATION_S",
     "MAX_EGRESS_MGB",
     "MAX_EGRESS_PRICE_PUSD",
@@ -89,23 +116,30 @@ __all__ = [
     "bid_priority",
     "bid_refusal",
     "bid_score",
+    "billed_seconds",
     "change_fields",
     "close_contract",
     "contract_cost_pusd",
     "egress_mgb",
+    "egress_mgb_of_bytes",
     "egress_value_refusal",
     "fill_refusal",
     "fill_size",
     "from_fields",
     "geo_lat",
     "hb_deadline_ms",
+    "hold_pusd",
+    "hold_refusal",
     "lease_value_refusal",
     "longest_lease_s",
+    "month_of",
     "new_bid",
     "new_node",
     "offered_after_heartbeat",
+    "open_refusal",
     "parse_bid_member",
     "plan_fills",
+    "platform_fee_pusd",
     "reserve_refusal",
     "settlement_hash",
     "settlement_record",
@@ -161,6 +195,10 @@ CONTRACT_ENDED = "contract has ended"
 NOT_STALE = "heartbeat deadline has not passed"
 SAME_NODE = "failover needs another node"
 MIN_OVER_MAX = "min_duration_s exceeds max_duration_s"
+LEASE_NOT_FOUND = "no such lease on this node"
+NOT_DELIVERED = "the lease is not delivered"
+NOT_CLOSED = "the lease has not been closed"
+LEASE_CLOSING = "lease is closing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +295,19 @@ def new_node(node: Node, now_ms: int) -> Node:
         last_heartbeat_ms=0,
         arrival_seq=0,
         created_ms=now_ms,
+        uptime_score=trust.NEW_NODE_SCORE,
+        reputation_score=trust.reputation(0, 0),
+        uptime_windows=0,
+        suspend_at_ms=0,
+        suspended_ms=0,
+        maint_start_ms=0,
+        maint_end_ms=0,
+        maint_last_ms=0,
+        delivered_contracts=0,
+        cut_contracts=0,
+        stake_pusd=0,
+        stake_held_pusd=0,
+        lease_value_pusd=0,
     )
 
 
@@ -469,6 +520,7 @@ def ask_listed(node: Node, now_ms: int) -> bool:
     """Whether the node belongs in its region's asks sorted set at `now_ms`."""
     return (
         node.status == "active"
+        and not node.suspended_ms
         and node.available_ram_gb + node.available_vram_gb > 0
         and (node.ask_expires_ms == 0 or now_ms < node.ask_expires_ms)
     )
@@ -497,6 +549,8 @@ def reserve_refusal(
     or None. The reserve and failover scripts check the same things in the same order."""
     if node.status != "active":
         return Unavailable(f"node is {node.status}", field="node_id")
+    if node.suspended_ms:
+        return Unavailable("node is suspended", field="node_id")
     if node.ask_expires_ms != 0 and now_ms >= node.ask_expires_ms:
         return Unavailable(ASK_EXPIRED, field="node_id")
     if not node.min_duration_s <= duration_s <= node.max_duration_s:
@@ -543,26 +597,76 @@ def contract_cost_pusd(
     return (ram_gb + vram_gb) * used_s * price_pusd + egress_mgb * egress_price_pusd // 1000
 
 
+def billed_seconds(contract: Contract, now_ms: int, stop_ms: int | None = None) -> int:
+    """Seconds to bill at `now_ms`. Not delivered: `used_seconds` from the start (the
+    reservation). Delivered: from the ready report to the first of `now_ms`, the end of the
+    term, the close order and `stop_ms` (a failed node's last heartbeat); never ready: 0."""
+    if contract.lease_state == "none":
+        return used_seconds(contract.start_ms, now_ms, contract.duration_s)
+    if contract.ready_ms == 0:
+        return 0
+    stop = min(now_ms, contract.end_ms)
+    if contract.closing_ms:
+        stop = min(stop, contract.closing_ms)
+    if stop_ms is not None:
+        stop = min(stop, stop_ms)
+    return used_seconds(contract.ready_ms, stop, contract.duration_s)
+
+
+BYTES_PER_MGB = 10**6
+"""Egress is priced per GB of 10**9 bytes (decimal, as network traffic is counted); the market's
+unit is the thousandth of a GB, 10**6 bytes."""
+
+
+def egress_mgb_of_bytes(egress_bytes: int, egress_price_pusd: int = 0) -> int:
+    """A meter's bytes in thousandths of a GB, rounded half to even, and clamped to what one
+    contract may bill (`MAX_EGRESS_MGB`, `MAX_EGRESS_VALUE_PUSD` at `egress_price_pusd`): a
+    meter is a measurement, and an automatic settlement must not be refused."""
+    q, r = divmod(max(0, egress_bytes), BYTES_PER_MGB)
+    if 2 * r > BYTES_PER_MGB or (2 * r == BYTES_PER_MGB and q % 2):
+        q += 1
+    q = min(q, MAX_EGRESS_MGB)
+    if egress_price_pusd > 0:
+        q = min(q, MAX_EGRESS_VALUE_PUSD * 1000 // egress_price_pusd)
+    return q
+
+
 def accrued_cost_pusd(contract: Contract, now_ms: int) -> int:
-    """What an open contract has cost so far: its `used_seconds` at `now_ms` at its price. Egress
-    is left out: the node reports it only at settlement."""
+    """What an open contract has cost so far: its `billed_seconds` at `now_ms` at its price.
+    Egress is left out: it is billed at settlement."""
     return contract_cost_pusd(
         ram_gb=contract.ram_gb,
         vram_gb=contract.vram_gb,
-        used_s=used_seconds(contract.start_ms, now_ms, contract.duration_s),
+        used_s=billed_seconds(contract, now_ms),
         price_pusd=contract.price_pusd,
     )
 
 
-_UNHASHED = frozenset({"settlement_hash", "version"})
+_UNHASHED = frozenset({"settlement_hash", "version", "hold_pusd", "hold_month"})
+LEASE_FIELDS = (
+    "lease_state",
+    "ready_ms",
+    "lease_host",
+    "lease_port",
+    "lease_tls",
+    "closing_ms",
+    "reported_ms",
+    "egress_bytes",
+    "peak_memory_bytes",
+    "claimed_egress_mgb",
+    "lease_digest",
+)
+"""The delivery fields of `Contract` (in the settlement record of a delivered lease only)."""
+_LEASE = frozenset(LEASE_FIELDS)
 
 
 def settlement_record(contract: Contract) -> dict[str, Any]:
-    """The fields the settlement hash covers (all but `settlement_hash` and `version`)."""
+    """The fields the settlement hash covers (all but `settlement_hash`, `version` and the money
+    held for it, `hold_pusd` and `hold_month`: how it was paid for is not the lease; the delivery
+    fields only for a delivered lease)."""
+    skip = _UNHASHED if contract.lease_state != "none" else _UNHASHED | _LEASE
     return {
-        name: getattr(contract, name)
-        for name in contract.__struct_fields__
-        if name not in _UNHASHED
+        name: getattr(contract, name) for name in contract.__struct_fields__ if name not in skip
     }
 
 
@@ -581,15 +685,27 @@ def close_contract(
     status: str,
     egress_mgb: int = 0,
     successor_id: str | None = None,
+    stop_ms: int | None = None,
 ) -> Contract:
     """The contract as it is after closing at `now_ms` with `status` (completed, failed or
     failed_over): time used, cost, completion time, the next version and the settlement hash.
-    InvalidRequest (`egress_gb`) when the egress is more than a contract may bill."""
-    if refusal := egress_value_refusal(egress_mgb, contract.egress_price_pusd):
+    InvalidRequest (`egress_gb`) when the egress is more than a contract may bill.
+
+    A delivered lease bills its `billed_seconds` (`stop_ms`: its failed node's last heartbeat)
+    and, completed, its metered egress (`egress_mgb` is then ignored: the renter's figure is
+    `claimed_egress_mgb`); its `lease_state` becomes `closed` (completed) or `failed`."""
+    lease_state = contract.lease_state
+    if lease_state != "none":
+        egress_mgb = 0
+        if status == "completed":
+            egress_mgb = egress_mgb_of_bytes(contract.egress_bytes, contract.egress_price_pusd)
+        lease_state = "closed" if status == "completed" else "failed"
+    elif refusal := egress_value_refusal(egress_mgb, contract.egress_price_pusd):
         raise refusal
-    used = used_seconds(contract.start_ms, now_ms, contract.duration_s)
+    used = billed_seconds(contract, now_ms, stop_ms)
     closed = msgspec.structs.replace(
         contract,
+        lease_state=lease_state,
         status=status,  # type: ignore[arg-type]
         used_s=used,
         egress_mgb=egress_mgb,
@@ -609,9 +725,9 @@ def close_contract(
     return msgspec.structs.replace(closed, settlement_hash=settlement_hash(closed))
 
 
-def successor_duration_s(contract: Contract, now_ms: int) -> int:
+def successor_duration_s(contract: Contract, now_ms: int, stop_ms: int | None = None) -> int:
     """The term a failover successor gets: what the contract has not yet billed (may be 0)."""
-    return contract.duration_s - used_seconds(contract.start_ms, now_ms, contract.duration_s)
+    return contract.duration_s - billed_seconds(contract, now_ms, stop_ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -833,3 +949,70 @@ def change_fields(changes: NodeChanges) -> dict[str, str]:
         for name in changes.__struct_fields__
         if getattr(changes, name) is not None
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Money (issue 14): holds, fees, budget months. The scripts compute the same with exact integers
+# (engine/lua/_lib.lua, section "Money"); tests/engine/test_money.py compares them.
+
+
+def hold_pusd(size_gb: int, duration_s: int, price_pusd: int) -> int:
+    """What a lease of `size_gb` (ram + vram) for `duration_s` at `price_pusd` holds: its whole
+    cost at that price (egress is not known before settlement and is not held)."""
+    return size_gb * duration_s * price_pusd
+
+
+def platform_fee_pusd(cost_pusd: int, fee_bps: int) -> int:
+    """The platform's fee out of a settled cost: `cost * fee_bps // 10000` (rounded down: the
+    provider gets the odd pico-USD)."""
+    return cost_pusd * fee_bps // 10_000
+
+
+def month_of(ms: int) -> str:
+    """The UTC calendar month (`YYYY-MM`) of an instant; a budget counts per month."""
+    days = ms // 86_400_000
+    # Howard Hinnant's civil_from_days, as the scripts compute it (no clock, no tz database).
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return f"{year:04d}-{month:02d}"
+
+
+def hold_refusal(
+    hold: int, avail: int, allow: int, *, budgeted: bool, field: str
+) -> PaymentRequired | None:
+    """Why a region wallet with `avail` money and `allow` budget allowance left cannot take a
+    hold of `hold` now (the scripts' `hold_refusal`, same order and text), or None. The money
+    comes first; the allowance only counts for a renter with a monthly budget."""
+    if avail < hold:
+        short = hold - avail
+        return InsufficientFunds(
+            f"the balance cannot cover the hold of {hold} pico-USD (short by {short})",
+            field=field,
+            shortfall_pusd=short,
+        )
+    if budgeted and allow < hold:
+        short = hold - max(allow, 0)
+        return BudgetExceeded(
+            f"the hold of {hold} pico-USD would take this month's spend past the monthly "
+            f"budget (over by {short})",
+            field=field,
+            shortfall_pusd=short,
+        )
+    return None
+
+
+def open_refusal(count: int, limit: int, kind: str, field: str) -> TooManyOpen | None:
+    """Why a user with `count` open contracts (`kind` "c") or resting bids ("b") in a region may
+    not open another under `limit` (0: no cap), or None (the scripts' `open_refusal`)."""
+    if limit > 0 and count >= limit:
+        what = "open contracts" if kind == "c" else "resting bids"
+        return TooManyOpen(
+            f"at most {limit} {what} per user in a region; close some first", field=field
+        )
+    return None

@@ -7,12 +7,17 @@ A lost race (a reserve that finds the capacity gone) is a normal outcome and is 
 from __future__ import annotations
 
 __all__ = [
+    "BudgetExceeded",
     "CapacityTaken",
     "Conflict",
+    "InsufficientFunds",
+    "InsufficientStake",
     "InvalidRequest",
     "MarketError",
     "NotFound",
     "OutsideTerms",
+    "PaymentRequired",
+    "TooManyOpen",
     "Unavailable",
 ]
 
@@ -65,8 +70,46 @@ class CapacityTaken(MarketError):
     status = 409
 
 
+class InsufficientStake(MarketError):
+    """The node's stake does not cover the lease (engine.trust.required_stake): it takes no
+    new lease until its provider locks more."""
+
+    code = "insufficient_stake"
+    status = 409
+
+
 class Unavailable(MarketError):
     """The node is not taking new leases (offline, maintenance, deactivated, ask expired)."""
 
     code = "node_unavailable"
     status = 409
+
+
+class PaymentRequired(MarketError):
+    """Money refusals (issue 14): `shortfall_pusd` is what would have to come in first."""
+
+    code = "payment_required"
+    status = 402
+
+    def __init__(self, message: str, *, field: str | None = None, shortfall_pusd: int = 0) -> None:
+        super().__init__(message, field=field)
+        self.shortfall_pusd = shortfall_pusd
+
+
+class InsufficientFunds(PaymentRequired):
+    """The renter's balance (with its credit line) cannot cover the hold or debit asked for."""
+
+    code = "insufficient_funds"
+
+
+class BudgetExceeded(PaymentRequired):
+    """The hold would take the month's spend past the renter's `budget_monthly_usd`."""
+
+    code = "budget_exceeded"
+
+
+class TooManyOpen(MarketError):
+    """The user already has as many open contracts (or resting bids) in the region as allowed."""
+
+    code = "too_many_open"
+    status = 429

@@ -14,7 +14,8 @@ Where a new event type goes:
 2. the Lua script that makes the change appends it (`event()` in `engine/lua/_lib.lua`);
 3. every consumer's `match` over events ends in `assert_never`, so `scripts/check` (mypy) names
    each one that does not handle it yet: the journal's fold (`persistence/journal/fold.py`, with
-   a migration if it has a table to write), the replay (`engine/replay.py`), the ask and bid
+   a migration if it has a table to write), the ledger's movements (`persistence/ledger.py`),
+   the replay (`engine/replay.py`), the ask and bid
    books (`engine/scoring.py`, `engine/book.py`), the engine loop (`engine/process.py`), the
    quotes (`engine/quotes.py`) and the notices (`engine/notify.py`).
 `tests/test_event_log.py` proves step 3: it adds a dummy event to the union and checks that mypy

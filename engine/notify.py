@@ -19,7 +19,9 @@ units, like the events: the gateway maps each to the channel's public event (`ga
 | `user_channel(user)`   | `fills`       | the `Contract` of each of the renter's new contracts (successors excluded) |
 |                        | `bids`        | `BidNote`: `bid_placed`, `bid_filled` (with the fill), `bid_cancelled`, `bid_expired` |
 |                        | `contracts`   | `ContractNote`: `contract_extended`, `contract_ended` (completed or failed), `contract_failed_over` (the old contract, settled), `contract_started` (its successor) |
-| `node_channel(node)`   | `node:<id>`   | `ContractNote`: `contract_started`, `contract_extended`, `contract_ending` (sent `ENDING_NOTICE_LEAD_MS` before the end, or at the start of a shorter contract), `contract_ended` (completed or failed) or `contract_failed_over` (to the node that lost it) |
+|                        | `leases`      | `LeaseNote` of the renter's delivered leases: `lease_ready` (first ready report), `lease_moved` (a failover successor's first ready report: a new endpoint), `lease_failed` (failed, no successor), `lease_closed` (settled after delivery) |
+| `node_channel(node)`   | `node:<id>`   | `ContractNote`: `contract_started`, `contract_extended`, `contract_ending` (sent `ENDING_NOTICE_LEAD_MS` before the end, or at the start of a shorter contract), `contract_ended` (completed or failed) or `contract_failed_over` (to the node that lost it); `TrustNote`: the node's standing changed (`warned`, `cleared`, `suspended`, `reinstated`; engine.trust) |
+|                        | `leases:<id>` | `LeaseNote`, orders to the node's agent: `lease_open` (a delivered lease was made on the node), `lease_close` (stop, wipe and report it: the close was ordered, or the lease failed or moved away) |
 | `market_channel`       | `market`      | `SummaryNote` (see `market_summary`)                       |
 
 `contract_ending` is sent once per end time: an extension pushes the end back and re-arms it.
@@ -33,6 +35,7 @@ from typing import Any, Literal, assert_never
 import msgspec
 
 from engine.keys import Keys
+from engine.trust import Notice
 from engine.types import (
     Bid,
     BidCancelled,
@@ -44,20 +47,29 @@ from engine.types import (
     ContractSettled,
     Event,
     HeartbeatsApplied,
+    LeaseChanged,
     NodeDeactivated,
     NodeOffline,
     NodeRegistered,
     NodeUpdated,
+    StakeChanged,
+    TransferReceived,
+    TransferSent,
+    TrustUpdated,
+    WalletCredited,
+    WalletDebited,
 )
 
 __all__ = [
     "ENDING_NOTICE_LEAD_MS",
     "BidNote",
     "ContractNote",
+    "LeaseNote",
     "Message",
     "Notifier",
     "SummaryNote",
     "TradeNote",
+    "TrustNote",
     "encode_message",
     "market_summary",
 ]
@@ -77,6 +89,9 @@ ContractNoticeKind = Literal[
     "contract_failed_over",
 ]
 BidNoticeKind = Literal["bid_placed", "bid_filled", "bid_cancelled", "bid_expired"]
+LeaseNoticeKind = Literal[
+    "lease_open", "lease_ready", "lease_moved", "lease_failed", "lease_close", "lease_closed"
+]
 
 
 class TradeNote(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,10 +128,31 @@ class BidNote(msgspec.Struct, frozen=True, kw_only=True):
     contract: Contract | None = None
 
 
+class TrustNote(msgspec.Struct, frozen=True, kw_only=True):
+    """A change of a node's standing (engine.trust.Notice), with its uptime after it."""
+
+    notice: Notice
+    ts_ms: int
+    node_id: str
+    uptime_score: float
+    uptime_windows: int
+    suspend_at_ms: int = 0
+    suspended_ms: int = 0
+
+
 class ContractNote(msgspec.Struct, frozen=True, kw_only=True):
     """A change to a contract: `contract` as it is after it."""
 
     notice: ContractNoticeKind
+    ts_ms: int
+    contract: Contract
+
+
+class LeaseNote(msgspec.Struct, frozen=True, kw_only=True):
+    """A change to a delivered lease: `contract` as it is after it (its endpoint, never a
+    secret: the exchange stores none)."""
+
+    notice: LeaseNoticeKind
     ts_ms: int
     contract: Contract
 
@@ -207,6 +243,8 @@ class Notifier:
                 return self._extended(event)
             case ContractSettled():
                 return self._settled(event)
+            case LeaseChanged():
+                return self._lease_changed(event)
             case BidPlaced(bid=bid):
                 if bid.status == "open":
                     self._bids[bid.bid_id] = bid
@@ -220,14 +258,37 @@ class Notifier:
                     return [self._bid_note("bid_cancelled", event.ts_ms, gone)]
                 gone = msgspec.structs.replace(known, status="expired")
                 return [self._bid_note("bid_expired", event.ts_ms, gone)]
+            case TrustUpdated(entries=entries):
+                return [
+                    (
+                        self.keys.node_channel(e.node_id),
+                        encode_message(
+                            f"node:{e.node_id}",
+                            TrustNote(
+                                notice=e.notice,
+                                ts_ms=event.ts_ms,
+                                node_id=e.node_id,
+                                uptime_score=e.uptime_score,
+                                uptime_windows=e.uptime_windows,
+                                suspend_at_ms=e.suspend_at_ms,
+                                suspended_ms=e.suspended_ms,
+                            ),
+                        ),
+                    )
+                    for e in entries
+                    if e.notice is not None
+                ]
             case (
                 NodeRegistered()
                 | NodeUpdated()
                 | NodeDeactivated()
                 | HeartbeatsApplied()
                 | NodeOffline()
+                | StakeChanged()
             ):
                 return []  # the node's owner hears of its nodes from the gateway, not from here
+            case WalletCredited() | WalletDebited() | TransferSent() | TransferReceived():
+                return []  # money has no market notice (the wallet is read through the API)
             case _:
                 assert_never(event)
 
@@ -279,6 +340,8 @@ class Notifier:
                 del self._bids[bid.bid_id]
             out.append(self._bid_note("bid_filled", event.ts_ms, bid, c))
         out.append(self._node_notice("contract_started", c, event.ts_ms))
+        if c.lease_state == "pending":
+            out.append(self._lease_order("lease_open", c, event.ts_ms))
         return out
 
     def _extended(self, event: ContractExtended) -> list[Message]:
@@ -314,13 +377,69 @@ class Notifier:
             completed_ms=event.completed_ms,
             successor_id=event.successor_id,
         )
+        was = c.lease_state
+        if event.lease_state is not None:
+            c = msgspec.structs.replace(c, lease_state=event.lease_state)
         notice: ContractNoticeKind = (
             "contract_failed_over" if event.status == "failed_over" else "contract_ended"
         )
-        return [
+        out = [
             self._renter_notice(notice, c, event.ts_ms),
             self._node_notice(notice, c, event.ts_ms),
         ]
+        if event.lease_state is not None:
+            if was != "closing":
+                out.append(self._lease_order("lease_close", c, event.ts_ms))
+            if event.lease_state == "closed":
+                out.append(self._lease_notice("lease_closed", c, event.ts_ms))
+            elif event.status == "failed":
+                out.append(self._lease_notice("lease_failed", c, event.ts_ms))
+        return out
+
+    def _lease_changed(self, event: LeaseChanged) -> list[Message]:
+        c = self._contracts.get(event.contract_id)
+        if c is None:
+            return []
+        was = c.lease_state
+        c = msgspec.structs.replace(
+            c,
+            lease_state=event.lease_state,
+            version=event.version,
+            ready_ms=event.ready_ms,
+            lease_host=event.lease_host,
+            lease_port=event.lease_port,
+            lease_tls=event.lease_tls,
+            closing_ms=event.closing_ms,
+            reported_ms=event.reported_ms,
+            egress_bytes=event.egress_bytes,
+            peak_memory_bytes=event.peak_memory_bytes,
+            claimed_egress_mgb=event.claimed_egress_mgb,
+            lease_digest=event.lease_digest,
+        )
+        self._contracts[c.contract_id] = c
+        match event.change:
+            case "ready":
+                moved = was == "pending" and c.predecessor_id is not None
+                return [
+                    self._lease_notice("lease_moved" if moved else "lease_ready", c, event.ts_ms)
+                ]
+            case "closing":
+                return [self._lease_order("lease_close", c, event.ts_ms)]
+            case "reported":
+                return []
+            case other:
+                assert_never(other)
+
+    def _lease_notice(self, notice: LeaseNoticeKind, contract: Contract, ts_ms: int) -> Message:
+        note = LeaseNote(notice=notice, ts_ms=ts_ms, contract=contract)
+        return (self.keys.user_channel(contract.user_id), encode_message("leases", note))
+
+    def _lease_order(self, notice: LeaseNoticeKind, contract: Contract, ts_ms: int) -> Message:
+        note = LeaseNote(notice=notice, ts_ms=ts_ms, contract=contract)
+        return (
+            self.keys.node_channel(contract.node_id),
+            encode_message(f"leases:{contract.node_id}", note),
+        )
 
     def _renter_notice(self, notice: ContractNoticeKind, contract: Contract, ts_ms: int) -> Message:
         note = ContractNote(notice=notice, ts_ms=ts_ms, contract=contract)

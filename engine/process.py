@@ -4,7 +4,13 @@
 else every region in the `regions` set, re-read every few seconds). For each region it holds a
 lease (`Keys.engine_lease`: SET NX PX, renewed; only the holder works the region, so two engines
 never cross the same book), takes a snapshot of the region (nodes, open bids, live contracts),
-then tails the region's event stream and keeps its own view current from it:
+then tails the region's event stream and keeps its own view current from it. Several engines
+spread the regions among them (`Engine._balance`: each takes at most its share of the leases
+and lets go of the rest), so more engines, on one machine or many, add cores to the market; on a
+Redis Cluster each region's keys (its lease included) live on its slot's primary.
+The lease is for efficiency, not safety: two engines that both believed they held a region (a
+lease lost in a primary's fail-over, say) would only race each other's reserves, which the
+scripts settle atomically.
 
 - an `AskBook` (engine.scoring) of the region's nodes, for ranking;
 - a `BidBook` (engine.book): the open bids and the crossing rule, pure; this module is its
@@ -26,7 +32,15 @@ milliseconds stale, so a refused reserve is a normal result and the next candida
   also delists expired asks (`expire_asks`).
 - Liveness: `stale_nodes` -> `mark_offline` -> each active contract moves to the best other node
   of the region that can hold it for the remaining time within the contract's price cap
-  (`failover`), else ends pro-rated (`fail_contract`).
+  (`failover`), else ends pro-rated (`fail_contract`). A delivered lease moves only to a node
+  that delivers, and bills its delivered time up to its node's last heartbeat. An offline
+  node's uptime windows close as they end (`sweep_uptime`, engine.trust), on the same sweep.
+- Delivery: a delivered lease that its node has not reported ready within
+  `lease_ready_timeout_ms` is handled as if its node had failed (failed over, or failed,
+  uncharged); a delivered lease whose term ends is closed (`close_lease`: its node is told to
+  stop, wipe and report) rather than settled, and settled (`settle_lease`) once the node's
+  report is in, or `lease_close_timeout_ms` after the close order with the last heartbeat's
+  meter.
 - Quotes on `quotes_channel(region)`, computed from the view (the same answer as
   `Market.quote`, without reading Redis), at most `QUOTE_MIN_INTERVAL_S` apart and only when
   something other than the timestamp changed; the `market` summary at most once a
@@ -70,6 +84,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import log as event_log
 from engine.book import Attempt, BidBook, Outcome
+from engine.connection import is_cluster, open_redis
 from engine.core import successor_duration_s
 from engine.errors import CapacityTaken, Conflict, MarketError, NotFound, Unavailable
 from engine.keys import Keys
@@ -88,12 +103,19 @@ from engine.types import (
     ContractSettled,
     Event,
     HeartbeatsApplied,
+    LeaseChanged,
     Node,
     NodeDeactivated,
     NodeOffline,
     NodeRegistered,
     NodeUpdated,
     Quote,
+    StakeChanged,
+    TransferReceived,
+    TransferSent,
+    TrustUpdated,
+    WalletCredited,
+    WalletDebited,
 )
 
 __all__ = ["Clock", "Engine", "run_engine", "wall_clock_ms"]
@@ -109,6 +131,9 @@ are taken over by another within this time)."""
 LEASE_RENEW_S = 2.0
 LEASE_RETRY_S = 1.0
 """How often an engine that does not hold a region's lease tries to take it."""
+SHED_PAUSE_S = 3 * LEASE_RETRY_S
+"""How long a region an engine let go (it served more than its share) waits before this engine
+tries it again: long enough for a peer under its share to take it."""
 TICK_S = 0.1
 """The longest a region loop waits without reading the clock."""
 SWEEP_MS = 1_000
@@ -181,11 +206,8 @@ async def run_engine(
     if settings.redis_url is None:
         raise ConfigError("MNEMO_REDIS_URL", "the engine needs a Redis URL")
     # A blocking pool: past the cap a command waits for a free connection instead of failing
-    # (each served region holds one for its blocking stream read).
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=MAX_CONNECTIONS, timeout=30
-    )
-    redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+    # (each served region holds one for its blocking stream read). A cluster: per node.
+    redis = open_redis(settings.redis_url, max_connections=MAX_CONNECTIONS, timeout_s=30)
     thresholds = gc.get_threshold()
     try:
         await _connect(redis)
@@ -205,6 +227,11 @@ async def run_engine(
             regions=tuple(regions or settings.regions) or None,
             clock=clock or wall_clock_ms,
             missed_heartbeats_offline=settings.missed_heartbeats_offline,
+            ack_replicas=settings.redis_ack_replicas,
+            platform_fee_bps=settings.platform_fee_bps,
+            transfer_repair_after_ms=int(settings.transfer_repair_after_s * 1000),
+            lease_ready_timeout_ms=settings.lease_ready_timeout_ms,
+            lease_close_timeout_ms=settings.lease_close_timeout_ms,
         )
         await engine.run(stop or asyncio.Event())
     finally:
@@ -241,10 +268,24 @@ class Engine:
         regions: Sequence[str] | None = None,
         clock: Clock = wall_clock_ms,
         missed_heartbeats_offline: int = 3,
+        ack_replicas: int = 0,
+        platform_fee_bps: int = 1000,
+        transfer_repair_after_ms: int = 5_000,
+        lease_ready_timeout_ms: int = 3_000,
+        lease_close_timeout_ms: int = 10_000,
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.market = Market(redis, keys, missed_heartbeats_offline=missed_heartbeats_offline)
+        self.lease_ready_timeout_ms = lease_ready_timeout_ms
+        self.lease_close_timeout_ms = lease_close_timeout_ms
+        self.market = Market(
+            redis,
+            keys,
+            missed_heartbeats_offline=missed_heartbeats_offline,
+            ack_replicas=ack_replicas,
+            platform_fee_bps=platform_fee_bps,
+        )
+        self.transfer_repair_after_ms = transfer_repair_after_ms
         self.clock = clock
         self.fixed_regions = tuple(regions) if regions else None
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -252,10 +293,15 @@ class Engine:
         # The region loops read their streams through this client (same connections): it
         # hands XREAD replies over as the server sent them, skipping redis-py's building of a
         # dict per entry (a few microseconds an event, two events a bid).
-        self.stream_reader = aioredis.Redis(connection_pool=redis.connection_pool)
+        # (A cluster client has no pool to share: its own XREAD replies go as sent; nothing else
+        # of the engine reads with XREAD.)
+        self.stream_reader = (
+            redis if is_cluster(redis) else aioredis.Redis(connection_pool=redis.connection_pool)
+        )
         self.stream_reader.set_response_callback("XREAD", event_log.as_sent)
         self.workers: dict[str, RegionWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.cap = 1 << 30  # most regions this engine serves at once (`_balance`)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve regions until `stop` is set; cleans up on return and on cancellation."""
@@ -266,9 +312,13 @@ class Engine:
         try:
             while not stop.is_set():
                 await self._sync_regions(stop)
+                await self._balance()
+                await self._repair_transfers()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), REGION_RESCAN_S)
         finally:
+            with contextlib.suppress(Exception):  # peers count us out at once
+                await asyncio.shield(self.redis.zrem(self.keys.engines, self.owner))
             for worker in self.workers.values():
                 worker.stopping = True
             tasks = list(self._tasks.values())
@@ -276,6 +326,60 @@ class Engine:
                 task.cancel()
             await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
             await asyncio.shield(self.publisher.close(publisher))
+
+    def may_take(self) -> bool:
+        """Whether this engine may take one more region's lease (it serves fewer than its
+        share, `cap`)."""
+        return sum(1 for w in self.workers.values() if w.taking or w.lease.valid()) < self.cap
+
+    async def _balance(self) -> None:
+        """Spread the regions over the live engines: each announces itself in the `engines`
+        set (renewed each rescan, gone `LEASE_TTL_MS` after its last), takes at most
+        `cap = ceil(regions / engines)` leases, and lets go of the regions it holds beyond that
+        (the last in name order), which then wait `SHED_PAUSE_S` before trying again so a peer
+        under its share picks them up. Any number of engines, on any hosts: they converge to
+        an even spread, and when one dies its peers' shares grow and they take its regions
+        when its leases lapse."""
+        now_ms = wall_clock_ms()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(self.keys.engines, {self.owner: now_ms})
+            pipe.zremrangebyscore(self.keys.engines, "-inf", now_ms - LEASE_TTL_MS)
+            pipe.zcard(self.keys.engines)
+            _, _, peers = await pipe.execute()
+        except _CONNECTION_ERRORS as exc:
+            log.warning("cannot announce this engine: %s", exc)
+            return
+        regions = len(self.workers)
+        self.cap = max(1, -(-regions // max(1, int(peers))))
+        serving = sorted(
+            (w for w in self.workers.values() if w.lease.valid()), key=lambda w: w.region
+        )
+        for worker in serving[self.cap :]:
+            if not worker.shed:
+                log.info(
+                    "region %s: letting go (%d engines: %d regions each)",
+                    worker.region,
+                    peers,
+                    self.cap,
+                )
+                worker.shed = True
+
+    async def _repair_transfers(self) -> None:
+        """Finish money transfers left half done by a crash (issue 14: `Market.transfer`'s
+        outbox). Every engine does it for every slot: the steps are idempotent."""
+        try:
+            done = await self.market.complete_transfers(
+                self.clock(), older_than_ms=self.transfer_repair_after_ms
+            )
+        except _CONNECTION_ERRORS as exc:
+            log.warning("cannot repair transfers now: %s", exc)
+            return
+        except Exception:
+            log.exception("transfer repair failed")
+            return
+        if done:
+            log.info("finished %d money transfers left half done", done)
 
     async def _sync_regions(self, stop: asyncio.Event) -> None:
         if self.fixed_regions is not None:
@@ -356,6 +460,9 @@ class Lease:
 # Publishing
 
 
+_PUBLISH_ROUTE = "mnemo:publisher"
+"""Names the node of a cluster the fan-out script runs on (never read or written)."""
+
 _FAN_OUT = """
 local data, at, n = ARGV[2], 1, 0
 for size, payload in string.gmatch(ARGV[1], '(%d+),(%d+)') do
@@ -419,7 +526,10 @@ class Publisher:
                 data += (name, payload)
                 sizes.append(f"{len(name)},{len(payload)}")
             try:
-                await self._fan_out(keys=[], args=[" ".join(sizes), b"".join(data)])
+                # The key is never touched: it routes every batch to one node of a cluster,
+                # so that batches reach a subscriber in the order they were sent (a PUBLISH on
+                # another node comes over the cluster bus, after what its own node sends).
+                await self._fan_out(keys=[_PUBLISH_ROUTE], args=[" ".join(sizes), b"".join(data)])
                 self.sent += len(sizes)
             except _CONNECTION_ERRORS as exc:
                 self.dropped += len(sizes)
@@ -458,6 +568,8 @@ class RegionWorker:
         self.lease = Lease(engine.redis, engine.keys.engine_lease(region), engine.owner)
         self.stopping = False
         self.serving = False
+        self.taking = False  # between taking the lease and serving
+        self.shed = False  # the engine serves more than its share: let this region go
         """True while this worker holds the lease and works the region."""
         self.fills = 0
         """Reserves this worker made for bids (benchmarks and tests read it)."""
@@ -470,6 +582,8 @@ class RegionWorker:
         self.notifier = Notifier(self.keys, self.region)
         self.last_id: bytes | str = b"0-0"
         self._ends: list[tuple[int, str]] = []
+        self._lease_due: list[tuple[int, str]] = []
+        """(when, contract id): a delivered lease's readiness or close deadline, or its report."""
         self._next_sweep_ms = 0
         self._next_full_cross = 0.0
         self._quote_dirty = True
@@ -486,7 +600,19 @@ class RegionWorker:
         delay_s = _RETRY_PAUSE_S
         while self._running():
             try:
-                if not await self.lease.acquire():
+                if self.shed:
+                    self.shed = False
+                    await self._pause(SHED_PAUSE_S)
+                    continue
+                if not self.engine.may_take():
+                    await self._pause(LEASE_RETRY_S)
+                    continue
+                self.taking = True
+                try:
+                    taken = await self.lease.acquire()
+                finally:
+                    self.taking = False
+                if not taken:
                     await self._pause(LEASE_RETRY_S)
                     continue
                 delay_s = _RETRY_PAUSE_S
@@ -544,7 +670,7 @@ class RegionWorker:
             len(self.bids),
         )
         crossed_at = time.monotonic()
-        while self._running() and self.lease.valid():
+        while self._running() and self.lease.valid() and not self.shed:
             block_ms = None if self.bids.pending else max(1, int(TICK_S * 1000))
             reply: Any = await self.engine.stream_reader.xread(
                 {self.stream: self.last_id}, count=STREAM_BATCH, block=block_ms
@@ -610,8 +736,17 @@ class RegionWorker:
                     self.notifier.remember(bid)
             case ContractCreated(contract=c):
                 heapq.heappush(self._ends, (c.end_ms, c.contract_id))
+                if c.lease_state == "pending":
+                    due = c.start_ms + self.engine.lease_ready_timeout_ms
+                    heapq.heappush(self._lease_due, (due, c.contract_id))
             case ContractExtended():
                 heapq.heappush(self._ends, (event.end_ms, event.contract_id))
+            case LeaseChanged():
+                if event.change == "closing":
+                    due = event.closing_ms + self.engine.lease_close_timeout_ms
+                    heapq.heappush(self._lease_due, (due, event.contract_id))
+                elif event.change == "reported":
+                    heapq.heappush(self._lease_due, (event.ts_ms, event.contract_id))
             case (
                 NodeRegistered()
                 | NodeUpdated()
@@ -621,8 +756,12 @@ class RegionWorker:
                 | BidCancelled()
                 | BidExpired()
                 | ContractSettled()
+                | TrustUpdated()
+                | StakeChanged()
             ):
                 pass  # no contract's end to schedule, no new bid to address notices to
+            case WalletCredited() | WalletDebited() | TransferSent() | TransferReceived():
+                pass  # money: nothing to schedule or address
             case _:
                 assert_never(event)
         await self._notify(event)
@@ -632,7 +771,11 @@ class RegionWorker:
         # An event about something the snapshot missed (it ended before we started, or the
         # stream overlap): look it up so the message can still be addressed.
         match event:
-            case ContractExtended(contract_id=cid) | ContractSettled(contract_id=cid):
+            case (
+                ContractExtended(contract_id=cid)
+                | ContractSettled(contract_id=cid)
+                | LeaseChanged(contract_id=cid)
+            ):
                 if not notifier.knows_contract(cid):
                     found = await self.market.get_contract(cid)
                     if found is not None:
@@ -650,8 +793,12 @@ class RegionWorker:
                 | NodeOffline()
                 | BidPlaced()
                 | ContractCreated()
+                | TrustUpdated()
+                | StakeChanged()
             ):
                 pass  # these carry whatever their notices are addressed by
+            case WalletCredited() | WalletDebited() | TransferSent() | TransferReceived():
+                pass  # money: nothing to schedule or address
             case _:
                 assert_never(event)
         self.publisher.publish(notifier.on_event(event))
@@ -666,9 +813,12 @@ class RegionWorker:
             await self._expire_bids(now_ms)
         if sweep or self._due(self._ends, now_ms):
             await self._settle_ended(now_ms)
+        if sweep or self._due(self._lease_due, now_ms):
+            await self._watch_leases(now_ms)
         if sweep:
             await self._check_liveness(now_ms)
             await self._expire_asks(now_ms)
+            await self._sweep_uptime(now_ms)
         self.publisher.publish(self.notifier.due_notices(now_ms))
 
     @staticmethod
@@ -703,11 +853,56 @@ class RegionWorker:
             for start in range(0, len(due), SETTLE_CONCURRENCY):
                 chunk = due[start : start + SETTLE_CONCURRENCY]
                 results = await asyncio.gather(
-                    *(self.market.settle(cid, 0, now_ms) for cid in chunk), return_exceptions=True
+                    *(self._end_term(cid, now_ms) for cid in chunk), return_exceptions=True
                 )
                 for cid, result in zip(chunk, results, strict=True):
                     if isinstance(result, BaseException) and not isinstance(result, _GONE):
                         log.error("region %s: settling %s failed: %r", self.region, cid, result)
+            if len(due) < SCRIPT_LIMIT:
+                return
+
+    async def _end_term(self, contract_id: str, now_ms: int) -> Contract:
+        """A contract whose end came: settled, or, a lease its node delivers, closed (its node
+        stops, wipes and reports; `_watch_leases` settles it)."""
+        c = self.notifier.contract(contract_id) or await self.market.get_contract(contract_id)
+        if c is not None and c.lease_state in ("pending", "ready"):
+            return await self.market.close_lease(contract_id, now_ms)
+        return await self.market.settle(contract_id, 0, now_ms)
+
+    async def _watch_leases(self, now_ms: int) -> None:
+        """Leases not ready in time fail over (or fail, uncharged); closing leases whose node
+        reported, or whose close timeout passed, are settled."""
+        engine = self.engine
+        while True:
+            late = await self.market.pending_leases(
+                self.region, now_ms - engine.lease_ready_timeout_ms, limit=SCRIPT_LIMIT
+            )
+            for cid in late:
+                contract = await self.market.get_contract(cid)
+                if contract is None or contract.status != "active":
+                    continue
+                if contract.lease_state == "pending":
+                    log.info(
+                        "region %s: lease %s not ready on node %s in %d ms: treated as failed",
+                        self.region,
+                        cid,
+                        contract.node_id,
+                        engine.lease_ready_timeout_ms,
+                    )
+                    node = self.asks.node(contract.node_id)
+                    await self._fail_over(contract, node, now_ms)
+            if len(late) < SCRIPT_LIMIT:
+                break
+        while True:
+            due = await self.market.closing_leases(
+                self.region, now_ms - engine.lease_close_timeout_ms, limit=SCRIPT_LIMIT
+            )
+            results = await asyncio.gather(
+                *(self.market.settle_lease(cid, now_ms) for cid in due), return_exceptions=True
+            )
+            for cid, result in zip(due, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, _GONE):
+                    log.error("region %s: settling lease %s failed: %r", self.region, cid, result)
             if len(due) < SCRIPT_LIMIT:
                 return
 
@@ -719,6 +914,13 @@ class RegionWorker:
             if len(stale) < SCRIPT_LIMIT:
                 return
 
+    async def _sweep_uptime(self, now_ms: int) -> None:
+        """Close the uptime windows of offline nodes as they end (engine.trust)."""
+        while (
+            await self.market.sweep_uptime(self.region, now_ms, limit=SCRIPT_LIMIT) == SCRIPT_LIMIT
+        ):
+            pass
+
     async def _take_offline(self, node_id: str, now_ms: int) -> None:
         try:
             contracts = await self.market.mark_offline(node_id, now_ms)
@@ -729,11 +931,24 @@ class RegionWorker:
         node = self.asks.node(node_id) or await self.market.get_node(node_id)
         for contract in contracts:
             if contract.status == "active":
-                await self._fail_over(contract, node, now_ms)
+                stop_ms = None
+                if contract.delivered:
+                    # a delivered lease was served until its node's last sign of life
+                    last = node.last_heartbeat_ms if node is not None else 0
+                    stop_ms = max(last, contract.ready_ms)
+                await self._fail_over(contract, node, now_ms, stop_ms=stop_ms)
 
-    async def _fail_over(self, contract: Contract, node: Node | None, now_ms: int) -> None:
-        """Move the contract to the best other node that can hold it, else fail it pro-rated."""
-        remaining_s = successor_duration_s(contract, now_ms)
+    async def _fail_over(
+        self, contract: Contract, node: Node | None, now_ms: int, *, stop_ms: int | None = None
+    ) -> None:
+        """Move the contract to the best other node that can hold it, else fail it pro-rated
+        (a delivered lease: to a node that delivers; billed up to `stop_ms`)."""
+        if contract.lease_state == "closing":
+            # the renter or the term had closed it already: settle it with what was metered
+            with contextlib.suppress(*_GONE):
+                await self.market.settle_lease(contract.contract_id, now_ms)
+            return
+        remaining_s = successor_duration_s(contract, now_ms, stop_ms)
         if remaining_s <= 0:
             # its whole term is served (the node died as it ended): that is a completion
             with contextlib.suppress(*_GONE):
@@ -754,8 +969,12 @@ class RegionWorker:
         for match in rank(self.asks, req, now_ms, FAILOVER_K + 1):
             if match.node_id == contract.node_id:
                 continue
+            if contract.delivered and not self._delivers(match.node_id):
+                continue
             try:
-                _old, new = await self.market.failover(contract.contract_id, match.node_id, now_ms)
+                _old, new = await self.market.failover(
+                    contract.contract_id, match.node_id, now_ms, stop_ms=stop_ms
+                )
             except _LOST_RACE:
                 continue
             except _GONE:
@@ -775,12 +994,16 @@ class RegionWorker:
             )
             return
         try:
-            await self.market.fail_contract(contract.contract_id, now_ms)
+            await self.market.fail_contract(contract.contract_id, now_ms, stop_ms=stop_ms)
             log.info(
                 "region %s: contract %s failed (no alternative)", self.region, contract.contract_id
             )
         except _GONE:
             pass
+
+    def _delivers(self, node_id: str) -> bool:
+        node = self.asks.node(node_id)
+        return node is not None and node.delivers
 
     # -- crossing: engine.book decides, this performs ------------------------------------
 

@@ -43,20 +43,28 @@ from engine.types import (
     ContractSettled,
     Event,
     HeartbeatsApplied,
+    LeaseChanged,
     Node,
     NodeDeactivated,
     NodeOffline,
     NodeRegistered,
     NodeUpdated,
     Quote,
+    StakeChanged,
+    TransferReceived,
+    TransferSent,
+    TrustUpdated,
+    WalletCredited,
+    WalletDebited,
 )
 
 __all__ = ["QUOTE_LEVELS", "QuoteBook"]
 
 QUOTE_LEVELS = 20
 
-# node row: status, offered_ram, offered_vram, reserved_ram, reserved_vram, price, expires, expired
-_STATUS, _O_RAM, _O_VRAM, _R_RAM, _R_VRAM, _PRICE, _EXPIRES, _EXPIRED = range(8)
+# node row: status, offered_ram, offered_vram, reserved_ram, reserved_vram, price, expires, expired,
+# held (suspended from new leases, engine.trust)
+_STATUS, _O_RAM, _O_VRAM, _R_RAM, _R_VRAM, _PRICE, _EXPIRES, _EXPIRED, _HELD = range(9)
 # bid row: price, total GB (ram + vram), filled GB, expires, expired
 _B_PRICE, _B_TOTAL, _B_FILLED, _B_EXPIRES, _B_EXPIRED = range(5)
 
@@ -91,7 +99,7 @@ class QuoteBook:
         """Add (sign 1) or remove (sign -1) the node's contribution, if it is listed."""
         if row[_STATUS] == "active":
             self._active += sign
-        if row[_STATUS] != "active" or row[_EXPIRED]:
+        if row[_STATUS] != "active" or row[_EXPIRED] or row[_HELD]:
             return
         free_ram = row[_O_RAM] - row[_R_RAM]
         free_vram = row[_O_VRAM] - row[_R_VRAM]
@@ -124,6 +132,7 @@ class QuoteBook:
             node.price_pusd,
             expires,
             expires != 0 and self._now_ms >= expires,
+            node.suspended_ms != 0,
         ]
         self._nodes[node.node_id] = row
         self._ask(row, 1)
@@ -135,7 +144,7 @@ class QuoteBook:
     @staticmethod
     def _offer(row: list[Any] | None) -> tuple[int, int, int] | None:
         """(price, free ram, free vram) of a listed ask, else None."""
-        if row is None or row[_STATUS] != "active" or row[_EXPIRED]:
+        if row is None or row[_STATUS] != "active" or row[_EXPIRED] or row[_HELD]:
             return None
         free_ram, free_vram = row[_O_RAM] - row[_R_RAM], row[_O_VRAM] - row[_R_VRAM]
         if free_ram + free_vram <= 0:
@@ -320,8 +329,17 @@ class QuoteBook:
             case BidCancelled(bid_id=bid_id) | BidExpired(bid_id=bid_id):
                 self.remove_bid(bid_id)
                 return False
-            case ContractExtended():
+            case ContractExtended() | LeaseChanged():
                 return False  # the node's capacity stays reserved; no price or size moves
+            case StakeChanged():
+                return False  # the reserve checks the stake
+            case TrustUpdated(entries=trusted):
+                more = False
+                for t in trusted:
+                    more = self._change(t.node_id, held=t.suspended_ms != 0) or more
+                return more
+            case WalletCredited() | WalletDebited() | TransferSent() | TransferReceived():
+                return False  # money moves no price or size
             case _:
                 assert_never(event)
 
@@ -388,4 +406,5 @@ _FIELDS = {
     "r_ram": _R_RAM,
     "r_vram": _R_VRAM,
     "price": _PRICE,
+    "held": _HELD,
 }

@@ -4,7 +4,15 @@ Every change to the live market is one script that appends the event describing 
 stream is a complete change log: folding a region's events in order (`RegionImage.apply`) gives
 exactly the keys the scripts left — node and bid hashes, contracts (JSON), the asks/expiry/heartbeat/
 bid/end/fill indexes, per-node and per-client contract sets, the GEO set, the `seq` and
-`arrival` counters and the directory entries. `replay()` writes that image into Redis.
+`arrival` counters, the directory entries of ids that carry no region tag (`engine.keys`) and
+the region's place in the `regions` set, each node's uptime accounting (a heartbeat's is
+computed here as the heartbeat script computes it, `engine.trust`; windows closed, sweeps and
+maintenance come as TrustUpdated events), and the money (issue 14): wallets (each money event
+carries the wallet after it), holds on contracts and bids, the open counts (derived from the
+open contracts and bids), the transfers sent and received, outbox entries and credit keys.
+The funding slot (`engine.keys.FUNDING`) replays like a region. `replay()` writes that image
+into Redis; `settle_transfers` first drops from the outboxes the transfers their destination
+received (the sender's last step writes no event).
 
 - The image follows the scripts' rules (`engine.core`): an ask is (de)listed by the rule as of
   each event touching its node, with the event's `ts_ms` as "now"; heartbeat deadlines use
@@ -31,9 +39,9 @@ from typing import Any, assert_never
 import msgspec
 import redis.asyncio as aioredis
 
-from engine import core
+from engine import core, trust
 from engine import log as event_log
-from engine.keys import Keys
+from engine.keys import Keys, id_tag
 from engine.types import (
     Bid,
     BidCancelled,
@@ -45,20 +53,60 @@ from engine.types import (
     ContractSettled,
     Event,
     HeartbeatsApplied,
+    LeaseChanged,
     Node,
     NodeDeactivated,
     NodeOffline,
     NodeRegistered,
     NodeUpdated,
+    StakeChanged,
+    TransferReceived,
+    TransferSent,
+    TrustEntry,
+    TrustUpdated,
+    WalletCredited,
+    WalletDebited,
+    WalletState,
 )
 
-__all__ = ["RegionImage", "region_snapshot", "replay", "snapshot_digest"]
+__all__ = [
+    "TRANSFERS_KEPT_MS",
+    "RegionImage",
+    "outbox_entry",
+    "region_snapshot",
+    "replay",
+    "settle_transfers",
+    "snapshot_digest",
+]
 
 _replace = msgspec.structs.replace
 
 
+HOT_NODE_FIELDS = (
+    "owner_id",
+    "status",
+    "last_heartbeat_ms",
+    "total_ram_gb",
+    "total_vram_gb",
+    "reserved_ram_gb",
+    "reserved_vram_gb",
+    "offered_ram_gb",
+    "offered_vram_gb",
+    "ask_expires_ms",
+    "heartbeat_interval_s",
+    "suspended_ms",
+)
+"""The fields the heartbeat script reads from a node on every beat, in its order: first in a
+node's hash (`hset` in engine/lua/_lib.lua does the same; a listpack is searched from its head)."""
+
+
 def _mapping(obj: Node | Bid) -> dict[Any, Any]:
-    return dict(core.to_fields(obj))
+    fields = core.to_fields(obj)
+    if not isinstance(obj, Node):
+        return dict(fields)
+    out = {k: fields[k] for k in HOT_NODE_FIELDS if k in fields}
+    out.update(fields)  # the rest after them (an update keeps the keys' first positions)
+    return out
 
 
 _encode = msgspec.json.Encoder().encode
@@ -92,10 +140,22 @@ class RegionImage:
         self.node_contracts: dict[str, set[str]] = {}
         self.client_contracts: dict[str, set[str]] = {}
         self.fills: dict[str, int] = {}
+        self.lease_pending: dict[str, int] = {}
+        self.lease_closing: dict[str, int] = {}
+        self.lease_meters: dict[str, str] = {}
         self.seq = 0
         self.arrival = 0
+        # money (issue 14): wallets by client, outbox entries by transfer id, the transfers
+        # zset ("out:<id>" / "in:<id>" -> ts), credit/debit keys -> event id
+        self.wallets: dict[str, WalletState] = {}
+        self.outbox: dict[str, str] = {}
+        self.transfers: dict[str, int] = {}
+        self.ops: dict[str, str] = {}
         self.closed: set[str] = set()
         """Ids of closed bids and contracts (their keys carry the retention TTL)."""
+        self.uptime: dict[str, trust.Uptime] = {}
+        self.trust_due: dict[str, int] = {}
+        self.stake_ops: dict[str, str] = {}
 
     def _sync_ask(self, node_id: str, now_ms: int) -> None:
         node = self.nodes[node_id]
@@ -136,14 +196,23 @@ class RegionImage:
                 self._sync_ask(node.node_id, now)
             case NodeDeactivated(node_id=node_id):
                 self.nodes[node_id] = _replace(self.nodes[node_id], status="deactivated")
-                for index in (self.asks, self.ask_exp, self.geo, self.hb):
+                for index in (self.asks, self.ask_exp, self.geo, self.hb, self.trust_due):
                     index.pop(node_id, None)
             case NodeOffline(node_id=node_id):
                 self.nodes[node_id] = _replace(self.nodes[node_id], status="offline")
                 for index in (self.asks, self.ask_exp, self.hb):
                     index.pop(node_id, None)
+                self.trust_due[node_id] = now
             case HeartbeatsApplied(entries=entries):
+                for m in event.meters:
+                    if (held := self.lease_meters.get(m.contract_id)) is not None:
+                        node_id = held.partition(" ")[0]
+                        base = m.egress_bytes - m.counter_bytes
+                        self.lease_meters[m.contract_id] = (
+                            f"{node_id} {base} {m.counter_bytes} {m.peak_memory_bytes}"
+                        )
                 for e in entries:
+                    self._beat_uptime(e.node_id, now)
                     node = _replace(
                         self.nodes[e.node_id],
                         offered_ram_gb=e.offered_ram_gb,
@@ -160,16 +229,21 @@ class RegionImage:
                     self.hb[e.node_id] = self._deadline(node, now)
                     self._sync_ask(e.node_id, now)
             case BidPlaced(bid=bid):
+                self._wallet(event.wallet)
                 self.bids[bid.bid_id] = bid
                 self.arrival = max(self.arrival, bid.seq)
                 self.book[core.bid_member(bid.seq, bid.bid_id)] = core.bid_score(bid.max_price_pusd)
                 if bid.expires_ms > 0:
                     self.bid_exp[bid.bid_id] = bid.expires_ms
             case BidCancelled(bid_id=bid_id):
-                self.bids[bid_id] = _replace(self.bids[bid_id], status="cancelled")
+                self._wallet(event.wallet)
+                hold = 0 if event.wallet is not None else self.bids[bid_id].hold_pusd
+                self.bids[bid_id] = _replace(self.bids[bid_id], status="cancelled", hold_pusd=hold)
                 self._unbook(self.bids[bid_id])
             case BidExpired(bid_id=bid_id):
-                self.bids[bid_id] = _replace(self.bids[bid_id], status="expired")
+                self._wallet(event.wallet)
+                hold = 0 if event.wallet is not None else self.bids[bid_id].hold_pusd
+                self.bids[bid_id] = _replace(self.bids[bid_id], status="expired", hold_pusd=hold)
                 self._unbook(self.bids[bid_id])
             case ContractCreated():
                 self._created(event)
@@ -182,23 +256,168 @@ class RegionImage:
                     version=event.version,
                     extensions=c.extensions + 1,
                 )
+                if event.wallet is not None:
+                    self.contracts[c.contract_id] = _replace(
+                        self.contracts[c.contract_id],
+                        hold_pusd=c.hold_pusd + event.hold_pusd,
+                        hold_month=event.hold_month,
+                    )
+                self._wallet(event.wallet)
                 self.ends[c.contract_id] = event.end_ms
+                node = self.nodes[c.node_id]
+                self.nodes[c.node_id] = _replace(
+                    node, lease_value_pusd=node.lease_value_pusd + event.hold_pusd
+                )
+            case LeaseChanged():
+                self._lease_changed(event)
             case ContractSettled():
                 self._settled(event)
+            case TrustUpdated():
+                self._trust(event)
+            case StakeChanged():
+                self.nodes[event.node_id] = _replace(
+                    self.nodes[event.node_id],
+                    stake_pusd=event.node_stake_pusd,
+                    stake_held_pusd=event.node_stake_held_pusd,
+                )
+                if event.key is not None:
+                    self.stake_ops[event.key] = event.event_id
+            case WalletCredited() | WalletDebited():
+                self._wallet(event.wallet)
+                self.ops[event.key] = event.event_id
+            case TransferSent():
+                self._wallet(event.wallet)
+                self.outbox[event.transfer_id] = outbox_entry(event)
+                self._transferred(f"out:{event.transfer_id}", now)
+            case TransferReceived():
+                self._wallet(event.wallet)
+                self._transferred(f"in:{event.transfer_id}", now)
             case _:
                 assert_never(event)
+
+    def _wallet(self, state: WalletState | None) -> None:
+        if state is not None:
+            self.wallets[state.client_id] = state
+
+    def _transferred(self, member: str, now_ms: int) -> None:
+        self.transfers[member] = now_ms
+        horizon = now_ms - TRANSFERS_KEPT_MS
+        self.transfers = {m: ts for m, ts in self.transfers.items() if ts > horizon}
+
+    def _lease_changed(self, event: LeaseChanged) -> None:
+        cid = event.contract_id
+        before = self.contracts[cid]
+        u = self.uptime.get(before.node_id)
+        if event.change == "ready" and before.lease_state == "ready" and u is not None:
+            # lease_ready.lua: a ready lease whose server was restarted fails the node's hour
+            self.uptime[before.node_id] = msgspec.structs.replace(
+                u, fail_win=event.ts_ms // trust.WINDOW_MS
+            )
+        self.contracts[cid] = _replace(
+            self.contracts[cid],
+            lease_state=event.lease_state,
+            version=event.version,
+            ready_ms=event.ready_ms,
+            lease_host=event.lease_host,
+            lease_port=event.lease_port,
+            lease_tls=event.lease_tls,
+            closing_ms=event.closing_ms,
+            reported_ms=event.reported_ms,
+            egress_bytes=event.egress_bytes,
+            peak_memory_bytes=event.peak_memory_bytes,
+            claimed_egress_mgb=event.claimed_egress_mgb,
+            lease_digest=event.lease_digest,
+        )
+        self.lease_pending.pop(cid, None)
+        if event.change == "closing":
+            self.lease_closing[cid] = event.closing_ms
+            self.ends.pop(cid, None)
+        elif event.change == "reported":
+            self.lease_closing[cid] = 0
+            self.ends.pop(cid, None)
+
+    # -- trust: what the scripts' up_beat / up_save (engine/lua/_lib.lua) do
+
+    def _accounting(self, node: Node) -> trust.Uptime:
+        u = self.uptime.get(node.node_id)
+        if u is not None:
+            return u
+        return trust.start(node.last_heartbeat_ms or node.created_ms)
+
+    def _beat_uptime(self, node_id: str, now: int) -> None:
+        """A beat's accounting (the script's fast check, else up_beat), before it is applied."""
+        node = self.nodes[node_id]
+        last = node.last_heartbeat_ms
+        if trust.on_time(last, node.heartbeat_interval_s, now):
+            return
+        grace = trust.grace_ms(node.heartbeat_interval_s)
+        adv = trust.advance(
+            self._accounting(node),
+            now,
+            (last or node.created_ms) + grace,
+            (node.maint_start_ms, node.maint_end_ms),
+        )
+        self._store_uptime(node_id, adv.uptime, adv.centi)
+        if node.status == "offline":
+            self.trust_due.pop(node_id, None)
+
+    def _store_uptime(self, node_id: str, u: trust.Uptime, centi: int) -> None:
+        self.uptime[node_id] = u
+        self.nodes[node_id] = _replace(
+            self.nodes[node_id],
+            uptime_windows=u.windows,
+            uptime_score=centi / 100,
+            suspend_at_ms=u.suspend_at_ms,
+            suspended_ms=u.suspended_ms,
+        )
+
+    def _trust(self, event: TrustUpdated) -> None:
+        now = event.ts_ms
+        for e in event.entries:
+            if e.up_win is None:
+                continue  # a heartbeat's: `_beat_uptime` computed it already
+            node = self.nodes[e.node_id]
+            ring = bytearray(self._accounting(node).ring.ljust(trust.PERIOD_WINDOWS, b"\0"))
+            if e.reset:
+                ring = bytearray(trust.PERIOD_WINDOWS)
+            for w, value, _score in e.closed:
+                ring[w % trust.PERIOD_WINDOWS] = value + 1 if value >= 0 else 0
+            self._store_uptime(
+                e.node_id, _entry_uptime(e, bytes(ring)), round(e.uptime_score * 100)
+            )
+            self.nodes[e.node_id] = _replace(
+                self.nodes[e.node_id],
+                maint_start_ms=e.maint_start_ms or 0,
+                maint_end_ms=e.maint_end_ms or 0,
+                maint_last_ms=e.maint_last_ms or 0,
+            )
+            if event.sweep:
+                last = node.last_heartbeat_ms or node.created_ms
+                if now - last > (trust.PERIOD_WINDOWS + 1) * trust.WINDOW_MS:
+                    self.trust_due.pop(e.node_id, None)
+                else:
+                    self.trust_due[e.node_id] = (now // trust.WINDOW_MS + 1) * trust.WINDOW_MS
+            self._sync_ask(e.node_id, now)
+        for node_id in event.dropped:
+            self.trust_due.pop(node_id, None)
 
     def _created(self, event: ContractCreated) -> None:
         c = event.contract
         self.contracts[c.contract_id] = c
+        self._wallet(event.wallet)
+        node = self.nodes[c.node_id]
         self.nodes[c.node_id] = _replace(
-            self.nodes[c.node_id],
+            node,
             reserved_ram_gb=event.node_reserved_ram_gb,
             reserved_vram_gb=event.node_reserved_vram_gb,
+            lease_value_pusd=node.lease_value_pusd + c.hold_pusd,
         )
         self.node_contracts.setdefault(c.node_id, set()).add(c.contract_id)
         self.client_contracts.setdefault(c.client_id, set()).add(c.contract_id)
         self.ends[c.contract_id] = c.end_ms
+        if c.lease_state == "pending":
+            self.lease_pending[c.contract_id] = event.ts_ms
+            self.lease_meters[c.contract_id] = f"{c.node_id} 0 0 0"
         self._sync_ask(c.node_id, event.ts_ms)
         if c.predecessor_id is None:  # a trade (a failover successor is not one)
             gb_s = (c.ram_gb + c.vram_gb) * c.duration_s
@@ -213,6 +432,8 @@ class RegionImage:
                 status=event.bid_status or "open",
                 contract_ids=[*self.bids[event.bid_id].contract_ids, c.contract_id],
             )
+            if event.wallet is not None and self.bids[event.bid_id].hold_pusd:
+                bid = _replace(bid, hold_pusd=event.bid_hold_pusd)
             self.bids[bid.bid_id] = bid
             if bid.status == "filled":
                 self._unbook(bid)
@@ -229,12 +450,39 @@ class RegionImage:
             completed_ms=event.completed_ms,
             successor_id=event.successor_id,
             version=c.version + 1,
+            hold_pusd=0 if event.wallet is not None else c.hold_pusd,
+            lease_state=event.lease_state or c.lease_state,
         )
+        node = self.nodes[c.node_id]
+        u = self.uptime.get(c.node_id)
+        if event.status != "completed" and c.lease_state == "pending" and u is not None:
+            # stake_close (_lib.lua): a lease its node never made ready fails its hour
+            self.uptime[c.node_id] = msgspec.structs.replace(
+                u, fail_win=event.ts_ms // trust.WINDOW_MS
+            )
+        delivered, cut = node.delivered_contracts, node.cut_contracts
+        if event.status == "completed":
+            delivered += 1
+        else:
+            cut += 1
+        self._wallet(event.wallet)
+        for index in (self.lease_pending, self.lease_closing, self.lease_meters):
+            index.pop(c.contract_id, None)
         self.nodes[c.node_id] = _replace(
-            self.nodes[c.node_id],
+            node,
             reserved_ram_gb=event.node_reserved_ram_gb,
             reserved_vram_gb=event.node_reserved_vram_gb,
+            delivered_contracts=delivered,
+            cut_contracts=cut,
+            reputation_score=trust.reputation(delivered, cut),
+            lease_value_pusd=max(0, node.lease_value_pusd - event.hold_pusd),
         )
+        if event.node_stake_pusd is not None:
+            self.nodes[c.node_id] = _replace(
+                self.nodes[c.node_id],
+                stake_pusd=event.node_stake_pusd,
+                stake_held_pusd=event.node_stake_held_pusd or 0,
+            )
         self.node_contracts.get(c.node_id, set()).discard(c.contract_id)
         self.client_contracts.get(c.client_id, set()).discard(c.contract_id)
         self.ends.pop(c.contract_id, None)
@@ -272,23 +520,114 @@ class RegionImage:
             (keys.bid_expiry(r), self.bid_exp),
             (keys.ends(r), self.ends),
             (keys.fills(r), self.fills),
+            (keys.lease_pending(r), self.lease_pending),
+            (keys.lease_closing(r), self.lease_closing),
         ):
             if index:
                 pipe.zadd(key, dict(index))
+        if self.lease_meters:
+            meters: dict[Any, Any] = dict(self.lease_meters)
+            pipe.hset(keys.lease_meters(r), mapping=meters)
         if self.geo:
             places: list[Any] = []
             for node_id, (lng, lat) in self.geo.items():
                 places += [lng, core.geo_lat(lat), node_id]
             pipe.geoadd(keys.geo(r), places)
+        self._write_money(pipe, keys)
         if self.seq:
             pipe.set(keys.seq(r), self.seq)
         if self.arrival:
             pipe.set(keys.arrival(r), self.arrival)
-        if ids:
-            pipe.hset(keys.directory, mapping=dict.fromkeys(ids, r))
+        if self.uptime:
+            nodes = self.nodes
+            pipe.hset(
+                keys.uptime(r),
+                mapping={
+                    node_id: trust.pack(
+                        u, (nodes[node_id].maint_start_ms, nodes[node_id].maint_end_ms)
+                    )
+                    for node_id, u in self.uptime.items()
+                },
+            )
+        if self.trust_due:
+            pipe.zadd(keys.trust_due(r), dict(self.trust_due))
+        if self.stake_ops:
+            ops: dict[Any, Any] = dict(self.stake_ops)
+            pipe.hset(keys.stake_ops(r), mapping=ops)
+        legacy = [i for i in ids if id_tag(i) is None]  # ids that carry their region need none
+        if legacy:
+            pipe.hset(keys.directory, mapping=dict.fromkeys(legacy, r))
         if self.nodes or self.bids:
             pipe.sadd(keys.regions, r)
         await pipe.execute()
+
+    def _write_money(self, pipe: Any, keys: Keys) -> None:
+        r = self.region
+        wallets: dict[str, str] = {}
+        for c, w in self.wallets.items():
+            wallets[c] = str(w.avail_pusd)
+            wallets[f"{c}:h"] = str(w.held_pusd)
+            wallets[f"{c}:a"] = str(w.allow_pusd)
+            wallets[f"{c}:m"] = w.month
+        if wallets:
+            pipe.hset(keys.wallets(r), mapping=wallets)
+        counts: dict[str, int] = {}
+        for contract in self.contracts.values():
+            if contract.status == "active":  # a closing lease is open until it settles
+                counts[f"{contract.user_id}:c"] = counts.get(f"{contract.user_id}:c", 0) + 1
+        for member in self.book:
+            user = self.bids[core.parse_bid_member(member)[1]].user_id
+            counts[f"{user}:b"] = counts.get(f"{user}:b", 0) + 1
+        if counts:
+            pipe.hset(keys.open_counts(r), mapping=counts)
+        if self.outbox:
+            pipe.hset(keys.outbox(r), mapping=self.outbox)
+        if self.transfers:
+            pipe.zadd(keys.transfers(r), dict(self.transfers))
+        if self.ops:
+            pipe.hset(keys.ops(r), mapping=self.ops)
+
+
+TRANSFERS_KEPT_MS = 30 * 86_400_000
+"""How long a slot remembers the transfers it sent and received (transfer_*.lua)."""
+
+
+def outbox_entry(event: TransferSent) -> str:
+    """An outbox entry's text, as transfer_out.lua writes it."""
+    return (
+        f'{{"client_id":"{event.client_id}","to_slot":"{event.to_slot}",'
+        f'"amount_pusd":"{event.amount_pusd}","allow_pusd":"{event.allow_pusd}",'
+        f'"month":"{event.month}","ts_ms":{event.ts_ms}}}'
+    )
+
+
+def settle_transfers(images: Mapping[str, RegionImage]) -> None:
+    """Drop from the images' outboxes the transfers their destination has received (the
+    sender's step 3 leaves no event: a crash between steps 2 and 3 leaves an entry that the
+    repair loop would clear anyway)."""
+    for image in images.values():
+        for transfer_id, entry in list(image.outbox.items()):
+            to = msgspec.json.decode(entry)["to_slot"]
+            dest = images.get(to)
+            if dest is not None and f"in:{transfer_id}" in dest.transfers:
+                del image.outbox[transfer_id]
+
+
+def _entry_uptime(e: TrustEntry, ring: bytes) -> trust.Uptime:
+    assert e.up_win is not None
+    return trust.Uptime(
+        win=e.up_win,
+        down_ms=e.down_ms,
+        exc_ms=e.exc_ms,
+        at_ms=e.at_ms,
+        from_ms=e.from_ms,
+        fail_win=e.fail_win,
+        total=e.total,
+        windows=e.uptime_windows,
+        ring=ring,
+        suspend_at_ms=e.suspend_at_ms,
+        suspended_ms=e.suspended_ms,
+    )
 
 
 async def replay(
@@ -309,6 +648,7 @@ async def replay(
                 event.region, missed_heartbeats_offline=missed_heartbeats_offline
             )
         image.apply(event)
+    settle_transfers(images)
     for image in images.values():
         await image.write(redis, keys, retention_ms=retention_ms)
     return images

@@ -4,7 +4,9 @@ The formula is the spec's, unchanged (all scores are floats, unrounded; rounding
     hard filters   available_ram >= ram, available_vram >= vram, price <= cap, status active,
                    plus the offer's terms: ask not expired (ask_expires_ms == 0 or > now),
                    min_duration_s <= duration_s <= max_duration_s; and the request's own filters:
-                   uptime_score >= min_uptime_score, node_type, region, and, when the request has a
+                   not suspended (engine.trust), uptime_score >= min_uptime_score (the measured
+                   score, engine.trust), base_latency_ms <= max_latency_ms when the request
+                   names one, node_type, region, and, when the request has a
                    location, haversine distance <= max_distance_km (default 10,000 km).
     proximity      max(0, 100 - distance_km / 10), x3 when prefer_local; only with a location
     price          (1 - price / cap) * 50
@@ -62,12 +64,20 @@ from engine.types import (
     ContractSettled,
     Event,
     HeartbeatsApplied,
+    LeaseChanged,
     Node,
     NodeDeactivated,
     NodeOffline,
     NodeRegistered,
     NodeType,
     NodeUpdated,
+    StakeChanged,
+    TransferReceived,
+    TransferSent,
+    TrustEntry,
+    TrustUpdated,
+    WalletCredited,
+    WalletDebited,
 )
 
 __all__ = [
@@ -115,6 +125,8 @@ class MatchRequest(msgspec.Struct, kw_only=True):
     node_type: NodeType | None = None
     region: str | None = None
     limit: int = 10
+    max_latency_ms: float | None = None
+    """Only nodes whose `base_latency_ms` is at most this (None: any)."""
 
     def validate(self) -> MatchRequest:
         """Return self, or raise InvalidRequest naming the first offending field."""
@@ -130,6 +142,10 @@ class MatchRequest(msgspec.Struct, kw_only=True):
         _check_location(self.lat, self.lng)
         _check_distance(self.max_distance_km)
         _check_uptime(self.min_uptime_score)
+        if self.max_latency_ms is not None:
+            latency = _check_real(self.max_latency_ms, "max_latency_ms")
+            if not latency >= 0.0:
+                raise InvalidRequest("max_latency_ms must be >= 0", field="max_latency_ms")
         if self.node_type is not None and self.node_type not in NODE_TYPES:
             raise InvalidRequest(
                 f"node_type must be one of {', '.join(NODE_TYPES)}", field="node_type"
@@ -169,6 +185,9 @@ class Match(msgspec.Struct, kw_only=True):
     available_vram_gb: int
     uptime_score: float
     arrival_seq: int = 0
+    uptime_windows: int = 0
+    """The measured history behind `uptime_score` (engine.trust: new below 168)."""
+    reputation_score: int = 100
 
 
 class Offer(msgspec.Struct, kw_only=True):
@@ -188,6 +207,11 @@ class Offer(msgspec.Struct, kw_only=True):
     distance_km: float | None
     estimated_latency_ms: float
     bandwidth_mbps: int
+    uptime_windows: int = 0
+    reputation_score: int = 100
+    stake_pusd: int = 0
+    """The node's stake (engine.trust) and the part of it held back from earnings."""
+    stake_held_pusd: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +307,10 @@ def _chord2(distance_km: float) -> float:
 # Columns
 
 
-def _liveness(status: str, ask_expires_ms: int) -> tuple[int, float]:
-    """(_I_LIVE_UNTIL, _H_LIVE): one comparison with `now` answers "active and ask not expired"."""
-    if status != "active":
+def _liveness(status: str, ask_expires_ms: int, suspended_ms: int = 0) -> tuple[int, float]:
+    """(_I_LIVE_UNTIL, _H_LIVE): one comparison with `now` answers "active, not suspended
+    (engine.trust) and ask not expired"."""
+    if status != "active" or suspended_ms:
         return -1, -math.inf
     if ask_expires_ms > 0:
         return ask_expires_ms, float(ask_expires_ms)
@@ -318,8 +343,15 @@ _NF = 9
     _I_REPUTATION,
     _I_EGRESS_PUSD,
     _I_CREATED,
-) = range(21)
-_NI = 21
+    _I_UP_WINDOWS,
+    _I_SUSPEND_AT,
+    _I_SUSPENDED,
+    _I_MAINT_START,
+    _I_MAINT_END,
+    _I_DELIVERED,
+    _I_CUT,
+) = range(28)
+_NI = 28
 # float32 copies of every field a filter or the score reads, for the bound pass (never used for a
 # score). Rounding to nearest is monotone, so `x >= y` implies `f32(x) >= f32(y)`: a filter
 # applied to the copies never drops a row the exact filter keeps. _H_LIVE is +inf for an active
@@ -363,11 +395,13 @@ class AskBook:
     """
 
     __slots__ = (
+        "_delivers",
         "_f",
         "_h",
         "_i",
         "_id_at",
         "_meta",
+        "_money",
         "_name",
         "_owner",
         "_row",
@@ -386,6 +420,10 @@ class AskBook:
         self._name: dict[str, str] = {}  # node id -> name
         self._owner: dict[str, str] = {}  # node id -> owner id
         self._meta: dict[str, bytes] = {}  # node id -> metadata JSON, when not empty
+        # node id -> (stake, held back, lease value), pico-USD, when not all 0 (engine.trust;
+        # may pass 64 bits: Python ints)
+        self._money: dict[str, tuple[int, int, int]] = {}
+        self._delivers: dict[str, bool] = {}  # ids of the nodes whose agent delivers
         self.version = 0
 
     def __len__(self) -> int:
@@ -419,15 +457,20 @@ class AskBook:
             self._id_at[row] = node_id
         self._name[node_id] = node.name
         self._owner[node_id] = node.owner_id
+        if node.delivers:
+            self._delivers[node_id] = True
+        else:
+            self._delivers.pop(node_id, None)
         if node.metadata:
             self._meta[node_id] = _JSON.encode(node.metadata)
         else:
             self._meta.pop(node_id, None)
+        self._set_money(node_id, node.stake_pusd, node.stake_held_pusd, node.lease_value_pusd)
         node_type = NODE_TYPES.index(node.node_type)
         ux, uy, uz = _unit_vector(node.lat, node.lng)
         avail_ram = max(0, node.offered_ram_gb - node.reserved_ram_gb)
         avail_vram = max(0, node.offered_vram_gb - node.reserved_vram_gb)
-        live_until, live32 = _liveness(node.status, node.ask_expires_ms)
+        live_until, live32 = _liveness(node.status, node.ask_expires_ms, node.suspended_ms)
         # whole columns of the row at once: one conversion each instead of a numpy call per field
         f = [0.0] * _NF
         f[_F_PRICE] = float(node.price_pusd)
@@ -456,6 +499,13 @@ class AskBook:
         i[_I_REPUTATION] = node.reputation_score
         i[_I_EGRESS_PUSD] = node.egress_price_pusd
         i[_I_CREATED] = node.created_ms
+        i[_I_UP_WINDOWS] = node.uptime_windows
+        i[_I_SUSPEND_AT] = node.suspend_at_ms
+        i[_I_SUSPENDED] = node.suspended_ms
+        i[_I_MAINT_START] = node.maint_start_ms
+        i[_I_MAINT_END] = node.maint_end_ms
+        i[_I_DELIVERED] = node.delivered_contracts
+        i[_I_CUT] = node.cut_contracts
         self._i[:, row] = i
         h = [0.0] * _NH
         h[_H_RAM], h[_H_VRAM] = avail_ram, avail_vram
@@ -484,7 +534,9 @@ class AskBook:
             self._row[moved] = row
         del self._id_at[last]
         del self._name[node_id], self._owner[node_id]
+        self._delivers.pop(node_id, None)
         self._meta.pop(node_id, None)
+        self._money.pop(node_id, None)
         self.version += 1
         return True
 
@@ -546,12 +598,68 @@ class AskBook:
                 self.set_reserved(
                     contract.node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb
                 )
+                self._add_value(contract.node_id, contract.hold_pusd)
             case ContractSettled(node_id=node_id):
                 self.set_reserved(node_id, event.node_reserved_ram_gb, event.node_reserved_vram_gb)
-            case BidPlaced() | BidCancelled() | BidExpired() | ContractExtended():
-                pass  # bids and extensions leave every ask as it was
+                if node_id in self._row:
+                    stake, held, value = self._money.get(node_id, (0, 0, 0))
+                    if event.node_stake_pusd is not None:
+                        stake, held = event.node_stake_pusd, event.node_stake_held_pusd or 0
+                    self._set_money(node_id, stake, held, max(0, value - event.hold_pusd))
+                row = self._row.get(node_id)
+                if row is not None and event.node_reputation_score is not None:
+                    i = self._i
+                    i[_I_REPUTATION, row] = event.node_reputation_score
+                    i[_I_DELIVERED, row] = event.node_delivered_contracts or 0
+                    i[_I_CUT, row] = event.node_cut_contracts or 0
+            case TrustUpdated(entries=entries):
+                for e in entries:
+                    self.set_trust(e)
+            case StakeChanged():
+                if event.node_id in self._row:
+                    value = self._money.get(event.node_id, (0, 0, 0))[2]
+                    self._set_money(
+                        event.node_id, event.node_stake_pusd, event.node_stake_held_pusd, value
+                    )
+            case ContractExtended():
+                self._add_value(event.node_id, event.hold_pusd)
+            case BidPlaced() | BidCancelled() | BidExpired() | LeaseChanged():
+                pass  # bids, extensions and deliveries leave every ask as it was
+            case WalletCredited() | WalletDebited() | TransferSent() | TransferReceived():
+                pass  # money leaves every ask as it was
             case _:
                 assert_never(event)
+
+    def _set_money(self, node_id: str, stake: int, held: int, value: int) -> None:
+        if stake or held or value:
+            self._money[node_id] = (stake, held, value)
+        else:
+            self._money.pop(node_id, None)
+
+    def _add_value(self, node_id: str | None, amount: int) -> None:
+        if node_id is not None and node_id in self._row and amount:
+            stake, held, value = self._money.get(node_id, (0, 0, 0))
+            self._set_money(node_id, stake, held, value + amount)
+
+    def set_trust(self, e: TrustEntry) -> bool:
+        """A node's measured uptime, standing and maintenance window (engine.trust): the
+        reliability column the kernels read, and whether it may take new leases."""
+        row = self._row.get(e.node_id)
+        if row is None:
+            return False
+        self._f[_F_UPTIME, row] = e.uptime_score
+        self._h[_H_UPTIME, row] = e.uptime_score
+        i = self._i
+        i[_I_UP_WINDOWS, row] = e.uptime_windows
+        i[_I_SUSPEND_AT, row] = e.suspend_at_ms
+        if e.maint_start_ms is not None and e.maint_end_ms is not None:
+            i[_I_MAINT_START, row] = e.maint_start_ms
+            i[_I_MAINT_END, row] = e.maint_end_ms
+        if int(i[_I_SUSPENDED, row]) != e.suspended_ms:
+            i[_I_SUSPENDED, row] = e.suspended_ms
+            self._set_status(row, _STATUSES[int(i[_I_STATUS, row])])
+        self.version += 1
+        return True
 
     # -- internals
 
@@ -593,7 +701,9 @@ class AskBook:
     def _set_status(self, row: int, status: str) -> None:
         i = self._i
         i[_I_STATUS, row] = _STATUSES.index(status)
-        i[_I_LIVE_UNTIL, row], self._h[_H_LIVE, row] = _liveness(status, int(i[_I_EXPIRES, row]))
+        i[_I_LIVE_UNTIL, row], self._h[_H_LIVE, row] = _liveness(
+            status, int(i[_I_EXPIRES, row]), int(i[_I_SUSPENDED, row])
+        )
         self.version += 1
 
     def _materialise(self, row: int) -> Node:
@@ -601,6 +711,7 @@ class AskBook:
         i = self._i[:, row].tolist()
         node_id = self._id_at[row]
         meta = self._meta.get(node_id)
+        money = self._money.get(node_id, (0, 0, 0))
         return Node(
             node_id=node_id,
             owner_id=self._owner[node_id],
@@ -630,6 +741,17 @@ class AskBook:
             arrival_seq=i[_I_ARRIVAL],
             created_ms=i[_I_CREATED],
             metadata=_META_DECODER.decode(meta) if meta else {},
+            uptime_windows=i[_I_UP_WINDOWS],
+            suspend_at_ms=i[_I_SUSPEND_AT],
+            suspended_ms=i[_I_SUSPENDED],
+            maint_start_ms=i[_I_MAINT_START],
+            maint_end_ms=i[_I_MAINT_END],
+            delivered_contracts=i[_I_DELIVERED],
+            cut_contracts=i[_I_CUT],
+            stake_pusd=money[0],
+            stake_held_pusd=money[1],
+            lease_value_pusd=money[2],
+            delivers=node_id in self._delivers,
         )
 
 
@@ -722,6 +844,7 @@ def _exact_score(  # type: ignore[no-untyped-def]
     now_ms,
     duration_s,
     min_uptime,
+    max_latency,
     type_code,
     need,
     has_loc,
@@ -748,6 +871,7 @@ def _exact_score(  # type: ignore[no-untyped-def]
         or duration_s < ic[_I_MIN_DUR, r]
         or duration_s > ic[_I_MAX_DUR, r]
         or uptime < min_uptime
+        or fc[_F_LATENCY, r] > max_latency
         or (type_code >= 0 and ntype != type_code)
     ):
         return False, 0.0
@@ -783,6 +907,7 @@ def _top_rows(  # type: ignore[no-untyped-def]
     now_ms,
     duration_s,
     min_uptime,
+    max_latency,
     type_code,
     has_loc,
     qlat,
@@ -938,6 +1063,7 @@ def _top_rows(  # type: ignore[no-untyped-def]
                 now_ms,
                 duration_s,
                 min_uptime,
+                max_latency,
                 type_code,
                 need,
                 has_loc,
@@ -1022,6 +1148,7 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
     now_ms,
     duration_s,
     min_uptime,
+    max_latency,
     type_code,
     has_loc,
     qlat,
@@ -1037,8 +1164,8 @@ def _rank_kernel(  # type: ignore[no-untyped-def]
 ):
     """Top-k rows of the book, best first: (rows, table) as `_finish` gives them."""
     h_s, h_p, h_a, h_i, size = _top_rows(
-        fc, ic, hc, 0, n, ram, vram, cap, now_ms, duration_s, min_uptime, type_code, has_loc,
-        qlat, qlng, qx, qy, qz, weight, max_dist, chord_out2, loose_out2, k,
+        fc, ic, hc, 0, n, ram, vram, cap, now_ms, duration_s, min_uptime, max_latency, type_code,
+        has_loc, qlat, qlng, qx, qy, qz, weight, max_dist, chord_out2, loose_out2, k,
     )  # fmt: skip
     return _finish(fc, ic, h_s, h_p, h_a, h_i, size, cap, float(ram + vram), has_loc, qlat, qlng)
 
@@ -1164,6 +1291,7 @@ def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) ->
         now_ms,
         req.duration_s,
         float(req.min_uptime_score),
+        math.inf if req.max_latency_ms is None else float(req.max_latency_ms),
         -1 if req.node_type is None else NODE_TYPES.index(req.node_type),
         has_loc,
         qlat,
@@ -1179,6 +1307,7 @@ def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) ->
     )
     total_gb = req.ram_gb + req.vram_gb
     out: list[Match] = []
+    ic = book._i
     # one conversion for the whole table: numpy scalar access per field costs more than the kernel
     for row, values in zip(rows.tolist(), table.tolist(), strict=True):
         score, prox, price_s, rel_s, cap_s, bonus, dist, price, ram, vram, up, lat_ms, arr, t = (
@@ -1205,6 +1334,8 @@ def rank(book: AskBook, req: MatchRequest, now_ms: int, k: int | None = None) ->
                 available_vram_gb=int(vram),
                 uptime_score=up,
                 arrival_seq=int(arr),
+                uptime_windows=int(ic[_I_UP_WINDOWS, row]),
+                reputation_score=int(ic[_I_REPUTATION, row]),
             )
         )
     return out
@@ -1232,9 +1363,11 @@ def rank_reference(
             or avail_vram < req.vram_gb
             or node.price_pusd > cap
             or node.status != "active"
+            or node.suspended_ms
             or 0 < node.ask_expires_ms <= now_ms
             or not node.min_duration_s <= req.duration_s <= node.max_duration_s
             or node.uptime_score < req.min_uptime_score
+            or (req.max_latency_ms is not None and node.base_latency_ms > req.max_latency_ms)
             or (req.node_type is not None and node.node_type != req.node_type)
             or (req.region is not None and node.region != req.region)
         ):
@@ -1277,6 +1410,8 @@ def rank_reference(
             available_vram_gb=avail_vram,
             uptime_score=node.uptime_score,
             arrival_seq=node.arrival_seq,
+            uptime_windows=node.uptime_windows,
+            reputation_score=node.reputation_score,
         )
         scored.append(((-score, node.price_pusd, node.arrival_seq), match))
     scored.sort(key=lambda item: item[0])
@@ -1371,6 +1506,7 @@ def _offer(book: AskBook, row: int, distance_km: float | None) -> Offer:
     f = book._f[:, row].tolist()
     i = book._i[:, row].tolist()
     node_id = book._id_at[row]
+    stake, held, _value = book._money.get(node_id, (0, 0, 0))
     return Offer(
         node_id=node_id,
         node_name=book._name[node_id],
@@ -1386,6 +1522,10 @@ def _offer(book: AskBook, row: int, distance_km: float | None) -> Offer:
         distance_km=distance_km,
         estimated_latency_ms=f[_F_LATENCY],
         bandwidth_mbps=i[_I_BANDWIDTH],
+        uptime_windows=i[_I_UP_WINDOWS],
+        reputation_score=i[_I_REPUTATION],
+        stake_pusd=stake,
+        stake_held_pusd=held,
     )
 
 

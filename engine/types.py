@@ -27,10 +27,18 @@ from typing import Literal
 
 import msgspec
 
+from engine.trust import MIN_WINDOWS
+
 NodeType = Literal["datacenter", "edge_cluster", "mist_node"]
 NodeStatus = Literal["active", "maintenance", "offline", "deactivated"]
 BidStatus = Literal["open", "filled", "cancelled", "expired"]
 ContractStatus = Literal["active", "completed", "failed", "failed_over"]
+LeaseStatus = Literal["none", "pending", "ready", "closing", "closed", "failed"]
+"""Where a contract's delivery stands (the `lease_state` of `Contract`): `none` (not delivered:
+a VRAM-only lease, or a node whose agent does not deliver), `pending` (waiting for the node's
+ready report), `ready` (served at its endpoint), `closing` (the close was ordered: the node
+stops and wipes the server, then reports), `closed` (settled after delivery), `failed` (the node
+did not deliver, or died with it)."""
 
 PUSD_PER_USD = 10**12
 NODE_TYPES: tuple[str, ...] = ("datacenter", "edge_cluster", "mist_node")
@@ -80,6 +88,39 @@ class Node(msgspec.Struct, kw_only=True):
     """Order of arrival in the region's book (ties in scoring break by it)."""
     created_ms: int = 0
     metadata: dict[str, str] = {}
+    # Trust (engine.trust): measured uptime, standing, announced maintenance, contract record
+    # (copies: the accounting itself is in the region's `uptime` hash).
+    uptime_windows: int = 0
+    """Counted windows in the trailing 30 days (the history; new below engine.trust.MIN_WINDOWS)."""
+    suspend_at_ms: int = 0
+    """Warned: suspended at this instant unless the score recovers (0: no warning)."""
+    suspended_ms: int = 0
+    """Suspended from new leases since this instant (0: not suspended)."""
+    maint_start_ms: int = 0
+    maint_end_ms: int = 0
+    """The announced maintenance window (0, 0: none)."""
+    maint_last_ms: int = 0
+    """Start of the last announced window that took effect (announcements are spaced)."""
+    delivered_contracts: int = 0
+    cut_contracts: int = 0
+    """Contracts served in full, and cut short by the node (failed or failed over)."""
+    stake_pusd: int = 0
+    """The stake locked for the node (engine.trust): it covers the leases it may take and pays
+    renters' SLA credits."""
+    stake_held_pusd: int = 0
+    """The part of `stake_pusd` held back from the provider's earnings."""
+    lease_value_pusd: int = 0
+    """The sum of the holds of the node's active contracts (the stake required grows with it)."""
+
+    @property
+    def uptime_new(self) -> bool:
+        """Too little history for a measured score (engine.trust.MIN_WINDOWS)."""
+        return self.uptime_windows < MIN_WINDOWS
+
+    delivers: bool = False
+    """The node's agent delivers its RAM leases (a Valkey server per lease, ready reports,
+    meters): its RAM contracts are `pending` until the agent reports them ready, and bill from
+    then. False (the spec's agent): its leases are reserved, not delivered."""
 
     @property
     def available_ram_gb(self) -> int:
@@ -122,6 +163,11 @@ class Bid(msgspec.Struct, kw_only=True):
     """0: good till cancelled."""
     seq: int = 0
     contract_ids: list[str] = []
+    hold_pusd: int = 0
+    """Money held from the renter's region wallet for what is left of the bid: remaining GB x
+    duration x `max_price_pusd` (issue 14)."""
+    hold_month: str = ""
+    """The month (YYYY-MM, UTC) whose budget the hold counts against."""
 
     @property
     def remaining_ram_gb(self) -> int:
@@ -168,6 +214,41 @@ class Contract(msgspec.Struct, kw_only=True):
     completed_ms: int = 0
     version: int = 0
     """Bumped by every change; settle/extend scripts compare it (optimistic concurrency)."""
+    hold_pusd: int = 0
+    """Money held from the renter's region wallet for this contract (its estimated cost, plus
+    extensions; 0 once closed). Not part of the settlement record."""
+    hold_month: str = ""
+    """The month (YYYY-MM, UTC) of the contract's last hold, whose budget a release refills."""
+    # Delivery (see `LeaseStatus`). Billing of a delivered lease counts from `ready_ms` (0:
+    # never ready, nothing billed) to `closing_ms` (when the close was ordered) or the end.
+    lease_state: LeaseStatus = "none"
+    ready_ms: int = 0
+    lease_host: str | None = None
+    lease_port: int = 0
+    lease_tls: bool = False
+    closing_ms: int = 0
+    reported_ms: int = 0
+    """When the node's final meter was recorded (its closed report, or the last heartbeat's at
+    the close timeout); 0: not yet."""
+    egress_bytes: int = 0
+    """Bytes the node's lease server sent to clients (its meter): what egress bills."""
+    peak_memory_bytes: int = 0
+    claimed_egress_mgb: int | None = None
+    """The renter's own `actual_egress_gb` at settle (recorded, never billed above the meter)."""
+    lease_digest: str | None = None
+    """SHA-256 (hex) of the lease's data when its server closed, as the node reported it."""
+
+    @property
+    def delivered(self) -> bool:
+        return self.lease_state != "none"
+
+
+class LeaseMeter(msgspec.Struct, frozen=True, kw_only=True):
+    """One lease server's meter as its node measured it, cumulative since the lease began."""
+
+    contract_id: str
+    egress_bytes: int
+    peak_memory_bytes: int
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):
@@ -186,6 +267,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     bandwidth_mbps: int | None = None
     lat: float | None = None
     lng: float | None = None
+    leases: list[LeaseMeter] | None = None
 
 
 class NodeChanges(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -203,6 +285,7 @@ class NodeChanges(msgspec.Struct, kw_only=True, omit_defaults=True):
     lat: float | None = None
     lng: float | None = None
     metadata: dict[str, str] | None = None
+    delivers: bool | None = None
 
 
 class Quote(msgspec.Struct, kw_only=True):
@@ -260,10 +343,23 @@ class HeartbeatEntry(msgspec.Struct, frozen=True, kw_only=True):
     status: NodeStatus = "active"
 
 
+class MeterEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A lease's meter as a heartbeat stored it: its egress so far (`counter_bytes`, the node's
+    counter as reported, plus what earlier counters reached before one started over: a
+    restarted agent's new server counts from 0) and the peak of memory used."""
+
+    contract_id: str
+    egress_bytes: int
+    peak_memory_bytes: int
+    counter_bytes: int = 0
+
+
 class HeartbeatsApplied(_Event, frozen=True, tag="heartbeats"):
-    """One batched heartbeat call: every accepted entry (rejected ones are not in the log)."""
+    """One batched heartbeat call: every accepted entry (rejected ones are not in the log), and
+    the lease meters it stored (meters of contracts not on the beat's node are dropped)."""
 
     entries: list[HeartbeatEntry]
+    meters: list[MeterEntry] = []
 
 
 class NodeOffline(_Event, frozen=True, tag="node_offline"):
@@ -273,14 +369,85 @@ class NodeOffline(_Event, frozen=True, tag="node_offline"):
 
 class BidPlaced(_Event, frozen=True, tag="bid_placed"):
     bid: Bid
+    wallet: WalletState | None = None
+    """The renter's region wallet after the bid's hold (`bid.hold_pusd`)."""
 
 
 class BidCancelled(_Event, frozen=True, tag="bid_cancelled"):
     bid_id: str
+    released_pusd: int = 0
+    wallet: WalletState | None = None
 
 
 class BidExpired(_Event, frozen=True, tag="bid_expired"):
     bid_id: str
+    released_pusd: int = 0
+    wallet: WalletState | None = None
+
+
+class WalletState(msgspec.Struct, frozen=True, kw_only=True):
+    """A renter's wallet in one slot (a region or the funding slot) after a change (issue 14).
+
+    `avail_pusd` is spendable money (negative: a debt, or credit-line use in the funding slot),
+    `held_pusd` the sum of the holds of its open contracts and bids (regions), `allow_pusd` the
+    budget allowance: in a region what is left of it for `month`, in the funding slot what has
+    been granted to regions in `month`."""
+
+    client_id: str
+    avail_pusd: int = 0
+    held_pusd: int = 0
+    allow_pusd: int = 0
+    month: str = ""
+
+
+class WalletCredited(_Event, frozen=True, tag="wallet_credited"):
+    """Money came into a renter's funding wallet from a rail (`stripe`, `eth`, `sol`, `operator`)
+    under the caller's idempotency `key` (applied once)."""
+
+    client_id: str
+    amount_pusd: int
+    key: str
+    rail: str
+    wallet: WalletState
+    reference: str = ""
+    reason: str = ""
+
+
+class WalletDebited(_Event, frozen=True, tag="wallet_debited"):
+    """Money left a renter's funding wallet to a rail (a refund, a clawback), once per `key`."""
+
+    client_id: str
+    amount_pusd: int
+    key: str
+    rail: str
+    wallet: WalletState
+    reference: str = ""
+    reason: str = ""
+
+
+class TransferSent(_Event, frozen=True, tag="transfer_sent"):
+    """Step 1 of moving a renter's money between two slots (funding <-> a region): debited here
+    and put in this slot's outbox; `to_slot` credits it under `transfer_id` (step 2)."""
+
+    transfer_id: str
+    client_id: str
+    to_slot: str
+    amount_pusd: int
+    wallet: WalletState
+    allow_pusd: int = 0
+    month: str = ""
+
+
+class TransferReceived(_Event, frozen=True, tag="transfer_received"):
+    """Step 2 of a transfer: credited here, once per `transfer_id`."""
+
+    transfer_id: str
+    client_id: str
+    from_slot: str
+    amount_pusd: int
+    wallet: WalletState
+    allow_pusd: int = 0
+    month: str = ""
 
 
 class ContractCreated(_Event, frozen=True, tag="contract_created"):
@@ -294,6 +461,13 @@ class ContractCreated(_Event, frozen=True, tag="contract_created"):
     bid_filled_ram_gb: int = 0
     bid_filled_vram_gb: int = 0
     bid_status: BidStatus | None = None
+    released_pusd: int = 0
+    """A fill: what the bid held for this fill beyond the contract's hold, back to the wallet."""
+    bid_hold_pusd: int = 0
+    """A fill: the bid's hold after it."""
+    wallet: WalletState | None = None
+    """The renter's region wallet after the hold (None: a failover's successor, whose hold
+    moved from its predecessor, or an event older than issue 14)."""
 
 
 class ContractExtended(_Event, frozen=True, tag="contract_extended"):
@@ -301,6 +475,12 @@ class ContractExtended(_Event, frozen=True, tag="contract_extended"):
     duration_s: int
     end_ms: int
     version: int
+    node_id: str | None = None
+    """The contract's node (None: an older event)."""
+    hold_pusd: int = 0
+    """The extension's hold (added to the contract's)."""
+    hold_month: str = ""
+    wallet: WalletState | None = None
 
 
 class ContractSettled(_Event, frozen=True, tag="contract_settled"):
@@ -321,6 +501,112 @@ class ContractSettled(_Event, frozen=True, tag="contract_settled"):
     node_reserved_ram_gb: int = 0
     node_reserved_vram_gb: int = 0
     """The node's reserved capacity after the capacity returned."""
+    owner_id: str = ""
+    """The provider paid (issue 14's money fields follow; all 0 before it)."""
+    hold_pusd: int = 0
+    """The contract's hold when it closed."""
+    released_pusd: int = 0
+    """Held and not used: back to the wallet."""
+    charged_pusd: int = 0
+    """Cost beyond the hold (egress), taken from the wallet (which may go into debt)."""
+    moved_pusd: int = 0
+    """A failover: the hold left after the cost, moved to the successor."""
+    fee_pusd: int = 0
+    """The platform's fee out of `cost_pusd`; the provider earns the rest."""
+    wallet: WalletState | None = None
+    lease_state: LeaseStatus | None = None
+    """A delivered lease's final state (`closed` or `failed`); None: not delivered."""
+    node_delivered_contracts: int | None = None
+    node_cut_contracts: int | None = None
+    node_reputation_score: int | None = None
+    """The node's contract record and reputation after this one (None: an older event)."""
+    sla_credit_pusd: int = 0
+    """Cut short by the node: what its renter was credited out of the node's stake."""
+    stake_held_pusd: int = 0
+    """Completed: what of the provider's earnings was held back into the node's stake."""
+    node_stake_pusd: int | None = None
+    node_stake_held_pusd: int | None = None
+    """The node's stake after this (None: an older event)."""
+
+
+class StakeChanged(_Event, frozen=True, tag="stake_changed"):
+    """A provider locked stake for its node out of its earnings (`lock`: the gateway moved
+    `amount_pusd` to the ledger's `stake_transit:<node>` under `key` first), or released some
+    back to its earnings (`release`). The node's stake after it."""
+
+    node_id: str
+    owner_id: str
+    kind: Literal["lock", "release"]
+    amount_pusd: int
+    node_stake_pusd: int
+    node_stake_held_pusd: int = 0
+    key: str | None = None
+
+
+class TrustEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One node's uptime after a change (engine.trust): its score and history, the windows it
+    closed (`(window, value, score)`: value -1 not counted, the score in hundredths once that
+    window closed), its standing and a change of it. The sweep's and the announcements' entries
+    carry the whole accounting too (`up_win` and on, absolute values); a heartbeat's do not
+    (None): engine.replay computes what a beat changes as the script does."""
+
+    node_id: str
+    uptime_score: float
+    uptime_windows: int
+    suspend_at_ms: int = 0
+    suspended_ms: int = 0
+    closed: list[tuple[int, int, int]] = []
+    reset: bool = False
+    """The history was dropped before `closed` (silent for longer than the period)."""
+    notice: Literal["warned", "cleared", "suspended", "reinstated"] | None = None
+    up_win: int | None = None
+    down_ms: int = 0
+    exc_ms: int = 0
+    at_ms: int = 0
+    from_ms: int = 0
+    fail_win: int = 0
+    total: int = 0
+    maint_start_ms: int | None = None
+    maint_end_ms: int | None = None
+    maint_last_ms: int | None = None
+
+
+class TrustUpdated(_Event, frozen=True, tag="trust_updated"):
+    """Uptime windows closed (by heartbeats or the engine's sweep of offline nodes) or
+    maintenance announced: each entry is a node's accounting after the change. With `sweep`,
+    the sweep's: its nodes are due again at the end of the window, or (silent for the whole
+    period) not any more; `dropped` left the sweep's index without an entry (not offline)."""
+
+    entries: list[TrustEntry] = []
+    sweep: bool = False
+    dropped: list[str] = []
+
+
+LeaseChange = Literal["ready", "closing", "reported"]
+
+
+class LeaseChanged(_Event, frozen=True, tag="lease_changed"):
+    """A delivered lease's state changed without closing its contract: `ready` (the node
+    reported its endpoint; `ready_ms` is the first such report), `closing` (the renter settled
+    or the term ended: the node is told to stop the server), `reported` (the final meter and
+    digest were recorded: the node's closed report, or the last heartbeat's meter at the close
+    timeout). The lease fields are the contract's after the change."""
+
+    contract_id: str
+    node_id: str
+    change: LeaseChange
+    lease_state: LeaseStatus
+    version: int
+    ready_ms: int = 0
+    lease_host: str | None = None
+    lease_port: int = 0
+    lease_tls: bool = False
+    closing_ms: int = 0
+    reported_ms: int = 0
+    egress_bytes: int = 0
+    peak_memory_bytes: int = 0
+    claimed_egress_mgb: int | None = None
+    lease_digest: str | None = None
 
 
 Event = (
@@ -334,5 +620,12 @@ Event = (
     | BidExpired
     | ContractCreated
     | ContractExtended
+    | TrustUpdated
+    | StakeChanged
+    | WalletCredited
+    | WalletDebited
+    | TransferSent
+    | TransferReceived
+    | LeaseChanged
     | ContractSettled
 )

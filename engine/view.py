@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import core
 from engine import log as event_log
+from engine.connection import read_streams
 from engine.keys import Keys
 from engine.scoring import AskBook, Match, MatchRequest, merge_matches, rank, warm_up
 from engine.types import Node
@@ -227,7 +228,8 @@ class MarketView:
                 if not streams:
                     await asyncio.sleep(block / 1000)
                     continue
-                reply = await self.redis.xread(streams, count=self.batch, block=block)
+                # one XREAD (one per slot on a cluster)
+                reply = await read_streams(self.redis, streams, count=self.batch, block_ms=block)
                 if reply:
                     async with self._lock:
                         await self._apply_reply(reply)

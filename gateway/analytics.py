@@ -3,7 +3,9 @@
 money to USD with the API's converters, each exact amount with its pico-USD twin: the unit
 convention of `gateway.protocol`).
 
-Every route needs a principal (any role). Object-level rules: a node's earnings are its owner's
+Market data is public (no credentials: the web app's market page reads it signed out): the
+clusters, their nodes and stats, supply and demand, price candles and recent trades. The rest
+needs a principal (any role), with object-level rules: a node's earnings are its owner's
 (or an admin's): another caller gets 403, the node being public anyway; a client's spending is
 its user's (or an admin's): another caller gets 404, as for an unknown client, since clients are
 private. Time series take `start`, `end` (ISO 8601; default: the last 24 hours) and `bucket`
@@ -26,7 +28,7 @@ from msgspec import Meta
 from engine.errors import NotFound
 from gateway.errors import Forbidden
 from gateway.operations import Call, Link, Operation, route
-from gateway.protocol import whole
+from gateway.protocol import Trade, whole
 from gateway.schemas import Limit, Offset, Region, decimal_to_usd, to_usd
 from persistence import accounts, history
 from persistence import analytics as q
@@ -45,6 +47,7 @@ __all__ = [
     "MarketPricing",
     "NodeEarningsHistory",
     "SpendingBreakdown",
+    "TradeList",
     "routes",
 ]
 
@@ -69,6 +72,17 @@ class RangeQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class MarketQuery(RangeQuery, kw_only=True):
     region: Region | None = None
+
+
+class TradesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    region: Region | None = None
+    limit: Annotated[int, Meta(ge=1, le=200)] = 50
+
+
+class TradeList(msgspec.Struct, kw_only=True):
+    """The latest fills, newest first, each as `trades:<region>` announced it."""
+
+    trades: list[Trade]
 
 
 class ClusterNodesQuery(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -454,6 +468,27 @@ async def market_pricing(call: Call) -> MarketPricing:
     return market_pricing_out(pricing)
 
 
+async def recent_trades(call: Call) -> TradeList:
+    query: TradesQuery = call.query
+    found = await q.recent_trades(call.state.pool, region=query.region, limit=query.limit)
+    return TradeList(
+        trades=[
+            Trade(
+                contract_id=t.contract_id,
+                node_id=t.node_id,
+                region=t.region,
+                ram_gb=t.ram_gb,
+                vram_gb=t.vram_gb,
+                duration_sec=t.duration_sec,
+                price_per_gb_sec=to_usd(t.price_pusd),
+                price_pusd=t.price_pusd,
+                ts_ms=t.ts_ms,
+            )
+            for t in found
+        ]
+    )
+
+
 def _norm(user_id: str) -> str:
     try:
         return uuid.UUID(user_id).hex
@@ -474,6 +509,7 @@ OPERATIONS: list[Operation] = [
         summary="Geographic cluster statistics, one per region",
         tag="clusters",
         response=ClusterList,
+        auth=False,
     ),
     Operation(
         "GET",
@@ -484,6 +520,7 @@ OPERATIONS: list[Operation] = [
         tag="clusters",
         query=ClusterNodesQuery,
         response=ClusterNodes,
+        auth=False,
     ),
     Operation(
         "GET",
@@ -494,6 +531,7 @@ OPERATIONS: list[Operation] = [
         tag="clusters",
         query=RangeQuery,
         response=ClusterStats,
+        auth=False,
     ),
     Operation(
         "GET",
@@ -527,6 +565,7 @@ OPERATIONS: list[Operation] = [
         query=MarketQuery,
         # No money in it: the history's record is the wire's, field for field.
         response=q.MarketSupply,
+        auth=False,
     ),
     Operation(
         "GET",
@@ -537,6 +576,19 @@ OPERATIONS: list[Operation] = [
         tag="analytics",
         query=MarketQuery,
         response=MarketPricing,
+        auth=False,
+    ),
+    Operation(
+        "GET",
+        "/api/market/trades",
+        recent_trades,
+        name="recent_trades",
+        summary="The latest fills (of a region, or all), newest first, as `trades:<region>` "
+        "announces them; public market data",
+        tag="analytics",
+        query=TradesQuery,
+        response=TradeList,
+        auth=False,
     ),
 ]
 

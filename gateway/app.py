@@ -9,7 +9,8 @@ services, and hands everything to requests through the typed lifespan state (`Ap
 read as `request.state.<name>`). On shutdown it releases them in reverse order.
 
 Routes: the REST operations of `gateway.routes`, `/metrics`, `/openapi.json`, `/docs` (with its
-assets), the clusters/analytics routes of `gateway.analytics` and `/ws` of `gateway.ws`.
+assets), the clusters/analytics routes of `gateway.analytics`, `/ws` and `/ws/public` of
+`gateway.ws`, and the web app of `gateway.web` (its pages at `/`, its files, browser sign-in).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
 
+from engine.connection import open_redis
 from engine.keys import Keys
 from engine.market import Market
 from engine.settings import ConfigError, Settings
@@ -40,9 +42,15 @@ from gateway.idempotency import IdempotencyStore
 from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.openapi import OpenApiEndpoints
 from gateway.operations import route
+from gateway.payments import invoices, stripe_api, stripe_connect, stripe_payouts
+from gateway.payments.stripe_cards import CardPayments
+from gateway.payments.stripe_rail import StripeRail
 from gateway.ratelimit import RateLimiter, rules_for
 from gateway.routes import OPERATIONS
+from gateway.routes.marketplace import ClientProfiles
 from gateway.routes.nodes import OwnerIndex
+from gateway.web import pages as web_pages
+from gateway.web import session as web_session
 from persistence.journal.lag import journal_lag
 from persistence.journal.status import rejected_counts
 
@@ -70,12 +78,17 @@ class AppState(TypedDict):
     market: Market
     view: MarketView
     owners: OwnerIndex
+    profiles: ClientProfiles
     auth: Authenticator
     limiter: RateLimiter
     idempotency: IdempotencyStore
     metrics: Metrics
     ws: Any
     """`gateway.ws.WsServices` (under `gateway.ws.STATE_KEY`)."""
+    crypto: Any
+    """`gateway.payments.crypto.CryptoRail` when a chain is configured, else None."""
+    cards: CardPayments | None
+    """Card payments through Stripe; None without `MNEMO_STRIPE_SECRET_KEY`."""
 
 
 async def _with_retry(what: str, connect: Callable[[], Awaitable[_T]]) -> _T:
@@ -133,14 +146,7 @@ def create_app(settings: Settings) -> Starlette:
         # closing at once, a spike of requests) waits for a free one: redis-py's default pool
         # refuses the excess at once ("Too many connections"), which became 500s and leaked
         # WebSocket slots until they expired.
-        redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                redis_url,
-                decode_responses=False,
-                max_connections=REDIS_CONNECTIONS,
-                timeout=REDIS_WAIT_S,
-            )
-        )
+        redis = open_redis(redis_url, max_connections=REDIS_CONNECTIONS, timeout_s=REDIS_WAIT_S)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(redis.aclose)
             await _with_retry("Redis", redis.ping)
@@ -151,7 +157,13 @@ def create_app(settings: Settings) -> Starlette:
             assert pool is not None
             stack.push_async_callback(pool.close)
             market = Market(
-                redis, keys, missed_heartbeats_offline=settings.missed_heartbeats_offline
+                redis,
+                keys,
+                missed_heartbeats_offline=settings.missed_heartbeats_offline,
+                ack_replicas=settings.redis_ack_replicas,
+                platform_fee_bps=settings.platform_fee_bps,
+                max_open_contracts=settings.max_open_contracts,
+                max_open_bids=settings.max_open_bids,
             )
             await market.load_scripts()
             view = MarketView(redis, keys)
@@ -174,6 +186,12 @@ def create_app(settings: Settings) -> Starlette:
             idempotency = IdempotencyStore(pool, settings.jwt_secret)
             sweeper = asyncio.create_task(idempotency.sweep_forever(), name="idempotency-sweep")
             stack.push_async_callback(_cancel, sweeper)
+            crypto = await _crypto_rail(stack, settings, pool, market)
+            cards = None
+            if settings.stripe_secret_key:
+                rail = StripeRail(settings)
+                stack.push_async_callback(rail.aclose)
+                cards = CardPayments(pool, rail, market)
             metrics.on_scrape(lambda m: _view_gauges(m, view))
             metrics.on_scrape_async(lambda m: _journal_gauges(m, redis, keys, pool))
             # The market view holds every node as long-lived objects; a full collection that
@@ -190,11 +208,14 @@ def create_app(settings: Settings) -> Starlette:
                 "market": market,
                 "view": view,
                 "owners": owners,
+                "profiles": ClientProfiles(),
                 "auth": Authenticator(pool, settings),
                 "limiter": limiter,
                 "idempotency": idempotency,
                 "metrics": metrics,
                 "ws": services,
+                "crypto": crypto,
+                "cards": cards,
             }
             yield state
 
@@ -204,13 +225,37 @@ def create_app(settings: Settings) -> Starlette:
         *openapi.routes(),
     ]
     routes += analytics.routes
+    routes += [route(op) for op in web_session.OPERATIONS]
+    if settings.crypto is not None:
+        from gateway.payments import crypto_api
+
+        routes += [route(op) for op in crypto_api.OPERATIONS]
+    routes += stripe_api.routes
+    routes += stripe_connect.routes
+    routes += invoices.routes
+    routes += stripe_payouts.routes
     routes += ws.ws_routes
+    routes += web_pages.routes()
     return Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=ERROR_HANDLERS,
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
     )
+
+
+async def _crypto_rail(
+    stack: contextlib.AsyncExitStack, settings: Settings, pool: asyncpg.Pool, market: Market
+) -> Any:
+    """The crypto rail and its re-check loop (payments awaiting finality), when configured."""
+    if settings.crypto is None:
+        return None
+    from gateway.payments.crypto import open_rail
+
+    rail = await stack.enter_async_context(open_rail(pool, settings.crypto, market.credit))
+    task = asyncio.create_task(rail.run_rechecks(), name="crypto-rechecks")
+    stack.push_async_callback(_cancel, task)
+    return rail
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

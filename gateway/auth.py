@@ -5,6 +5,17 @@ Credentials, in the order they are looked at:
 2. `X-API-Key: <key>`,
 3. WebSockets only (browsers cannot set headers there): `?token=<jwt>` or `?api_key=<key>`.
    Plain HTTP ignores query credentials, which would end up in access logs.
+4. The web app's session cookie (`mnemo_session`, set by `POST /api/web/login`), accepted only
+   where a cross-site page cannot use it: a GET or HEAD; any other method only with the
+   session's CSRF token in `X-CSRF-Token` (an HMAC of the session token under the JWT secret,
+   which the page reads from the login answer or `GET /api/web/session`, same origin only);
+   a WebSocket only when its `Origin` is this host. Any credential in a header wins over the
+   cookie, so Bearer and API-key clients are unaffected.
+
+Sessions are opaque 256-bit tokens; Postgres keeps only their SHA-256 (`persistence.sessions`).
+A session lasts `SESSION_TTL_S` from sign-in and ends at sign-out; like an API key, a session
+found in Postgres is cached in process for `key_cache_ttl_s`, so a sign-out takes at most that
+long to reach the other workers.
 
 JWTs are HS256 (PyJWT) with `sub`, `role`, `iat`, `exp`, `iss`, `aud`, `jti`; the accepted
 algorithm, issuer and audience are fixed server-side, never read from the token. A token's role is
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -39,11 +51,14 @@ import msgspec
 from starlette.requests import HTTPConnection
 
 from engine.settings import Settings
-from gateway.errors import Unauthorized
-from persistence import accounts
+from gateway.errors import Forbidden, Unauthorized
+from persistence import accounts, sessions
 
 __all__ = [
+    "CSRF_HEADER",
     "ROLES",
+    "SESSION_COOKIE",
+    "SESSION_TTL_S",
     "Authenticator",
     "Principal",
     "Role",
@@ -57,18 +72,24 @@ Role = Literal["user", "provider", "admin"]
 ROLES: frozenset[str] = frozenset({"user", "provider", "admin"})
 API_KEY_PREFIX = "mnm_"
 _JWT_ALGORITHM = "HS256"
+SESSION_COOKIE = "mnemo_session"
+CSRF_HEADER = "x-csrf-token"
+SESSION_TTL_S = 12 * 3600
+"""How long a web session lasts from sign-in (it is not extended by use)."""
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
     """An authenticated caller.
 
-    `via` says which credential was used; `expires_ms` is the JWT's expiry (Unix ms) or None for
-    an API key (a WebSocket authenticated by JWT must close when it passes).
+    `via` says which credential was used; `expires_ms` is the JWT's or the web session's expiry
+    (Unix ms) or None for an API key (a WebSocket authenticated by either must close when it
+    passes).
     """
 
     user_id: str
     role: Role
-    via: Literal["jwt", "api_key"]
+    via: Literal["jwt", "api_key", "session"]
     expires_ms: int | None = None
     key_id: str | None = None
 
@@ -213,8 +234,76 @@ class Authenticator:
         return principal
 
     def forget_key(self, key_hash: str) -> None:
-        """Drop a key from this process's cache (after revoking it)."""
+        """Drop a key (or a session, by its token's hash) from this process's cache."""
         self._cache.pop(key_hash, None)
+
+    # -- web sessions ------------------------------------------------------------------------
+
+    async def new_session(self, user_id: str) -> tuple[str, int]:
+        """A fresh session of the user: (token for the cookie, expiry in Unix ms)."""
+        token = secrets.token_urlsafe(32)
+        row = await sessions.create(self._pool, user_id, hash_api_key(token), SESSION_TTL_S)
+        return token, int(row["expires_at"].timestamp() * 1000)
+
+    async def end_session(self, token: str) -> None:
+        """Sign a session out (here at once, in other workers within `key_cache_ttl_s`)."""
+        digest = hash_api_key(token)
+        self._cache.pop(digest, None)
+        await sessions.delete(self._pool, digest)
+
+    def csrf_token(self, session_token: str) -> str:
+        """The CSRF token of a session: HMAC-SHA256 of its token under the JWT secret, so it
+        needs no storage and cannot be derived without both."""
+        return hmac.new(
+            self._settings.jwt_secret.encode(), b"csrf:" + session_token.encode(), hashlib.sha256
+        ).hexdigest()
+
+    async def principal_for_session(self, token: str) -> Principal:
+        """The user of a session token, or Unauthorized (`invalid_session`)."""
+        if len(token) > 128:
+            raise Unauthorized("invalid or expired session", code="invalid_session")
+        digest = hash_api_key(token)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        row = await sessions.find(self._pool, digest)
+        if row is None:
+            self._cache.pop(digest, None)
+            raise Unauthorized("invalid or expired session", code="invalid_session")
+        principal = Principal(
+            user_id=str(row["user_id"]),
+            role=row["role"],
+            via="session",
+            expires_ms=int(row["expires_at"].timestamp() * 1000),
+        )
+        if len(self._cache) >= self._cache_max:
+            self._cache.clear()
+        self._cache[digest] = (principal, now + self.key_cache_ttl_s)
+        return principal
+
+    def _check_session_use(self, conn: HTTPConnection, token: str) -> None:
+        """Refuse a session cookie where another site could have made the browser send it."""
+        if conn.scope["type"] == "websocket":
+            # Browsers send cookies on cross-origin WebSocket handshakes and no CORS applies:
+            # the Origin header is the only defence (cross-site WebSocket hijacking).
+            host = conn.headers.get("host")
+            scheme = "https" if conn.url.scheme == "wss" else "http"
+            if host is None or conn.headers.get("origin") != f"{scheme}://{host}":
+                raise Unauthorized(
+                    "a session cookie is accepted only from this site's pages", code="bad_origin"
+                )
+            return
+        if conn.scope.get("method", "GET") in _SAFE_METHODS:
+            return
+        sent = conn.headers.get(CSRF_HEADER)
+        if sent is None or not hmac.compare_digest(sent, self.csrf_token(token)):
+            raise Forbidden(
+                f"a request authenticated by the session cookie needs its CSRF token in "
+                f"{CSRF_HEADER}",
+                code="csrf_failed",
+                field="X-CSRF-Token",
+            )
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -239,13 +328,18 @@ class Authenticator:
                 return self.decode_token(token)
             if (api_key := params.get("api_key")) is not None:
                 return await self.principal_for_key(api_key)
+        session = conn.cookies.get(SESSION_COOKIE)
+        if session is not None:
+            self._check_session_use(conn, session)
+            return await self.principal_for_session(session)
         raise Unauthorized("authentication required: X-API-Key or Authorization: Bearer")
 
 
 async def authenticate(conn: HTTPConnection) -> Principal:
     """The caller of `conn` (a Request or a WebSocket of the Mnemo app), or raise Unauthorized.
 
-    Reads `Authorization: Bearer`, `X-API-Key`, and for WebSockets also `?token=` / `?api_key=`.
+    Reads `Authorization: Bearer`, `X-API-Key`, for WebSockets also `?token=` / `?api_key=`,
+    then the web session cookie (with its CSRF token or same-origin check).
     Uses the app's Authenticator from the lifespan state (`conn.state.auth`).
     """
     authenticator: Authenticator = conn.state.auth

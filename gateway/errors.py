@@ -8,11 +8,18 @@ parameter) when there is one.
 
 Sources of errors and where they map:
 - `engine.errors.MarketError` subclasses, raised by the market (`NotFound` 404, `Conflict`,
-  `CapacityTaken`, `Unavailable` 409, `InvalidRequest` 422),
+  `CapacityTaken`, `Unavailable` 409, `InvalidRequest` 422, `PaymentRequired` 402 with the
+  shortfall in the body, `TooManyOpen` 429),
 - `ApiError` subclasses raised by the gateway itself (auth 401/403, validation 422, body size 413,
   rate limits 429 with `Retry-After`, idempotency conflicts 409),
 - msgspec decoding/validation errors of bodies and query strings (400/422),
 - Starlette's `HTTPException` (unknown path 404, wrong method 405),
+- a lost store (Redis or PostgreSQL unreachable, its connection dropped or timed out, the Redis
+  pool exhausted past its timeout, a cluster's fail-over that outlasted the market's wait, a
+  change a replica did not confirm): 503 `unavailable` with `Retry-After`, logged once per
+  request as a warning; the request may be retried (nothing was changed, or its idempotency key
+  makes the retry safe: a change's outcome may be unknown, so retry it with the same
+  `Idempotency-Key`),
 - anything else: 500 `internal_error`, logged with its traceback, message generic.
 """
 
@@ -24,7 +31,11 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import asyncpg
 import msgspec
+from redis.exceptions import ClusterDownError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,6 +46,8 @@ from engine.errors import (
     InvalidRequest,
     MarketError,
     NotFound,
+    PaymentRequired,
+    TooManyOpen,
     Unavailable,
 )
 from gateway.protocol import ErrorBody, ErrorDetail
@@ -150,6 +163,8 @@ class RateLimited(ApiError):
 
 # The one table from market errors to HTTP (subclasses first: the first isinstance match wins).
 _MARKET_STATUS: tuple[tuple[type[MarketError], int], ...] = (
+    (PaymentRequired, 402),
+    (TooManyOpen, 429),
     (InvalidRequest, 422),
     (NotFound, 404),
     (CapacityTaken, 409),
@@ -166,9 +181,21 @@ def market_status(exc: MarketError) -> int:
     return exc.status if 400 <= exc.status < 500 else 400
 
 
-def error_body(code: str, message: str, field: str | None = None) -> bytes:
-    """The JSON bytes of one error."""
-    return _encode(ErrorBody(ErrorDetail(code=code, message=message, field=field)))
+def error_body(
+    code: str, message: str, field: str | None = None, shortfall_pusd: int | None = None
+) -> bytes:
+    """The JSON bytes of one error (a 402 says its shortfall)."""
+    return _encode(
+        ErrorBody(
+            ErrorDetail(
+                code=code,
+                message=message,
+                field=field,
+                shortfall_usd=None if shortfall_pusd is None else shortfall_pusd / 10**12,
+                shortfall_pusd=shortfall_pusd,
+            )
+        )
+    )
 
 
 def error_response(
@@ -177,10 +204,11 @@ def error_response(
     message: str,
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
+    shortfall_pusd: int | None = None,
 ) -> Response:
     """A JSON error response in the one shape."""
     return Response(
-        error_body(code, message, field),
+        error_body(code, message, field, shortfall_pusd),
         status_code=status,
         headers=dict(headers or {}),
         media_type="application/json",
@@ -219,6 +247,10 @@ def client_error_response(exc: Exception) -> Response | None:
     """The response for a client error (gateway, market or decoding), or None for anything else."""
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+    if isinstance(exc, PaymentRequired):
+        return error_response(
+            402, exc.code, exc.message, exc.field, shortfall_pusd=exc.shortfall_pusd
+        )
     if isinstance(exc, MarketError):
         return error_response(market_status(exc), exc.code, exc.message, exc.field)
     if isinstance(exc, msgspec.DecodeError):
@@ -242,6 +274,40 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
 
 
+STORE_LOST: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionError,
+    ClusterDownError,
+)
+"""What a request raises when Redis or PostgreSQL cannot be reached (a network error is an
+`OSError`: `ConnectionError` covers refused and reset; Redis' own classes wrap the rest)."""
+
+RETRY_AFTER_S = 1
+"""The `Retry-After` of a 503: the gateway's clients reconnect within about this long."""
+
+
+async def _store_lost(request: Request, exc: Exception) -> Response:
+    log.warning(
+        "%s %s: a store is unreachable (%s: %s)",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
+    )
+    return error_response(
+        503,
+        "unavailable",
+        "the exchange cannot reach its store right now; retry shortly",
+        None,
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # ServerErrorMiddleware calls this and then re-raises, so the server logs the traceback too;
     # the caller gets no internals.
@@ -254,6 +320,7 @@ ERROR_HANDLERS: dict[Any, Any] = {
     MarketError: _client_error,
     msgspec.DecodeError: _client_error,
     HTTPException: _http_exception,
+    **dict.fromkeys(STORE_LOST, _store_lost),
     Exception: _unexpected,
 }
 """Starlette `exception_handlers` for `create_app`."""

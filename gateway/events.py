@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import msgspec
 
-from engine.notify import BidNote, ContractNote, SummaryNote, TradeNote
+from engine.notify import BidNote, ContractNote, LeaseNote, SummaryNote, TradeNote, TrustNote
 from engine.types import Contract, Quote
 from gateway import protocol
-from gateway.schemas import bid_out, book_out, contract_out, to_usd
+from gateway.schemas import bid_out, book_out, contract_out, lease_endpoint, to_usd
 
 __all__ = ["public_event"]
 
@@ -75,12 +75,45 @@ def _contract(data: msgspec.Raw) -> protocol.ContractNotice:
     )
 
 
+def _trust(data: msgspec.Raw) -> protocol.TrustNotice:
+    note = _decode_trust_note(data)
+    return protocol.TrustNotice(
+        notice=note.notice,
+        ts_ms=note.ts_ms,
+        node_id=note.node_id,
+        uptime_score=note.uptime_score,
+        uptime_history_windows=note.uptime_windows,
+        suspension_due_ms=note.suspend_at_ms,
+        suspended_since_ms=note.suspended_ms,
+    )
+
+
+class _NodeNote(msgspec.Struct):
+    """Tells the two notes of `node:<id>` apart: only a `TrustNote` has an uptime score."""
+
+    uptime_score: float | None = None
+
+
+def _node(data: msgspec.Raw) -> protocol.ContractNotice | protocol.TrustNotice:
+    return _contract(data) if _decode_node_note(data).uptime_score is None else _trust(data)
+
+
+def _lease(data: msgspec.Raw) -> protocol.LeaseNotice:
+    note = _decode_lease_note(data)
+    return protocol.LeaseNotice(
+        notice=note.notice, ts_ms=note.ts_ms, lease=lease_endpoint(note.contract)
+    )
+
+
 _decode_quote = msgspec.json.Decoder(Quote).decode
+_decode_trust_note = msgspec.json.Decoder(TrustNote).decode
 _decode_trade = msgspec.json.Decoder(TradeNote).decode
 _decode_summary = msgspec.json.Decoder(SummaryNote).decode
 _decode_contract = msgspec.json.Decoder(Contract).decode
 _decode_bid_note = msgspec.json.Decoder(BidNote).decode
 _decode_contract_note = msgspec.json.Decoder(ContractNote).decode
+_decode_lease_note = msgspec.json.Decoder(LeaseNote).decode
+_decode_node_note = msgspec.json.Decoder(_NodeNote).decode
 
 _MAPPERS: dict[str, Callable[[msgspec.Raw], protocol.PublicEvent]] = {
     "quotes": _quote,
@@ -89,7 +122,8 @@ _MAPPERS: dict[str, Callable[[msgspec.Raw], protocol.PublicEvent]] = {
     "fills": _fill,
     "bids": _bid,
     "contracts": _contract,
-    "node": _contract,
+    "node": _node,
+    "leases": _lease,
 }
 
 

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from engine.errors import MarketError
 from engine.market import HeartbeatOutcome as Outcome
-from engine.types import Heartbeat
+from engine.types import Heartbeat, LeaseMeter
 from gateway import protocol
 
 __all__ = ["HeartbeatBatcher", "HeartbeatSink", "Outcome", "market_heartbeat"]
@@ -52,6 +52,16 @@ def market_heartbeat(node_id: str, body: protocol.Heartbeat) -> Heartbeat:
         bandwidth_mbps=body.bandwidth_mbps,
         lat=body.latitude,
         lng=body.longitude,
+        leases=None
+        if body.leases is None
+        else [
+            LeaseMeter(
+                contract_id=m.contract_id,
+                egress_bytes=m.egress_bytes,
+                peak_memory_bytes=m.peak_memory_bytes,
+            )
+            for m in body.leases
+        ],
     )
 
 

@@ -40,6 +40,11 @@ Rules:
   confirmation answers which command.
 - Redis pub/sub is at-most-once: what is published while the connection is down is lost. The
   reader reconnects with capped exponential backoff and re-subscribes every channel still wanted.
+- On a Redis Cluster the connection goes to one node: classic pub/sub (`PUBLISH`, what the engine
+  sends) is broadcast by the cluster bus to every node, so any node hears every channel. When
+  that node cannot be reached the reader tries the next one the cluster client knows of.
+  Sharded pub/sub would not fit: a user's channel carries events of every region (README,
+  "Scaling out").
   Durable history is the event stream and the REST API, not this path.
 
 Cost: one decode, translation, encode and framing per message; per receiving subscriber a list
@@ -62,6 +67,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from engine.connection import is_cluster, pubsub_node
 from gateway.direct import FULL, OK, DirectWriter, frame_payload, frame_text
 from gateway.protocol import Event
 
@@ -147,13 +153,25 @@ _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _encode = msgspec.json.Encoder().encode
 
 
-def _pubsub_client(client: aioredis.Redis, client_name: str) -> aioredis.Redis:
-    """A client of our own for the pub/sub connection, on the same server as `client`.
+def _pubsub_client(client: aioredis.Redis, client_name: str, attempt: int = 0) -> aioredis.Redis:
+    """A client of our own for the pub/sub connection, on the same server as `client` (on a
+    cluster: one of its nodes, the next one at each `attempt`; classic pub/sub reaches
+    subscribers on any node, see `engine.connection`).
 
     Retries are off so every connection error reaches the reader, which alone reconnects and
     re-subscribes (the library's own retry would re-subscribe behind the hub's back and break
     its count of confirmations). Internal pool plumbing is not copied.
     """
+    if is_cluster(client):
+        node = pubsub_node(client, attempt)
+        node.update(
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+            client_name=client_name,
+            socket_keepalive=True,
+            single_connection_client=False,
+        )
+        return aioredis.Redis(**node)
     pool = client.connection_pool
     kwargs = {
         k: v
@@ -210,6 +228,7 @@ class Hub:
         self.idle_ping_s = idle_ping_s
         self.max_backoff_s = max_backoff_s
         self._client: aioredis.Redis | None = None
+        self._attempt = 0  # pub/sub connections tried (a cluster's nodes in turn)
         self._pubsub: Any = None  # redis.asyncio.client.PubSub of the live connection, or None
         # Redis channel -> ws channel -> subscribers (dicts as insertion-ordered sets)
         self._index: dict[bytes, dict[str, dict[Subscriber, None]]] = {}
@@ -550,8 +569,10 @@ class Hub:
     async def _run_reader(self) -> None:
         backoff_s = 0.05
         while True:
+            connected = False
             try:
                 ps = await self._connect()
+                connected = True
                 self._connected.set()
                 if backoff_s > 0.05:
                     log.info("pub/sub connection restored (%d channels)", len(self._subscribed))
@@ -559,6 +580,15 @@ class Hub:
                 await self._pump(ps)
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("pub/sub connection lost: %s; retrying in %.2fs", exc, backoff_s)
+                if is_cluster(self._source) and not connected:
+                    # that node may be gone for good (a primary killed): try the next one
+                    self._attempt += 1
+                    old, self._client = (
+                        self._client,
+                        _pubsub_client(self._source, self.client_name, self._attempt),
+                    )
+                    if old is not None:
+                        await asyncio.shield(old.aclose())
             except Exception:
                 # A bug must not end fan-out for the whole process: log it, start over.
                 log.exception("pub/sub reader failed; retrying in %.2fs", backoff_s)

@@ -57,13 +57,15 @@ _STATUS_TEXT = {
     201: "Created",
     400: "Malformed request (the body is not JSON)",
     401: "Missing, unknown, expired or revoked credentials",
+    402: "The renter's balance (or monthly budget) cannot cover it; `error.shortfall_usd` says "
+    "by how much",
     403: "Not allowed for this role or on this object",
     404: "No such object (or not visible to the caller)",
     409: "Conflict with the object's state, a lost race, or an Idempotency-Key reused",
     413: "Body too large",
     415: "Body is not application/json",
     422: "Invalid input; `error.field` names it",
-    429: "Rate limited; see Retry-After",
+    429: "Rate limited (see Retry-After), or too many open contracts or bids (`too_many_open`)",
     503: "Not ready",
 }
 
@@ -171,6 +173,8 @@ def _operation(
     success: dict[str, Any] = {"description": _STATUS_TEXT.get(op.status, "OK")}
     if op.response is not None:
         success["content"] = _json(schema_of[id(op.response)])
+    for media in op.other_media:
+        success.setdefault("content", {})[media] = {"schema": {"type": "string"}}
     if op.links:
         success["links"] = {
             name: {

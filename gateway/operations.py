@@ -142,6 +142,8 @@ class Operation:
     max_body_bytes: int | None = None
     """The largest body this operation reads; None: the settings' `max_body_bytes`."""
     links: Mapping[str, Link] = field(default_factory=dict)
+    other_media: tuple[str, ...] = ()
+    """Other media types the success response may come in (a text body, e.g. `text/html`)."""
     """OpenAPI links of its success response, by name."""
     limit: str | None = None
     """A `gateway.ratelimit` rule counted per account on every call (e.g. "writes")."""

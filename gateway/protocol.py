@@ -24,6 +24,11 @@ Channels and what their events carry (`Event.data`; `decode_event` turns it into
     bids              BidNotice        the caller's bids placed, filled, cancelled or expired
     contracts         ContractNotice   the caller's contracts extended, ended, failed over
     node:<id>         ContractNotice   contracts on the node: started, extended, ending, ended, failed over
+    leases            LeaseNotice      the caller's RAM leases: pending, ready, moved (after a failover),
+                                       failed, closed (the endpoint, never the secret)
+    leases:<node_id>  LeaseNotice      orders to the node's agent: open a lease server, close it
+    trust:<node_id>   TrustNotice      the node's standing: warned (uptime below 60), cleared,
+                                       suspended from new leases, reinstated (its owner only)
 
 The heartbeat body is `Heartbeat`: the body of `POST /api/nodes/{id}/heartbeat`, and (with the
 node's id, as `Beat`) each entry of a `heartbeat` op. It is defined here once; the REST route,
@@ -67,6 +72,7 @@ __all__ = [
     "MAX_BEATS_PER_MESSAGE",
     "MAX_CHANNELS_PER_MESSAGE",
     "MAX_GB",
+    "MAX_LEASES_PER_BEAT",
     "PUSD_PER_USD",
     "Batch",
     "Beat",
@@ -94,8 +100,19 @@ __all__ = [
     "HeartbeatOutcome",
     "Id",
     "Latitude",
+    "LeaseAccess",
+    "LeaseClosed",
+    "LeaseCredentials",
+    "LeaseEndpoint",
+    "LeaseKind",
+    "LeaseMeter",
+    "LeaseNotice",
+    "LeaseNoticeKind",
+    "LeaseReady",
+    "LeaseState",
     "Longitude",
     "MarketSummary",
+    "NodeEvent",
     "NodeStatus",
     "NodeType",
     "PingOp",
@@ -106,6 +123,8 @@ __all__ = [
     "SubscribeOp",
     "Subscribed",
     "Trade",
+    "TrustNotice",
+    "TrustNoticeKind",
     "UnsubscribeOp",
     "Unsubscribed",
     "decode_client_message",
@@ -127,6 +146,8 @@ MAX_BEATS_PER_MESSAGE: Final = 1000
 """Beats in one `heartbeat` op."""
 MAX_CHANNELS_PER_MESSAGE: Final = 64
 """Channels in one `subscribe` or `unsubscribe` op."""
+MAX_LEASES_PER_BEAT: Final = 4096
+"""Lease meters in one heartbeat."""
 
 HeartbeatOutcome = Literal["ok", "not_found", "forbidden", "too_soon", "deactivated"]
 """What became of one beat (`engine.market.HeartbeatResult`): applied; no such node; not the
@@ -148,6 +169,24 @@ successor, whose `predecessor_id` names the contract it replaces: a new fill goe
 (`node:<id>` only, once per end time); `contract_ended`: it was settled `completed` or `failed`;
 `contract_failed_over`: its node went offline and the rest of its time moved to `successor_id`."""
 BidNoticeKind = Literal["bid_placed", "bid_filled", "bid_cancelled", "bid_expired"]
+LeaseState = Literal["pending", "ready", "failed", "closed"]
+"""Where a lease's delivery stands: `pending` (the node has not reported its endpoint yet),
+`ready` (the endpoint serves the renter), `failed` (the node did not deliver, or died and no
+successor took the lease), `closed` (the lease ended; its server is stopped and wiped)."""
+LeaseKind = Literal["ram", "vram"]
+LeaseNoticeKind = Literal[
+    "lease_open",
+    "lease_ready",
+    "lease_moved",
+    "lease_failed",
+    "lease_close",
+    "lease_closed",
+]
+"""To the renter (`leases`): `lease_ready` (the endpoint serves), `lease_moved` (after a
+failover the lease is served by another node: a new endpoint, new credentials from
+`GET /api/contracts/{id}/access`), `lease_failed`, `lease_closed`. To the node's agent
+(`leases:<node_id>`): `lease_open` (start the contract's lease server and report ready) and
+`lease_close` (stop it, wipe it, and report the final meter and digest)."""
 
 
 def whole(pattern: str) -> str:
@@ -165,6 +204,57 @@ Ref = Annotated[str, Meta(max_length=256)] | int | float | bool | None
 """A client's tag for a request, echoed in its answer."""
 ChannelName = Annotated[str, Meta(min_length=1, max_length=128)]
 Channels = Annotated[list[ChannelName], Meta(min_length=1, max_length=MAX_CHANNELS_PER_MESSAGE)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Delivery: what a node's agent reports about the lease servers it runs
+
+Host = Annotated[str, Meta(min_length=1, max_length=253, pattern=whole("[A-Za-z0-9.:_-]+"))]
+"""A host name or an IP address (v4, or v6 without brackets)."""
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Bytes = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Digest = Annotated[str, Meta(pattern=whole("[0-9a-f]{64}"))]
+"""A SHA-256 digest in lower-case hex."""
+
+
+class LeaseMeter(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One lease server's meter, as its node measured it, cumulative since the lease began:
+    bytes sent to clients (egress) and the peak of memory used by the lease's data."""
+
+    contract_id: Id
+    egress_bytes: Bytes
+    peak_memory_bytes: Bytes
+
+
+class LeaseReady(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /api/nodes/{node_id}/leases/{contract_id}/ready`: the node's agent serves the lease
+    at `host:port` (TLS when `tls`)."""
+
+    host: Host
+    port: Port
+    tls: bool = False
+    maxmemory_bytes: Bytes | None = None
+    """The most the renter's data may take on this server, in bytes: the lease's `ram_gb` GiB on
+    a real node; less on the simulated fleet, whose leases are scaled down (README)."""
+
+
+class LeaseClosed(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /api/nodes/{node_id}/leases/{contract_id}/closed`: the lease server is stopped and
+    its memory freed; the final meter, and the digest of the data it held when it closed (None:
+    the node could not read it)."""
+
+    egress_bytes: Bytes
+    peak_memory_bytes: Bytes
+    digest: Digest | None = None
+
+
+class LeaseCredentials(Struct, kw_only=True):
+    """`GET /api/nodes/{node_id}/leases/{contract_id}/credentials`, for the node's own agent:
+    the one ACL user its lease server must accept."""
+
+    contract_id: str
+    username: str
+    password: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +289,8 @@ class Heartbeat(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=
     bandwidth_mbps: Annotated[int, Meta(ge=0, le=10_000_000)] | None = None
     latitude: Latitude | None = None
     longitude: Longitude | None = None
+    leases: Annotated[list[LeaseMeter], Meta(max_length=MAX_LEASES_PER_BEAT)] | None = None
+    """What the node measured on each lease server it runs (delivery), one entry per lease."""
 
     def location_error(self) -> str | None:
         """Why the location is refused (one of the two coordinates without the other), or None."""
@@ -269,6 +361,10 @@ class ErrorDetail(Struct, omit_defaults=True):
     code: str
     message: str
     field: str | None = None
+    shortfall_usd: float | None = None
+    """A 402 (`insufficient_funds`, `budget_exceeded`): what must come in (or what the budget
+    lacks) for the request to pass, in USD, with its exact `shortfall_pusd` twin."""
+    shortfall_pusd: int | None = None
 
 
 class ErrorBody(Struct):
@@ -352,6 +448,22 @@ class ContractOut(_Public, kw_only=True):
     egress_price_pusd: int = 0
     max_price_pusd: int = 0
     total_cost_pusd: int = 0
+    delivered: bool = False
+    """The node's agent delivers this lease (RAM over the Redis protocol: see
+    `GET /api/contracts/{id}/access`); false: reserved, not delivered (VRAM, or a node whose
+    agent does not deliver)."""
+    lease_state: LeaseState | None = None
+    """A delivered lease's state (None when not delivered)."""
+    ready_ms: int = 0
+    """When the node first reported the lease ready: a delivered lease is billed from here."""
+    egress_bytes: int = 0
+    """What the node measured its lease server sent (the egress billed at settlement)."""
+    peak_memory_bytes: int = 0
+    claimed_egress_gb: float | None = None
+    """The renter's own `actual_egress_gb` at settle, recorded beside the measurement."""
+    lease_digest: str | None = None
+    """SHA-256 of the lease's data when its server closed (the node's report; in the
+    settlement hash)."""
 
 
 class BidOut(_Public, kw_only=True):
@@ -420,27 +532,103 @@ class BidNotice(_Public, kw_only=True):
     contract: ContractOut | None = None
 
 
-class ContractNotice(_Public, kw_only=True):
+class ContractNotice(_Public, kw_only=True, tag_field="event", tag="contract"):
     """A change to a contract (`contracts`, `node:<id>`): `contract` as it is after the change
-    (see `ContractNoticeKind`)."""
+    (see `ContractNoticeKind`). `event` is `contract` (it tells it from a `TrustNotice` on
+    `node:<id>`)."""
 
     notice: ContractNoticeKind
     ts_ms: int
     contract: ContractOut
 
 
-PublicEvent = BookOut | Trade | MarketSummary | ContractOut | BidNotice | ContractNotice
+class LeaseEndpoint(_Public, kw_only=True):
+    """Where a lease is served, without its secret (`leases`, `leases:<node_id>`)."""
 
-CHANNEL_EVENTS: Final[dict[str, type[PublicEvent]]] = {
+    contract_id: str
+    node_id: str
+    kind: LeaseKind
+    state: LeaseState
+    host: str | None
+    port: int | None
+    tls: bool
+    expires_ms: int
+    ram_gb: int = 0
+
+
+class LeaseAccess(_Public, kw_only=True):
+    """`GET /api/contracts/{id}/access`, for the renter only: how to reach the rented memory.
+    `url` (`redis://` or `rediss://`, credentials included) is set once `state` is `ready`.
+    A VRAM lease is reserved, not delivered (`delivered` false, no endpoint)."""
+
+    contract_id: str
+    node_id: str
+    kind: LeaseKind
+    state: LeaseState
+    delivered: bool
+    url: str | None
+    host: str | None
+    port: int | None
+    username: str | None
+    password: str | None
+    tls: bool
+    expires_ms: int
+
+
+class LeaseNotice(_Public, kw_only=True):
+    """A change to a lease (see `LeaseNoticeKind`): `lease` as it is after the change."""
+
+    notice: LeaseNoticeKind
+    ts_ms: int
+    lease: LeaseEndpoint
+
+
+TrustNoticeKind = Literal["warned", "cleared", "suspended", "reinstated"]
+"""`warned`: the node's uptime score fell below 60: it will be suspended from new leases at
+`suspension_due_ms` unless the score is back at 60 by then; `cleared`: it was, the warning is
+lifted; `suspended`: no new leases (running ones go on) until the score reaches 62;
+`reinstated`: it did."""
+
+
+class TrustNotice(_Public, kw_only=True, tag_field="event", tag="standing"):
+    """A change of a node's standing (`node:<id>`, beside its `ContractNotice`s; `event` is
+    `standing`), with its uptime after it."""
+
+    notice: TrustNoticeKind
+    ts_ms: int
+    node_id: str
+    uptime_score: float
+    uptime_history_windows: int
+    suspension_due_ms: int = 0
+    suspended_since_ms: int = 0
+
+
+PublicEvent = (
+    BookOut
+    | Trade
+    | MarketSummary
+    | ContractOut
+    | BidNotice
+    | ContractNotice
+    | LeaseNotice
+    | TrustNotice
+)
+
+NodeEvent = ContractNotice | TrustNotice
+"""The events of `node:<id>`, told apart by their `event` field (`contract`, `standing`)."""
+
+CHANNEL_EVENTS: Final[dict[str, Any]] = {
     "quotes": BookOut,
     "trades": Trade,
     "market": MarketSummary,
     "fills": ContractOut,
     "bids": BidNotice,
     "contracts": ContractNotice,
-    "node": ContractNotice,
+    "node": NodeEvent,
+    "leases": LeaseNotice,
 }
-"""The event type of each kind of channel (the channel's name up to its `:`)."""
+"""The event type of each kind of channel (the channel's name up to its `:`): one type, or
+for `node` the union `NodeEvent`."""
 
 
 # ---------------------------------------------------------------------------------------------

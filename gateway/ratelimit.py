@@ -33,6 +33,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from engine.connection import is_cluster
 from engine.keys import Keys
 from engine.settings import Settings
 from gateway.errors import RateLimited
@@ -257,6 +258,13 @@ class RateLimiter:
             return
         ttl_ms = round(self.connection_ttl_s * 1000)
         held = [(key, list(ids)) for key, ids in self._held.items()]
+        if is_cluster(self._redis):
+            # a cluster's pipeline does not load scripts a node lacks: one call per key, each
+            # to its key's node (the script loads itself where missing)
+            await asyncio.gather(
+                *(self._renew(keys=[key], args=[ttl_ms, *ids]) for key, ids in held)
+            )
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, ids in held:
                 await self._renew(keys=[key], args=[ttl_ms, *ids], client=pipe)

@@ -30,7 +30,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from engine import core
+from engine import core, trust
 from engine.types import PUSD_PER_USD, Bid, Contract, Node, NodeType, Quote, pusd, usd
 from gateway.protocol import (
     BidOut,
@@ -41,6 +41,8 @@ from gateway.protocol import (
     Gigabytes,
     Id,
     Latitude,
+    LeaseEndpoint,
+    LeaseState,
     Longitude,
     whole,
 )
@@ -203,7 +205,7 @@ class TokenResponse(_Response, kw_only=True):
 
 class MeResponse(_Response, kw_only=True):
     user: UserOut
-    via: Literal["jwt", "api_key"]
+    via: Literal["jwt", "api_key", "session"]
 
 
 class ClientCreateRequest(_Request, kw_only=True):
@@ -270,6 +272,11 @@ class NodeRegisterRequest(_Request, kw_only=True):
     min_duration_sec: DurationSec = 60
     max_duration_sec: DurationSec = 86_400
     metadata: Metadata = {}
+    delivers: bool = False
+    """The node's agent delivers its RAM leases (a Valkey server per lease, ready and closed
+    reports, meters in heartbeats): its RAM contracts bill from the ready report. Leave it
+    false for an agent that does not (the spec's `node_agent.py`): its leases are reserved,
+    not delivered, and bill from the reserve."""
 
 
 MAX_REGISTER_BATCH = 1000
@@ -304,6 +311,9 @@ class NodeUpdateRequest(_Request, kw_only=True):
     latitude: Latitude | None = None
     longitude: Longitude | None = None
     metadata: Metadata | None = None
+    delivers: bool | None = None
+    """Whether the node's agent delivers its RAM leases (see registration); contracts already
+    made keep what they were."""
 
 
 class NodeEarnings(_Response, kw_only=True):
@@ -351,11 +361,42 @@ class NodeOut(_Response, kw_only=True):
     metadata: dict[str, str]
     price_pusd: int = 0
     egress_price_pusd: int = 0
+    uptime_new: bool = False
+    """Fewer than 7 days of measured history: `uptime_score` is 90 blended with what was
+    measured so far, in proportion to `uptime_history_windows` out of 168."""
+    uptime_history_windows: int = 0
+    """Hours (uptime windows) of the last 30 days that count in `uptime_score`."""
+    suspended: bool = False
+    """Suspended from new leases (its score stayed below 60 past the grace); running leases go
+    on. Reinstated once the score is back at 62."""
+    suspended_since_ms: int = 0
+    suspension_due_ms: int = 0
+    """Warned: suspended at this instant unless the score is back at 60 by then (0: no warning)."""
+    maintenance_start_ms: int = 0
+    maintenance_end_ms: int = 0
+    """The announced maintenance window (0: none): not counted as downtime."""
+    delivered_contracts: int = 0
+    """Contracts served to their end (or settled by the renter)."""
+    cut_contracts: int = 0
+    """Contracts cut short by the node (failed, or failed over to another node)."""
+    stake_usd: float = 0.0
+    stake_pusd: int = 0
+    """The stake locked for the node: it covers the leases it may take (10 % of their value
+    beyond 10 USD) and pays renters' SLA credits."""
+    stake_held_usd: float = 0.0
+    stake_held_pusd: int = 0
+    """The part of the stake held back from the provider's earnings."""
+    delivers: bool = False
+    """The node's agent delivers its RAM leases (`GET /api/contracts/{id}/access`)."""
 
 
 class NodeDetail(NodeOut, kw_only=True):
     earnings: NodeEarnings | None
     """The owner's (and admins') view only; null for everyone else."""
+    stake_required_usd: float = 0.0
+    stake_required_pusd: int = 0
+    """The stake its active leases require now: what a release must leave (a new lease
+    raises it)."""
 
 
 class NodeRegistered(_Response, kw_only=True):
@@ -386,6 +427,61 @@ class NodeListQuery(_Request, kw_only=True):
     """Only the caller's own nodes."""
     offset: Offset = 0
     limit: Limit = 50
+
+
+class StakeRequest(_Request, kw_only=True):
+    """`POST /api/nodes/{id}/stake`: lock `amount_usd` of the provider's earnings (not yet paid
+    out) as the node's stake; `/stake/release`: release that much of it to the earnings. A
+    lock applies once per `lock_id` (repeat a lock that failed half-way with the same one)."""
+
+    amount_usd: Annotated[
+        float,
+        Meta(ge=1e-12, le=MAX_MOVEMENT_USD, description="USD (at least 1e-12: one pico-USD)."),
+    ]
+    lock_id: Id | None = None
+
+
+class MaintenanceRequest(_Request, kw_only=True):
+    """`POST /api/nodes/{id}/maintenance`: the node will be down for maintenance from `start_ms`
+    to `end_ms` (Unix ms). Announced 1 h to 90 days ahead, at most 4 h long, at most one window
+    starting per 7 days; a pending window is replaced. That time is not counted as downtime."""
+
+    start_ms: Annotated[int, Meta(ge=0, le=core.MAX_TIME_MS)]
+    end_ms: Annotated[int, Meta(ge=0, le=core.MAX_TIME_MS)]
+
+
+class ScoredWindowOut(_Response, kw_only=True):
+    window_start_ms: int
+    """The window is the hour from here."""
+    up_pct: int | None
+    """Its up share in whole percent (null: not counted, e.g. announced maintenance)."""
+    uptime_score: float
+    """The node's 30-day score once this window closed."""
+    notice: Literal["warned", "cleared", "suspended", "reinstated"] | None
+    """A change of standing decided as it closed."""
+
+
+class ScoresQuery(_Request, kw_only=True):
+    start: dt.datetime | None = None
+    """RFC 3339 (without an offset: UTC); default: 30 days before `end`."""
+    end: dt.datetime | None = None
+    """RFC 3339; default: now."""
+
+
+class NodeScores(_Response, kw_only=True):
+    """`GET /api/nodes/{id}/scores`: the node's uptime, hour by hour, from the journal (it
+    trails the live market by its lag), and its standing now."""
+
+    node_id: str
+    start: dt.datetime
+    end: dt.datetime
+    windows: list[ScoredWindowOut]
+    uptime_score: float
+    uptime_new: bool
+    uptime_history_windows: int
+    reputation_score: int
+    suspended: bool
+    suspension_due_ms: int
 
 
 class HeartbeatResponse(_Response, kw_only=True):
@@ -440,6 +536,16 @@ class OfferOut(_Response, kw_only=True):
     distance_km: float | None
     estimated_latency_ms: float
     price_pusd: int = 0
+    uptime_new: bool = False
+    """Fewer than 7 days of measured history (see `GET /api/nodes/{id}`)."""
+    reputation_score: int = 100
+    stake_usd: float = 0.0
+    stake_pusd: int = 0
+    """The stake locked for the node (see `GET /api/nodes/{id}`): it pays renters' SLA
+    credits when the node cuts a lease short."""
+    stake_held_usd: float = 0.0
+    stake_held_pusd: int = 0
+    """The part of the stake held back from the provider's earnings."""
 
 
 class MarketplaceResponse(_Response, kw_only=True):
@@ -462,13 +568,18 @@ class MatchRequest(_Request, kw_only=True):
     max_price_per_gb_sec: PriceUsd
     prefer_local: bool = True
     max_distance_km: DistanceKm | None = None
-    min_uptime_score: UptimeScore = 0.0
+    min_uptime_score: UptimeScore | None = None
+    """Only nodes whose measured uptime score is at least this; unset: the client profile's
+    `min_reliability` (the profile named by `client_id`, else the caller's first), else 0."""
     node_type: NodeType | None = None
     region: Region | None = None
     client_id: Id | None = None
     client_lat: Latitude | None = None
     client_lng: Longitude | None = None
     limit: Annotated[int, Meta(ge=1, le=100)] = 10
+    max_latency_ms: Annotated[float, Meta(gt=0.0, le=60_000.0)] | None = None
+    """Only nodes whose `base_latency_ms` is at most this; unset: the client profile's
+    `max_latency_ms`, else any."""
 
 
 class ScoreBreakdown(_Response, kw_only=True):
@@ -500,6 +611,9 @@ class MatchOut(_Response, kw_only=True):
     uptime_score: float
     estimated_cost_pusd: int = 0
     price_pusd: int = 0
+    uptime_new: bool = False
+    """Fewer than 7 days of measured history (see `GET /api/nodes/{id}`)."""
+    reputation_score: int = 100
 
 
 class MatchResponse(_Response, kw_only=True):
@@ -535,9 +649,11 @@ class ContractExtendRequest(_Request, kw_only=True):
 
 class ContractSettleRequest(_Request, kw_only=True):
     """Egress is billed at the node's egress price; one contract may bill at most
-    1,000,000 USD of egress (else 422 naming `actual_egress_gb`)."""
+    1,000,000 USD of egress (else 422 naming `actual_egress_gb`). A delivered lease bills the
+    egress its node measured instead: `actual_egress_gb` is then recorded beside it
+    (`claimed_egress_gb`), never billed."""
 
-    actual_egress_gb: Annotated[float, Meta(ge=0.0, le=MAX_EGRESS_GB)] = 0.0
+    actual_egress_gb: Annotated[float, Meta(ge=0.0, le=MAX_EGRESS_GB)] | None = None
 
 
 class ContractList(_Response, kw_only=True):
@@ -619,6 +735,95 @@ class ReadyOut(_Response, kw_only=True):
 # Converters between the market's exact integers and the wire's USD floats
 
 
+# ---------------------------------------------------------------------------------------------
+# Money (issue 14): balances, operators' credits and clawbacks, credit lines
+
+MAX_MOVEMENT_USD = 1_000_000
+"""The most one credit or clawback may move (`engine.market.MAX_MOVEMENT_PUSD`)."""
+AmountUsd = Annotated[float, Meta(gt=0.0, le=MAX_MOVEMENT_USD, description="USD.")]
+AmountPusd = Annotated[int, Meta(ge=1, le=MAX_MOVEMENT_USD * PUSD_PER_USD)]
+Reason = Annotated[str, Meta(min_length=1, max_length=1000, pattern=_PRINTABLE)]
+OpKey = Annotated[str, Meta(min_length=1, max_length=200, pattern=_PRINTABLE)]
+
+
+class CreditRequest(_Request, kw_only=True):
+    """An operator's credit (or clawback) of a renter's balance: `amount_usd` or its exact
+    `amount_pusd` twin (one of them), a `reason` kept in the ledger, and a `key` that makes it
+    happen once (the same key again changes nothing and answers `applied: false`). A clawback
+    takes the money back from the funding wallet after moving the renter's idle money there
+    from the regions; with `allow_negative` it may leave a debt, else a shortfall is 402."""
+
+    json_schema_rules: ClassVar[dict[str, Any]] = {
+        "oneOf": [{"required": ["amount_usd"]}, {"required": ["amount_pusd"]}]
+    }
+
+    amount_usd: AmountUsd | None = None
+    amount_pusd: AmountPusd | None = None
+    reason: Reason
+    key: OpKey
+    allow_negative: bool = False
+
+
+class CreditOut(_Response, kw_only=True):
+    client_id: str
+    applied: bool
+    """False: the key was used before; nothing changed."""
+    balance_usd: float
+    balance_pusd: int
+    """The renter's funding balance now."""
+    event_id: str
+    """The market event that applied the key (now or the first time)."""
+
+
+class CreditLineRequest(_Request, kw_only=True):
+    """The postpaid limit (invoice terms) an operator grants: the renter's balance may go this
+    far below zero. 0 withdraws it (a balance already below zero stays a debt)."""
+
+    json_schema_rules: ClassVar[dict[str, Any]] = {
+        "oneOf": [{"required": ["credit_line_usd"]}, {"required": ["credit_line_pusd"]}]
+    }
+
+    credit_line_usd: Annotated[float, Meta(ge=0.0, le=MAX_MOVEMENT_USD)] | None = None
+    credit_line_pusd: Annotated[int, Meta(ge=0, le=MAX_MOVEMENT_USD * PUSD_PER_USD)] | None = None
+
+
+class RegionBalance(_Response, kw_only=True):
+    region: str
+    available_usd: float
+    available_pusd: int
+    held_usd: float
+    held_pusd: int
+
+
+class BalanceOut(_Response, kw_only=True):
+    """A renter's money: one balance (the funding wallet and every region's together), what is
+    held for open contracts and bids, the credit line, and this month's spend (captured +
+    held) against the monthly budget."""
+
+    client_id: str
+    available_usd: float
+    available_pusd: int
+    """Spendable now: the funding wallet plus every region's available money (negative: a
+    debt, or credit-line use)."""
+    held_usd: float
+    held_pusd: int
+    funding_usd: float
+    funding_pusd: int
+    regions: list[RegionBalance]
+    in_transit_pusd: int
+    """Money between two wallets (a transfer not yet received: the repair loop finishes it)."""
+    credit_line_usd: float
+    credit_line_pusd: int
+    budget_monthly_usd: float | None
+    month: str
+    month_spend_usd: float
+    month_spend_pusd: int
+
+
+class BalanceList(_Response, kw_only=True):
+    balances: list[BalanceOut]
+
+
 def to_pusd(amount_usd: float) -> int:
     """USD (as sent) to integer pico-USD."""
     return pusd(amount_usd)
@@ -660,7 +865,13 @@ def node_out(node: Node, *, show_owner: bool) -> NodeOut:
 
 
 def node_detail(node: Node, *, show_owner: bool, earnings: NodeEarnings | None) -> NodeDetail:
-    return NodeDetail(**_node_fields(node, show_owner=show_owner), earnings=earnings)
+    required = trust.required_stake(node.lease_value_pusd)
+    return NodeDetail(
+        **_node_fields(node, show_owner=show_owner),
+        earnings=earnings,
+        stake_required_usd=to_usd(required),
+        stake_required_pusd=required,
+    )
 
 
 def _node_fields(node: Node, *, show_owner: bool) -> dict[str, Any]:
@@ -696,6 +907,20 @@ def _node_fields(node: Node, *, show_owner: bool) -> dict[str, Any]:
         "metadata": dict(node.metadata),
         "price_pusd": node.price_pusd,
         "egress_price_pusd": node.egress_price_pusd,
+        "uptime_new": node.uptime_new,
+        "uptime_history_windows": node.uptime_windows,
+        "suspended": node.suspended_ms != 0,
+        "suspended_since_ms": node.suspended_ms,
+        "suspension_due_ms": node.suspend_at_ms,
+        "maintenance_start_ms": node.maint_start_ms,
+        "maintenance_end_ms": node.maint_end_ms,
+        "delivered_contracts": node.delivered_contracts,
+        "cut_contracts": node.cut_contracts,
+        "stake_usd": to_usd(node.stake_pusd),
+        "stake_pusd": node.stake_pusd,
+        "stake_held_usd": to_usd(node.stake_held_pusd),
+        "stake_held_pusd": node.stake_held_pusd,
+        "delivers": node.delivers,
     }
 
 
@@ -728,7 +953,60 @@ def contract_out(contract: Contract, *, live: ContractLive | None = None) -> Con
         egress_price_pusd=contract.egress_price_pusd,
         max_price_pusd=contract.max_price_pusd,
         total_cost_pusd=contract.cost_pusd,
+        delivered=contract.lease_state != "none",
+        lease_state=public_lease_state(contract.lease_state),
+        ready_ms=contract.ready_ms,
+        egress_bytes=contract.egress_bytes,
+        peak_memory_bytes=contract.peak_memory_bytes,
+        claimed_egress_gb=None
+        if contract.claimed_egress_mgb is None
+        else contract.claimed_egress_mgb / 1000,
+        lease_digest=contract.lease_digest,
     )
+
+
+_PUBLIC_LEASE_STATES: dict[str, LeaseState | None] = {
+    "none": None,
+    "pending": "pending",
+    "ready": "ready",
+    "closing": "closed",
+    "closed": "closed",
+    "failed": "failed",
+}
+
+
+def public_lease_state(state: str) -> LeaseState | None:
+    """A lease's state as the API names it (`closing`, the close ordered, is `closed`: the
+    node is stopping the server); None: not delivered."""
+    return _PUBLIC_LEASE_STATES[state]
+
+
+def lease_endpoint(contract: Contract) -> LeaseEndpoint:
+    """Where a lease is served, without its secret (`leases` notices, the agent's lease list).
+    A lease that is not delivered has no endpoint, and its state follows the contract."""
+    state = public_lease_state(contract.lease_state)
+    if state is None:
+        state = _RESERVATION_STATES[contract.status]
+    ready = contract.lease_state == "ready"
+    return LeaseEndpoint(
+        contract_id=contract.contract_id,
+        node_id=contract.node_id,
+        kind="ram" if contract.ram_gb > 0 else "vram",
+        state=state,
+        host=contract.lease_host if ready else None,
+        port=contract.lease_port if ready else None,
+        tls=contract.lease_tls,
+        expires_ms=contract.end_ms,
+        ram_gb=contract.ram_gb,
+    )
+
+
+_RESERVATION_STATES: dict[str, LeaseState] = {
+    "active": "ready",
+    "completed": "closed",
+    "failed": "failed",
+    "failed_over": "failed",
+}
 
 
 def bid_out(bid: Bid) -> BidOut:

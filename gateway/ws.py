@@ -31,9 +31,10 @@ itself). For high-rate consumers: one frame and one write instead of one per mes
 
 Channels and who may subscribe:
     quotes:<region>, trades:<region>, market   any authenticated caller
-    fills, bids, contracts                     the caller's own (one Redis user channel, split by
+    fills, bids, contracts, leases             the caller's own (one Redis user channel, split by
                                                the message's ws channel name)
-    node:<node_id>                             the node's owner (or an admin)
+    node:<node_id>, leases:<node_id>,          the node's owner (or an admin)
+    trust:<node_id>
 
 Delivery: the process's `Hub` (`gateway.hub`) frames each notification once and writes the
 same bytes straight to the transport of every subscribed socket (`gateway.direct`; uvicorn's
@@ -48,6 +49,11 @@ channel, and everything published after "subscribed" is delivered. Pub/sub is at
 
 Keepalive: the server (uvicorn) pings every socket and closes it when pongs stop; `op: ping` is
 there for clients that cannot see protocol pings (browsers).
+
+`/ws/public` is the same endpoint without credentials, for the public market page: it serves
+only `quotes:<region>`, `trades:<region>` and `market` (anything else is refused as on `/ws`
+for a channel of someone else's, `forbidden`), takes no heartbeats, and counts its sockets per
+client address (`MNEMO_WS_CONNECTIONS_PER_ACCOUNT` of them, as for an account).
 
 Close codes: 4401 auth missing/invalid/expired, 1013 too slow, 1012 server shutting down,
 1011 internal error. If credentials or the account's socket count cannot be checked at all
@@ -118,7 +124,7 @@ CLOSE_INTERNAL = 1011
 
 _REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")  # as gateway.schemas.Region
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # as gateway.schemas.Id
-_OWN_CHANNELS = frozenset({"fills", "bids", "contracts"})
+_OWN_CHANNELS = frozenset({"fills", "bids", "contracts", "leases"})
 
 
 class WsOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -227,30 +233,42 @@ class WsEndpoint:
     only wrapper left (Starlette's exception middleware).
     """
 
+    def __init__(self, *, public: bool = False) -> None:
+        self.public = public
+        """Anonymous sockets, public channels only (`/ws/public`)."""
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = WebSocket(scope, receive, send)
         services: WsServices = getattr(websocket.state, STATE_KEY)
-        try:
-            principal = await authenticate(websocket)
-        except Unauthorized as exc:
-            await websocket.close(code=CLOSE_AUTH, reason=exc.code)
-            return
-        except Exception:
-            # The accounts database is down, say: a retryable 503, not a refusal.
-            log.exception("authenticating a WebSocket failed")
-            await _deny(websocket, send, 503, "unavailable", "authentication unavailable; retry")
-            return
-        if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
-            await websocket.close(code=CLOSE_AUTH, reason="token_expired")
-            return
+        principal: Principal | None = None
+        if self.public:
+            client = websocket.client
+            subject = f"addr:{client.host if client is not None else 'unknown'}"
+        else:
+            try:
+                principal = await authenticate(websocket)
+            except Unauthorized as exc:
+                await websocket.close(code=CLOSE_AUTH, reason=exc.code)
+                return
+            except Exception:
+                # The accounts database is down, say: a retryable 503, not a refusal.
+                log.exception("authenticating a WebSocket failed")
+                await _deny(
+                    websocket, send, 503, "unavailable", "authentication unavailable; retry"
+                )
+                return
+            if principal.expires_ms is not None and principal.expires_ms <= _now_ms():
+                await websocket.close(code=CLOSE_AUTH, reason="token_expired")
+                return
+            subject = principal.user_id
         limiter: RateLimiter = websocket.state.limiter
         try:
-            slot = await limiter.open_connection(principal.user_id)
+            slot = await limiter.open_connection(subject)
         except RateLimited as exc:
             await _deny(websocket, send, 429, exc.code, exc.message, exc.headers)
             return
         except Exception:
-            log.exception("counting the sockets of %s failed", principal.user_id)
+            log.exception("counting the sockets of %s failed", subject)
             await _deny(websocket, send, 503, "unavailable", "connection limit unavailable; retry")
             return
         try:
@@ -262,7 +280,7 @@ class WsEndpoint:
             finally:
                 services.sockets -= 1
         finally:
-            await asyncio.shield(limiter.close_connection(principal.user_id, slot))
+            await asyncio.shield(limiter.close_connection(subject, slot))
 
 
 async def _deny(
@@ -282,7 +300,10 @@ async def _deny(
         await websocket.close(code=CLOSE_SLOW if status == 429 else CLOSE_INTERNAL, reason=code)
 
 
-ws_routes: list[BaseRoute] = [WebSocketRoute("/ws", WsEndpoint(), name="ws")]
+ws_routes: list[BaseRoute] = [
+    WebSocketRoute("/ws", WsEndpoint(), name="ws"),
+    WebSocketRoute("/ws/public", WsEndpoint(public=True), name="ws_public"),
+]
 """Routes to mount in the app (`routes=[..., *ws_routes]`)."""
 
 
@@ -311,7 +332,7 @@ class _Session:
     """One open socket: a reader (client messages), a writer (the hub queue), a deadline."""
 
     def __init__(
-        self, websocket: WebSocket, send: Send, principal: Principal, services: WsServices
+        self, websocket: WebSocket, send: Send, principal: Principal | None, services: WsServices
     ) -> None:
         self.ws = websocket
         self._send = send
@@ -322,7 +343,7 @@ class _Session:
         where = f"{client.host}:{client.port}" if client else "?"
         self.batch = websocket.query_params.get("batch", "").lower() in ("1", "true")
         self.sub: Subscriber = self.hub.attach(
-            f"{principal.user_id}@{where}",
+            f"{principal.user_id if principal is not None else 'public'}@{where}",
             on_drop=self._on_drop,
             direct=direct_writer(send, high_water_bytes=self.hub.high_water_bytes),
             batch_bytes=services.options.max_batch_bytes if self.batch else 0,
@@ -353,10 +374,11 @@ class _Session:
         writer = asyncio.create_task(self._write_loop(), name=f"ws-write {self.sub.name}")
         tasks = [reader, writer]
         deadline = None
-        if self.principal.expires_ms is not None:
-            delay_s = max(0.0, (self.principal.expires_ms - _now_ms()) / 1000)
+        principal = self.principal
+        if principal is not None and principal.expires_ms is not None:
+            delay_s = max(0.0, (principal.expires_ms - _now_ms()) / 1000)
             deadline = loop.call_later(delay_s, self.finish, CLOSE_AUTH, "token expired")
-        if self.principal.via == "api_key":
+        if principal is not None and principal.via in ("api_key", "session"):
             tasks.append(asyncio.create_task(self._recheck_key(), name=f"ws-auth {self.sub.name}"))
         try:
             await self._done.wait()
@@ -514,8 +536,12 @@ class _Session:
     async def _authorize(self, name: str) -> str:
         """The Redis channel behind a ws channel name, if this principal may subscribe."""
         keys = self.services.keys
+        principal = self.principal
+        if principal is None and (name in _OWN_CHANNELS or name.startswith("node:")):
+            raise _ChannelRefused("forbidden", "sign in for this channel (on /ws)")
         if name in _OWN_CHANNELS:
-            return keys.user_channel(self.principal.user_id)
+            assert principal is not None
+            return keys.user_channel(principal.user_id)
         if name == "market":
             return keys.market_channel
         kind, _, arg = name.partition(":")
@@ -523,22 +549,27 @@ class _Session:
             if not _REGION.match(arg):
                 raise _ChannelRefused("unknown_channel", f"bad region in {name!r}")
             return keys.quotes_channel(arg) if kind == "quotes" else keys.trades_channel(arg)
-        if kind == "node":
+        if kind in ("node", "leases"):
             if not _ID.match(arg):
                 raise _ChannelRefused("unknown_channel", f"bad node id in {name!r}")
             node = await self.services.market.get_node(arg)
             if node is None:
                 raise _ChannelRefused("not_found", f"no node {arg}")
-            if node.owner_id != self.principal.user_id and not self.principal.is_admin:
+            assert principal is not None
+            if node.owner_id != principal.user_id and not principal.is_admin:
                 raise _ChannelRefused("forbidden", "only the node's owner may subscribe")
             return keys.node_channel(arg)
         raise _ChannelRefused(
             "unknown_channel",
             f"unknown channel {name!r}: expected quotes:<region>, trades:<region>, fills, bids, "
-            "contracts, node:<id> or market",
+            "contracts, leases, node:<id>, leases:<id> or market",
         )
 
     async def _heartbeat(self, op: HeartbeatOp) -> None:
+        principal = self.principal
+        if principal is None:
+            self._error("forbidden", "heartbeats need credentials (on /ws)", ref=op.ref)
+            return
         # The bounds are the REST heartbeat's (msgspec checked them); this is the one rule
         # across fields, checked here so a bad beat never reaches a batch shared with others.
         for i, b in enumerate(op.beats):
@@ -548,7 +579,7 @@ class _Session:
         beats = [market_heartbeat(b.node_id, b) for b in op.beats]
         # Read no further while too many batches of this socket await their ack.
         await self._inflight.acquire()
-        fut = self.services.batcher.submit(self.principal.user_id, beats)
+        fut = self.services.batcher.submit(principal.user_id, beats)
         ref = op.ref
         fut.add_done_callback(lambda f: self._acked(f, ref))
 

@@ -27,6 +27,7 @@ __all__ = [
     "first_client",
     "record_login",
     "revoke_api_key",
+    "set_credit_line",
     "use_api_key",
     "user",
     "user_for_login",
@@ -259,3 +260,16 @@ async def client_ids(db: Db, user_id: str) -> list[str]:
     """The ids (uuid text) of the user's renter profiles, in no particular order."""
     rows = await db.fetch("SELECT id FROM clients WHERE user_id = $1", uuid.UUID(user_id))
     return [str(r["id"]) for r in rows]
+
+
+async def set_credit_line(db: Db, client_id: str, credit_line_pusd: int) -> asyncpg.Record | None:
+    """Set a renter's credit line (issue 14: how far its balance may go below zero); the row,
+    or None for an unknown client."""
+    parsed = _uuid(client_id)
+    if parsed is None:
+        return None
+    return await db.fetchrow(
+        "UPDATE clients SET credit_line_pusd = $2 WHERE id = $1 RETURNING *",
+        parsed,
+        credit_line_pusd,
+    )

@@ -50,6 +50,7 @@ __all__ = [
     "SpendingBreakdown",
     "SupplyBucket",
     "SupplyNow",
+    "TradeRecord",
     "Window",
     "client_spending",
     "cluster_nodes",
@@ -58,6 +59,7 @@ __all__ = [
     "market_pricing",
     "market_supply",
     "node_earnings",
+    "recent_trades",
     "window",
 ]
 
@@ -713,6 +715,50 @@ async def market_pricing(
             )
         )
     return MarketPricing(start=w.start, end=w.end, bucket_s=w.bucket_s, candles=candles)
+
+
+class TradeRecord(msgspec.Struct, kw_only=True):
+    """One fill (a contract as it was made), as the `trades:<region>` channel announces it."""
+
+    contract_id: str
+    node_id: str
+    region: str
+    ram_gb: int
+    vram_gb: int
+    duration_sec: int
+    price_pusd: int
+    ts_ms: int
+
+
+async def recent_trades(
+    db: asyncpg.Pool | asyncpg.Connection, *, region: str | None = None, limit: int = 50
+) -> list[TradeRecord]:
+    """The latest fills (of `region`, or of every region), newest first: the same contracts
+    the candles count (`market_pricing`), with the term they were filled for."""
+    rows = await db.fetch(
+        """
+        SELECT id, node_id, region, ram_gb, vram_gb, initial_duration_sec, price_pusd,
+               (extract(epoch FROM start_time) * 1000)::bigint AS ts_ms
+        FROM contracts WHERE $1::text IS NULL OR region = $1
+        ORDER BY start_time DESC, created_seq DESC
+        LIMIT $2
+        """,
+        region,
+        limit,
+    )
+    return [
+        TradeRecord(
+            contract_id=r["id"].hex,
+            node_id=r["node_id"].hex,
+            region=r["region"],
+            ram_gb=r["ram_gb"],
+            vram_gb=r["vram_gb"],
+            duration_sec=r["initial_duration_sec"],
+            price_pusd=r["price_pusd"],
+            ts_ms=r["ts_ms"],
+        )
+        for r in rows
+    ]
 
 
 def _uuid(value: str) -> uuid.UUID:

@@ -211,3 +211,36 @@ async def bids_page(
     if status is not None:
         where.add("status = ?", status)
     return await _page(db, "bids", where, "created_at DESC, id", limit, offset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust: each node's uptime windows (engine.trust)
+
+
+class ScoredWindow(NamedTuple):
+    window_start: Any
+    up_pct: int | None
+    uptime_score: float
+    notice: str | None
+
+
+async def node_scores(db: Db, node_id: str, start: Any, end: Any) -> list[ScoredWindow]:
+    """The node's closed uptime windows that start in [start, end), oldest first: each one's up
+    share (None: not counted), the 30-day score once it closed and a change of standing."""
+    parsed = _uuid(node_id)
+    if parsed is None:
+        return []
+    rows = await db.fetch(
+        """
+        SELECT window_start, up_pct, uptime_score, notice FROM node_scores
+        WHERE node_id = $1 AND window_start >= $2 AND window_start < $3
+        ORDER BY window_start
+        """,
+        parsed,
+        start,
+        end,
+    )
+    return [
+        ScoredWindow(r["window_start"], r["up_pct"], float(r["uptime_score"]), r["notice"])
+        for r in rows
+    ]

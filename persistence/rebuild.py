@@ -19,6 +19,11 @@ Rules:
   are not written back.
 - Events the journal had not yet read when Redis died are lost; the journal's lag at that moment
   (normally well under a second of changes) bounds the loss.
+- Money (issue 14) comes back with the events that moved it: each renter's wallets (funding and
+  per region: available, held, budget allowance), the holds on open contracts and bids, the
+  credit keys already used, the transfers sent and received, and the outbox of transfers sent
+  and not received (the funding slot `+funding` is rebuilt like a region); a transfer whose
+  destination received it leaves its sender's outbox.
 
 Progress goes to stderr as a plain text bar.
 """
@@ -30,8 +35,10 @@ import time
 from typing import TextIO
 
 import asyncpg
+import msgspec
 import redis.asyncio as aioredis
 
+from engine.connection import open_redis
 from engine.keys import Keys
 from engine.replay import RegionImage
 from engine.settings import ConfigError, Settings
@@ -84,7 +91,7 @@ async def rebuild_live(
     out = out or sys.stderr
     keys = Keys(settings.key_prefix)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+    redis = open_redis(settings.redis_url)
     conn = await asyncpg.connect(settings.database_url, timeout=10)
     status = 0
     try:
@@ -104,6 +111,7 @@ async def rebuild_live(
                 conn, redis, keys, settings, region, row, now_ms=now_ms, out=out
             )
             status = status or (0 if complete else 1)
+        await _settle_outboxes(redis, keys, [row["region"] for row in bounds])
     finally:
         await conn.close()
         await redis.aclose()
@@ -162,6 +170,17 @@ async def _rebuild_region(
         f"{bounds['last'] - gap_at + 1} later events not replayed"
     )
     return False
+
+
+async def _settle_outboxes(redis: aioredis.Redis, keys: Keys, slots: list[str]) -> None:
+    """Money transfers (issue 14) whose destination has received them leave their sender's
+    outbox: the sender's last step writes no event, so a slot's replay alone keeps them."""
+    for slot in slots:
+        for transfer_id, raw in (await redis.hgetall(keys.outbox(slot))).items():
+            to = msgspec.json.decode(raw)["to_slot"]
+            tid = transfer_id.decode() if isinstance(transfer_id, bytes) else transfer_id
+            if await redis.zscore(keys.transfers(to), f"in:{tid}") is not None:
+                await redis.hdel(keys.outbox(slot), transfer_id)
 
 
 def _prune_closed(image: RegionImage, now_ms: int) -> None:

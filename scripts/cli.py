@@ -8,6 +8,9 @@
     mnemo journal-status               the journal's lag and the events it set aside
     mnemo journal-replay [--region R]  apply a region's history again (after a reject is mended)
     mnemo rebuild-live                 repopulate Redis's live market from Postgres
+    mnemo crypto-reconcile [--apply]   on-chain payments against the ledger (re-ask lost credits)
+    mnemo payouts run [--period DAY]   pay providers their earnings through Stripe Connect
+    mnemo payments reconcile           finish and check card payments and payouts against Stripe
     mnemo servers [--migrate]          only the embedded Valkey/PostgreSQL, in the foreground
 
 Configuration comes from `MNEMO_*` variables (see `engine.settings`). With `MNEMO_REDIS_URL` /
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import importlib
 import importlib.metadata
 import importlib.util
@@ -49,6 +53,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgspec
 
 from engine.settings import ConfigError, Settings, mask_url
 
@@ -173,9 +179,78 @@ def _parser() -> argparse.ArgumentParser:
         help="regions to replay (default: every region with events set aside)",
     )
     rp.set_defaults(func=_cmd_journal_replay)
+    cr = sub.add_parser(
+        "crypto-reconcile",
+        help="compare on-chain payments with the ledger; --apply re-asks credits it lacks",
+    )
+    cr.add_argument(
+        "--apply",
+        action="store_true",
+        help="ask the market's credit again (same key: applied at most once) for each payment "
+        "whose credit is not in the ledger",
+    )
+    cr.add_argument(
+        "--min-age-s",
+        type=float,
+        default=60.0,
+        help="ignore payments changed more recently than this (the journal's lag); default 60",
+    )
+    cr.set_defaults(func=_cmd_crypto_reconcile)
     sub.add_parser("rebuild-live", help="rebuild Redis's live market from Postgres").set_defaults(
         func=_cmd_rebuild_live
     )
+
+    po = sub.add_parser("payouts", help="provider payouts through Stripe Connect")
+    po_sub = po.add_subparsers(dest="payouts_command", required=True, metavar="ACTION")
+    po_run = po_sub.add_parser(
+        "run", help="pay each onboarded provider its earnings up to a day's end (once per day)"
+    )
+    po_run.add_argument(
+        "--period",
+        type=_day,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="the settlement day (UTC) whose end earnings are paid up to (default: yesterday)",
+    )
+    po_run.set_defaults(func=_cmd_payouts_run)
+    pm = sub.add_parser("payments", help="card payments through Stripe")
+    pm_sub = pm.add_subparsers(dest="payments_command", required=True, metavar="ACTION")
+    rec = pm_sub.add_parser(
+        "reconcile",
+        help="finish what Stripe finished, then compare Stripe's objects with the ledger",
+    )
+    rec.add_argument(
+        "--days",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="also ask Stripe again about every card payment and payout of the last N days (2)",
+    )
+    rec.set_defaults(func=_cmd_payments_reconcile)
+    for name, helptext in (
+        ("credit", "credit a renter's balance (operator; ledgered with a reason)"),
+        ("clawback", "take credit back from a renter's balance (operator; ledgered)"),
+    ):
+        money = sub.add_parser(name, help=helptext)
+        money.add_argument("client_id", help="the renter profile (client) id")
+        money.add_argument("amount_usd", type=_usd_amount, help="USD, e.g. 25 or 12.50")
+        money.add_argument("--reason", required=True, help="why (kept in the ledger)")
+        money.add_argument(
+            "--key", default=None, help="idempotency key: the same key again changes nothing"
+        )
+        if name == "clawback":
+            money.add_argument(
+                "--allow-negative",
+                action="store_true",
+                help="take it even if the balance goes below zero (a debt)",
+            )
+        money.set_defaults(func=_cmd_money, clawback=name == "clawback")
+    cl = sub.add_parser(
+        "credit-line", help="grant (or withdraw, 0) a renter's postpaid credit line"
+    )
+    cl.add_argument("client_id", help="the renter profile (client) id")
+    cl.add_argument("amount_usd", type=_usd_limit, help="USD the balance may go below zero")
+    cl.set_defaults(func=_cmd_credit_line)
 
     srv = sub.add_parser("servers", help="run only the embedded Valkey and PostgreSQL")
     srv.add_argument("--migrate", action="store_true", help="also apply migrations")
@@ -193,6 +268,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _day(raw: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a day as YYYY-MM-DD, got {raw!r}") from None
+
+
 def _shard(raw: str) -> tuple[int, int]:
     k, sep, n = raw.partition("/")
     try:
@@ -202,6 +284,24 @@ def _shard(raw: str) -> tuple[int, int]:
     if not sep or not 0 <= shard[0] < shard[1]:
         raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {raw!r}")
     return shard
+
+
+def _usd_amount(raw: str) -> int:
+    from scripts.money import parse_usd
+
+    try:
+        return parse_usd(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _usd_limit(raw: str) -> int:
+    from scripts.money import parse_usd
+
+    try:
+        return parse_usd(raw, allow_zero=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _region_list(raw: str) -> tuple[str, ...]:
@@ -314,11 +414,70 @@ def _cmd_journal_replay(args: argparse.Namespace) -> int:
     return _finish(result)
 
 
+def _cmd_crypto_reconcile(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_redis(settings)
+    _check_database(settings)
+    result = _entry_point("gateway.payments.crypto_reconcile", "reconcile")(
+        settings, apply=args.apply, min_age_s=args.min_age_s
+    )
+    return _finish(result)
+
+
+def _stripe_settings(*, need_redis: bool) -> Settings:
+    settings = _settings_with_servers() if need_redis else Settings.from_env()
+    if settings.database_url is None:
+        raise ConfigError("MNEMO_DATABASE_URL", "not set")
+    if not settings.stripe_secret_key:
+        raise ConfigError("MNEMO_STRIPE_SECRET_KEY", "not set: Stripe is not configured")
+    _check_database(settings)
+    if need_redis:
+        _check_redis(settings)
+    return settings
+
+
+def _cmd_payouts_run(args: argparse.Namespace) -> int:
+    settings = _stripe_settings(need_redis=False)
+    run = _entry_point("gateway.payments.stripe_payouts", "main")
+    return _finish(run(settings, args.period))
+
+
+def _cmd_payments_reconcile(args: argparse.Namespace) -> int:
+    settings = _stripe_settings(need_redis=True)
+    run = _entry_point("gateway.payments.stripe_reconcile", "main")
+    return _finish(run(settings, days=args.days))
+
+
 def _cmd_rebuild_live(args: argparse.Namespace) -> int:
     settings = _settings_with_servers()
     _check_redis(settings)
     _check_database(settings)
     result = _entry_point("persistence.rebuild", "rebuild_live")(settings)
+    return _finish(result)
+
+
+def _cmd_money(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_redis(settings)
+    _check_database(settings)
+    result = _entry_point("scripts.money", "credit_command")(
+        settings,
+        args.client_id,
+        args.amount_usd,
+        reason=args.reason,
+        key=args.key,
+        clawback=args.clawback,
+        allow_negative=getattr(args, "allow_negative", False),
+    )
+    return _finish(result)
+
+
+def _cmd_credit_line(args: argparse.Namespace) -> int:
+    settings = _settings_with_servers()
+    _check_database(settings)
+    result = _entry_point("scripts.money", "credit_line_command")(
+        settings, args.client_id, args.amount_usd
+    )
     return _finish(result)
 
 
@@ -369,6 +528,17 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
             if args.no_demo
             else _demo_processes(args.fleet, base, settings.ws_connections_per_account)
         )
+        if any(p.name == "renter" for p in demo):
+            # The bot trades with money an operator credited it (issue 14), as any renter does.
+            provision = _entry_point("scripts.money", "provision_demo_renter")
+            env["MNEMO_API_KEY"] = asyncio.run(
+                provision(
+                    msgspec.structs.replace(
+                        settings, redis_url=redis_url, database_url=database_url
+                    ),
+                    data_dir,
+                )
+            )
         supervisor = _Supervisor(env)
         try:
             supervisor.start(core)
@@ -467,10 +637,25 @@ def _check_redis(settings: Settings) -> None:
     import redis
     import redis.exceptions
 
+    from engine.redis_url import is_cluster_url, parse_cluster_url
+
     try:
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_timeout=5
-        )
+        if is_cluster_url(settings.redis_url):
+            parsed = parse_cluster_url(settings.redis_url)
+            host, port = parsed.nodes[0]
+            client = redis.Redis(
+                host=host,
+                port=port,
+                username=parsed.username,
+                password=parsed.password,
+                ssl=parsed.ssl,
+                socket_connect_timeout=5,
+                socket_timeout=5,
+            )
+        else:
+            client = redis.Redis.from_url(
+                settings.redis_url, socket_connect_timeout=5, socket_timeout=5
+            )
     except ValueError as e:
         raise ConfigError("MNEMO_REDIS_URL", str(e)) from None
     try:
@@ -683,6 +868,7 @@ def _banner(
         [
             "",
             "mnemo is up",
+            f"  web app   {base}/",
             f"  API       {base}/api",
             f"  docs      {base}/docs",
             f"  health    {base}/healthz",

@@ -5,7 +5,9 @@
                                  [--duration S] [--seed N]
 
 Without `--api-key` (or `MNEMO_API_KEY`) it signs up a renter account of its own and creates a
-client profile near a metro. Then, `--rate` times a minute on average (exponential gaps), it does
+client profile near a metro. Contracts and bids hold their cost from the client's balance (issue
+14): `mnemo up` gives the bot an account whose balance an operator's credit tops up to 100 USD
+at each start (scripts/money.py); a refusal for money (402) is counted and logged like any other. Then, `--rate` times a minute on average (exponential gaps), it does
 one of:
 - RFQ: `POST /api/marketplace/request` for a small lease near its location, then
   `POST /api/contracts/create` on the best match (the spec's flow);
@@ -181,11 +183,12 @@ class RenterBot:
                 bid = await self.gateway.request("GET", f"/api/bids/{bid_id}")
             except ApiError as exc:
                 if exc.status == 404:
-                    del self.open_bids[bid_id]
+                    # the `bids` watcher may have dropped it meanwhile (it ran during the await)
+                    self.open_bids.pop(bid_id, None)
                     continue
                 raise
             if bid["status"] != "open":
-                del self.open_bids[bid_id]
+                self.open_bids.pop(bid_id, None)
 
     def _where(self) -> tuple[Metro, float, float]:
         # Mostly at home, sometimes shopping in another metro.

@@ -24,6 +24,7 @@ import psutil
 import pytest
 import redis
 
+from engine.keys import Keys
 from scripts.cli import PROCFILE, _demo_processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,3 +294,58 @@ def test_up_reaches_healthy_and_ctrl_c_leaves_nothing(folder: Path) -> None:
             pass
     assert still == []
     assert _leftovers(folder) == []
+
+
+async def test_credit_clawback_and_credit_line_commands(
+    tmp_path: Path, redis_url: str, db_url: str, keys: Keys
+) -> None:
+    """`mnemo credit` credits a renter once per key (the same key again changes nothing),
+    `mnemo clawback` refuses beyond the balance unless allowed to leave a debt, `mnemo
+    credit-line` sets the renter's terms; bad input is one line and exit status 2."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        user, client = uuid.uuid4(), uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO users (id, email, password_hash) VALUES ($1, 'op@x.test', 'x')", user
+        )
+        await conn.execute(
+            "INSERT INTO clients (id, user_id, org_name) VALUES ($1, $2, 'o')", client, user
+        )
+        urls = {
+            "MNEMO_REDIS_URL": redis_url,
+            "MNEMO_DATABASE_URL": db_url,
+            "MNEMO_KEY_PREFIX": keys.prefix,
+        }
+
+        def mnemo(*args: str) -> subprocess.CompletedProcess[str]:
+            return _mnemo(tmp_path, *args, **urls)
+
+        done = await asyncio.to_thread(
+            mnemo, "credit", str(client), "12.50", "--reason", "trial", "--key", "t1"
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("credited 12.5 USD (key t1)")
+        again = await asyncio.to_thread(
+            mnemo, "credit", str(client), "12.50", "--reason", "trial", "--key", "t1"
+        )
+        assert again.stdout.startswith("already applied (key t1)")
+        assert "funding balance 12.5 USD" in again.stdout
+        refused = await asyncio.to_thread(mnemo, "clawback", str(client), "20", "--reason", "x")
+        assert refused.returncode == 1 and "insufficient_funds" not in refused.stdout
+        assert "refused" in refused.stderr
+        debt = await asyncio.to_thread(
+            mnemo, "clawback", str(client), "20", "--reason", "fraud", "--allow-negative"
+        )
+        assert debt.returncode == 0 and "funding balance -7.5 USD" in debt.stdout, debt.stderr
+        line = await asyncio.to_thread(mnemo, "credit-line", str(client), "100")
+        assert line.returncode == 0, line.stderr
+        assert (
+            await conn.fetchval("SELECT credit_line_pusd FROM clients WHERE id = $1", client)
+            == 100 * 10**12
+        )
+        bad = await asyncio.to_thread(mnemo, "credit", str(client), "ten", "--reason", "x")
+        assert bad.returncode == 2 and "expected a USD amount" in bad.stderr
+        unknown = await asyncio.to_thread(mnemo, "credit", str(uuid.uuid4()), "1", "--reason", "x")
+        assert unknown.returncode == 1 and "no client" in unknown.stderr
+    finally:
+        await conn.close()

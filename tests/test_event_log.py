@@ -25,6 +25,7 @@ CONSUMERS = {
     "engine/replay.py",
     "engine/scoring.py",
     "persistence/journal/fold.py",
+    "persistence/ledger.py",
 }
 """Every module that matches over events (engine.log's docstring lists them for a newcomer)."""
 

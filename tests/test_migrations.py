@@ -124,13 +124,19 @@ async def test_badly_named_file_is_refused(tmp_path: Path) -> None:
         load(directory)
 
 
+_LATER_COLUMNS = frozenset({"007_delivery", "008_ledger", "012_trust"})
+"""Later migrations that add columns today's journal writes (no re-keying), and the ledger
+whose account kinds 012 extends."""
+
+
 async def test_lean_indexes_keep_a_journaled_history(empty_db: str, tmp_path: Path) -> None:
     """004 re-keys `events` and `node_metrics_1m` of a database the journal has written: every
     row stays as it was, and the journal carries on over it (redeliveries included)."""
     before_004 = tmp_path / "m"
     before_004.mkdir()
     for m in load():
-        if m.version < 4:
+        # and the columns today's journal writes that came later (added columns, no re-keying)
+        if m.version < 4 or m.name in _LATER_COLUMNS:
             shutil.copy(m.path, before_004)
     await migrate(empty_db, directory=before_004)
     h = History.generate(_SEED, 600)
@@ -141,7 +147,9 @@ async def test_lean_indexes_keep_a_journaled_history(empty_db: str, tmp_path: Pa
         await write_batch(conn, events[:400])
         await refresh_clusters(conn, h.regions)
         journaled = await digest(conn)
-        assert await migrate(empty_db) == [m.name for m in load() if m.version >= 4]
+        assert await migrate(empty_db) == [
+            m.name for m in load() if m.version >= 4 and m.name not in _LATER_COLUMNS
+        ]
         assert await digest(conn) == journaled
         assert (
             await conn.fetchval(

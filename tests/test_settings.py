@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.connection import parse_cluster_url
 from engine.settings import ConfigError, Settings, mask_url
 
 SECRET = "s3cr3t-" + "x" * 40
@@ -128,6 +129,16 @@ def test_local_jwt_secret_is_generated_once(tmp_path: Path) -> None:
         ("jwt_ttl_s", "1.5", "integer"),
         ("log_level", "loud", "expected one of"),
         ("regions", "us-east-2,{bad}", "bad region"),
+        ("redis_url", "redis+cluster://10.0.0.1", "not host:port"),
+        ("redis_url", "redis+cluster://10.0.0.1:7000,10.0.0.2:x", "malformed port"),
+        ("redis_url", "redis+cluster://10.0.0.1:7000/2", "no databases"),
+        ("redis_url", "redis+cluster://10.0.0.1:7000?db=2", "takes no options"),
+        ("redis_ack_replicas", "-1", "at least 0"),
+        ("redis_ack_replicas", "one", "integer"),
+        ("platform_fee_bps", "10001", "must be 0..10000"),
+        ("platform_fee_bps", "ten", "integer"),
+        ("max_open_contracts", "-1", "must be 0.."),
+        ("transfer_repair_after_s", "0", "positive"),
     ],
 )
 def test_malformed_value_names_the_variable(
@@ -142,6 +153,20 @@ def test_malformed_value_names_the_variable(
     assert text.startswith(f"{name}: ")
     assert says in text
     assert "\n" not in text
+
+
+def test_a_cluster_url_names_its_seed_nodes(tmp_path: Path) -> None:
+    """`redis+cluster://` lists seed nodes (credentials once for all), kept as given and
+    masked in the repr; `rediss+cluster://` is the same over TLS."""
+    url = "redis+cluster://app:p%40ss-secret-9@10.0.0.1:7000,[::1]:7001, node-3:7002"
+    s = Settings.from_env(_env(tmp_path, redis_url=url, redis_ack_replicas="1"))
+    assert s.redis_url == url and s.redis_ack_replicas == 1
+    assert "p%40ss-secret-9" not in repr(s)
+    parsed = parse_cluster_url(url)
+    assert parsed.nodes == [("10.0.0.1", 7000), ("::1", 7001), ("node-3", 7002)]
+    assert (parsed.username, parsed.password, parsed.ssl) == ("app", "p@ss-secret-9", False)
+    assert parse_cluster_url("rediss+cluster://h:6380").ssl
+    assert Settings.from_env(_env(tmp_path)).redis_ack_replicas == 0
 
 
 def test_malformed_url_error_masks_the_password(tmp_path: Path) -> None:
@@ -173,3 +198,25 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     s = Settings.from_env(_env(tmp_path))
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
+
+
+def test_money_settings(tmp_path: Path) -> None:
+    """The platform's fee, the caps and the transfer repair delay (issue 14) have defaults and
+    are read from their variables."""
+    default = Settings.from_env(_env(tmp_path))
+    assert (default.platform_fee_bps, default.max_open_contracts, default.max_open_bids) == (
+        1000,
+        1000,
+        1000,
+    )
+    given = Settings.from_env(
+        _env(
+            tmp_path,
+            platform_fee_bps="250",
+            max_open_contracts="0",
+            max_open_bids="7",
+            transfer_repair_after_s="1.5",
+        )
+    )
+    assert (given.platform_fee_bps, given.max_open_contracts, given.max_open_bids) == (250, 0, 7)
+    assert given.transfer_repair_after_s == 1.5

@@ -88,9 +88,18 @@ def test_crash_loop_is_retried_with_backoff_and_takes_nothing_down(
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
-    # Ctrl-C, as the user would, once the failing child has been retried a few times.
-    threading.Thread(target=ctrl_c_after_four_restarts, daemon=True).start()
-    assert supervisor.wait() == 0
+    # Ctrl-C reaches this process as it reaches a fresh `mnemo up`, whatever handler or signal
+    # mask earlier tests of this process left (in CI it once met one that swallowed it).
+    found = signal.getsignal(signal.SIGINT)
+    print(f"SIGINT handler before the test: {found!r}", file=sys.stderr)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        # Ctrl-C, as the user would, once the failing child has been retried a few times.
+        threading.Thread(target=ctrl_c_after_four_restarts, daemon=True).start()
+        assert supervisor.wait() == 0
+    finally:
+        signal.signal(signal.SIGINT, found)
     out = capsys.readouterr().out
     exits = re.findall(
         r"failing exited with exit code 3 after [\d.]+ s; restarting in ([\d.]+) s \(restart (\d+)",
@@ -246,7 +255,7 @@ class _Up:
 class _Renter:
     """The test's own renter account, taking small long contracts through the API."""
 
-    def __init__(self, up: _Up) -> None:
+    def __init__(self, up: _Up, redis_url: str, database_url: str) -> None:
         self.http = up.http
         key = self.http.post(
             "/api/auth/signup",
@@ -264,6 +273,14 @@ class _Renter:
         )
         self.client_id = client.json()["id"]
         self.taken: list[str] = []
+        # An operator funds it (issue 14: a contract holds its cost), with the operator's CLI.
+        funded = subprocess.run(
+            [sys.executable, "-m", "scripts.cli", "credit", self.client_id, "100",
+             "--reason", "supervisor test"],
+            env={**os.environ, "MNEMO_REDIS_URL": redis_url, "MNEMO_DATABASE_URL": database_url},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert funded.returncode == 0, funded.stderr
 
     def take(self) -> str | None:
         """One contract taken and acknowledged (201), or None on a refusal or an error."""
@@ -407,7 +424,7 @@ def test_kill_9_of_each_piece_under_load(folder: Path) -> None:
         _poll("mnemo up ready", up.ready, 240, every_s=0.5)
         redis_url = _poll("the Redis URL in the banner", lambda: up.url("Redis"), 10)
         database_url = _poll("the Postgres URL in the banner", lambda: up.url("Postgres"), 10)
-        renter = _Renter(up)
+        renter = _Renter(up, redis_url, database_url)
         # The demo fleet registers its nodes after the banner; wait until they can be taken.
         _poll("a first contract on the demo fleet", renter.take, 60, every_s=0.5)
         acknowledged: set[str] = set()

@@ -11,4 +11,5 @@ redis.call('ZREM', K.asks, id)
 redis.call('ZREM', K.ask_expiry, id)
 redis.call('ZREM', K.geo, id)
 redis.call('ZREM', K.heartbeats, id)
+redis.call('ZREM', K.trust_due, id)
 return {1, event({type = 'node_deactivated', node_id = id}), redis.call('HGETALL', nkey)}

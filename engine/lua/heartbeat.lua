@@ -2,15 +2,18 @@
 -- min_interval_ms, missed_heartbeats_offline, owner_id, then the beats as one JSON array (one
 -- argument, so a batch of thousands costs the client one encode): each beat is
 -- [node_id, available_ram_gb, available_vram_gb, cpu_usage_pct, gpu_usage_pct, temperature_c,
--- bandwidth_mbps, lat, lng], the GB as numbers, the rest as the strings Python formats
--- ('' for absent), so floats keep their exact text.
+-- bandwidth_mbps, lat, lng(, lease meters)], the GB as numbers, the rest as the strings Python
+-- formats ('' for absent), so floats keep their exact text; a beat with lease meters has a
+-- tenth item, {{contract_id, egress_bytes, peak_memory_bytes}, ...} (decimal text).
 -- Per beat: 0 ok, 1 not_found, 2 forbidden (not the owner's node), 3 too_soon (with the ms to
 -- wait), 4 deactivated. An accepted beat sets offered = min(total, available + reserved) per
 -- dimension, moves the heartbeat deadline, and brings an offline node back to active.
 -- Returns {1, codes, wait...}: `codes` a string of one digit per beat, then the ms to wait of
 -- each too_soon beat, in order (a small answer: the event is for the stream's readers). One
--- HeartbeatsApplied event carries every accepted beat, in order. KEYS: the region's seq,
--- events and node indexes, then each beat's node key (a call of 1,000 beats declares 1,006).
+-- HeartbeatsApplied event carries every accepted beat, in order, and a TrustUpdated event
+-- follows it when a beat closed an uptime window (up_beat in _lib.lua).
+-- KEYS: the region's seq, events and node indexes (uptime accounting included), then each
+-- beat's node key (a call of 1,000 beats declares 1,008).
 local min_interval, missed, owner = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local beats = cjson.decode(ARGV[7])
 local node_key = K.node -- a local: the loop below names a key per beat
@@ -23,6 +26,7 @@ local codes, out = {}, {1, false}
 -- last beat of a node in the batch decides its entries (ZADD and GEOADD apply their members in
 -- order, so later beats win).
 local parts, accepted, hb_args, geo_args = {}, 0, {}, {}
+local meter_parts = {} -- lease meters stored (engine/lua/_lib.lua, delivery)
 local ask, expiry = {}, {}
 local deadlines = {}
 for _, beat in ipairs(beats) do
@@ -30,7 +34,7 @@ for _, beat in ipairs(beats) do
   local nkey = node_key(id)
   local v = redis.call('HMGET', nkey, 'owner_id', 'status', 'last_heartbeat_ms', 'total_ram_gb',
     'total_vram_gb', 'reserved_ram_gb', 'reserved_vram_gb', 'offered_ram_gb', 'offered_vram_gb',
-    'ask_expires_ms', 'heartbeat_interval_s')
+    'ask_expires_ms', 'heartbeat_interval_s', 'suspended_ms')
   local status = v[2]
   local code, wait = 0, 0
   if not status then
@@ -46,6 +50,12 @@ for _, beat in ipairs(beats) do
     end
   end
   if code == 0 then
+    -- trust (engine.trust.on_time): a beat in its previous one's window, within the grace,
+    -- changes no uptime accounting; any other goes through up_beat (_lib.lua)
+    local held, last = v[12], tonumber(v[3])
+    if last < UP_WIN_START or last - UP_WIN_START >= UP_WINDOW_MS or NOW - last > up_grace(v[11]) then
+      held = up_beat(id, nkey, v[3], v[11], v[2])
+    end
     local reserved_ram, reserved_vram = tonumber(v[6]), tonumber(v[7])
     local offered_ram = math.min(tonumber(v[4]), beat[2] + reserved_ram)
     local offered_vram = math.min(tonumber(v[5]), beat[3] + reserved_vram)
@@ -107,6 +117,7 @@ for _, beat in ipairs(beats) do
     end
     parts[n + 1] = '}'
     accepted = accepted + 1
+    if beat[10] then lease_meters(id, beat[10], meter_parts) end
     local due = deadlines[v[11]]
     if not due then
       due = deadline(NOW, v[11], missed)
@@ -119,9 +130,10 @@ for _, beat in ipairs(beats) do
     -- node alone, so when this beat leaves it as it was, the entry is already right and is
     -- left alone (unless an earlier beat of this batch has an update pending).
     local exp = tonumber(v[10])
-    local now_listed = status == 'active' and (exp == 0 or NOW < exp)
+    local now_listed = status == 'active' and n0(held) == 0 and (exp == 0 or NOW < exp)
       and offered_ram + offered_vram - reserved_ram - reserved_vram > 0
-    local was_listed = v[2] == 'active' and was_ram + was_vram - reserved_ram - reserved_vram > 0
+    local was_listed = v[2] == 'active' and n0(v[12]) == 0
+      and was_ram + was_vram - reserved_ram - reserved_vram > 0
     if exp ~= 0 or now_listed ~= was_listed or ask[id] ~= nil then
       ask[id], expiry[id] = now_listed, exp
     end
@@ -155,5 +167,7 @@ many('ZREM', K.asks, ask_rem, 1)
 many('ZADD', K.ask_expiry, exp_add, 2)
 many('ZREM', K.ask_expiry, exp_rem, 1)
 many('GEOADD', K.geo, geo_args, 3)
-event_text('"type":"heartbeats","entries":[' .. table.concat(parts) .. ']')
+event_text('"type":"heartbeats","entries":[' .. table.concat(parts) .. ']'
+  .. lease_meters_stored(meter_parts))
+up_flush()
 return out

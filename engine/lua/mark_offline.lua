@@ -17,5 +17,7 @@ redis.call('HSET', nkey, 'status', 'offline')
 redis.call('ZREM', K.asks, id)
 redis.call('ZREM', K.ask_expiry, id)
 redis.call('ZREM', K.heartbeats, id)
+-- its uptime windows go on closing while it is silent (trust_sweep.lua, from now on)
+redis.call('ZADD', K.trust_due, NOW, id)
 local ev = event({type = 'node_offline', node_id = id, last_heartbeat_ms = n0(n.last_heartbeat_ms)})
 return {1, ev, redis.call('SMEMBERS', K.node_contracts(id))}

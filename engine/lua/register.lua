@@ -1,10 +1,9 @@
 -- Register a node. ARGV: tag, region, now, missed_heartbeats_offline, node_id, then the node's
 -- stored fields as name/value pairs (engine.core.new_node, engine.core.to_fields).
--- KEYS: seq, dir, regions, then the node's region keys (engine.market). Refuses an id already
--- in the directory (any kind of object).
-local DIRECTORY, REGIONS = KEYS[2], KEYS[3] -- global keys: outside the region's slot
+-- KEYS: seq, then the node's region keys (engine.market). Refuses an id of a node that exists
+-- (engine.market has claimed an id that carries no region in the directory before this call).
 local missed, id = tonumber(ARGV[4]), ARGV[5]
-if redis.call('HEXISTS', DIRECTORY, id) == 1 then
+if redis.call('EXISTS', K.node(id)) == 1 then
   return refuse('conflict', 'id already in use', 'node_id')
 end
 
@@ -15,6 +14,4 @@ hset(K.node(id), n)
 redis.call('GEOADD', K.geo, n.lng, geo_lat(n.lat), id)
 redis.call('ZADD', K.heartbeats, deadline(NOW, n.heartbeat_interval_s, missed), id)
 sync_ask(id, n)
-redis.call('HSET', DIRECTORY, id, REGION)
-redis.call('SADD', REGIONS, REGION)
 return {1, event({type = 'node_registered', node = obj(n)})}

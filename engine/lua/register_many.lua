@@ -1,14 +1,13 @@
 -- Register a batch of nodes of one region, all or nothing. ARGV: tag, region, now,
 -- missed_heartbeats_offline, then the nodes as one JSON array (one argument: the caller encodes
 -- a batch once) of objects of the stored fields (engine.core.new_node, engine.core.to_fields:
--- every value a string). KEYS: seq, dir, regions, then the nodes' region keys (engine.market).
--- Refuses the whole batch, before the first write, if an id is already in the directory (any
--- kind of object) or appears twice in the batch; returns {0, code, message, field, index}
+-- every value a string). KEYS: seq, then the nodes' region keys (engine.market).
+-- Refuses the whole batch, before the first write, if an id is a node that exists or appears
+-- twice in the batch; returns {0, code, message, field, index}
 -- (1-based index of the node refused). Otherwise each node is written exactly as register.lua
 -- writes one (same keys, same indexes) and gets its own node_registered event of the same
 -- shape, in batch order; arrival_seq runs consecutively. Returns {1, first arrival_seq}.
--- Index writes (geo, heartbeat deadlines, asks, directory) are one command per batch.
-local DIRECTORY, REGIONS = KEYS[2], KEYS[3] -- global keys: outside the region's slot
+-- Index writes (geo, heartbeat deadlines, asks) are one command per batch.
 local missed = tonumber(ARGV[4])
 local nodes = cjson.decode(ARGV[5])
 local count = #nodes
@@ -22,13 +21,14 @@ for i, n in ipairs(nodes) do
   seen[id] = true
   ids[i] = id
 end
-local found = redis.call('HMGET', DIRECTORY, unpack(ids))
 for i = 1, count do
-  if found[i] then return {0, 'conflict', 'id already in use', 'node_id', i} end
+  if redis.call('EXISTS', K.node(ids[i])) == 1 then
+    return {0, 'conflict', 'id already in use', 'node_id', i}
+  end
 end
 
 local first = redis.call('INCRBY', K.arrival, count) - count + 1
-local geo, hb, asks, expiring, dir = {}, {}, {}, {}, {}
+local geo, hb, asks, expiring = {}, {}, {}, {}
 for i, n in ipairs(nodes) do
   local id = ids[i]
   n.arrival_seq = first + i - 1
@@ -47,14 +47,10 @@ for i, n in ipairs(nodes) do
       expiring[#expiring + 1] = id
     end
   end
-  dir[#dir + 1] = id
-  dir[#dir + 1] = REGION
   event({type = 'node_registered', node = obj(n)})
 end
 redis.call('GEOADD', K.geo, unpack(geo))
 redis.call('ZADD', K.heartbeats, unpack(hb))
 if #asks > 0 then redis.call('ZADD', K.asks, unpack(asks)) end
 if #expiring > 0 then redis.call('ZADD', K.ask_expiry, unpack(expiring)) end
-redis.call('HSET', DIRECTORY, unpack(dir))
-redis.call('SADD', REGIONS, REGION)
 return {1, first}

@@ -41,7 +41,7 @@ from gateway.schemas import (
 )
 from persistence import accounts
 
-__all__ = ["OPERATIONS", "RENTERS", "first_client", "owned_client"]
+__all__ = ["OPERATIONS", "RENTERS", "check_login", "first_client", "owned_client", "user_out"]
 
 RENTERS = frozenset({"user", "admin"})
 
@@ -51,7 +51,7 @@ class EmailTaken(ApiError):
     status = 409
 
 
-def _user_out(row: asyncpg.Record) -> UserOut:
+def user_out(row: asyncpg.Record) -> UserOut:
     return UserOut(
         id=str(row["id"]),
         email=row["email"],
@@ -153,24 +153,32 @@ async def signup(call: Call) -> Reply:
         key=key,
         created_at=key_row["created_at"],
     )
-    return Reply(SignupResponse(user=_user_out(user), api_key=created))
+    return Reply(SignupResponse(user=user_out(user), api_key=created))
 
 
-async def token(call: Call) -> TokenResponse:
-    body: TokenRequest = call.body
+async def check_login(call: Call, email: str, password: str) -> asyncpg.Record:
+    """The user row (id, role) for an email and password, under the sign-in limits (per client
+    address, failures per account), the login stamped; else Unauthorized or RateLimited. Shared
+    by the token route and the web app's sign-in (`gateway.web.session`)."""
     state = call.state
-    email = body.email.strip().lower()
+    email = email.strip().lower()
     await state.limiter.hit("token_ip", _client_address(call))
     await state.limiter.check("login_failures", email)
     row = await accounts.user_for_login(state.pool, email)
-    ok, rehash = await verify_password(row["password_hash"] if row else None, body.password)
+    ok, rehash = await verify_password(row["password_hash"] if row else None, password)
     if not ok or row is None:
         await state.limiter.hit("login_failures", email)
         raise Unauthorized("wrong email or password", code="invalid_credentials")
     await state.limiter.reset("login_failures", email)
-    new_hash = await hash_password(body.password) if rehash else None
+    new_hash = await hash_password(password) if rehash else None
     await accounts.record_login(state.pool, str(row["id"]), new_hash)
-    access_token, ttl_s = state.auth.issue_token(str(row["id"]), row["role"])
+    return row
+
+
+async def token(call: Call) -> TokenResponse:
+    body: TokenRequest = call.body
+    row = await check_login(call, body.email, body.password)
+    access_token, ttl_s = call.state.auth.issue_token(str(row["id"]), row["role"])
     return TokenResponse(access_token=access_token, token_type="bearer", expires_in=ttl_s)
 
 
@@ -178,7 +186,7 @@ async def me(call: Call) -> MeResponse:
     row = await accounts.user(call.state.pool, call.user.user_id)
     if row is None:
         raise Unauthorized("this account no longer exists", code="invalid_token")
-    return MeResponse(user=_user_out(row), via=call.user.via)
+    return MeResponse(user=user_out(row), via=call.user.via)
 
 
 def _client_address(call: Call) -> str:
@@ -341,6 +349,11 @@ OPERATIONS: list[Operation] = [
             "Bids": Link("list_bids", {"client_id": "$response.body#/id"}),
             "RequestMatches": Link("request_matches", body={"client_id": "$response.body#/id"}),
             "PlaceBid": Link("place_bid", body={"client_id": "$response.body#/id"}),
+            "Balance": Link("client_balance", {"client_id": "$response.body#/id"}),
+            "Credit": Link("admin_credit", {"client_id": "$response.body#/id"}),
+            "Clawback": Link("admin_clawback", {"client_id": "$response.body#/id"}),
+            "CreditLine": Link("admin_credit_line", {"client_id": "$response.body#/id"}),
+            "Invoice": Link("client_invoice", {"client_id": "$response.body#/id"}),
         },
         summary="Create a renter profile (the spec's clients table)",
         tag="clients",

@@ -2,7 +2,9 @@
 
 A bid rests in its region's book (price-time priority) until the engine crosses it with an eligible
 ask, it is cancelled, or it expires. A fill is a contract at the ask's price; the bid's price is a
-cap. Who may do what: renters and admins place bids for their own clients; a bid is visible to,
+cap. A bid rests only if the renter's balance covers its hold, size x duration x cap (402
+otherwise, see `gateway.money`); a fill holds the contract's cost out of it and releases the
+rest. Who may do what: renters and admins place bids for their own clients; a bid is visible to,
 and cancellable by, its owner (and admins); anyone else gets 404. The book (quote and depth) is
 public to any authenticated caller.
 """
@@ -10,13 +12,15 @@ public to any authenticated caller.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 
 import asyncpg
 
+from engine import core
 from engine.errors import NotFound
+from engine.keys import mint_id
 from engine.types import Bid
 from gateway.errors import ValidationFailed, named_as
+from gateway.money import paying
 from gateway.operations import Call, Link, Operation
 from gateway.protocol import BidOut, BookOut
 from gateway.ratelimit import WRITES
@@ -67,7 +71,7 @@ async def place(call: Call) -> BidOut:
         )
     now_ms = call.now_ms()
     bid = Bid(
-        bid_id=uuid.uuid4().hex,
+        bid_id=mint_id(body.region),
         region=body.region,
         client_id=str(client["id"]),
         user_id=call.user.user_id,
@@ -86,8 +90,18 @@ async def place(call: Call) -> BidOut:
         created_ms=now_ms,
         expires_ms=now_ms + body.expires_in_sec * 1000 if body.expires_in_sec else 0,
     )
+    market = call.state.market
+    need = core.hold_pusd(bid.ram_gb + bid.vram_gb, bid.duration_s, cap)
     with named_as(duration_s="duration_sec", max_price_pusd="max_price_per_gb_sec"):
-        placed = await call.state.market.place_bid(bid, now_ms)
+        core.new_bid(bid, now_ms)  # refused as malformed before any money moves
+        placed = await paying(
+            market,
+            client,
+            bid.region,
+            need,
+            now_ms,
+            lambda budgeted: market.place_bid(bid, now_ms, budgeted=budgeted),
+        )
     return bid_out(placed)
 
 
@@ -186,7 +200,7 @@ OPERATIONS: list[Operation] = [
         status=201,
         roles=RENTERS,
         idempotent=True,
-        errors=(409,),
+        errors=(402, 409, 429),
     ),
     Operation(
         "GET",
@@ -225,8 +239,9 @@ OPERATIONS: list[Operation] = [
         "/api/book/{region}",
         book,
         name="order_book",
-        summary="A region's quote and depth (asks and bids by price level)",
+        summary="A region's quote and depth (asks and bids by price level); public market data",
         tag="bids",
         response=BookOut,
+        auth=False,
     ),
 ]

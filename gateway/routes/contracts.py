@@ -6,11 +6,15 @@ Who may do what:
   (a contract id of another tenant is answered as unknown);
 - extend and settle: the renter only (the node's owner and admins: 403).
 The reserve is one script call in the market: no double booking, the price is the node's ask at
-that instant, never above the cap. A lost race is a 409 `capacity_taken`.
+that instant, never above the cap. A lost race is a 409 `capacity_taken`. The same call holds the
+contract's cost from the renter's balance (`gateway.money`): one it cannot cover is a 402
+`insufficient_funds` (or `budget_exceeded`) with the shortfall, before anything is reserved;
+an extension holds its cost the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -20,6 +24,7 @@ from engine import core
 from engine.errors import NotFound
 from engine.types import Contract
 from gateway.errors import Forbidden, ValidationFailed, named_as
+from gateway.money import paying
 from gateway.operations import Call, Link, Operation
 from gateway.protocol import ContractLive, ContractOut
 from gateway.ratelimit import WRITES
@@ -31,6 +36,7 @@ from gateway.schemas import (
     ContractListQuery,
     ContractSettleRequest,
     contract_out,
+    public_lease_state,
     to_pusd,
     to_usd,
 )
@@ -70,13 +76,15 @@ async def create(call: Call) -> ContractOut:
             raise ValidationFailed(
                 "price cap below 1e-12 USD per GB-second", field="max_price_per_gb_sec"
             )
-    else:
-        node = await market.get_node(body.node_id)
-        if node is None:
-            raise NotFound("no such node", field="node_id")
+    node = await market.get_node(body.node_id)
+    if node is None:
+        raise NotFound("no such node", field="node_id")
+    if body.max_price_per_gb_sec is None:
         cap = node.price_pusd
+    now_ms = call.now_ms()
     with named_as(duration_s="duration_sec", max_price_pusd="max_price_per_gb_sec"):
-        contract = await market.reserve(
+        # refused as malformed before any money moves
+        core.validate_reserve(
             node_id=body.node_id,
             client_id=str(client["id"]),
             user_id=call.user.user_id,
@@ -84,7 +92,27 @@ async def create(call: Call) -> ContractOut:
             vram_gb=body.vram_gb,
             duration_s=body.duration_sec,
             max_price_pusd=cap,
-            now_ms=call.now_ms(),
+        )
+    # The hold the reserve will take at the node's price now (issue 14: money first).
+    need = core.hold_pusd(body.ram_gb + body.vram_gb, body.duration_sec, min(node.price_pusd, cap))
+    with named_as(duration_s="duration_sec", max_price_pusd="max_price_per_gb_sec"):
+        contract = await paying(
+            market,
+            client,
+            node.region,
+            need,
+            now_ms,
+            lambda budgeted: market.reserve(
+                node_id=body.node_id,
+                client_id=str(client["id"]),
+                user_id=call.user.user_id,
+                ram_gb=body.ram_gb,
+                vram_gb=body.vram_gb,
+                duration_s=body.duration_sec,
+                max_price_pusd=cap,
+                now_ms=now_ms,
+                budgeted=budgeted,
+            ),
         )
     return contract_out(contract)
 
@@ -192,6 +220,15 @@ def contract_from_row(row: asyncpg.Record) -> ContractOut:
         egress_price_pusd=row["egress_price_pusd"],
         max_price_pusd=row["max_price_pusd"],
         total_cost_pusd=row["total_cost_pusd"],
+        delivered=row["lease_state"] != "none",
+        lease_state=public_lease_state(row["lease_state"]),
+        ready_ms=_ms(row["ready_at"]),
+        egress_bytes=row["egress_bytes"],
+        peak_memory_bytes=row["peak_memory_bytes"],
+        claimed_egress_gb=None
+        if row["claimed_egress_mgb"] is None
+        else row["claimed_egress_mgb"] / 1000,
+        lease_digest=row["lease_digest"],
     )
 
 
@@ -231,9 +268,20 @@ async def _from_history(call: Call) -> ContractOut:
 async def extend(call: Call) -> ContractOut:
     body: ContractExtendRequest = call.body
     contract = await _renters(call)
+    market, now_ms = call.state.market, call.now_ms()
+    client = await owned_client(call.state.pool, call.user, contract.client_id)
+    size = contract.ram_gb + contract.vram_gb
+    need = core.hold_pusd(size, body.additional_duration_sec, contract.price_pusd)
     with named_as(extra_s="additional_duration_sec"):
-        extended = await call.state.market.extend(
-            contract.contract_id, body.additional_duration_sec, call.now_ms()
+        extended = await paying(
+            market,
+            client,
+            contract.region,
+            need,
+            now_ms,
+            lambda budgeted: market.extend(
+                contract.contract_id, body.additional_duration_sec, now_ms, budgeted=budgeted
+            ),
         )
     return contract_out(extended)
 
@@ -241,12 +289,47 @@ async def extend(call: Call) -> ContractOut:
 async def settle(call: Call) -> ContractOut:
     body: ContractSettleRequest = call.body
     contract = await _renters(call)
+    market = call.state.market
+    if contract.lease_state != "none" and contract.status == "active":
+        return contract_out(await _settle_delivered(call, contract, body.actual_egress_gb))
     with named_as(egress_gb="actual_egress_gb"):
-        settled = await call.state.market.settle(
-            contract.contract_id, body.actual_egress_gb, call.now_ms()
+        settled = await market.settle(
+            contract.contract_id, body.actual_egress_gb or 0.0, call.now_ms()
         )
     return contract_out(settled)
 
+
+_SETTLE_POLL_S = (0.005, 0.01, 0.02, 0.05)
+"""How often a settle of a delivered lease looks for its settlement (growing to the last)."""
+
+
+async def _settle_delivered(
+    call: Call, contract: Contract, claimed_egress_gb: float | None
+) -> Contract:
+    """Order the lease's close (billing stops now), then wait for the settlement its node's
+    closed report brings; past the close timeout, settle with the last heartbeat's meter (as
+    the engine would: whichever comes first settles, the other finds it done)."""
+    market = call.state.market
+    with named_as(egress_gb="actual_egress_gb"):
+        closing = await market.close_lease(
+            contract.contract_id, call.now_ms(), claimed_egress_gb=claimed_egress_gb
+        )
+    deadline = closing.closing_ms + call.state.settings.lease_close_timeout_ms
+    polls = 0
+    while True:
+        current = await market.get_contract(contract.contract_id)
+        if current is None:
+            raise NotFound("no such contract", field="contract_id")
+        if current.status != "active":
+            return current
+        if current.reported_ms or call.now_ms() >= deadline:
+            return await market.settle_lease(contract.contract_id, call.now_ms())
+        await asyncio.sleep(_SETTLE_POLL_S[min(polls, len(_SETTLE_POLL_S) - 1)])
+        polls += 1
+
+
+_ON_NODE = {"node_id": "$response.body#/node_id", "contract_id": "$response.body#/contract_id"}
+"""The contract's lease on its node (the agent's delivery routes)."""
 
 OPERATIONS: list[Operation] = [
     Operation(
@@ -259,6 +342,10 @@ OPERATIONS: list[Operation] = [
             "Extend": Link("extend_contract", {"contract_id": "$response.body#/contract_id"}),
             "Settle": Link("settle_contract", {"contract_id": "$response.body#/contract_id"}),
             "GetNode": Link("get_node", {"node_id": "$response.body#/node_id"}),
+            "Access": Link("contract_access", {"contract_id": "$response.body#/contract_id"}),
+            "LeaseCredentials": Link("lease_credentials", _ON_NODE),
+            "LeaseReady": Link("lease_ready", _ON_NODE),
+            "LeaseClosed": Link("lease_closed", _ON_NODE),
         },
         limit=WRITES,
         summary="Take capacity on a node (atomic reserve at the node's price, capped)",
@@ -268,7 +355,7 @@ OPERATIONS: list[Operation] = [
         status=201,
         roles=RENTERS,
         idempotent=True,
-        errors=(404, 409),
+        errors=(402, 404, 409, 429),
     ),
     Operation(
         "GET",
@@ -297,6 +384,13 @@ OPERATIONS: list[Operation] = [
         name="settle_contract",
         limit=WRITES,
         summary="End a contract now: free the capacity, price what was used, stamp the settlement hash",
+        description="A delivered lease is closed first: billing stops at once, the node stops "
+        "and wipes its server and reports its final meter and digest, and the contract is "
+        "settled then, billing the egress the node measured (`actual_egress_gb` is recorded "
+        "as `claimed_egress_gb`, never billed). The request waits for that settlement, at "
+        "most `MNEMO_LEASE_CLOSE_TIMEOUT_MS` (after which the last heartbeat's meter is billed, "
+        "with no digest). A lease that is not delivered settles at once, billing "
+        "`actual_egress_gb`.",
         tag="contracts",
         body=ContractSettleRequest,
         response=ContractOut,
@@ -314,6 +408,6 @@ OPERATIONS: list[Operation] = [
         body=ContractExtendRequest,
         response=ContractOut,
         idempotent=True,
-        errors=(404, 409),
+        errors=(402, 404, 409),
     ),
 ]

@@ -8,17 +8,22 @@ account's write limit (one Redis call); browsing does not.
 
 The renter's location for `POST /api/marketplace/request`: `client_lat`/`client_lng` in the
 body, else the profile named by `client_id` (which must be the caller's), else the caller's
-oldest client profile; `location_source` in the response says which was used.
+oldest client profile; `location_source` in the response says which was used. The same profile's
+stored preferences apply where the body does not give its own: `min_reliability` as
+`min_uptime_score` (the measured score, engine.trust) and `max_latency_ms` (a node's
+`base_latency_ms` at most that).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 
+from engine import trust
 from engine.scoring import Match, MatchRequest, browse
+from gateway.auth import Principal
 from gateway.errors import ValidationFailed
 from gateway.operations import Call, Link, Operation
 from gateway.ratelimit import WRITES
@@ -35,7 +40,7 @@ from gateway.schemas import (
 )
 from gateway.schemas import MatchRequest as MatchBody
 
-__all__ = ["OPERATIONS"]
+__all__ = ["OPERATIONS", "ClientProfiles"]
 
 
 def _pair(lat: float | None, lng: float | None, lat_name: str) -> None:
@@ -82,6 +87,12 @@ async def browse_market(call: Call) -> MarketplaceResponse:
                 distance_km=None if o.distance_km is None else round(o.distance_km, 3),
                 estimated_latency_ms=o.estimated_latency_ms,
                 price_pusd=o.price_pusd,
+                uptime_new=o.uptime_windows < trust.MIN_WINDOWS,
+                reputation_score=o.reputation_score,
+                stake_usd=to_usd(o.stake_pusd),
+                stake_pusd=o.stake_pusd,
+                stake_held_usd=to_usd(o.stake_held_pusd),
+                stake_held_pusd=o.stake_held_pusd,
             )
             for o in offers
         ],
@@ -103,27 +114,22 @@ async def request_matches(call: Call) -> MatchResponse:
         )
     source: Literal["body", "client_profile", "none"] = "body"
     lat, lng = body.client_lat, body.client_lng
+    min_uptime, max_latency = body.min_uptime_score, body.max_latency_ms
+    profile: Profile | None = None
+    if lat is None or min_uptime is None or max_latency is None or body.client_id is not None:
+        # the renter's stored preferences apply where the request does not say otherwise
+        profile = await call.state.profiles.get(call.state.pool, call.user, body.client_id)
     if lat is None:
-        pool = call.state.pool
-        client: asyncpg.Record | None
-        if body.client_id is not None:
-            client = await owned_client(pool, call.user, body.client_id)
-        else:
-            client = await first_client(pool, call.user)
-        if (
-            client is not None
-            and client["latitude"] is not None
-            and client["longitude"] is not None
-        ):
-            lat, lng, source = (
-                float(client["latitude"]),
-                float(client["longitude"]),
-                "client_profile",
-            )
+        if profile is not None and profile.lat is not None and profile.lng is not None:
+            lat, lng, source = profile.lat, profile.lng, "client_profile"
         else:
             source = "none"
-    elif body.client_id is not None:
-        await owned_client(call.state.pool, call.user, body.client_id)
+    if min_uptime is None:
+        min_uptime = (
+            0.0 if profile is None or profile.min_reliability is None else profile.min_reliability
+        )
+    if max_latency is None and profile is not None:
+        max_latency = profile.max_latency_ms
     req = MatchRequest(
         ram_gb=body.ram_gb,
         vram_gb=body.vram_gb,
@@ -133,10 +139,11 @@ async def request_matches(call: Call) -> MatchResponse:
         lng=lng,
         prefer_local=body.prefer_local,
         max_distance_km=body.max_distance_km,
-        min_uptime_score=body.min_uptime_score,
+        min_uptime_score=min_uptime,
         node_type=body.node_type,
         region=body.region,
         limit=body.limit,
+        max_latency_ms=max_latency,
     )
     # rank_all validates the request (InvalidRequest -> 422).
     matches = call.state.view.rank_all(req, call.now_ms(), body.limit)
@@ -145,6 +152,56 @@ async def request_matches(call: Call) -> MatchResponse:
         location_source=source,
         matches=[_match_out(m) for m in matches],
     )
+
+
+class Profile(NamedTuple):
+    """What an RFQ reads of a renter profile (the `clients` row)."""
+
+    lat: float | None
+    lng: float | None
+    min_reliability: float | None
+    max_latency_ms: float | None
+
+
+class ClientProfiles:
+    """The renter profiles RFQs read, cached in the process. A profile never changes once
+    created (no route edits one), so a profile found is kept (up to `max_size`, then the cache
+    starts afresh); a lookup that found none is not (the user may create one)."""
+
+    def __init__(self, max_size: int = 10_000) -> None:
+        self.max_size = max_size
+        self._found: dict[tuple[str, str | None], Profile] = {}
+
+    async def get(
+        self, pool: asyncpg.Pool, principal: Principal, client_id: str | None
+    ) -> Profile | None:
+        """The profile named by `client_id` (403 unless it is the caller's), else the caller's
+        oldest; None when the caller has none."""
+        key = (principal.user_id, client_id)
+        found = self._found.get(key)
+        if found is not None:
+            return found
+        row: asyncpg.Record | None
+        if client_id is not None:
+            row = await owned_client(pool, principal, client_id)
+        else:
+            row = await first_client(pool, principal)
+        if row is None:
+            return None
+        profile = Profile(
+            lat=_float(row["latitude"]),
+            lng=_float(row["longitude"]),
+            min_reliability=_float(row["min_reliability"]),
+            max_latency_ms=_float(row["max_latency_ms"]),
+        )
+        if len(self._found) >= self.max_size:
+            self._found.clear()
+        self._found[key] = profile
+        return profile
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _match_out(m: Match) -> MatchOut:
@@ -178,6 +235,8 @@ def _match_out(m: Match) -> MatchOut:
         uptime_score=m.uptime_score,
         estimated_cost_pusd=m.estimated_cost_pusd,
         price_pusd=m.price_pusd,
+        uptime_new=m.uptime_windows < trust.MIN_WINDOWS,
+        reputation_score=m.reputation_score,
     )
 
 

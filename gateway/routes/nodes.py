@@ -16,15 +16,15 @@ market's script refuses an early one and says when the next is due, which become
 from __future__ import annotations
 
 import datetime as dt
-import os
 import uuid
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from engine import core
-from engine.errors import Conflict, NotFound
+from engine import core, trust
+from engine.errors import Conflict, InsufficientFunds, NotFound
+from engine.keys import mint_id
 from engine.types import Node, NodeChanges
 from gateway.errors import Forbidden, RateLimited, ValidationFailed
 from gateway.heartbeats import market_heartbeat
@@ -35,6 +35,7 @@ from gateway.schemas import (
     MAX_REGISTER_BATCH,
     MAX_REGISTER_BATCH_BYTES,
     HeartbeatResponse,
+    MaintenanceRequest,
     NodeBatchRegistered,
     NodeBatchRegisterRequest,
     NodeDetail,
@@ -44,7 +45,11 @@ from gateway.schemas import (
     NodeOut,
     NodeRegistered,
     NodeRegisterRequest,
+    NodeScores,
     NodeUpdateRequest,
+    ScoredWindowOut,
+    ScoresQuery,
+    StakeRequest,
     metadata_to_market,
     node_detail,
     node_out,
@@ -52,6 +57,7 @@ from gateway.schemas import (
     to_usd,
 )
 from persistence import history
+from persistence import stake as stakes
 
 __all__ = ["OPERATIONS", "PROVIDERS", "OwnerIndex", "node_earnings"]
 
@@ -123,6 +129,7 @@ def _new_node(
         heartbeat_interval_s=interval_s,
         created_ms=now_ms,
         metadata=metadata_to_market(body.metadata),
+        delivers=body.delivers,
     )
 
 
@@ -130,7 +137,7 @@ async def register(call: Call) -> NodeRegistered:
     now_ms = call.now_ms()
     node = _new_node(
         call.body,
-        uuid.uuid4().hex,
+        mint_id(call.body.region),
         call.user.user_id,
         call.state.settings.heartbeat_interval_s,
         now_ms,
@@ -146,10 +153,9 @@ async def register_batch(call: Call) -> NodeBatchRegistered:
     body: NodeBatchRegisterRequest = call.body
     now_ms = call.now_ms()
     owner_id, interval_s = call.user.user_id, call.state.settings.heartbeat_interval_s
-    # 128 random bits per node as 32 hex digits (the shape of uuid4().hex), drawn at once.
-    ids = os.urandom(16 * len(body.nodes)).hex()
+    # each id carries its node's region (engine.keys.mint_id: routing by id needs no lookup)
     nodes = [
-        _new_node(node, ids[32 * i : 32 * i + 32], owner_id, interval_s, now_ms, f"nodes[{i}].")
+        _new_node(node, mint_id(node.region), owner_id, interval_s, now_ms, f"nodes[{i}].")
         for i, node in enumerate(body.nodes)
     ]
     registered = await call.state.market.register_many(nodes, now_ms)
@@ -317,7 +323,9 @@ def _node_from_row(row: asyncpg.Record, *, me: str, admin: bool) -> NodeOut:
         available_vram_gb=max(0, row["available_vram_gb"]),
         bandwidth_mbps=row["bandwidth_mbps"],
         base_latency_ms=float(row["base_latency_ms"]),
-        uptime_score=float(row["uptime_score"] if row["uptime_score"] is not None else 99.0),
+        uptime_score=float(
+            row["uptime_score"] if row["uptime_score"] is not None else trust.NEW_NODE_SCORE
+        ),
         reputation_score=row["reputation_score"] if row["reputation_score"] is not None else 100,
         price_per_gb_sec=to_usd(row["price_pusd"]),
         egress_price_per_gb=to_usd(row["egress_price_pusd"]),
@@ -331,6 +339,20 @@ def _node_from_row(row: asyncpg.Record, *, me: str, admin: bool) -> NodeOut:
         metadata={str(k): str(v) for k, v in metadata.items()},
         price_pusd=row["price_pusd"],
         egress_price_pusd=row["egress_price_pusd"],
+        uptime_new=row["uptime_windows"] < trust.MIN_WINDOWS,
+        uptime_history_windows=row["uptime_windows"],
+        suspended=row["suspended_at"] is not None,
+        suspended_since_ms=_ms(row["suspended_at"]),
+        suspension_due_ms=_ms(row["suspend_at"]),
+        maintenance_start_ms=_ms(row["maintenance_start"]),
+        maintenance_end_ms=_ms(row["maintenance_end"]),
+        delivered_contracts=row["delivered_contracts"],
+        cut_contracts=row["cut_contracts"],
+        stake_usd=to_usd(row["stake_pusd"]),
+        stake_pusd=row["stake_pusd"],
+        stake_held_usd=to_usd(row["stake_held_pusd"]),
+        stake_held_pusd=row["stake_held_pusd"],
+        delivers=row["delivers"],
     )
 
 
@@ -371,6 +393,7 @@ async def update_node(call: Call) -> NodeOut:
         lat=body.latitude,
         lng=body.longitude,
         metadata=None if body.metadata is None else metadata_to_market(body.metadata),
+        delivers=body.delivers,
     )
     updated = await call.state.market.update_node(node.node_id, changes, call.now_ms())
     return node_out(updated, show_owner=True)
@@ -382,6 +405,122 @@ async def deactivate_node(call: Call) -> NodeOut:
         raise Forbidden("only the node's owner may deactivate it")
     updated = await call.state.market.deactivate_node(node.node_id, call.now_ms())
     return node_out(updated, show_owner=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trust: announced maintenance, the uptime history
+
+
+async def announce_maintenance(call: Call) -> NodeOut:
+    body: MaintenanceRequest = call.body
+    node = await _node(call)
+    if node.owner_id != call.user.user_id:
+        raise Forbidden("only the node's owner may announce its maintenance")
+    if body.start_ms == 0:
+        raise ValidationFailed("start_ms must be a time ahead", field="start_ms")
+    await call.state.market.announce_maintenance(
+        node.node_id, node.owner_id, body.start_ms, body.end_ms, call.now_ms()
+    )
+    return node_out(await _node(call), show_owner=True)
+
+
+async def withdraw_maintenance(call: Call) -> NodeOut:
+    node = await _node(call)
+    if node.owner_id != call.user.user_id:
+        raise Forbidden("only the node's owner may withdraw its maintenance")
+    await call.state.market.announce_maintenance(node.node_id, node.owner_id, 0, 0, call.now_ms())
+    return node_out(await _node(call), show_owner=True)
+
+
+def _stake_amount(body: StakeRequest) -> int:
+    amount = to_pusd(body.amount_usd)
+    if amount <= 0:  # below half a pico-USD: nothing to move
+        raise ValidationFailed("must be at least 1e-12 USD (one pico-USD)", field="amount_usd")
+    return amount
+
+
+async def lock_stake(call: Call) -> NodeDetail:
+    """Lock part of the provider's earnings as the node's stake: out of the ledger's
+    `provider:<user>` (what is not paid out nor promised to a pending payout) into
+    `stake_transit:<node>`, then into the node's stake in the live market, once per `lock_id`
+    (persistence.stake)."""
+    body: StakeRequest = call.body
+    node = await _node(call)
+    if node.owner_id != call.user.user_id:
+        raise Forbidden("only the node's owner may lock its stake")
+    amount = _stake_amount(body)
+    key = body.lock_id or uuid.uuid4().hex
+    reserved = await stakes.reserve_lock(
+        call.state.pool, node.owner_id, node.node_id, amount, f"{node.node_id}:{key}"
+    )
+    if not reserved:
+        free = await stakes.earnings_free_pusd(call.state.pool, node.owner_id)
+        raise InsufficientFunds(
+            "your earnings not yet paid out cannot cover the stake",
+            field="amount_usd",
+            shortfall_pusd=amount - max(free, 0),
+        )
+    await call.state.market.lock_stake(
+        node.node_id, node.owner_id, amount, f"{node.node_id}:{key}", call.now_ms()
+    )
+    return node_detail(await _node(call), show_owner=True, earnings=None)
+
+
+async def release_stake(call: Call) -> NodeDetail:
+    """Release part of the node's stake back to the provider's earnings (what its active
+    leases do not require)."""
+    body: StakeRequest = call.body
+    node = await _node(call)
+    if node.owner_id != call.user.user_id:
+        raise Forbidden("only the node's owner may release its stake")
+    await call.state.market.release_stake(
+        node.node_id, node.owner_id, _stake_amount(body), call.now_ms()
+    )
+    return node_detail(await _node(call), show_owner=True, earnings=None)
+
+
+_SCORES_SPAN = dt.timedelta(days=92)
+
+
+def _utc(t: dt.datetime, field: str) -> dt.datetime:
+    utc = t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+    if not dt.datetime(1970, 1, 1, tzinfo=dt.UTC) <= utc <= dt.datetime(9999, 12, 1, tzinfo=dt.UTC):
+        raise ValidationFailed("must lie between 1970-01-01 and 9999-12-01 (UTC)", field=field)
+    return utc
+
+
+async def node_scores(call: Call) -> NodeScores:
+    """The node's closed uptime windows in [start, end) (default: the last 30 days), at most
+    92 days at once, and its standing now."""
+    q: ScoresQuery = call.query
+    node = await _node(call)
+    end = _utc(q.end, "end") if q.end is not None else dt.datetime.now(dt.UTC)
+    start = _utc(q.start, "start") if q.start is not None else end - dt.timedelta(days=30)
+    if start >= end:
+        raise ValidationFailed("start must be before end", field="start")
+    if end - start > _SCORES_SPAN:
+        raise ValidationFailed("at most 92 days at once", field="start")
+    windows = await history.node_scores(call.state.pool, node.node_id, start, end)
+    return NodeScores(
+        node_id=node.node_id,
+        start=start,
+        end=end,
+        windows=[
+            ScoredWindowOut(
+                window_start_ms=_ms(w.window_start),
+                up_pct=w.up_pct,
+                uptime_score=w.uptime_score,
+                notice=w.notice,  # type: ignore[arg-type]
+            )
+            for w in windows
+        ],
+        uptime_score=node.uptime_score,
+        uptime_new=node.uptime_new,
+        uptime_history_windows=node.uptime_windows,
+        reputation_score=node.reputation_score,
+        suspended=node.suspended_ms != 0,
+        suspension_due_ms=node.suspend_at_ms,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +556,13 @@ OPERATIONS: list[Operation] = [
             "UpdateNode": Link("update_node", {"node_id": "$response.body#/node_id"}),
             "DeactivateNode": Link("deactivate_node", {"node_id": "$response.body#/node_id"}),
             "Heartbeat": Link("node_heartbeat", {"node_id": "$response.body#/node_id"}),
+            "Leases": Link("node_leases", {"node_id": "$response.body#/node_id"}),
             "Earnings": Link("node_earnings_history", {"node_id": "$response.body#/node_id"}),
+            "Scores": Link("node_scores", {"node_id": "$response.body#/node_id"}),
+            "Stake": Link("lock_stake", {"node_id": "$response.body#/node_id"}),
+            "ReleaseStake": Link("release_stake", {"node_id": "$response.body#/node_id"}),
+            "Maintenance": Link("announce_maintenance", {"node_id": "$response.body#/node_id"}),
+            "EndMaintenance": Link("withdraw_maintenance", {"node_id": "$response.body#/node_id"}),
             "Contracts": Link("list_contracts", {"node_id": "$response.body#/node_id"}),
             "TakeNode": Link("create_contract", body={"node_id": "$response.body#/node_id"}),
             "Cluster": Link("cluster_nodes", {"region": "$response.body#/node/region"}),
@@ -506,6 +651,82 @@ OPERATIONS: list[Operation] = [
         response=NodeOut,
         roles=PROVIDERS,
         errors=(404, 409),
+    ),
+    Operation(
+        "POST",
+        "/api/nodes/{node_id}/maintenance",
+        announce_maintenance,
+        name="announce_maintenance",
+        summary="Announce a maintenance window (owner): that time is not counted as downtime",
+        description="At least 1 h and at most 90 days ahead, at most 4 h long, at most one "
+        "window starting per 7 days (counted from the last one that took effect); a pending "
+        "window is replaced, one in progress must end first (`DELETE`). The node should stop "
+        "heartbeating only inside the window: silence outside it is downtime. Answers the node "
+        "(`maintenance_start_ms`, `maintenance_end_ms`).",
+        tag="nodes",
+        body=MaintenanceRequest,
+        response=NodeOut,
+        roles=PROVIDERS,
+        errors=(404, 409),
+    ),
+    Operation(
+        "DELETE",
+        "/api/nodes/{node_id}/maintenance",
+        withdraw_maintenance,
+        name="withdraw_maintenance",
+        summary="Cancel the announced maintenance window, or end the one in progress (owner)",
+        tag="nodes",
+        response=NodeOut,
+        roles=PROVIDERS,
+        errors=(404, 409),
+    ),
+    Operation(
+        "POST",
+        "/api/nodes/{node_id}/stake",
+        lock_stake,
+        name="lock_stake",
+        summary="Lock part of your earnings as the node's stake (owner)",
+        description="The stake covers the leases the node may take (10 % of their value beyond "
+        "10 USD: a reserve it does not cover is refused `insufficient_stake`) and pays renters' "
+        "SLA credits when the node cuts a lease short. It comes out of the earnings not yet paid "
+        "out (402 `insufficient_funds` beyond them). Give `lock_id` (or `Idempotency-Key`) to "
+        "make a retry safe.",
+        tag="nodes",
+        body=StakeRequest,
+        response=NodeDetail,
+        roles=PROVIDERS,
+        errors=(402, 404),
+        idempotent=True,
+    ),
+    Operation(
+        "POST",
+        "/api/nodes/{node_id}/stake/release",
+        release_stake,
+        name="release_stake",
+        summary="Release part of the node's stake to your earnings (owner)",
+        description="At most what the node's active leases do not require "
+        "(`stake_required_usd`), else 409. Each call releases `amount_usd` again: give "
+        "`Idempotency-Key` to make a retry safe (a retry with the same key gets the first "
+        "answer and releases nothing more).",
+        tag="nodes",
+        body=StakeRequest,
+        response=NodeDetail,
+        roles=PROVIDERS,
+        errors=(404, 409),
+        idempotent=True,
+    ),
+    Operation(
+        "GET",
+        "/api/nodes/{node_id}/scores",
+        node_scores,
+        name="node_scores",
+        summary="A node's uptime hour by hour (up share, 30-day score, standing changes)",
+        description="From the journal (it trails the live market by its lag). `start` and "
+        "`end` in RFC 3339 (default: the last 30 days), at most 92 days apart.",
+        tag="nodes",
+        query=ScoresQuery,
+        response=NodeScores,
+        errors=(404,),
     ),
     Operation(
         "DELETE",

@@ -9,6 +9,7 @@ from typing import Any, assert_never
 
 import msgspec
 
+from engine.trust import WINDOW_MS
 from engine.types import (
     BidCancelled,
     BidExpired,
@@ -17,12 +18,21 @@ from engine.types import (
     ContractExtended,
     ContractSettled,
     HeartbeatsApplied,
+    LeaseChanged,
     NodeDeactivated,
     NodeOffline,
     NodeRegistered,
     NodeUpdated,
+    StakeChanged,
+    TransferReceived,
+    TransferSent,
+    TrustUpdated,
+    WalletCredited,
+    WalletDebited,
 )
+from persistence import ledger
 from persistence.journal.stored import StoredEvent, Unreadable
+from persistence.ledger import Movement
 
 
 def _units_of(places: int, limit: int) -> Callable[[float | None], int | None]:
@@ -106,6 +116,16 @@ _NODE_COLS: dict[str, str] = {
     "arrival_seq": "int8",
     "created_at": "ms",
     "updated_at": "ms",
+    "uptime_windows": "int4",
+    "suspend_at": "ms",
+    "suspended_at": "ms",
+    "maintenance_start": "ms",
+    "maintenance_end": "ms",
+    "delivered_contracts": "int4",
+    "cut_contracts": "int4",
+    "stake_pusd": "int8",
+    "stake_held_pusd": "int8",
+    "delivers": "bool",
 }
 _BID_COLS: dict[str, str] = {
     "id": "uuid",
@@ -165,6 +185,17 @@ _CONTRACT_COLS: dict[str, str] = {
     "created_at": "ms",
     "completed_at": "ms",
     "updated_at": "ms",
+    "lease_state": "varchar(10)",
+    "ready_at": "ms",
+    "lease_host": "varchar(253)",
+    "lease_port": "int4",
+    "lease_tls": "bool",
+    "closing_at": "ms",
+    "reported_at": "ms",
+    "egress_bytes": "int8",
+    "peak_memory_bytes": "int8",
+    "claimed_egress_mgb": "int8",
+    "lease_digest": "varchar(64)",
 }
 # Heartbeat entries, as they travel (see `_WIRE`): percentages in hundredths, coordinates in
 # millionths of a degree, times (and the start of their minute) in ms since the epoch.
@@ -219,6 +250,35 @@ def _merge(full: dict[str, _Row], patches: dict[str, _Row], key: str, values: _R
             row[col] = value
 
 
+def _lease_columns(
+    state: str,
+    ready_ms: int,
+    host: str | None,
+    port: int,
+    tls: bool,
+    closing_ms: int,
+    reported_ms: int,
+    egress_bytes: int,
+    peak_memory_bytes: int,
+    claimed_egress_mgb: int | None,
+    digest: str | None,
+) -> _Row:
+    """A contract's delivery columns (migration 007)."""
+    return {
+        "lease_state": state,
+        "ready_at": ready_ms or None,
+        "lease_host": host,
+        "lease_port": port or None,
+        "lease_tls": tls,
+        "closing_at": closing_ms or None,
+        "reported_at": reported_ms or None,
+        "egress_bytes": egress_bytes,
+        "peak_memory_bytes": peak_memory_bytes,
+        "claimed_egress_mgb": claimed_egress_mgb,
+        "lease_digest": digest,
+    }
+
+
 class _Fold:
     """The row changes of a run of events, each region's events in sequence order."""
 
@@ -230,6 +290,11 @@ class _Fold:
         self.contracts: dict[str, _Row] = {}
         self.contract_patches: dict[str, _Row] = {}
         self.spend: dict[str, int] = {}
+        # (node, window) -> node_scores row: node_id, window start ms, region, up_pct, score
+        # in hundredths, notice (engine.trust)
+        self.scores: dict[tuple[str, int], tuple[Any, ...]] = {}
+        # issue 14: the ledger movements of the money events, in order (persistence.ledger)
+        self.ledger: list[Movement] = []
         self.metrics: list[tuple[Any, ...]] = []
         # Index in `metrics` of each (node, minute)'s first metric, and of every metric whose
         # (node, minute) has several in this fold: those are summed by a grouping statement,
@@ -246,6 +311,8 @@ class _Fold:
     def apply(self, stored: StoredEvent) -> None:
         ev = stored.event
         at = stored.ts_ms
+        if not isinstance(ev, Unreadable):
+            self.ledger += ledger.movements_of(ev)
         match ev:
             case HeartbeatsApplied():
                 self._heartbeats(ev, at)
@@ -281,6 +348,16 @@ class _Fold:
                     "arrival_seq": n.arrival_seq,
                     "created_at": n.created_ms or at,
                     "updated_at": at,
+                    "uptime_windows": n.uptime_windows,
+                    "suspend_at": n.suspend_at_ms or None,
+                    "suspended_at": n.suspended_ms or None,
+                    "maintenance_start": n.maint_start_ms or None,
+                    "maintenance_end": n.maint_end_ms or None,
+                    "delivered_contracts": n.delivered_contracts,
+                    "cut_contracts": n.cut_contracts,
+                    "stake_pusd": n.stake_pusd,
+                    "stake_held_pusd": n.stake_held_pusd,
+                    "delivers": n.delivers,
                 }
                 # A whole-node event replaces everything before it in this run, except the
                 # creation time (an update that does not carry it must not move it).
@@ -374,6 +451,19 @@ class _Fold:
                     "created_at": at,
                     "completed_at": c.completed_ms or None,
                     "updated_at": at,
+                    **_lease_columns(
+                        c.lease_state,
+                        c.ready_ms,
+                        c.lease_host,
+                        c.lease_port,
+                        c.lease_tls,
+                        c.closing_ms,
+                        c.reported_ms,
+                        c.egress_bytes,
+                        c.peak_memory_bytes,
+                        c.claimed_egress_mgb,
+                        c.lease_digest,
+                    ),
                 }
                 self.contract_patches.pop(c.contract_id, None)
                 self._node(
@@ -408,12 +498,31 @@ class _Fold:
                         "updated_at": at,
                     },
                 )
+            case LeaseChanged():
+                change = _lease_columns(
+                    ev.lease_state,
+                    ev.ready_ms,
+                    ev.lease_host,
+                    ev.lease_port,
+                    ev.lease_tls,
+                    ev.closing_ms,
+                    ev.reported_ms,
+                    ev.egress_bytes,
+                    ev.peak_memory_bytes,
+                    ev.claimed_egress_mgb,
+                    ev.lease_digest,
+                )
+                change["version"] = ev.version
+                change["updated_at"] = at
+                _merge(self.contracts, self.contract_patches, ev.contract_id, change)
             case ContractSettled():
+                settled: _Row = {"lease_state": ev.lease_state} if ev.lease_state else {}
                 _merge(
                     self.contracts,
                     self.contract_patches,
                     ev.contract_id,
                     {
+                        **settled,
                         "status": ev.status,
                         "used_sec": ev.used_s,
                         "egress_mgb": ev.egress_mgb,
@@ -433,12 +542,69 @@ class _Fold:
                         "updated_at": at,
                     },
                 )
+                if ev.node_stake_pusd is not None:
+                    self._node(
+                        ev.node_id,
+                        ev.region,
+                        {
+                            "stake_pusd": ev.node_stake_pusd,
+                            "stake_held_pusd": ev.node_stake_held_pusd or 0,
+                        },
+                    )
+                if ev.node_reputation_score is not None:
+                    self._node(
+                        ev.node_id,
+                        ev.region,
+                        {
+                            "reputation_score": ev.node_reputation_score,
+                            "delivered_contracts": ev.node_delivered_contracts or 0,
+                            "cut_contracts": ev.node_cut_contracts or 0,
+                        },
+                    )
                 if ev.cost_pusd:
                     self.spend[ev.client_id] = self.spend.get(ev.client_id, 0) + ev.cost_pusd
+            case TrustUpdated():
+                self._trust(ev, at)
+            case StakeChanged():
+                self._node(
+                    ev.node_id,
+                    ev.region,
+                    {
+                        "stake_pusd": ev.node_stake_pusd,
+                        "stake_held_pusd": ev.node_stake_held_pusd,
+                        "updated_at": at,
+                    },
+                )
+            case WalletCredited() | WalletDebited() | TransferSent() | TransferReceived():
+                pass  # money only: its movements are in self.ledger
             case Unreadable():
                 raise ValueError(ev.problem)
             case _:
                 assert_never(ev)
+
+    def _trust(self, ev: TrustUpdated, at: int) -> None:
+        for e in ev.entries:
+            change: _Row = {
+                "uptime_score": _u2(e.uptime_score),
+                "uptime_windows": e.uptime_windows,
+                "suspend_at": e.suspend_at_ms or None,
+                "suspended_at": e.suspended_ms or None,
+                "updated_at": at,
+            }
+            if e.maint_start_ms is not None:
+                change["maintenance_start"] = e.maint_start_ms or None
+                change["maintenance_end"] = e.maint_end_ms or None
+            self._node(e.node_id, ev.region, change)
+            last = len(e.closed) - 1
+            for x, (w, value, centi) in enumerate(e.closed):
+                self.scores[(e.node_id, w)] = (
+                    e.node_id,
+                    w * WINDOW_MS,
+                    ev.region,
+                    value if value >= 0 else None,
+                    centi,
+                    e.notice if x == last else None,
+                )
 
     def _node(self, node_id: str, region: str, values: _Row) -> None:
         _merge(self.nodes, self.node_patches, node_id, values)

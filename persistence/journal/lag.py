@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engine import log as event_log
-from engine.keys import Keys
+from engine.keys import FUNDING, Keys
 from persistence.journal.stored import decode_entry
 from persistence.journal.streams import GROUP, _text
 
@@ -64,7 +64,7 @@ async def journal_lag(
     region); works with either `decode_responses` setting."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     members = await redis.smembers(keys.regions)
-    regions = sorted(_text(m) or "" for m in members)
+    regions = sorted({_text(m) or "" for m in members} | {FUNDING})
     out = []
     for region in regions:
         key = keys.events(region)

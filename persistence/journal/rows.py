@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 
+from persistence import ledger
 from persistence.journal.fold import (
     _BID_COLS,
     _CONTRACT_COLS,
@@ -128,7 +129,22 @@ def _patches(fold: _Fold) -> list[_Statement]:
     out += _patch("contracts", _CONTRACT_COLS, fold.contract_patches)
     if fold.spend:
         out.append((_SPEND_SQL, [list(fold.spend), list(fold.spend.values())]))
+    if fold.scores:
+        columns = list(zip(*fold.scores.values(), strict=True))
+        out.append((_SCORES_SQL, [list(c) for c in columns]))
+    out += ledger.statements(fold.ledger)
     return out
+
+
+_SCORES_SQL = """
+INSERT INTO node_scores AS t (node_id, window_start, region, up_pct, uptime_score, notice)
+SELECT u.node_id, 'epoch'::timestamptz + u.w_ms * interval '1 millisecond', u.region, u.up,
+       u.centi * 0.01, u.notice
+FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int2[], $5::int8[], $6::text[])
+    AS u(node_id, w_ms, region, up, centi, notice)
+ON CONFLICT (node_id, window_start) DO UPDATE SET
+    up_pct = EXCLUDED.up_pct, uptime_score = EXCLUDED.uptime_score, notice = EXCLUDED.notice
+"""
 
 
 _SPEND_SQL = """

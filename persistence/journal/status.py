@@ -10,8 +10,8 @@ from datetime import datetime
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
 
+from engine.connection import open_redis
 from engine.keys import Keys
 from engine.settings import Settings
 from persistence.journal.lag import JournalLag, journal_lag
@@ -104,7 +104,7 @@ async def status(
 ) -> tuple[JournalLag, list[RegionPosition], list[RejectedEvent]]:
     """The journal's lag in Redis, its positions in Postgres and its latest rejects."""
     assert settings.redis_url and settings.database_url
-    redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+    redis = open_redis(settings.redis_url)
     try:
         lag = await journal_lag(redis, Keys(settings.key_prefix))
     finally:

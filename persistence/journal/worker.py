@@ -23,7 +23,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import log as event_log
-from engine.keys import Keys
+from engine.connection import is_cluster, open_redis, read_streams
+from engine.keys import FUNDING, Keys
 from engine.settings import ConfigError, Settings
 from persistence.journal.batch import _CHUNK, Batch, BatchResult, _pg_transient, write
 from persistence.journal.clusters import refresh_clusters
@@ -98,7 +99,7 @@ class _Worker:
         self.claim_every_s = max(0.05, min(5.0, claim_idle_s / 2))
         self.idle_block_ms = max(1, int(idle_block_s * 1000))
         self.stream_keep_ms = int(stream_keep_s * 1000)
-        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        self.redis: aioredis.Redis = open_redis(settings.redis_url)
         # The worker reads XREADGROUP replies as the server sends them (lists), skipping
         # redis-py's per-entry dict building: a few microseconds an event at full speed.
         self.redis.set_response_callback("XREADGROUP", event_log.as_sent)
@@ -192,7 +193,10 @@ class _Worker:
     async def _refresh_regions(self) -> None:
         members = await self.redis.smembers(self.keys.regions)
         regions = [_text(m) or "" for m in members] + list(self.settings.regions)
-        mine = {self.keys.events(r).encode(): r for r in shard_regions(regions, self.shard)}
+        dealt = shard_regions(regions, self.shard)
+        if self.shard is None or self.shard[0] == 0:
+            dealt.append(FUNDING)  # the funding slot's stream (issue 14), to the first shard
+        mine = {self.keys.events(r).encode(): r for r in dealt}
         for key in [k for k in self.streams if k not in mine]:
             # Dealt to another shard (the regions changed): its entries this worker holds are
             # written and acknowledged as usual; any left pending are claimed by the new owner.
@@ -237,14 +241,10 @@ class _Worker:
     async def _read_own_pending(self) -> list[_Raw]:
         if not self.pel_cursor:
             return []
-        reply: Any = await self.redis.xreadgroup(
-            GROUP,
-            self.consumer,
-            dict(self.pel_cursor),  # type: ignore[arg-type]
-            count=self.batch_size,
+        replied = await read_streams(
+            self.redis, self.pel_cursor, count=self.batch_size, group=GROUP, consumer=self.consumer
         )
         out = []
-        replied = event_log.stream_entries(reply)
         for stream, entries in replied:
             if not entries:
                 self.pel_cursor.pop(stream, None)
@@ -300,14 +300,15 @@ class _Worker:
                 if remaining <= 0:
                     break
                 block = max(1, int(remaining * 1000))
-            reply = await self.redis.xreadgroup(
-                GROUP,
-                self.consumer,
+            replied = await read_streams(
+                self.redis,
                 dict.fromkeys(self.streams, b">"),
                 count=self.batch_size - len(out),
-                block=block,
+                block_ms=block,
+                group=GROUP,
+                consumer=self.consumer,
             )
-            got = self._raws(reply)
+            got = self._raws(replied)
             if not got:
                 break
             out += got
@@ -326,6 +327,14 @@ class _Worker:
             for stream, ids in by_stream.items()
         )
         try:
+            if is_cluster(self.redis):
+                # one XACK per stream, sent to the streams' nodes (a cluster client has no
+                # pool of its own to pack them on)
+                pipe = self.redis.pipeline(transaction=False)
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, GROUP, *ids)
+                await pipe.execute()
+                return
             pool = self.redis.connection_pool
             conn = await pool.get_connection()
             try:

@@ -58,6 +58,12 @@ def test_spec_config_file_loads(tmp_path: Path) -> None:
         ({"idle_schedule": "9am-9am"}, "idle_schedule"),
         ({"heartbeat_interval": 1}, "heartbeat_interval"),
         ({"max_ram_gb": -4}, "max_ram_gb"),
+        ({"lease_ports": "18000-17000"}, "lease_ports"),
+        ({"lease_ports": "17000-99999"}, "lease_ports"),
+        ({"lease_ports": "many"}, "lease_ports"),
+        ({"lease_tls_cert": "/etc/cert.pem"}, "lease_tls_cert"),
+        ({"lease_listen": "0.0.0.0 evil"}, "lease_listen"),
+        ({"lease_advertise_host": "a/b"}, "lease_advertise_host"),
         ({"region": "US East"}, "region"),
         ({"timezone": "Mars/Olympus"}, "timezone"),
         ({"colour": "blue"}, "colour"),
@@ -171,3 +177,16 @@ def test_init_writes_a_valid_config_from_flags(tmp_path: Path) -> None:
     assert main([*common, *flags]) == 2  # exists: --force needed
     assert main([*common, *flags, "--force", "--price", "-1"]) == 2  # invalid: file untouched
     assert load_config(path, env={}).price_per_gb_sec == pytest.approx(0.0000009)
+
+
+def test_lease_settings_default_and_parse(tmp_path: Path) -> None:
+    """Delivery's keys default to every interface and ports 17000-17999; a range parses."""
+    cfg = load_config(_write(tmp_path / "c.json", SPEC_CONFIG), env={})
+    assert (cfg.lease_listen, cfg.lease_advertise_host) == ("0.0.0.0", None)
+    assert cfg.lease_port_range == range(17000, 18000)
+    cfg = load_config(
+        _write(tmp_path / "d.json", SPEC_CONFIG | {"lease_ports": "42000"}),
+        env={"MNEMO_AGENT_LEASE_ADVERTISE_HOST": "node7.example.net"},
+    )
+    assert cfg.lease_port_range == range(42000, 42001)
+    assert cfg.lease_advertise_host == "node7.example.net"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import os
 import random
 import signal
@@ -13,10 +15,12 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import uvicorn
 
 from agent.client import Gateway, GatewaySocket
@@ -29,7 +33,9 @@ from agent.runner import NodeAgent
 from agent.shards import FleetStats
 from agent.simulation import Fleet
 from engine.keys import Keys
+from engine.notify import Notifier
 from engine.settings import Settings
+from engine.types import TrustEntry, TrustUpdated
 from gateway.protocol import MarketSummary, PublicEvent
 from scripts.renter_bot import RenterBot
 from tests.agent.test_agent_detect import FakeNVML, _gpu
@@ -81,7 +87,8 @@ class Exchange:
             lifespan="on",
         )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # The test process's Ctrl-C stays its own (uvicorn takes it while it serves).
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         self._server = server
         self._task = asyncio.create_task(server.serve())
         await eventually(lambda: server.started, "the gateway started")
@@ -97,6 +104,15 @@ class Exchange:
 
         self._engine_stop.clear()
         self._engine = asyncio.create_task(run_engine(self.settings, stop=self._engine_stop))
+
+    async def fund(self, client_id: str, usd: int = 1000) -> None:
+        """An operator's credit to a renter (`mnemo credit`'s code): contracts need money."""
+        from scripts.money import credit_command
+
+        status = await credit_command(
+            self.settings, client_id, usd * 10**12, reason="test", out=io.StringIO()
+        )
+        assert status == 0
 
     async def stop_engine(self) -> None:
         if self._engine is not None:
@@ -162,6 +178,10 @@ def _config(url: str, api_key: str, **overrides: Any) -> AgentConfig:
         "max_ram_gb": 4,
         # Below the file's 5 s floor on purpose: the test gateway allows 0.2 s.
         "heartbeat_interval": 0.5,
+        # Lease servers (if a test makes a RAM contract): loopback, the agent tests' ports.
+        "lease_listen": "127.0.0.1",
+        "lease_advertise_host": "127.0.0.1",
+        "lease_ports": "42000-42899",
     }
     values.update(overrides)
     return AgentConfig(**values)
@@ -309,6 +329,7 @@ async def test_contract_notices_keep_capacity_consistent_with_the_engine(
         assert node_id is not None
         await _engine_serving(exchange, renter, "us-east-2")
         client = await renter.request("POST", "/api/clients", body={"org_name": "Renter"})
+        await exchange.fund(client["id"])
         contract = await renter.request(
             "POST",
             "/api/contracts/create",
@@ -350,6 +371,48 @@ async def test_contract_notices_keep_capacity_consistent_with_the_engine(
             4,
             4,
         )
+
+
+async def test_agent_logs_its_nodes_standing(
+    exchange: Exchange,
+    account: Account,
+    redis: aioredis.Redis,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A warning about the node's uptime reaches the agent on `node:<id>` beside the contract
+    notices, and the provider reads it in the agent's log with the time the suspension is due;
+    the agent goes on serving."""
+    provider = await account("provider")
+    agent = _agent(_config(exchange.url, provider.api_key or ""), None)
+    async with running(agent):
+        await eventually(lambda: agent.connected.is_set() and agent.beats_sent >= 1, "connected")
+        node_id = agent.node_id
+        assert node_id is not None
+        region = (await provider.get_node(node_id))["region"]
+        due_ms = int(time.time() * 1000) + 86_400_000
+        entry = TrustEntry(
+            node_id=node_id, uptime_score=55.5, uptime_windows=200, suspend_at_ms=due_ms,
+            notice="warned",
+        )  # fmt: skip
+        event = TrustUpdated(
+            event_id="1-0", region=region, ts_ms=due_ms - 86_400_000, entries=[entry]
+        )
+        with caplog.at_level(logging.INFO, logger="mnemo.agent"):
+            for channel, message in Notifier(keys, region).on_event(event):
+                await redis.publish(channel, message)
+            warned = lambda: [  # noqa: E731
+                r
+                for r in caplog.records
+                if r.levelno == logging.WARNING and "is warned" in r.getMessage()
+            ]
+            await eventually(lambda: bool(warned()), "the warning in the agent's log")
+        text = warned()[0].getMessage()
+        assert node_id in text and "uptime 55.5 over 200 h" in text
+        assert datetime.fromtimestamp(due_ms / 1000).isoformat(timespec="seconds") in text
+        beats = agent.beats_sent
+        await eventually(lambda: agent.beats_sent > beats, "heartbeats after the warning")
+        assert agent.notices == []  # a standing is not a contract
 
 
 async def test_fleet_registers_and_beats_within_the_rate_limit(
@@ -560,6 +623,8 @@ async def test_renter_bot_takes_contracts_on_a_simulated_fleet(
         )
     )
     renter = await account("user")
+    client = await renter.request("POST", "/api/clients", body={"org_name": "Bot"})
+    await exchange.fund(client["id"])  # the bot uses its account's first client
     bot = RenterBot(
         renter, rng=random.Random(3), rate_per_min=600, budget_usd=1000, regions=["us-east-2"]
     )

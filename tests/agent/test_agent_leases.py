@@ -51,6 +51,16 @@ def test_available_subtracts_leases_from_the_capped_free_memory() -> None:
     assert available_gb(48, None, 4, idle=False) == 0
 
 
+def test_memory_held_by_lease_servers_is_not_subtracted_twice() -> None:
+    """A 16 GB lease whose server holds 10 GB: `free` dropped by 10 and the lease subtracts 16;
+    adding the held 10 back gives the offer the empty lease gave (nothing counted twice)."""
+    empty = available_gb(48, None, 16, idle=True)
+    assert empty == 32
+    assert available_gb(38, None, 16, idle=True, held_gb=10) == empty
+    assert available_gb(38, None, 16, idle=True) == 22  # without the rule: under-offered by 10
+    assert available_gb(38, 40, 16, idle=True, held_gb=10) == 24  # the owner's limit holds
+
+
 @given(
     total=st.integers(0, 512),
     free_frac=st.floats(0, 1),

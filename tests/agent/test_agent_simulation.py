@@ -10,7 +10,7 @@ import pytest
 
 from agent.population import VirtualNode, make_fleet
 from agent.simulation import Fleet
-from gateway.protocol import Beat
+from gateway.protocol import Beat, LeaseMeter
 from tests.agent.test_agent_leases import contract
 
 # Fixed instants, read in each node's zone: New York is UTC-5 in January and UTC-4 in July.
@@ -196,3 +196,13 @@ def test_an_outage_lasts_long_enough_for_the_engine_to_notice() -> None:
                 spells += 1
                 silent = 0
     assert spells > 20
+
+
+def test_beats_carry_the_lease_meters_of_their_node() -> None:
+    """What the fleet's delivery measured on a node's lease servers goes out in its beats."""
+    nodes = make_fleet(3, seed=5)
+    fleet = Fleet(nodes, ["n0", "n1", "n2"], seed=5, churn=False)
+    meter = LeaseMeter(contract_id="c1", egress_bytes=123, peak_memory_bytes=456)
+    fleet.lease_meters = {1: [meter]}
+    beats = [fleet.beat(i, True) for i in range(3)]
+    assert [b.leases if b else None for b in beats] == [None, [meter], None]

@@ -17,16 +17,20 @@ from typing import Any
 
 import msgspec
 
-from engine import core
+from engine import core, trust
 from engine.errors import (
+    BudgetExceeded,
     Conflict,
+    InsufficientFunds,
     InvalidRequest,
     NotFound,
     OutsideTerms,
     Unavailable,
 )
-from engine.market import HEARTBEAT_BATCH, HeartbeatOutcome
-from engine.types import Bid, Contract, Heartbeat, Node, NodeChanges
+from engine.keys import FUNDING, id_tag
+from engine.market import HEARTBEAT_BATCH, CreditResult, HeartbeatOutcome
+from engine.replay import TRANSFERS_KEPT_MS
+from engine.types import Bid, Contract, Heartbeat, Node, NodeChanges, WalletState
 
 _replace = msgspec.structs.replace
 
@@ -34,8 +38,16 @@ _replace = msgspec.structs.replace
 class ModelMarket:
     """The market as plain data. Methods mirror `Market`'s (synchronous, same refusals)."""
 
-    def __init__(self, *, missed_heartbeats_offline: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        missed_heartbeats_offline: int = 3,
+        max_open_contracts: int = 0,
+        max_open_bids: int = 0,
+        fee_bps: int = 1000,
+    ) -> None:
         self.missed = missed_heartbeats_offline
+        self.fee_bps = fee_bps
         self.nodes: dict[str, Node] = {}
         self.bids: dict[str, Bid] = {}
         self.contracts: dict[str, Contract] = {}
@@ -43,10 +55,22 @@ class ModelMarket:
         self.regions: set[str] = set()
         self.seq: dict[str, int] = defaultdict(int)
         self.arrival: dict[str, int] = defaultdict(int)
+        self._closing = False
         self.listed: dict[str, bool] = {}
         """Each node's listing, by the rule, as of the last change to the node."""
         self.deadline: dict[str, int] = {}
         self.fills: dict[str, dict[str, int]] = defaultdict(dict)
+        self.uptime: dict[str, trust.Uptime] = {}
+        """Each node's uptime accounting (engine.trust), once its first beat began it."""
+        self.trust_due: dict[str, int] = {}
+        # money (issue 14): (slot, client) -> [available, held, allowance, month]; the funding
+        # slot's credit keys; each slot's transfers ("out:<id>"/"in:<id>" -> ms) and outbox
+        self.wallets: dict[tuple[str, str], list[Any]] = {}
+        self.ops: dict[str, str] = {}
+        self.transfers: dict[str, dict[str, int]] = defaultdict(dict)
+        self.outbox: dict[str, dict[str, str]] = defaultdict(dict)
+        self.max_open_contracts = max_open_contracts
+        self.max_open_bids = max_open_bids
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -80,6 +104,7 @@ class ModelMarket:
             node,
             reserved_ram_gb=node.reserved_ram_gb + contract.ram_gb,
             reserved_vram_gb=node.reserved_vram_gb + contract.vram_gb,
+            lease_value_pusd=node.lease_value_pusd + contract.hold_pusd,
         )
         self.contracts[contract.contract_id] = contract
         self.directory[contract.contract_id] = contract.region
@@ -91,23 +116,188 @@ class ModelMarket:
             horizon = now_ms - core.FILLS_WINDOW_MS
             self.fills[contract.region] = {m: t for m, t in fills.items() if t > horizon}
 
-    def _close(self, closed: Contract, now_ms: int) -> None:
+    def _close(self, closed: Contract, now_ms: int, hold: int) -> None:
         node = self.nodes[closed.node_id]
+        delivered = node.delivered_contracts + (closed.status == "completed")
+        cut = node.cut_contracts + (closed.status != "completed")
+        done = trust.stake_close(
+            lease_value_pusd=node.lease_value_pusd,
+            stake_pusd=node.stake_pusd,
+            stake_held_pusd=node.stake_held_pusd,
+            hold_pusd=hold,
+            status=closed.status,
+            used_s=closed.used_s,
+            duration_s=closed.duration_s,
+            cost_pusd=closed.cost_pusd,
+            fee_pusd=core.platform_fee_pusd(closed.cost_pusd, self.fee_bps),
+            in_maintenance=node.maint_start_ms <= now_ms < node.maint_end_ms,
+        )
+        if done.credit_pusd:
+            w = self._wallet(closed.region, closed.client_id, now_ms)
+            w[0] += done.credit_pusd
+            self.wallets[(closed.region, closed.client_id)] = w
         self.nodes[node.node_id] = _replace(
             node,
             reserved_ram_gb=node.reserved_ram_gb - closed.ram_gb,
             reserved_vram_gb=node.reserved_vram_gb - closed.vram_gb,
+            delivered_contracts=delivered,
+            cut_contracts=cut,
+            reputation_score=trust.reputation(delivered, cut),
+            lease_value_pusd=done.lease_value_pusd,
+            stake_pusd=done.stake_pusd,
+            stake_held_pusd=done.stake_held_pusd,
         )
         self.contracts[closed.contract_id] = closed
         self._touch(node.node_id, now_ms)
+
+    # -- money (the scripts' `wallet`, `hold`, `release`, `settle_money`) ----------------------
+
+    def _wallet(self, slot: str, client: str, now_ms: int) -> list[Any]:
+        w = list(self.wallets.get((slot, client), [0, 0, 0, ""]))
+        month = core.month_of(now_ms)
+        if w[3] != month:
+            w[2], w[3] = 0, month
+        return w
+
+    @staticmethod
+    def _hold(w: list[Any], amount: int) -> None:
+        w[0] -= amount
+        w[1] += amount
+        w[2] -= amount
+
+    @staticmethod
+    def _release(w: list[Any], amount: int, month: str) -> None:
+        w[0] += amount
+        w[1] -= amount
+        if month == w[3]:
+            w[2] += amount
+
+    def _open_count(self, region: str, user_id: str, kind: str) -> int:
+        if kind == "c":
+            return sum(
+                1
+                for c in self.contracts.values()
+                if c.region == region and c.user_id == user_id and c.status == "active"
+            )
+        return sum(
+            1
+            for b in self.bids.values()
+            if b.region == region and b.user_id == user_id and b.status == "open"
+        )
+
+    def _settle_money(self, contract: Contract, cost: int, now_ms: int, *, moving: bool) -> int:
+        w = self._wallet(contract.region, contract.client_id, now_ms)
+        h = contract.hold_pusd
+        used = min(cost, h)
+        left, charged = h - used, cost - used
+        released, moved = (0, left) if moving else (left, 0)
+        w[1] -= used
+        self._release(w, released, contract.hold_month)
+        w[0] -= charged
+        w[2] -= charged
+        self.wallets[(contract.region, contract.client_id)] = w
+        return moved
+
+    def _transferred(self, slot: str, member: str, now_ms: int) -> None:
+        self.transfers[slot][member] = now_ms
+        horizon = now_ms - TRANSFERS_KEPT_MS
+        self.transfers[slot] = {m: t for m, t in self.transfers[slot].items() if t > horizon}
+
+    def credit(
+        self,
+        client: str,
+        amount: int,
+        *,
+        key: str,
+        now_ms: int,
+        debit: bool = False,
+        allow_negative: bool = False,
+    ) -> CreditResult:
+        w = self._wallet(FUNDING, client, now_ms)
+        if key in self.ops:
+            return CreditResult(applied=False, balance_pusd=w[0], event_id=self.ops[key])
+        if debit and not allow_negative and w[0] < amount:
+            spendable = max(w[0], 0)
+            raise InsufficientFunds(
+                f"the funding balance holds {spendable} pico-USD, less than the {amount} to debit",
+                field="amount",
+                shortfall_pusd=amount - spendable,
+            )
+        w[0] += -amount if debit else amount
+        self.wallets[(FUNDING, client)] = w
+        self._event(FUNDING)
+        self.ops[key] = f"{FUNDING}:{self.seq[FUNDING]}"
+        return CreditResult(applied=True, balance_pusd=w[0], event_id=self.ops[key])
+
+    def transfer(
+        self,
+        client: str,
+        *,
+        transfer_id: str,
+        from_slot: str,
+        to_slot: str,
+        amount_pusd: int,
+        allow_pusd: int,
+        now_ms: int,
+        credit_line_pusd: int = 0,
+        budget_pusd: int | None = None,
+    ) -> str | None:
+        """All three steps (`Market.transfer`), with the id the adapter chose."""
+        if amount_pusd == 0 and allow_pusd == 0:
+            return None
+        w = self._wallet(from_slot, client, now_ms)
+        funding = from_slot == FUNDING
+        floor = -credit_line_pusd if funding else 0
+        if w[0] - amount_pusd < floor:
+            short = floor - (w[0] - amount_pusd)
+            raise InsufficientFunds(
+                f"the balance cannot cover {amount_pusd} pico-USD (short by {short})",
+                field="amount",
+                shortfall_pusd=short,
+            )
+        allow = allow_pusd
+        if funding:
+            if budget_pusd is not None and w[2] + allow - budget_pusd > 0:
+                over = w[2] + allow - budget_pusd
+                raise BudgetExceeded(
+                    f"this would take the month's spend past the monthly budget (over by {over})",
+                    field="amount",
+                    shortfall_pusd=over,
+                )
+            w[2] += allow
+        else:
+            if w[2] < allow:
+                allow = max(w[2], 0)
+            w[2] -= allow
+        w[0] -= amount_pusd
+        self.wallets[(from_slot, client)] = w
+        self._transferred(from_slot, f"out:{transfer_id}", now_ms)
+        self._event(from_slot)
+        month = w[3]
+        d = self._wallet(to_slot, client, now_ms)
+        if month != d[3]:
+            allow = 0
+        d[2] += -allow if to_slot == FUNDING else allow
+        d[0] += amount_pusd
+        self.wallets[(to_slot, client)] = d
+        self._transferred(to_slot, f"in:{transfer_id}", now_ms)
+        self._event(to_slot)
+        return transfer_id
+
+    def wallet(self, slot: str, client: str, now_ms: int) -> WalletState:
+        w = self._wallet(slot, client, now_ms)
+        return WalletState(
+            client_id=client, avail_pusd=w[0], held_pusd=w[1], allow_pusd=w[2], month=w[3]
+        )
 
     # -- nodes ----------------------------------------------------------------------------
 
     def register_node(self, node: Node, now_ms: int) -> Node:
         stored = core.new_node(node, now_ms)
-        if stored.node_id in self.directory:
-            raise Conflict(core.ID_IN_USE, field="node_id")
         region = stored.region
+        # an id names one node (the script), in one region (the directory's claim)
+        if stored.node_id in self.nodes or self.directory.get(stored.node_id, region) != region:
+            raise Conflict(core.ID_IN_USE, field="node_id")
         self.arrival[region] += 1
         stored = _replace(stored, arrival_seq=self.arrival[region])
         self.nodes[stored.node_id] = stored
@@ -145,6 +335,7 @@ class ModelMarket:
         if node.status == "deactivated":
             raise Conflict("node is deactivated", field="node_id")
         node = self.nodes[node_id] = _replace(node, status="deactivated")
+        self.trust_due.pop(node_id, None)
         self._touch(node_id, now_ms)
         self._event(node.region)
         return node
@@ -164,11 +355,12 @@ class ModelMarket:
         for region, idx in groups.items():
             for start in range(0, len(idx), HEARTBEAT_BATCH):
                 accepted = 0
+                self._closing = False
                 for i in idx[start : start + HEARTBEAT_BATCH]:
                     outcomes[i] = self._beat(owner_id, beats[i], now_ms, min_interval_ms)
                     accepted += outcomes[i].outcome == "ok"  # type: ignore[union-attr]
                 if accepted:
-                    self._event(region)
+                    self._event(region, 2 if self._closing else 1)
         return outcomes  # type: ignore[return-value]
 
     def _beat(
@@ -184,6 +376,7 @@ class ModelMarket:
         last = node.last_heartbeat_ms
         if last != 0 and now_ms - last < min_interval_ms:
             return HeartbeatOutcome(beat.node_id, "too_soon", last + min_interval_ms - now_ms)
+        node = self._account(node, now_ms)
         node = _replace(
             node,
             offered_ram_gb=core.offered_after_heartbeat(
@@ -206,6 +399,27 @@ class ModelMarket:
         self._touch(node.node_id, now_ms)
         return HeartbeatOutcome(beat.node_id, "ok")
 
+    def _account(self, node: Node, now_ms: int) -> Node:
+        """A beat's uptime accounting (engine.trust), unless it is on time in its window."""
+        last = node.last_heartbeat_ms
+        if trust.on_time(last, node.heartbeat_interval_s, now_ms):
+            return node
+        u = self.uptime.get(node.node_id) or trust.start(last or node.created_ms)
+        grace = trust.grace_ms(node.heartbeat_interval_s)
+        maint = (node.maint_start_ms, node.maint_end_ms)
+        adv = trust.advance(u, now_ms, (last or node.created_ms) + grace, maint)
+        self.uptime[node.node_id] = adv.uptime
+        self._closing = self._closing or bool(adv.closed)
+        if node.status == "offline":
+            self.trust_due.pop(node.node_id, None)
+        return _replace(
+            node,
+            uptime_windows=adv.uptime.windows,
+            uptime_score=adv.centi / 100,
+            suspend_at_ms=adv.uptime.suspend_at_ms,
+            suspended_ms=adv.uptime.suspended_ms,
+        )
+
     def mark_offline(self, node_id: str, now_ms: int) -> list[Contract]:
         node = self._node(node_id)
         if node.status not in ("active", "maintenance"):
@@ -213,6 +427,7 @@ class ModelMarket:
         if self.deadline[node_id] > now_ms:
             raise Conflict(core.NOT_STALE, field="node_id")
         self.nodes[node_id] = _replace(node, status="offline")
+        self.trust_due[node_id] = now_ms
         self._touch(node_id, now_ms)
         self._event(node.region)
         return sorted(
@@ -233,13 +448,32 @@ class ModelMarket:
 
     # -- bids -----------------------------------------------------------------------------
 
-    def place_bid(self, bid: Bid, now_ms: int) -> Bid:
+    def place_bid(self, bid: Bid, now_ms: int, *, budgeted: bool = False) -> Bid:
         stored = core.new_bid(bid, now_ms)
-        if stored.bid_id in self.directory:
-            raise Conflict(core.ID_IN_USE, field="bid_id")
+        hold = core.hold_pusd(
+            stored.ram_gb + stored.vram_gb, stored.duration_s, stored.max_price_pusd
+        )
         region = stored.region
+        if stored.bid_id in self.bids or self.directory.get(stored.bid_id, region) != region:
+            raise Conflict(core.ID_IN_USE, field="bid_id")
+        # the market claims an id without a region tag, and lists the region, before the
+        # script: both stay when the script refuses the bid (money, caps)
+        self.directory.setdefault(stored.bid_id, region)
+        self.regions.add(region)
+        w = self._wallet(region, stored.client_id, now_ms)
+        refusal = core.hold_refusal(
+            hold, w[0], w[2], budgeted=budgeted, field="client_id"
+        ) or core.open_refusal(
+            self._open_count(region, stored.user_id, "b"), self.max_open_bids, "b", "client_id"
+        )
+        if refusal is not None:
+            raise refusal
+        self._hold(w, hold)
+        self.wallets[(region, stored.client_id)] = w
         self.arrival[region] += 1
-        stored = _replace(stored, seq=self.arrival[region])
+        stored = _replace(
+            stored, seq=self.arrival[region], hold_pusd=hold, hold_month=core.month_of(now_ms)
+        )
         self.bids[stored.bid_id] = stored
         self.directory[stored.bid_id] = region
         self.regions.add(region)
@@ -254,8 +488,15 @@ class ModelMarket:
             raise Conflict(f"bid is {bid.status}", field="bid_id")
         return bid
 
+    def _release_bid(self, bid: Bid, now_ms: int) -> Bid:
+        w = self._wallet(bid.region, bid.client_id, now_ms)
+        self._release(w, bid.hold_pusd, bid.hold_month)
+        self.wallets[(bid.region, bid.client_id)] = w
+        return _replace(bid, hold_pusd=0)
+
     def cancel_bid(self, bid_id: str, now_ms: int) -> Bid:
-        bid = self.bids[bid_id] = _replace(self._open_bid(bid_id), status="cancelled")
+        bid = _replace(self._open_bid(bid_id), status="cancelled")
+        bid = self.bids[bid_id] = self._release_bid(bid, now_ms)
         self._event(bid.region)
         return bid
 
@@ -267,7 +508,7 @@ class ModelMarket:
         )[:limit]
         out = []
         for _, bid_id in due:
-            out.append(_replace(self.bids[bid_id], status="expired"))
+            out.append(self._release_bid(_replace(self.bids[bid_id], status="expired"), now_ms))
             self.bids[bid_id] = out[-1]
             self._event(region)
         return out
@@ -287,6 +528,7 @@ class ModelMarket:
         max_price_pusd: int,
         now_ms: int,
         bid_id: str | None = None,
+        budgeted: bool = False,
     ) -> Contract:
         core.validate_reserve(
             node_id=node_id,
@@ -332,7 +574,29 @@ class ModelMarket:
         )
         if refusal is not None:
             raise refusal
+        gb_s = (ram_gb + vram_gb) * duration_s
+        hold = gb_s * node.price_pusd
+        w = self._wallet(region, client_id, now_ms)
+        month = w[3]
+        if bid_id is not None:
+            bid = self.bids[bid_id]
+            take = gb_s * bid.max_price_pusd
+            self._release(w, take - hold, bid.hold_month)
+            self.bids[bid_id] = _replace(bid, hold_pusd=bid.hold_pusd - take)
+            month = bid.hold_month
+        else:
+            refusal = core.hold_refusal(
+                hold, w[0], w[2], budgeted=budgeted, field="client_id"
+            ) or core.open_refusal(
+                self._open_count(region, user_id, "c"), self.max_open_contracts, "c", "client_id"
+            )
+            if refusal is not None:
+                raise refusal
+            self._hold(w, hold)
+        self.wallets[(region, client_id)] = w
         contract = Contract(
+            hold_pusd=hold,
+            hold_month=month,
             contract_id=contract_id,
             region=region,
             client_id=client_id,
@@ -381,8 +645,21 @@ class ModelMarket:
                 f"{duration} s",
                 field="extra_s",
             )
+        extra_hold = size * extra_s * contract.price_pusd
+        w = self._wallet(contract.region, contract.client_id, now_ms)
+        refusal = core.hold_refusal(extra_hold, w[0], w[2], budgeted=False, field="extra_s")
+        if refusal is not None:
+            raise refusal
+        self._hold(w, extra_hold)
+        self.wallets[(contract.region, contract.client_id)] = w
+        node = self.nodes[contract.node_id]
+        self.nodes[node.node_id] = _replace(
+            node, lease_value_pusd=node.lease_value_pusd + extra_hold
+        )
         extended = self.contracts[contract_id] = _replace(
             contract,
+            hold_pusd=contract.hold_pusd + extra_hold,
+            hold_month=w[3],
             duration_s=duration,
             end_ms=contract.end_ms + extra_s * 1000,
             extensions=contract.extensions + 1,
@@ -400,7 +677,9 @@ class ModelMarket:
     def _close_now(self, contract_id: str, now_ms: int, status: str, egress: int) -> Contract:
         contract = self._active(contract_id)
         closed = core.close_contract(contract, now_ms=now_ms, status=status, egress_mgb=egress)
-        self._close(closed, now_ms)
+        self._settle_money(contract, closed.cost_pusd, now_ms, moving=False)
+        closed = _replace(closed, hold_pusd=0)
+        self._close(closed, now_ms, contract.hold_pusd)
         self._event(contract.region)
         return closed
 
@@ -432,8 +711,12 @@ class ModelMarket:
         closed = core.close_contract(
             old, now_ms=now_ms, status="failed_over", successor_id=successor_id
         )
-        self._close(closed, now_ms)
+        moved = self._settle_money(old, closed.cost_pusd, now_ms, moving=True)
+        closed = _replace(closed, hold_pusd=0)
+        self._close(closed, now_ms, old.hold_pusd)
         successor = Contract(
+            hold_pusd=moved,
+            hold_month=old.hold_month,
             contract_id=successor_id,
             region=old.region,
             client_id=old.client_id,
@@ -515,10 +798,50 @@ class ModelMarket:
         zset("bid-exp", [(b.bid_id, b.expires_ms) for b in open_bids if b.expires_ms > 0])
         zset("ends", [(c.contract_id, c.end_ms) for c in active])
         zset("fills", list(self.fills[region].items()))
+        zset(
+            "trust-due",
+            [(n.node_id, self.trust_due[n.node_id]) for n in nodes if n.node_id in self.trust_due],
+        )
+        tracked = {
+            n.node_id: trust.pack(
+                self.uptime[n.node_id], (n.maint_start_ms, n.maint_end_ms)
+            ).decode()
+            for n in nodes
+            if n.node_id in self.uptime
+        }
+        if tracked:
+            out["uptime"] = dict(sorted(tracked.items()))
+        wallets: dict[str, str] = {}
+        for (slot, client), (avail, held, allow, month) in self.wallets.items():
+            if slot == region:
+                wallets.update(
+                    {client: str(avail), f"{client}:h": str(held), f"{client}:a": str(allow),
+                     f"{client}:m": month}
+                )  # fmt: skip
+        if wallets:
+            out["wallets"] = dict(sorted(wallets.items()))
+        counts: dict[str, str] = {}
+        for c in active:
+            counts[f"{c.user_id}:c"] = str(int(counts.get(f"{c.user_id}:c", "0")) + 1)
+        for b in open_bids:
+            counts[f"{b.user_id}:b"] = str(int(counts.get(f"{b.user_id}:b", "0")) + 1)
+        if counts:
+            out["open"] = dict(sorted(counts.items()))
+        zset("transfers", list(self.transfers[region].items()))
+        if self.outbox[region]:
+            out["outbox"] = dict(sorted(self.outbox[region].items()))
+        if region == FUNDING and self.ops:
+            out["ops"] = dict(sorted(self.ops.items()))
         if self.seq[region]:
             out["seq"] = str(self.seq[region])
         if self.arrival[region]:
             out["arrival"] = str(self.arrival[region])
-        out["@dir"] = {i: region for i, r in sorted(self.directory.items()) if r == region}
+        # the `dir` hash holds the ids that carry no region tag (the market mints contracts'
+        # with one: engine.keys.mint_id)
+        out["@dir"] = {
+            i: region
+            for i, r in sorted(self.directory.items())
+            if r == region and id_tag(i) is None
+        }
         out["@regions"] = region in self.regions
         return out

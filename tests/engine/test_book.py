@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from engine.book import MAX_FALL_THROUGH, Attempt, BidBook, Outcome
 from engine.core import Fill, apply_fill, bid_priority, plan_fills
 from engine.errors import InvalidRequest, MarketError
+from engine.keys import FUNDING
 from engine.quotes import QuoteBook
 from engine.scoring import AskBook, MatchRequest, rank_reference, warm_up
 from engine.types import (
@@ -78,6 +79,10 @@ class Exchange:
 
     def __init__(self, *, reserve_batch: int = 256, yield_every: int = 500) -> None:
         self.truth = ModelMarket()
+        for client in ("client", "other"):  # money is not this test's subject: plenty of it
+            self.truth.credit(client, 10**21, key=client, now_ms=T0)
+            self.truth.transfer(client, transfer_id=client, from_slot=FUNDING, to_slot=R,
+                                amount_pusd=10**21, allow_pusd=10**21, now_ms=T0)  # fmt: skip
         self.asks = AskBook(R, capacity=16)
         self.quotes = QuoteBook(R)
         self.book = BidBook(

@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from engine.keys import Keys
 from engine.market import _SCRIPTS, Market, ReserveRequest
 from engine.replay import region_snapshot
-from engine.types import Heartbeat, NodeChanges
+from engine.types import Heartbeat, LeaseMeter, NodeChanges
+from tests.engine.conftest import fund
 from tests.engine.test_market import PRICE, T0, a_bid, a_node, take
 
 R = "us-east-2"
@@ -88,37 +88,10 @@ def cluster_url(
         server.wait(30)
 
 
-class _OneSlotKeys(Keys):
-    """The global directory and regions set in region R's slot: with one region, every call is
-    in one slot, as the cluster issue will make it by moving those writes out of the scripts."""
-
-    @property
-    def directory(self) -> str:
-        return f"{self.tag(R)}dir"
-
-    @property
-    def regions(self) -> str:
-        return f"{self.tag(R)}regions"
-
-
-async def test_the_global_keys_are_what_a_cluster_refuses(cluster_url: str) -> None:
-    """As they stand, the scripts that write the global `dir` and `regions` are refused."""
-    client = aioredis.from_url(cluster_url)
-    try:
-        market = Market(client, Keys("plain:"))
-        await market.load_scripts()
-        with pytest.raises(ResponseError, match="hash to the same slot"):
-            await market.register_node(a_node(), T0)
-        with pytest.raises(ResponseError, match="hash to the same slot"):
-            await market.place_bid(a_bid(), T0)
-    finally:
-        await client.aclose()
-
-
 async def test_every_script_runs_on_a_cluster(cluster_url: str) -> None:
     """Every script, on every path the scenario takes, touches only keys of its call's slot."""
     client = aioredis.from_url(cluster_url)
-    market = Market(client, _OneSlotKeys("one:"))
+    market = Market(client, Keys("one:"))
     called: set[str] = set()
     evaluate, evaluate_many = market._eval, market._eval_many
 
@@ -133,6 +106,9 @@ async def test_every_script_runs_on_a_cluster(cluster_url: str) -> None:
     market._eval, market._eval_many = recorded, recorded_many  # type: ignore[method-assign]
     try:
         await market.load_scripts()
+        # money: credit (funding slot), then transfer_out / _in / _done (one slot each)
+        await fund(market, "bot")
+        await fund(market, "acme")
         await market.register_node(a_node("n1"), T0)
         await market.register_node(a_node("n2", ask_expires_ms=T0 + 1000), T0)
         await market.register_many([a_node("n3"), a_node("n4", price_pusd=PRICE - 1)], T0)
@@ -155,13 +131,36 @@ async def test_every_script_runs_on_a_cluster(cluster_url: str) -> None:
         await market.settle(c1.contract_id, 0.5, T0 + 50)
         _, c3 = await market.failover(c2.contract_id, "n4", T0 + 60)
         await market.fail_contract(c3.contract_id, T0 + 70)
+        # delivery: a lease made ready, metered, closed, reported and settled
+        await market.register_node(a_node("d1", delivers=True), T0 + 70)
+        lease = await market.reserve(**take(now_ms=T0 + 71, node_id="d1", bid_id=None))
+        assert lease.lease_state == "pending"
+        await market.lease_ready(
+            lease.contract_id, "d1", host="h", port=1, tls=False, now_ms=T0 + 72
+        )
+        metered = Heartbeat(
+            node_id="d1", available_ram_gb=40, available_vram_gb=10,
+            leases=[LeaseMeter(contract_id=lease.contract_id, egress_bytes=5, peak_memory_bytes=6)],
+        )  # fmt: skip
+        await market.heartbeat("alice", [metered], T0 + 73, 0)
+        await market.close_lease(lease.contract_id, T0 + 74)
+        await market.report_lease(lease.contract_id, "d1", T0 + 75, egress_bytes=9)
+        settled = await market.settle_lease(lease.contract_id, T0 + 76)
+        assert settled.egress_bytes == 9
         quote = await market.quote(R, T0 + 80)
         assert quote.best_bid_pusd == 1_000_000
         await market.cancel_bid("b3", T0 + 90)
         assert [b.bid_id for b in await market.expire_bids(R, T0 + 600)] == ["b2"]
         assert [n.node_id for n in await market.expire_asks(R, T0 + 2000)] == ["n2"]
         await market.mark_offline("n4", T0 + 10**6)
+        assert await market.sweep_uptime(R, T0 + 10**7) == 1  # n4's uptime windows close
+        await market.announce_maintenance(
+            "n3", "alice", T0 + 2 * 10**7, T0 + 2 * 10**7 + 1, T0 + 10**7
+        )
+        await market.lock_stake("n3", "alice", 10**12, "lock-1", T0 + 10**7)
+        await market.release_stake("n3", "alice", 10**11, T0 + 10**7)
         await market.deactivate_node("n1", T0 + 10**6)
+        await market.gather("acme", T0 + 10**6)  # a transfer from the region back to funding
         snapshot = await region_snapshot(client, market.keys, R)
         assert snapshot["@regions"] is True
     finally:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import core
+from engine import core, trust
 from engine.errors import CapacityTaken, Conflict, InvalidRequest, Unavailable
 from engine.types import Bid, Contract, Heartbeat, Node
 
@@ -141,23 +141,31 @@ def test_close_contract_prices_and_stamps() -> None:
 
 
 def test_settlement_hash_is_sha256_of_the_canonical_record() -> None:
+    """Every field but the hash and the version; a contract that was not delivered has no
+    delivery field in it (its hash is what it was before delivery existed)."""
     closed = core.close_contract(contract(), now_ms=T0 + 1000, status="completed")
     record = {
         k: v
         for k, v in msgspec.structs.asdict(closed).items()
-        if k not in ("settlement_hash", "version")
+        if k not in ("settlement_hash", "version", "hold_pusd", "hold_month", *core.LEASE_FIELDS)
     }
     canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
     assert closed.settlement_hash == hashlib.sha256(canonical.encode()).hexdigest()
     assert '"cost_pusd":35200000,' in canonical  # 44 GB x 1 s x 800,000
 
 
-def test_settlement_hash_covers_every_field_but_version() -> None:
+def test_settlement_hash_covers_every_field_but_version_and_the_hold() -> None:
     base = core.settlement_hash(contract())
     assert core.settlement_hash(contract(version=99)) == base
     assert core.settlement_hash(contract(settlement_hash="x")) == base
     for change in ({"cost_pusd": 1}, {"used_s": 1}, {"client_id": "d"}, {"successor_id": "s"}):
         assert core.settlement_hash(contract(**change)) != base
+    # how the lease was paid for (the money held for it) is not part of its record
+    assert core.settlement_hash(contract(hold_pusd=5, hold_month="2024-01")) == base
+    delivered = core.settlement_hash(contract(lease_state="closed"))
+    assert delivered != base
+    for change in ({"lease_digest": "ab" * 32}, {"egress_bytes": 1}, {"ready_ms": 1}):
+        assert core.settlement_hash(contract(lease_state="closed", **change)) != delivered
 
 
 def test_successor_gets_the_unbilled_seconds() -> None:
@@ -374,5 +382,11 @@ def test_lua_constants_match_the_core() -> None:
     messages = set(re.findall(r"refuse\('[a-z_]+', \"([^\"]+)\"", scripts))
     messages |= set(re.findall(r"refuse\('[a-z_]+', '([^']+)'", scripts))
     assert len(messages) >= 15
-    known = {v for k, v in vars(core).items() if k.isupper() and isinstance(v, str)}
-    assert {m for m in messages if not m.startswith(("node is", "bid is", "contract is"))} <= known
+    known = {
+        v
+        for module in (core, trust)
+        for k, v in vars(module).items()
+        if k.isupper() and isinstance(v, str)
+    }
+    prefixes = ("node is", "bid is", "contract is", "lease is ")
+    assert {m for m in messages if not m.startswith(prefixes) or m in known} <= known

@@ -11,22 +11,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engine import market as market_module
-from engine.keys import REGION_KEYS, Keys, key_shape, lua_prelude
+from engine.keys import REGION_KEYS, Keys, id_tag, key_shape, lua_prelude, mint_id, region_tag
 from engine.market import Market
 from tests.engine.test_market import T0, a_node
 
 LUA = Path(market_module.__file__).with_name("lua")
 SCRIPTS = sorted(LUA.glob("*.lua"))
-
-# The global keys (outside every region's slot) and the scripts that touch them: the cluster
-# issue moves these writes out of the scripts, and this list shrinks to nothing.
-GLOBAL_KEYS_USED_BY = {
-    "register": {"DIRECTORY", "REGIONS"},
-    "register_many": {"DIRECTORY", "REGIONS"},
-    "place_bid": {"DIRECTORY", "REGIONS"},
-    "reserve": {"DIRECTORY"},
-    "failover": {"DIRECTORY"},
-}
 
 
 def _code_and_strings(source: str) -> tuple[str, list[str]]:
@@ -63,21 +53,30 @@ def test_no_script_spells_a_key() -> None:
             assert not any(part in s for part in object_parts), f"{path.name} spells {s!r}"
 
 
-def test_global_keys_are_named_and_few() -> None:
-    """Only the listed scripts touch the global `dir` and `regions`, and only through
-    DIRECTORY and REGIONS (KEYS[2] and KEYS[3]); no script reads another KEYS by position."""
-    found = {}
+def test_no_script_touches_a_global_key() -> None:
+    """No script names a key outside the region's slot, nor reads a KEYS entry by position:
+    every key comes from `K` (the region's), so a cluster accepts every call."""
     for path in SCRIPTS:
         code, _ = _code_and_strings(path.read_text())
-        for line in code.splitlines():
-            if re.search(r"KEYS\[\d", line):
-                assert re.fullmatch(
-                    r"local DIRECTORY(, REGIONS)? = KEYS\[2\](, KEYS\[3\])? *", line
-                )
-        used = set(re.findall(r"\b(DIRECTORY|REGIONS)\b", code))
-        if used:
-            found[path.stem] = used
-    assert found == GLOBAL_KEYS_USED_BY
+        assert not re.search(r"KEYS\[\d", code), f"{path.name} reads KEYS by position"
+        assert not re.search(r"\b(DIRECTORY|REGIONS)\b", code), f"{path.name} names a global"
+
+
+def test_minted_ids_carry_their_region() -> None:
+    """`mint_id(region)` is a UUID version 8 whose tag `id_tag` reads back as the region's;
+    ids minted otherwise (uuid4, a caller's own) carry none."""
+    import uuid
+
+    for region in ("us-east-2", "eu-west-1", "é"):
+        ids = {mint_id(region) for _ in range(1000)}
+        assert len(ids) == 1000
+        for i in ids:
+            parsed = uuid.UUID(i)
+            assert parsed.hex == i and parsed.version == 8 and parsed.variant == uuid.RFC_4122
+            assert id_tag(i) == region_tag(region)
+    assert region_tag("us-east-2") != region_tag("us-east-1")
+    for other in (uuid.uuid4().hex, "n1", "", mint_id("r").upper(), mint_id("r")[:-1]):
+        assert id_tag(other) is None
 
 
 def test_region_keys_cover_every_region_key_method() -> None:

@@ -15,8 +15,9 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import core
+from engine import core, trust
 from engine import market as market_module
+from engine.connection import open_redis
 from engine.errors import (
     CapacityTaken,
     Conflict,
@@ -25,7 +26,7 @@ from engine.errors import (
     OutsideTerms,
     Unavailable,
 )
-from engine.keys import Keys
+from engine.keys import Keys, mint_id
 from engine.market import HEARTBEAT_BATCH, HeartbeatOutcome, Market, ReserveRequest
 from engine.types import (
     Bid,
@@ -38,6 +39,7 @@ from engine.types import (
     NodeChanges,
     NodeRegistered,
 )
+from tests.engine.conftest import fund
 
 T0 = 1_700_000_000_000
 PRICE = 800_000  # 0.0000008 USD per GB-second, the spec's example
@@ -137,13 +139,18 @@ async def test_register_refuses_bad_input(market: Market, change: dict, field: s
 
 
 async def test_register_refuses_an_id_in_use(market: Market) -> None:
-    """Ids are unique across nodes, bids and contracts, in every region."""
+    """An id names one node, in one region (ids without a region tag are claimed in the
+    directory; a minted id carries its region's)."""
+    await fund(market, "bot")
     await market.register_node(a_node(), T0)
     await market.place_bid(a_bid("b1"), T0)
-    for node in (a_node(), a_node(region="eu-west-1"), a_node("b1")):
+    tagged = await market.register_node(a_node(mint_id("us-east-2")), T0)
+    for node in (a_node(), a_node(region="eu-west-1"), a_node(tagged.node_id)):
         with pytest.raises(Conflict, match="id already in use"):
             await market.register_node(node, T0)
-    assert await seq(market) == 2
+    with pytest.raises(InvalidRequest, match="minted for another region"):
+        await market.register_node(a_node(mint_id("us-east-2"), region="eu-west-1"), T0)
+    assert await seq(market) == 4  # the funding, the node, the bid, the tagged node
 
 
 async def test_node_near_the_pole_is_indexed(market: Market) -> None:
@@ -288,7 +295,11 @@ async def test_register_many_script_checks_ids_atomically(market: Market) -> Non
     k = market.keys
     result = await market._eval(
         "register_many",
-        [k.seq("us-east-2"), k.directory, k.regions],
+        [
+            *market._creating("us-east-2"),
+            *market._node_indexes("us-east-2"),
+            *(k.node("us-east-2", i) for i in ("y1", "taken", "y2")),
+        ],
         [*market._head("us-east-2", T0), 3, msgspec.json.encode(fields)],
     )
     assert result[:2] == [0, b"conflict"] and result[4] == 2
@@ -320,6 +331,7 @@ async def test_register_many_splits_big_batches(
 
 async def test_update_changes_terms_and_relists(market: Market) -> None:
     """Price moves the ask; maintenance delists; an expired ask is delisted; leases keep terms."""
+    await fund(market, "acme")
     await market.register_node(a_node(), T0)
     contract = await market.reserve(**take())
     asks = market.keys.asks("us-east-2")
@@ -357,6 +369,7 @@ async def test_update_refusals(market: Market) -> None:
 
 async def test_deactivate_keeps_running_leases(market: Market) -> None:
     """A deactivated node takes no new leases or beats; its contracts run and settle."""
+    await fund(market, "acme")
     await market.register_node(a_node(), T0)
     contract = await market.reserve(**take())
     node = await market.deactivate_node("n1", T0 + 1000)
@@ -410,6 +423,7 @@ async def test_heartbeat_batch_outcomes(market: Market) -> None:
 
 async def test_heartbeat_counts_leases_once(market: Market) -> None:
     """`available` in a beat excludes Mnemo's leases: offered = min(total, available + reserved)."""
+    await fund(market, "acme")
     await market.register_node(a_node(total_ram_gb=64, total_vram_gb=24), T0)
     await market.reserve(**take(ram_gb=16, vram_gb=4))
 
@@ -484,6 +498,7 @@ async def test_malformed_heartbeat_refuses_the_batch(market: Market) -> None:
 async def test_missed_heartbeats_take_a_node_offline_and_a_beat_brings_it_back(
     market: Market,
 ) -> None:
+    await fund(market, "acme")
     await market.register_node(a_node(heartbeat_interval_s=60.0), T0)
     contract = await market.reserve(**take())
     deadline = T0 + 180_000
@@ -513,6 +528,8 @@ async def test_missed_heartbeats_take_a_node_offline_and_a_beat_brings_it_back(
 
 
 async def test_reserve_creates_a_contract_at_the_ask_price(market: Market) -> None:
+    await fund(market, "acme")
+    await fund(market, "other")
     await market.register_node(a_node(), T0)
     c = await market.reserve(**take(max_price_pusd=5_000_000))
     assert (c.price_pusd, c.max_price_pusd, c.status, c.version) == (PRICE, 5_000_000, "active", 1)
@@ -537,6 +554,7 @@ async def test_reserve_creates_a_contract_at_the_ask_price(market: Market) -> No
 async def test_contracts_keep_any_user_and_owner_text(market: Market) -> None:
     """User and owner ids holding quotes, backslashes, control characters and non-ASCII text
     survive the stored contract and its events unchanged, through extend, failover and settle."""
+    await fund(market, "acme")
     owner, user = 'o"w\\ner\n\u00e9', 'u\t"\u4e2d\\/x'
     await market.register_node(a_node(owner_id=owner), T0)
     await market.register_node(a_node("n2", owner_id="bob"), T0)
@@ -560,6 +578,7 @@ async def test_a_contract_stored_as_a_hash_by_an_older_version_still_works(
 ) -> None:
     """After an upgrade, contracts left in Redis as hashes (the storage before JSON) are read,
     listed, extended and settled like the others, and written back as JSON."""
+    await fund(market, "acme")
     await market.register_node(a_node(), T0)
     c = await market.reserve(**take())
     key = market.keys.contract("us-east-2", c.contract_id)
@@ -611,6 +630,7 @@ async def test_reserve_refuses_a_node_in_maintenance(market: Market) -> None:
 
 async def test_reserve_many_keeps_order_and_reports_each(market: Market) -> None:
     """Pipelined reserves: each slot holds its contract or its refusal, in request order."""
+    await fund(market, "acme")
     await market.register_node(a_node(offered_ram_gb=20, offered_vram_gb=0), T0)
     req = ReserveRequest(
         node_id="n1", client_id="acme", user_id="u", ram_gb=8, vram_gb=0, duration_s=60,
@@ -628,6 +648,7 @@ async def test_reserve_many_keeps_order_and_reports_each(market: Market) -> None
 
 
 async def test_bids_rest_in_price_time_priority(market: Market) -> None:
+    await fund(market, "bot")
     placed = [
         await market.place_bid(a_bid("b1", max_price_pusd=900_000), T0),
         await market.place_bid(a_bid("b2", max_price_pusd=1_200_000), T0 + 1),
@@ -637,11 +658,13 @@ async def test_bids_rest_in_price_time_priority(market: Market) -> None:
     assert [b.seq for b in placed] == [1, 2, 3, 4]
     assert [b.bid_id for b in await market.bids("us-east-2")] == ["b2", "b4", "b1", "b3"]
     assert await market.get_bid("b1") == placed[0]
-    event = (await market.read_events("us-east-2"))[0]
+    event = (await market.read_events("us-east-2"))[1]  # after the funding
     assert isinstance(event, BidPlaced) and event.bid == placed[0]
 
 
 async def test_place_bid_refusals(market: Market) -> None:
+    await fund(market, "acme")
+    await fund(market, "bot")
     await market.place_bid(a_bid("b1"), T0)
     with pytest.raises(Conflict, match="id already in use"):
         await market.place_bid(a_bid("b1"), T0)
@@ -663,6 +686,8 @@ async def test_bids_placed_together_share_a_call_and_keep_call_order(
     """Concurrent place_bid calls go out as one script call and apply one by one in call order:
     priority follows the calls, an id used twice is refused the second time, each caller gets
     its own bid (or refusal), and every placed bid has its own event."""
+    await fund(market, "acme")
+    await fund(market, "bot")
     calls = []
     real_eval = market._eval
 
@@ -691,6 +716,8 @@ async def test_a_failed_batch_call_fails_each_of_its_bids(
 ) -> None:
     """When the shared script call fails (the server went away), every caller of the batch gets
     the error, and later calls work again."""
+    await fund(market, "acme")
+    await fund(market, "bot")
 
     async def broken(name: str, keys: Any, args: Any) -> Any:
         raise ConnectionError("gone")
@@ -706,6 +733,8 @@ async def test_a_failed_batch_call_fails_each_of_its_bids(
 
 
 async def test_cancel_and_expire_bids(market: Market) -> None:
+    await fund(market, "acme")
+    await fund(market, "bot")
     await market.place_bid(a_bid("b1"), T0)
     await market.place_bid(a_bid("b2", expires_ms=T0 + 5000), T0)
     await market.place_bid(a_bid("b3", expires_ms=T0 + 1000), T0)
@@ -727,6 +756,7 @@ async def test_cancel_and_expire_bids(market: Market) -> None:
 
 async def test_reserve_fills_a_whole_bid(market: Market) -> None:
     """A fill is the reserve and the bid's fill state in one step; a filled bid leaves the book."""
+    await fund(market, "bot")
     await market.register_node(a_node(), T0)
     await market.place_bid(a_bid("b1"), T0)
     c = await market.reserve(**take(client_id="bot", user_id="u-bot", ram_gb=8, vram_gb=4,
@@ -746,6 +776,7 @@ async def test_reserve_fills_a_whole_bid(market: Market) -> None:
 
 async def test_split_bid_fills_across_nodes(market: Market) -> None:
     """With allow_split, fills of at least min_fill_gb (or the whole rest); filled + rest = size."""
+    await fund(market, "bot")
     await market.register_node(a_node("n1", offered_ram_gb=5, offered_vram_gb=0), T0)
     await market.register_node(a_node("n2"), T0)
     await market.place_bid(a_bid("b1", ram_gb=8, vram_gb=4, allow_split=True, min_fill_gb=3), T0)
@@ -766,6 +797,8 @@ async def test_split_bid_fills_across_nodes(market: Market) -> None:
 
 
 async def test_bid_fill_refusals(market: Market) -> None:
+    await fund(market, "bot")
+    await fund(market, "other")
     await market.register_node(a_node(), T0)
     await market.register_node(a_node("e1", region="eu-west-1"), T0)
     await market.place_bid(a_bid("b1"), T0)
@@ -789,6 +822,7 @@ async def test_bid_fill_refusals(market: Market) -> None:
 
 
 async def test_extend(market: Market) -> None:
+    await fund(market, "acme")
     await market.register_node(a_node(max_duration_s=7200), T0)
     c = await market.reserve(**take())
     longer = await market.extend(c.contract_id, 1800, T0 + 1000)
@@ -813,6 +847,7 @@ async def test_extend(market: Market) -> None:
 
 async def test_settle_prices_exactly_and_frees_the_capacity(market: Market) -> None:
     """cost = (ram+vram) * used_s * price + egress_mgb * egress_price // 1000; hash of record."""
+    await fund(market, "acme")
     await market.register_node(a_node(), T0)
     c = await market.reserve(**take(ram_gb=32, vram_gb=12))
     s = await market.settle(c.contract_id, 2.4, T0 + 90_500)
@@ -842,6 +877,7 @@ async def test_settlement_money_beyond_double_precision_is_exact(market: Market)
     """Amounts past 2**53 pico-USD stay exact end to end (computed in Python, carried as text):
     a lease worth just under the bound, at an odd price near the highest, and nearly the most
     egress a contract may bill."""
+    await fund(market, "acme")
     price = core.MAX_PRICE_PUSD - 23
     egress_price = core.MAX_EGRESS_PRICE_PUSD - 7
     await market.register_node(
@@ -854,6 +890,8 @@ async def test_settlement_money_beyond_double_precision_is_exact(market: Market)
         ),
         T0,
     )
+    stake = trust.required_stake(1000 * 1000 * price)  # engine.trust: the lease needs a stake
+    await market.lock_stake("n1", "alice", stake, "stake-n1", T0)
     c = await market.reserve(
         **take(ram_gb=999, vram_gb=1, duration_s=1000, max_price_pusd=core.MAX_PRICE_PUSD)
     )
@@ -867,6 +905,7 @@ async def test_settlement_money_beyond_double_precision_is_exact(market: Market)
 
 
 async def test_settle_after_the_end_bills_the_term_only(market: Market) -> None:
+    await fund(market, "acme")
     await market.register_node(a_node(), T0)
     c = await market.reserve(**take(ram_gb=1, vram_gb=0, duration_s=60))
     s = await market.settle(c.contract_id, 0, T0 + 10**7)
@@ -875,6 +914,7 @@ async def test_settle_after_the_end_bills_the_term_only(market: Market) -> None:
 
 async def test_settle_and_extend_race_stays_consistent(market: Market) -> None:
     """Concurrent extend and settle: whichever wins, the record and its hash agree."""
+    await fund(market, "acme")
     await market.register_node(a_node(max_duration_s=86_400), T0)
     for i in range(20):
         c = await market.reserve(**take(ram_gb=1, vram_gb=0))
@@ -893,6 +933,7 @@ async def test_settle_and_extend_race_stays_consistent(market: Market) -> None:
 
 
 async def test_fail_contract_bills_time_served(market: Market) -> None:
+    await fund(market, "acme")
     await market.register_node(a_node(), T0)
     c = await market.reserve(**take(ram_gb=2, vram_gb=0))
     f = await market.fail_contract(c.contract_id, T0 + 10_001)
@@ -901,6 +942,7 @@ async def test_fail_contract_bills_time_served(market: Market) -> None:
 
 
 async def test_failover_moves_the_rest_of_the_term(market: Market) -> None:
+    await fund(market, "acme")
     await market.register_node(a_node("n1"), T0)
     await market.register_node(a_node("n2", price_pusd=900_000), T0)
     c = await market.reserve(**take(ram_gb=8, vram_gb=2, duration_s=3600))
@@ -924,6 +966,7 @@ async def test_failover_moves_the_rest_of_the_term(market: Market) -> None:
 
 
 async def test_failover_refusals(market: Market) -> None:
+    await fund(market, "acme")
     await market.register_node(a_node("n1"), T0)
     await market.register_node(a_node("n2", price_pusd=2_000_000), T0)
     await market.register_node(a_node("n3", offered_ram_gb=1), T0)
@@ -949,6 +992,8 @@ async def test_failover_refusals(market: Market) -> None:
 
 async def test_quote(market: Market) -> None:
     """Top of book by price level, last fill, 24 h volume."""
+    await fund(market, "acme")
+    await fund(market, "bot")
     await market.register_node(a_node("n1", offered_ram_gb=10, offered_vram_gb=0), T0)
     await market.register_node(a_node("n2", offered_ram_gb=6, offered_vram_gb=2), T0)
     await market.register_node(a_node("n3", price_pusd=700_000, offered_vram_gb=0,
@@ -978,6 +1023,8 @@ async def test_expire_asks(market: Market) -> None:
 
 
 async def test_events_are_numbered_per_region_and_decode(market: Market) -> None:
+    await fund(market, "acme")
+    await fund(market, "bot")
     await market.register_node(a_node("n1"), T0)
     await market.register_node(a_node("e1", region="eu-west-1"), T0)
     await market.place_bid(a_bid("b1"), T0)
@@ -985,7 +1032,7 @@ async def test_events_are_numbered_per_region_and_decode(market: Market) -> None
     await market.extend(c.contract_id, 60, T0 + 1)
     await market.settle(c.contract_id, 0, T0 + 2)
     us = await market.read_events("us-east-2")
-    assert [e.event_id for e in us] == [f"us-east-2:{i}" for i in range(1, 6)]
+    assert [e.event_id for e in us] == [f"us-east-2:{i}" for i in range(1, 8)]
     assert [e.event_id for e in await market.read_events("eu-west-1")] == ["eu-west-1:1"]
 
 
@@ -993,6 +1040,7 @@ async def test_scripts_reload_after_noscript(
     market: Market, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A server that does not know a script (restart, SCRIPT FLUSH) gets it again by itself."""
+    await fund(market, "acme")
     original = market_module._source
     marker = uuid.uuid4().hex
 
@@ -1015,13 +1063,14 @@ async def test_scripts_reload_after_noscript(
 
 async def test_works_with_a_decoding_client(redis_url: str, keys: Keys) -> None:
     """The adapter accepts clients created with decode_responses=True too."""
-    client = aioredis.from_url(redis_url, decode_responses=True)
+    client = open_redis(redis_url, decode_responses=True)
     try:
         m = Market(client, keys)
         await m.load_scripts()
+        await fund(m, "acme")
         await m.register_node(a_node(), T0)
         c = await m.reserve(**take())
         assert (await m.settle(c.contract_id, 0, T0 + 1000)).used_s == 1
-        assert len(await m.read_events("us-east-2")) == 3
+        assert len(await m.read_events("us-east-2")) == 4
     finally:
         await client.aclose()

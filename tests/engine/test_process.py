@@ -20,11 +20,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine import process
-from engine.keys import Keys
+from engine.keys import FUNDING, Keys
 from engine.market import Market
 from engine.process import Engine, run_engine
 from engine.settings import Settings
 from engine.types import Bid, Contract, Heartbeat, Node
+from tests.conftest import node_client
+from tests.engine.conftest import fund
 
 R = "test-east"
 T0 = 1_700_000_000_000
@@ -54,6 +56,8 @@ def clock() -> FakeClock:
 async def market(redis: aioredis.Redis, keys: Keys) -> Market:
     m = Market(redis, keys)
     await m.load_scripts()
+    for region in (R, "test-west"):
+        await fund(m, "client-1", region)
     return m
 
 
@@ -92,7 +96,7 @@ class Inbox:
 
 @pytest.fixture
 async def inbox(redis_url: str, keys: Keys) -> AsyncIterator[Inbox]:
-    client = aioredis.from_url(redis_url)
+    client = node_client(redis_url)
     pubsub = client.pubsub()
     await pubsub.psubscribe(f"{keys.prefix}*")
     box = Inbox(pubsub)
@@ -298,7 +302,6 @@ async def test_split_bid_fills_across_nodes_respecting_min_fill(
         assert last is not None and last.node_id == more.node_id and last.ram_gb == 20
         assert engine.workers[R].fills == 3
         user = keys.user_channel("user-1")
-        fills = [m for m in inbox.on(user) if m["channel"] == "fills"]
         await inbox.wait_for(
             lambda ch, m: (
                 ch == user
@@ -307,6 +310,8 @@ async def test_split_bid_fills_across_nodes_respecting_min_fill(
                 and m["data"]["bid"]["status"] == "filled"
             )
         )
+        # counted once the last notice is in (on a cluster they arrive over the bus)
+        fills = [m for m in inbox.on(user) if m["channel"] == "fills"]
         assert len(fills) >= 2
 
 
@@ -544,6 +549,42 @@ async def test_two_engines_never_serve_one_region_at_once(
         await asyncio.wait_for(task_a, WAIT_S)
 
 
+async def test_engines_spread_the_regions_and_take_over_when_one_stops(
+    redis: aioredis.Redis, keys: Keys, market: Market, clock: FakeClock
+) -> None:
+    """Two engines share four regions two and two (the first lets go of what the second may
+    take); when one stops, the other serves all four."""
+    regions = ["r1", "r2", "r3", "r4"]
+    for region in regions:
+        await market.register_node(node(region), clock())
+
+    def serving(engine: Engine) -> set[str]:
+        return {r for r, w in engine.workers.items() if w.serving}
+
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    a = Engine(redis, keys, regions=regions, clock=clock)
+    b = Engine(redis, keys, regions=regions, clock=clock)
+    task_a = asyncio.create_task(a.run(stop_a))
+    task_b: asyncio.Task[None] | None = None
+    try:
+        await eventually(lambda: _true(serving(a) == set(regions)))
+        task_b = asyncio.create_task(b.run(stop_b))
+        await eventually(
+            lambda: _true(len(serving(a)) == 2 and serving(a) | serving(b) == set(regions)),
+            within_s=30,
+        )
+        assert not serving(a) & serving(b)
+        stop_a.set()
+        await asyncio.wait_for(task_a, WAIT_S)
+        await eventually(lambda: _true(serving(b) == set(regions)), within_s=30)
+    finally:
+        stop_a.set()
+        stop_b.set()
+        await asyncio.wait_for(task_a, WAIT_S)
+        if task_b is not None:
+            await asyncio.wait_for(task_b, WAIT_S)
+
+
 async def test_engine_discovers_new_regions_and_survives_a_bad_stream_entry(
     redis: aioredis.Redis, keys: Keys, market: Market, inbox: Inbox, clock: FakeClock
 ) -> None:
@@ -623,3 +664,25 @@ async def test_publisher_delivers_every_message_intact_and_in_order(
     got = [(channel, json.dumps(msg).encode()) for channel, msg, _ in inbox.messages]
     assert got == sent
     assert (publisher.sent, publisher.dropped) == (len(sent), 0)
+
+
+async def test_the_engine_finishes_transfers_left_half_done(
+    redis: aioredis.Redis, keys: Keys, clock: FakeClock, market: Market
+) -> None:
+    """Money sent from the funding wallet by a process that died before crediting the region
+    (issue 14: a transfer's first step only) is credited by the engine's repair loop, once."""
+    await market.credit("client-2", 10**12, key="k", rail="operator", now_ms=clock())
+    tid = await market.send_transfer(
+        "client-2", from_slot=FUNDING, to_slot=R, amount_pusd=10**12, allow_pusd=0,
+        now_ms=clock(),
+    )  # fmt: skip
+    assert tid is not None
+    clock.advance(60_000)  # older than MNEMO_TRANSFER_REPAIR_AFTER_S
+    async with running_engine(redis, keys, clock, [R]):
+
+        async def credited() -> bool | None:
+            wallet = await market.wallet(R, "client-2", clock())
+            return wallet.avail_pusd == 10**12 and not await market.pending_transfers(FUNDING)
+
+        await eventually(credited)
+    assert (await market.wallet(FUNDING, "client-2", clock())).avail_pusd == 0

@@ -7,10 +7,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from engine.connection import open_redis
 from engine.errors import CapacityTaken, Conflict, InvalidRequest, MarketError
 from engine.keys import Keys
 from engine.market import Market, ReserveRequest
 from engine.types import Bid, Contract, Node
+from tests.engine.conftest import fund
 
 T0 = 1_700_000_000_000
 
@@ -19,7 +21,7 @@ async def _takers(redis_url: str, keys: Keys, count: int) -> list[Market]:
     """`count` markets, each with its own client: no connection or state is shared."""
     markets = []
     for _ in range(count):
-        m = Market(aioredis.from_url(redis_url), keys)
+        m = Market(open_redis(redis_url), keys)
         await m.load_scripts()
         markets.append(m)
     return markets
@@ -43,6 +45,8 @@ async def test_fifty_takers_for_ten_leases(
         T0,
     )  # fmt: skip
     markets = await _takers(redis_url, keys, 50)
+    for i in range(50):
+        await fund(owner, f"c{i}")
     start = asyncio.Event()
 
     async def taker(i: int, m: Market) -> Contract | MarketError:
@@ -77,7 +81,8 @@ async def test_fifty_takers_for_ten_leases(
     )
     assert await redis.zscore(keys.asks("us-east-2"), "n1") is None
     events = await owner.read_events("us-east-2")
-    assert len(events) == 11  # the registration and one event per contract, none for refusals
+    # the registration, the 50 takers' funding, one event per contract, none for refusals
+    assert len(events) == 61
 
 
 async def test_concurrent_fills_never_overfill_a_split_bid(
@@ -93,6 +98,7 @@ async def test_concurrent_fills_never_overfill_a_split_bid(
                  offered_ram_gb=8, offered_vram_gb=0, price_pusd=100),
             T0,
         )  # fmt: skip
+    await fund(owner, "bot", "eu")
     await owner.place_bid(
         Bid(bid_id="b1", region="eu", client_id="bot", user_id="u", ram_gb=30, vram_gb=0,
             duration_s=60, max_price_pusd=100, allow_split=True, min_fill_gb=2),
@@ -155,6 +161,7 @@ async def test_pipelined_batches_race_too(
         T0,
     )  # fmt: skip
     markets = await _takers(redis_url, keys, 5)
+    await fund(owner, "c", "ap")
     req = ReserveRequest(node_id="n1", client_id="c", user_id="u", ram_gb=1, vram_gb=0,
                          duration_s=60, max_price_pusd=10)  # fmt: skip
     try:

@@ -9,10 +9,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.errors import CapacityTaken
-from engine.keys import Keys
+from engine.keys import FUNDING, Keys
 from engine.market import Market
 from engine.replay import RegionImage, region_snapshot, snapshot_digest
 from engine.types import Bid, Heartbeat, Node, NodeChanges, NodeDeactivated
+from tests.engine.conftest import fund
 
 T0 = 1_700_000_000_000
 
@@ -59,6 +60,9 @@ async def elsewhere(redis: aioredis.Redis) -> AsyncIterator[Keys]:
 async def busy_market(m: Market) -> None:
     """Every kind of change, in two regions."""
     fill = dict(client_id="bot", user_id="u-bot", duration_s=600, max_price_pusd=1_000_000)
+    await fund(m, "bot")
+    await fund(m, "acme")
+    await fund(m, "acme", "eu-west-1")
     await m.register_node(a_node("n1"), T0)
     await m.register_node(a_node("n2", price_pusd=900_000, ask_expires_ms=T0 + 50_000), T0)
     await m.register_node(a_node("n3", lat=89.7, price_pusd=700_000), T0)
@@ -104,6 +108,13 @@ async def busy_market(m: Market) -> None:
         T0 + 60_000, 30_000,
     )  # fmt: skip
     await m.register_node(a_node("n5", ask_expires_ms=T0 + 10**7), T0 + 61_000)
+    await m.gather("acme", T0 + 62_000)  # a transfer from the regions back to funding
+    await m.debit("acme", 10**12, key="refund", rail="stripe", now_ms=T0 + 63_000)
+    # a transfer interrupted after its first step: still in the outbox when replayed
+    await m.send_transfer(
+        "bot", from_slot=FUNDING, to_slot="eu-west-1", amount_pusd=5, allow_pusd=0, credit_line_pusd=5,
+        now_ms=T0 + 64_000,
+    )  # fmt: skip
 
 
 async def test_replay_reproduces_the_live_state(
@@ -111,20 +122,22 @@ async def test_replay_reproduces_the_live_state(
 ) -> None:
     """Every key of both regions (found by SCAN) has the same contents after a replay."""
     await busy_market(market)
-    events = [e for r in await market.regions() for e in await market.read_events(r)]
+    slots = [FUNDING, *await market.regions()]
+    events = [e for r in slots for e in await market.read_events(r)]
     assert {type(e).__name__ for e in events} == {
         "NodeRegistered", "NodeUpdated", "NodeDeactivated", "HeartbeatsApplied", "NodeOffline",
         "BidPlaced", "BidCancelled", "BidExpired", "ContractCreated", "ContractExtended",
-        "ContractSettled",
+        "ContractSettled", "WalletCredited", "WalletDebited", "TransferSent", "TransferReceived",
     }  # fmt: skip
     await Market(redis, elsewhere).replay(events)
     seen = {}
-    for region in ("us-east-2", "eu-west-1"):
+    for region in ("us-east-2", "eu-west-1", FUNDING):
         original = seen[region] = await region_snapshot(redis, keys, region)
         rebuilt = await region_snapshot(redis, elsewhere, region)
         assert rebuilt == original
         assert snapshot_digest(rebuilt) == snapshot_digest(original)
-        assert {"geo", "fills", "seq", "arrival"} <= set(original)
+        if region != FUNDING:
+            assert {"geo", "fills", "seq", "arrival", "wallets"} <= set(original)
     us = set(seen["us-east-2"])
     assert {
         "node:n1",
@@ -148,6 +161,7 @@ async def test_a_replayed_market_carries_on(
     await rebuilt.load_scripts()
     await rebuilt.replay(await market.read_events("us-east-2"))
     for m in (market, rebuilt):
+        await fund(m, "z", now_ms=T0 + 70_000)
         c = await m.reserve(
             node_id="n3", client_id="z", user_id="u-z", ram_gb=1, vram_gb=0, duration_s=60,
             max_price_pusd=2_000_000, now_ms=T0 + 70_000,
@@ -159,8 +173,8 @@ async def test_a_replayed_market_carries_on(
                 duration_s=60, max_price_pusd=2_000_000, now_ms=T0 + 70_000,
             )  # fmt: skip
     original = await market.read_events("us-east-2")
-    [continued] = await rebuilt.read_events("us-east-2")
-    assert continued.event_id == original[-1].event_id
+    [funded, continued] = await rebuilt.read_events("us-east-2")
+    assert (funded.event_id, continued.event_id) == (original[-2].event_id, original[-1].event_id)
     assert await rebuilt.quote("us-east-2", T0 + 70_000) == await market.quote(
         "us-east-2", T0 + 70_000
     )

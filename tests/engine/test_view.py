@@ -20,6 +20,7 @@ from engine.market import Market
 from engine.scoring import MatchRequest, rank_reference
 from engine.types import Heartbeat, Node, NodeChanges
 from engine.view import MarketView
+from tests.engine.conftest import fund
 
 T0 = 1_700_000_000_000
 EAST, WEST = "view-east", "view-west"
@@ -48,6 +49,8 @@ def new_node(region: str, **kw: Any) -> Node:
 async def market(redis: aioredis.Redis, keys: Keys) -> Market:
     m = Market(redis, keys)
     await m.load_scripts()
+    for region in (EAST, WEST):
+        await fund(m, "client-1", region)
     return m
 
 

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from engine.keys import Keys
+from engine.market import Market
 from engine.notify import TradeNote, encode_message, market_summary
 from engine.settings import Settings
 from gateway.app import create_app
@@ -188,14 +189,50 @@ async def register_node(gw: Gateway, provider: Actor, **overrides: Any) -> str:
 
 
 async def create_client(
-    gw: Gateway, renter: Actor, location: tuple[float, float] | None = BOSTON
+    gw: Gateway,
+    renter: Actor,
+    location: tuple[float, float] | None = BOSTON,
+    *,
+    fund_usd: int | None = 1000,
 ) -> str:
+    """A renter profile of `renter`, funded with `fund_usd` (an operator's credit: issue 14, a
+    contract or bid needs its cost covered; None: unfunded)."""
     body: dict[str, Any] = {"org_name": f"org of {renter.email}"}
     if location is not None:
         body["latitude"], body["longitude"] = location
     r = await gw.client.post("/api/clients", json=body, headers=renter.headers)
     assert r.status_code == 201, r.text
-    return r.json()["id"]
+    client_id: str = r.json()["id"]
+    if fund_usd:
+        await fund(gw, client_id, fund_usd)
+    return client_id
+
+
+async def fund(gw: Gateway, client_id: str, usd: int) -> None:
+    """Credit a renter's balance as an operator would (the market's `credit` primitive; one
+    credit moves at most a million USD)."""
+    while usd > 0:
+        result = await gw.state["market"].credit(
+            client_id,
+            min(usd, 1_000_000) * 10**12,
+            key=f"test-fund:{uuid.uuid4().hex}",
+            rail="operator",
+            reason="test fixture",
+            now_ms=time.time_ns() // 1_000_000,
+        )
+        assert result.applied
+        usd -= 1_000_000
+
+
+async def give_stake(market: Market, node_id: str, owner_id: str, usd: float) -> None:
+    """Give a node `usd` of stake (engine.trust: a lease needs 10 % of the node's lease value
+    beyond 10 USD staked), as if its provider had locked that much of its earnings; the ledger's
+    side of a lock (earnings into `stake_transit`) is `tests/persistence/test_stake.py`'s."""
+    changed = await market.lock_stake(
+        node_id, owner_id, round(usd * 10**12), f"test-stake:{uuid.uuid4().hex}",
+        time.time_ns() // 1_000_000,
+    )  # fmt: skip
+    assert changed is not None
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout_s: float = 5.0) -> T:
@@ -231,7 +268,7 @@ def assert_error(
     assert set(body) == {"error"}, body
     error = body["error"]
     assert isinstance(error["code"], str) and isinstance(error["message"], str), body
-    assert set(error) <= {"code", "message", "field"}, body
+    assert set(error) <= {"code", "message", "field", "shortfall_usd", "shortfall_pusd"}, body
     if code is not None:
         assert error["code"] == code, body
     if field is not None:

@@ -20,6 +20,8 @@ from typing import Any
 import jwt
 from starlette.routing import Mount, Route, WebSocketRoute
 
+from gateway.web.pages import PAGES
+
 from .conftest import (
     JWT_SECRET,
     Actor,
@@ -62,6 +64,36 @@ class World:
         )
         assert r.status_code == 201, r.text
         return r.json()["contract_id"]
+
+    async def lease(self, *, ready: bool = False, closing: bool = False) -> tuple[str, str]:
+        """(node id, contract id) of a RAM lease on a node that delivers: pending, ready, or
+        with its close ordered."""
+        node_id = await register_node(
+            self.gw, self.provider, name=f"d-{uuid.uuid4().hex[:6]}", delivers=True
+        )
+        r = await self.gw.client.post(
+            "/api/contracts/create",
+            json={
+                "client_id": self.client_id,
+                "node_id": node_id,
+                "ram_gb": 2,
+                "vram_gb": 0,
+                "duration_sec": 600,
+            },
+            headers=self.renter.headers,
+        )
+        assert r.status_code == 201, r.text
+        contract_id = r.json()["contract_id"]
+        if ready or closing:
+            r = await self.gw.client.post(
+                f"/api/nodes/{node_id}/leases/{contract_id}/ready",
+                json={"host": "127.0.0.1", "port": 43001},
+                headers=self.provider.headers,
+            )
+            assert r.status_code == 200, r.text
+        if closing:
+            await self.gw.state["market"].close_lease(contract_id, int(time.time() * 1000))
+        return node_id, contract_id
 
     async def bid(self) -> str:
         r = await self.gw.client.post(
@@ -134,6 +166,34 @@ async def _node_put(world: World) -> Built:
     return f"/api/nodes/{await world.node()}", {"name": "renamed"}
 
 
+def _maintenance_body() -> dict[str, int]:
+    start = int(time.time() * 1000) + 2 * 3_600_000
+    return {"start_ms": start, "end_ms": start + 3_600_000}
+
+
+async def _maintenance(world: World) -> Built:
+    return f"/api/nodes/{await world.node()}/maintenance", _maintenance_body()
+
+
+async def _maintenance_announced(world: World) -> Built:
+    path = f"/api/nodes/{await world.node()}/maintenance"
+    r = await world.gw.client.post(path, json=_maintenance_body(), headers=world.provider.headers)
+    assert r.status_code == 200, r.text
+    return path, None
+
+
+async def _stake(world: World) -> Built:
+    return f"/api/nodes/{await world.node()}/stake", {"amount_usd": 1.0}
+
+
+async def _stake_release(world: World) -> Built:
+    return f"/api/nodes/{await world.node()}/stake/release", {"amount_usd": 1.0}
+
+
+async def _node_scores(world: World) -> Built:
+    return f"/api/nodes/{await world.node()}/scores", None
+
+
 async def _request(world: World) -> Built:
     return "/api/marketplace/request", {
         "ram_gb": 1,
@@ -165,6 +225,35 @@ async def _extend(world: World) -> Built:
     return f"/api/contracts/{await world.contract()}/extend", {"additional_duration_sec": 60}
 
 
+async def _node_leases(world: World) -> Built:
+    node_id, _ = await world.lease()
+    return f"/api/nodes/{node_id}/leases", None
+
+
+async def _credentials(world: World) -> Built:
+    node_id, contract_id = await world.lease()
+    return f"/api/nodes/{node_id}/leases/{contract_id}/credentials", None
+
+
+async def _ready(world: World) -> Built:
+    node_id, contract_id = await world.lease()
+    return f"/api/nodes/{node_id}/leases/{contract_id}/ready", {"host": "10.0.0.5", "port": 43002}
+
+
+async def _closed(world: World) -> Built:
+    node_id, contract_id = await world.lease(closing=True)
+    return f"/api/nodes/{node_id}/leases/{contract_id}/closed", {
+        "egress_bytes": 1000,
+        "peak_memory_bytes": 2000,
+        "digest": "ab" * 32,
+    }
+
+
+async def _access(world: World) -> Built:
+    _, contract_id = await world.lease(ready=True)
+    return f"/api/contracts/{contract_id}/access", None
+
+
 async def _bid_create(world: World) -> Built:
     return "/api/bids", world.bid_body()
 
@@ -177,12 +266,46 @@ async def _client(world: World) -> Built:
     return f"/api/clients/{world.client_id}", None
 
 
+async def _balance(world: World) -> Built:
+    return f"/api/clients/{world.client_id}/balance", None
+
+
+def _admin_money(what: str) -> Callable[[World], Awaitable[Built]]:
+    async def build(world: World) -> Built:
+        body: dict[str, Any] = {"amount_usd": 1.0, "reason": "walk", "key": uuid.uuid4().hex}
+        if what == "credit-line":
+            body = {"credit_line_usd": 10.0}
+        return f"/api/admin/accounts/{world.client_id}/{what}", body
+
+    return build
+
+
 async def _node_earnings(world: World) -> Built:
     return f"/api/analytics/node/{await world.node()}/earnings", None
 
 
 async def _client_spending(world: World) -> Built:
     return f"/api/analytics/client/{world.client_id}/spending", None
+
+
+async def _invoice(world: World) -> Built:
+    return f"/api/payments/invoice/{world.client_id}", None
+
+
+async def _pay(world: World) -> Built:
+    return "/api/payments/create", {
+        "client_id": world.client_id,
+        "amount_usd": 5.0,
+        "stripe_token": "pm_walk",
+    }
+
+
+async def _checkout(world: World) -> Built:
+    return "/api/payments/checkout", {
+        "client_id": world.client_id,
+        "amount_usd": 5.0,
+        "return_url": "https://app.example/renter",
+    }
 
 
 P, R = "provider", "renter"
@@ -216,6 +339,16 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("POST", "/api/clients"): Rule(R, 201, 201, _const("/api/clients", {"org_name": "walkers"})),
     ("GET", "/api/clients"): Rule(R, 200, 200, _const("/api/clients")),
     ("GET", "/api/clients/{client_id}"): Rule(R, 200, 404, _client),
+    # Money: a balance to its renter (404 to others); operators' routes to admins only.
+    ("GET", "/api/clients/{client_id}/balance"): Rule(R, 200, 404, _balance),
+    ("GET", "/api/accounts/me/balance"): Rule(R, 200, 200, _const("/api/accounts/me/balance")),
+    ("POST", "/api/admin/accounts/{client_id}/credit"): Rule(R, 403, 403, _admin_money("credit")),
+    ("POST", "/api/admin/accounts/{client_id}/clawback"): Rule(
+        R, 403, 403, _admin_money("clawback")
+    ),
+    ("PUT", "/api/admin/accounts/{client_id}/credit-line"): Rule(
+        R, 403, 403, _admin_money("credit-line")
+    ),
     ("POST", "/api/nodes/register"): Rule(P, 200, 200, _const("/api/nodes/register", _WALK_NODE)),
     ("POST", "/api/nodes/register/batch"): Rule(
         P, 201, 201, _const("/api/nodes/register/batch", {"nodes": [_WALK_NODE]})
@@ -225,6 +358,12 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("GET", "/api/nodes/{node_id}"): Rule(P, 200, 200, _node_path),
     ("PUT", "/api/nodes/{node_id}"): Rule(P, 200, 403, _node_put),
     ("DELETE", "/api/nodes/{node_id}"): Rule(P, 200, 403, _node_path),
+    ("POST", "/api/nodes/{node_id}/maintenance"): Rule(P, 200, 403, _maintenance),
+    ("DELETE", "/api/nodes/{node_id}/maintenance"): Rule(P, 200, 403, _maintenance_announced),
+    ("GET", "/api/nodes/{node_id}/scores"): Rule(P, 200, 200, _node_scores),
+    # no earnings to lock, no stake to release: refused, but only past authorization
+    ("POST", "/api/nodes/{node_id}/stake"): Rule(P, 402, 403, _stake),
+    ("POST", "/api/nodes/{node_id}/stake/release"): Rule(P, 409, 403, _stake_release),
     ("GET", "/api/marketplace"): Rule(R, 200, 200, _const("/api/marketplace")),
     ("POST", "/api/marketplace/request"): Rule(R, 200, 403, _request),
     ("POST", "/api/contracts/create"): Rule(R, 201, 403, _contract_create),
@@ -232,36 +371,90 @@ TABLE: dict[tuple[str, str], Rule] = {
     ("GET", "/api/contracts/{contract_id}"): Rule(R, 200, 404, _contract),
     ("POST", "/api/contracts/{contract_id}/settle"): Rule(R, 200, 404, _settle),
     ("POST", "/api/contracts/{contract_id}/extend"): Rule(R, 200, 404, _extend),
+    # Delivery (gateway/routes/leases.py): the node's agent speaks as the node's owner; the
+    # renter alone sees the way in (404 to anyone else: the answer holds the password).
+    ("GET", "/api/nodes/{node_id}/leases"): Rule(P, 200, 403, _node_leases),
+    ("GET", "/api/nodes/{node_id}/leases/{contract_id}/credentials"): Rule(
+        P, 200, 403, _credentials
+    ),
+    ("POST", "/api/nodes/{node_id}/leases/{contract_id}/ready"): Rule(P, 200, 403, _ready),
+    ("POST", "/api/nodes/{node_id}/leases/{contract_id}/closed"): Rule(P, 200, 403, _closed),
+    ("GET", "/api/contracts/{contract_id}/access"): Rule(R, 200, 404, _access),
     ("POST", "/api/bids"): Rule(R, 201, 403, _bid_create),
     ("GET", "/api/bids"): Rule(R, 200, 200, _const("/api/bids")),
     ("GET", "/api/bids/{bid_id}"): Rule(R, 200, 404, _bid),
     ("DELETE", "/api/bids/{bid_id}"): Rule(R, 200, 404, _bid),
-    ("GET", "/api/book/{region}"): Rule(R, 200, 200, _const("/api/book/us-east-2")),
-    # Clusters and analytics (gateway/analytics.py): public aggregates to any principal; a
-    # node's earnings to its owner (403 otherwise), a client's spending to its user (404).
-    ("GET", "/api/clusters"): Rule(R, 200, 200, _const("/api/clusters")),
+    # Market data is public (the web app's market page reads it signed out): the book, the
+    # clusters, supply, candles and recent trades; a node's earnings go to its owner (403
+    # otherwise), a client's spending to its user (404).
+    ("GET", "/api/book/{region}"): Rule(R, 200, 200, _const("/api/book/us-east-2"), public=True),
+    ("GET", "/api/clusters"): Rule(R, 200, 200, _const("/api/clusters"), public=True),
     ("GET", "/api/clusters/{region}/nodes"): Rule(
-        R, 200, 200, _const("/api/clusters/us-east-2/nodes")
+        R, 200, 200, _const("/api/clusters/us-east-2/nodes"), public=True
     ),
     ("GET", "/api/clusters/{region}/stats"): Rule(
-        R, 200, 200, _const("/api/clusters/us-east-2/stats")
+        R, 200, 200, _const("/api/clusters/us-east-2/stats"), public=True
     ),
     ("GET", "/api/analytics/node/{node_id}/earnings"): Rule(P, 200, 403, _node_earnings),
     ("GET", "/api/analytics/client/{client_id}/spending"): Rule(R, 200, 404, _client_spending),
     ("GET", "/api/analytics/market/supply"): Rule(
-        R, 200, 200, _const("/api/analytics/market/supply")
+        R, 200, 200, _const("/api/analytics/market/supply"), public=True
     ),
     ("GET", "/api/analytics/market/pricing"): Rule(
-        R, 200, 200, _const("/api/analytics/market/pricing")
+        R, 200, 200, _const("/api/analytics/market/pricing"), public=True
     ),
+    ("GET", "/api/market/trades"): Rule(R, 200, 200, _const("/api/market/trades"), public=True),
+    # The web app (gateway/web): its pages are public; sign-in answers 401 to the walk's body
+    # (no such account), the session 200 to anyone; sign-out needs a principal (and, with the
+    # cookie, its CSRF token: tests/gateway/test_web.py).
+    **{("GET", p.path): Rule(R, 200, 200, _const(p.path), public=True) for p in PAGES},
+    ("POST", "/api/web/login"): Rule(
+        R,
+        401,
+        401,
+        _const("/api/web/login", {"email": "walk@example.com", "password": "12345678"}),
+        public=True,
+    ),
+    ("GET", "/api/web/session"): Rule(R, 200, 200, _const("/api/web/session"), public=True),
+    ("POST", "/api/web/logout"): Rule(R, 200, 200, _const("/api/web/logout")),
+    # Payments (gateway/payments/): the invoice to the client's user (404 otherwise), the
+    # statement to the calling provider. This gateway has no Stripe key, so the card and
+    # Connect routes answer 503 once the caller's rights are checked (another tenant's client:
+    # 403; a payment id: 404, none exists); tests/payments/ walk them with Stripe configured.
+    ("GET", "/api/payments/invoice/{client_id}"): Rule(R, 200, 404, _invoice),
+    ("GET", "/api/payments/statement"): Rule(P, 200, 200, _const("/api/payments/statement")),
+    ("POST", "/api/payments/create"): Rule(R, 503, 403, _pay),
+    ("POST", "/api/payments/checkout"): Rule(R, 503, 403, _checkout),
+    ("GET", "/api/payments/cards/{payment_id}"): Rule(
+        R, 404, 404, _const(f"/api/payments/cards/{uuid.uuid4().hex}")
+    ),
+    ("POST", "/api/payments/refund"): Rule(
+        R, 404, 404, _const("/api/payments/refund", {"payment_id": uuid.uuid4().hex})
+    ),
+    ("POST", "/api/payments/webhook"): Rule(
+        R, 503, 503, _const("/api/payments/webhook", {}), public=True
+    ),
+    ("POST", "/api/payments/connect/onboard"): Rule(
+        P,
+        503,
+        503,
+        _const(
+            "/api/payments/connect/onboard",
+            {"return_url": "https://a.example/r", "refresh_url": "https://a.example/f"},
+        ),
+    ),
+    ("GET", "/api/payments/connect"): Rule(P, 503, 503, _const("/api/payments/connect")),
 }
 
 WEBSOCKET_ROUTES = {
-    "/ws": "tests/gateway/test_ws*.py walk the socket's authentication and channels"
+    "/ws": "tests/gateway/test_ws*.py walk the socket's authentication and channels",
+    "/ws/public": "tests/gateway/test_web.py: no credentials, market channels only",
 }
 MOUNTS = {
     "/docs/assets": "Swagger UI's static files, public like /docs "
-    "(tests/gateway/test_openapi.py loads each one the page names)"
+    "(tests/gateway/test_openapi.py loads each one the page names)",
+    "/static/app": "the web app's own files, public (tests/gateway/test_web.py)",
+    "/static/vendor": "the web app's libraries, public (tests/gateway/test_web.py)",
 }
 
 

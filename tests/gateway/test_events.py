@@ -129,6 +129,7 @@ def test_bid_and_contract_notices_carry_rest_shapes() -> None:
         note = ContractNote(notice="contract_extended", ts_ms=6, contract=c)
         data = _public(channel, note)
         assert data == {
+            "event": "contract",
             "notice": "contract_extended",
             "ts_ms": 6,
             "contract": msgspec.to_builtins(contract_out(c)),

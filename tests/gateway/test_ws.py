@@ -29,6 +29,7 @@ from engine.types import Contract, Quote
 from gateway import protocol
 from gateway.app import create_app
 from gateway.hub import Hub
+from tests.conftest import publish_all
 from tests.gateway.conftest import (
     JWT_SECRET,
     Actor,
@@ -323,10 +324,7 @@ async def test_batch_socket_gets_queued_messages_in_one_frame_in_order(
     for ws in (plain, batched):
         assert (await subscribe(ws, "market"))["type"] == "subscribed"
     n = 200
-    async with redis.pipeline(transaction=False) as pipe:
-        for i in range(n):
-            pipe.publish(live.keys.market_channel, market_message(i))
-        await pipe.execute()
+    await publish_all(redis, live.keys.market_channel, (market_message(i) for i in range(n)))
     frames = []
     flat: list[dict[str, Any]] = []
     while len(flat) < n:
@@ -527,11 +525,12 @@ async def flood_market_until_a_drop(live: Live, redis: aioredis.Redis, hub: Hub)
     dropped_before = hub.dropped
     async with asyncio.timeout(60):
         while hub.dropped == dropped_before:
-            async with redis.pipeline(transaction=False) as pipe:
-                for _ in range(50):
-                    pipe.publish(live.keys.market_channel, market_message(sent, pad))
-                    sent += 1
-                await pipe.execute()
+            await publish_all(
+                redis,
+                live.keys.market_channel,
+                (market_message(sent + i, pad) for i in range(50)),
+            )
+            sent += 50
             await asyncio.sleep(0.005)
     return sent
 

@@ -19,6 +19,7 @@ from engine.keys import Keys
 from engine.settings import Settings
 from gateway.direct import direct_writer, frame_payload, frame_text
 from gateway.hub import Hub, Subscriber
+from tests.conftest import publish_all
 from tests.gateway.conftest import market_event, market_message, numbered, signup
 from tests.gateway.test_ws import (
     WAIT_S,
@@ -147,11 +148,10 @@ async def test_reply_waiting_in_send_is_not_overtaken_by_direct_events(
 
     async def publish(n: int) -> None:
         nonlocal sent
-        async with redis.pipeline(transaction=False) as pipe:
-            for _ in range(n):
-                pipe.publish(live.keys.market_channel, market_message(sent, pad))
-                sent += 1
-            await pipe.execute()
+        await publish_all(
+            redis, live.keys.market_channel, (market_message(sent + i, pad) for i in range(n))
+        )
+        sent += n
         await _until(lambda: hub.delivered >= delivered0 + sent)
 
     delivered0 = hub.delivered
@@ -223,10 +223,7 @@ async def test_batch_socket_written_directly_splits_batches_at_max_batch_bytes(
     ws = await connect(f"{live.ws_url}?api_key={user.key}&batch=1", open_timeout=WAIT_S)
     assert (await subscribe(ws, "market"))["type"] == "subscribed"
     n = 300
-    async with redis.pipeline(transaction=False) as pipe:
-        for i in range(n):
-            pipe.publish(live.keys.market_channel, market_message(i))
-        await pipe.execute()
+    await publish_all(redis, live.keys.market_channel, (market_message(i) for i in range(n)))
     flat: list[Any] = []
     batches = 0
     while len(flat) < n:

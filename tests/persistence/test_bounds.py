@@ -13,10 +13,11 @@ import redis.asyncio as aioredis
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from engine import core
-from engine.keys import Keys
+from engine import core, trust
+from engine.keys import FUNDING, Keys
 from engine.market import Market
 from engine.types import Node
+from persistence import ledger
 from persistence.journal.batch import write_batch
 from persistence.journal.stored import decode_entry
 
@@ -140,6 +141,17 @@ async def test_worst_case_settlements_land_in_postgres_exactly(
             ),
             now,
         )
+        # Money in first (issue 14): the hold, and the debt the last settlement's egress left.
+        hold = core.hold_pusd(case.ram_gb + case.vram_gb, case.duration_s, case.price_pusd)
+        debt = max(0, -(await market.wallet(REGION, client, now)).avail_pusd)
+        for k, start in enumerate(range(0, hold + debt, 10**18)):
+            amount = min(10**18, hold + debt - start)
+            await market.credit(client, amount, key=f"{i}:{k}", rail="operator", now_ms=now)
+        await market.fund_region(client, REGION, hold, now_ms=now)
+        # the node's stake covers the lease (engine.trust)
+        stake = trust.required_stake(hold)
+        if stake:
+            await market.lock_stake(node.node_id, owner, stake, f"stake-{i}", now)
         contract = await market.reserve(
             node_id=node.node_id,
             client_id=client,
@@ -158,11 +170,24 @@ async def test_worst_case_settlements_land_in_postgres_exactly(
         assert settled.cost_pusd == case.cost_pusd, case
         expected[contract.contract_id] = case.cost_pusd
 
-    entries = await redis.xrange(keys.events(REGION))
+    entries = await redis.xrange(keys.events(REGION)) + await redis.xrange(keys.events(FUNDING))
     events = [decode_entry(fields[b"e"]) for _, fields in entries]
     async with pool.acquire() as conn:
         result = await write_batch(conn, events)
         assert result.applied == len(events)
+        # the ledger too: every movement balanced, the provider earns the costs less the fee
+        assert await conn.fetchval("SELECT sum(amount_pusd) FROM ledger_entries") == 0
+        fees = sum(core.platform_fee_pusd(c, market.platform_fee_bps) for c in expected.values())
+        # (less what was held back into the nodes' stakes, engine.trust: their stake accounts)
+        staked = await ledger.balances(conn, prefix="stake:")
+        held_back = sum(staked.values()) - sum(
+            trust.required_stake(core.hold_pusd(c.ram_gb + c.vram_gb, c.duration_s, c.price_pusd))
+            for c in drawn
+        )
+        assert await ledger.balance(conn, ledger.provider(owner)) == (
+            sum(expected.values()) - fees - held_back
+        )
+        assert await ledger.balance(conn, ledger.PLATFORM_FEE) == fees
         rows = await conn.fetch("SELECT id, total_cost_pusd, total_cost_usd FROM contracts")
         spend = await conn.fetchrow(
             "SELECT current_spend_pusd, current_spend_usd FROM clients WHERE id = $1", client

@@ -17,11 +17,20 @@ from tests.persistence.history import History, seed_accounts
 
 @pytest.fixture
 async def contracts(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    """A history journaled into Postgres; its contract rows."""
-    h = History.generate(_SEED, 400, regions=("us-east-2", "eu-west-1"))
-    await seed_accounts(conn, h)
-    await write_batch(conn, [decode_entry(p) for _, p in h.encoded()])
-    return await conn.fetch("SELECT * FROM contracts")
+    """A history journaled into Postgres; its contract rows, closed and active ones both (the
+    first history from the session's seed on that has both: some seeds end every contract)."""
+    for k in range(50):
+        h = History.generate(_SEED + k, 400, regions=("us-east-2", "eu-west-1"))
+        tr = conn.transaction()
+        await tr.start()
+        await seed_accounts(conn, h)
+        await write_batch(conn, [decode_entry(p) for _, p in h.encoded()])
+        rows = await conn.fetch("SELECT * FROM contracts")
+        if {r["status"] == "active" for r in rows} == {True, False}:
+            await tr.commit()
+            return rows
+        await tr.rollback()
+    raise AssertionError(f"no history from seed {_SEED} on holds closed and active contracts")
 
 
 def _ids(rows: list[asyncpg.Record]) -> list[uuid.UUID]:

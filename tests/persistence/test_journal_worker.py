@@ -19,6 +19,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from engine.connection import read_streams
 from engine.keys import Keys
 from engine.settings import ConfigError, Settings
 from engine.types import (
@@ -102,8 +103,8 @@ async def test_entries_of_a_dead_consumer_are_claimed(
     for region in h.regions:
         await redis.xgroup_create(keys.events(region), GROUP, id="0", mkstream=True)
     # The dead worker took the first 150 entries of each stream and never came back.
-    taken = await redis.xreadgroup(
-        GROUP, "dead", {keys.events(r): ">" for r in h.regions}, count=150
+    taken = await read_streams(
+        redis, {keys.events(r): ">" for r in h.regions}, count=150, group=GROUP, consumer="dead"
     )
     assert sum(len(entries) for _, entries in taken) == 300
     async with _worker_task(
