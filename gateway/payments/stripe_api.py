@@ -230,7 +230,7 @@ async def _contract_due(call: Call, contract_id: str) -> tuple[str, str, int]:
                 price_pusd=contract.price_pusd,
             )
         else:
-            cost = contract.total_cost_pusd
+            cost = contract.cost_pusd
         return contract.contract_id, contract.client_id, cost
     row = await history.contract(call.state.pool, contract_id)
     if row is None or not (who.is_admin or who.user_id == str(row["user_id"])):

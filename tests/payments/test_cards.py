@@ -395,6 +395,46 @@ async def test_paying_a_contract(
     assert_error(r, 404, field="contract_id")
 
 
+async def test_paying_a_settled_contract_charges_what_it_cost(
+    served: Served, customer: stripe.StripeClient, stripe_market: Market
+) -> None:
+    """A contract that has ended is paid for what it cost, not its estimate (the stateful
+    schemathesis walk found this a 500)."""
+    from tests.gateway.conftest import register_node
+
+    renter = await signup(served, "user")  # type: ignore[arg-type]
+    provider = await signup(served, "provider")  # type: ignore[arg-type]
+    client_id = await create_client(served, renter, fund_usd=0)  # type: ignore[arg-type]
+    pm = await card(customer)
+    await top_up(served, renter, client_id, pm, 50.00)
+    node_id = await register_node(served, provider, price_per_gb_sec=0.0001)  # type: ignore[arg-type]
+    await stripe_market.fund_region(
+        client_id, "us-east-2", 40 * PUSD_PER_USD, now_ms=int(time.time() * 1000)
+    )
+    r = await served.client.post(
+        "/api/contracts/create",
+        json={
+            "client_id": client_id,
+            "node_id": node_id,
+            "ram_gb": 10,
+            "vram_gb": 0,
+            "duration_sec": 3600,
+        },
+        headers=renter.headers,
+    )
+    assert r.status_code == 201, r.text
+    contract_id = r.json()["contract_id"]
+    r = await served.client.post(
+        f"/api/contracts/{contract_id}/settle", json={}, headers=renter.headers
+    )
+    assert r.status_code == 200, r.text
+    cost_pusd = r.json()["total_cost_pusd"]
+    assert cost_pusd < PUSD_PER_USD // 2  # settled at once: a moment's use
+    r = await pay(served, renter, {"contract_id": contract_id, "stripe_token": pm})
+    assert r.status_code == 201, r.text
+    assert r.json()["amount_pusd"] == PUSD_PER_USD // 2  # Stripe's minimum, not the 3.60 USD
+
+
 async def test_3d_secure_payment_is_credited_when_stripe_says_so(
     served: Served,
     localstripe: str,
