@@ -354,30 +354,7 @@ async def test_paying_a_contract(
     served: Served, customer: stripe.StripeClient, stripe_market: Market
 ) -> None:
     """A contract's payment is its cost (in cents, at least 0.50 USD), paid once."""
-    from tests.gateway.conftest import register_node
-
-    renter = await signup(served, "user")  # type: ignore[arg-type]
-    provider = await signup(served, "provider")  # type: ignore[arg-type]
-    client_id = await create_client(served, renter, fund_usd=0)  # type: ignore[arg-type]
-    pm = await card(customer)
-    await top_up(served, renter, client_id, pm, 50.00)
-    node_id = await register_node(served, provider, price_per_gb_sec=0.000001)  # type: ignore[arg-type]
-    await stripe_market.fund_region(
-        client_id, "us-east-2", 40 * PUSD_PER_USD, now_ms=int(time.time() * 1000)
-    )
-    r = await served.client.post(
-        "/api/contracts/create",
-        json={
-            "client_id": client_id,
-            "node_id": node_id,
-            "ram_gb": 10,
-            "vram_gb": 0,
-            "duration_sec": 3600,
-        },
-        headers=renter.headers,
-    )
-    assert r.status_code == 201, r.text
-    contract_id = r.json()["contract_id"]
+    renter, pm, contract_id = await _ten_gb_hour(served, customer, stripe_market, 0.000001)
     r = await pay(served, renter, {"contract_id": contract_id, "stripe_token": pm})
     assert r.status_code == 201, r.text
     # 10 GB x 3600 s x 1e-6 USD = 0.036 USD: Stripe's minimum, 0.50 USD, is charged
@@ -400,6 +377,24 @@ async def test_paying_a_settled_contract_charges_what_it_cost(
 ) -> None:
     """A contract that has ended is paid for what it cost, not its estimate (the stateful
     schemathesis walk found this a 500)."""
+    # 10 GB x 3600 s x 1e-4 USD: an estimate of 3.60 USD
+    renter, pm, contract_id = await _ten_gb_hour(served, customer, stripe_market, 0.0001)
+    r = await served.client.post(
+        f"/api/contracts/{contract_id}/settle", json={}, headers=renter.headers
+    )
+    assert r.status_code == 200, r.text
+    cost_pusd = r.json()["total_cost_pusd"]
+    assert cost_pusd < PUSD_PER_USD // 2  # settled at once: a moment's use
+    r = await pay(served, renter, {"contract_id": contract_id, "stripe_token": pm})
+    assert r.status_code == 201, r.text
+    assert r.json()["amount_pusd"] == PUSD_PER_USD // 2  # Stripe's minimum, not the 3.60 USD
+
+
+async def _ten_gb_hour(
+    served: Served, customer: stripe.StripeClient, stripe_market: Market, price: float
+) -> tuple[Actor, str, str]:
+    """A renter topped up by card (50 USD), its card, and its contract for 10 GB for an hour
+    on a new node at `price` USD per GB-second."""
     from tests.gateway.conftest import register_node
 
     renter = await signup(served, "user")  # type: ignore[arg-type]
@@ -407,7 +402,7 @@ async def test_paying_a_settled_contract_charges_what_it_cost(
     client_id = await create_client(served, renter, fund_usd=0)  # type: ignore[arg-type]
     pm = await card(customer)
     await top_up(served, renter, client_id, pm, 50.00)
-    node_id = await register_node(served, provider, price_per_gb_sec=0.0001)  # type: ignore[arg-type]
+    node_id = await register_node(served, provider, price_per_gb_sec=price)  # type: ignore[arg-type]
     await stripe_market.fund_region(
         client_id, "us-east-2", 40 * PUSD_PER_USD, now_ms=int(time.time() * 1000)
     )
@@ -423,16 +418,7 @@ async def test_paying_a_settled_contract_charges_what_it_cost(
         headers=renter.headers,
     )
     assert r.status_code == 201, r.text
-    contract_id = r.json()["contract_id"]
-    r = await served.client.post(
-        f"/api/contracts/{contract_id}/settle", json={}, headers=renter.headers
-    )
-    assert r.status_code == 200, r.text
-    cost_pusd = r.json()["total_cost_pusd"]
-    assert cost_pusd < PUSD_PER_USD // 2  # settled at once: a moment's use
-    r = await pay(served, renter, {"contract_id": contract_id, "stripe_token": pm})
-    assert r.status_code == 201, r.text
-    assert r.json()["amount_pusd"] == PUSD_PER_USD // 2  # Stripe's minimum, not the 3.60 USD
+    return renter, pm, r.json()["contract_id"]
 
 
 async def test_3d_secure_payment_is_credited_when_stripe_says_so(
