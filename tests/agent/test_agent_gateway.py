@@ -724,6 +724,14 @@ async def _last_heartbeat(who: Gateway, node_id: str) -> bool:
     return bool((await who.get_node(node_id))["last_heartbeat_ms"])
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the child before it runs: Ctrl-C as a shell at a terminal gives it. A test run started
+    in the background by a non-interactive shell ignores SIGINT, and an ignored signal stays
+    ignored across exec: the spec's agent would then never see its Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 async def test_the_specs_own_agent_registers_and_heartbeats(
     exchange: Exchange, account: Account, tmp_path: Path
 ) -> None:
@@ -753,6 +761,7 @@ async def test_the_specs_own_agent_registers_and_heartbeats(
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=_ctrl_c_as_at_a_terminal,
     )
     assert proc.stdout is not None
     lines: list[str] = []
@@ -765,7 +774,13 @@ async def test_the_specs_own_agent_registers_and_heartbeats(
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGINT)  # its Ctrl-C path
-        rest, _ = await proc.communicate()
+        try:
+            async with asyncio.timeout(30):
+                rest, _ = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            rest, _ = await proc.communicate()
+            lines.append("(Ctrl-C did not stop it in 30 s: killed)\n")
         lines.append(rest.decode())
     output = "".join(lines)
     assert "✓ Node registered: " in output and "✓ Heartbeat sent" in output, output
